@@ -1,0 +1,205 @@
+"""Parquet artifacts: atomic writes, a JSON manifest in the footer, and "up to date" skips.
+
+Every file a stage writes carries its manifest under the footer key `cfiw`, readable from
+DuckDB with `select value from parquet_kv_metadata('file.parquet') where key = 'cfiw'`.
+A write goes to a temp file in the same directory and is renamed into place, so a killed
+stage never leaves a file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cfiw_cli import __version__
+from cfiw_cli.errors import CfiwError
+from cfiw_cli.schemas import validate
+
+MANIFEST_KEY = b"cfiw"
+_LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "pyarrow", "accelerate", "trl")
+
+
+def prepare_output(path: str | os.PathLike) -> Path:
+    """Create the parent directory and prove it is writable before any expensive work."""
+    out = Path(path)
+    if out.is_dir():
+        raise CfiwError(f"output path {out} is a directory", "pass a file name such as rollouts.parquet")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise CfiwError(
+            f"cannot write to output directory {out.parent}: {exc.strerror or exc}",
+            "choose an --out path in a writable directory",
+        ) from exc
+    return out
+
+
+def _hash_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=256)
+def _cached_hash(path: str, size: int, mtime_ns: int) -> str:
+    return _hash_file(Path(path))
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a directory's (relative path, file sha256) list."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return _cached_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(sha256_of(file).encode())
+    return digest.hexdigest()
+
+
+def input_record(ref: str) -> dict[str, Any]:
+    """Describe one input: a local path gets its sha256, a hub id is kept as given."""
+    if os.path.exists(ref):
+        return {"path": str(ref), "sha256": sha256_of(ref)}
+    return {"path": str(ref), "sha256": None}
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version(), "cfiw": __version__}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def build_manifest(
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, dict[str, Any]],
+    *,
+    rows: int,
+    seconds: float,
+    device: str | None = None,
+    seed: int | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "version": __version__,
+        "git_commit": git_commit(),
+        "config": config,
+        "seed": seed,
+        "inputs": inputs,
+        "rows": rows,
+        "wall_seconds": round(seconds, 3),
+        "libraries": library_versions(),
+        "device": device,
+        "metrics": metrics or {},
+    }
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; it is renamed onto `final` only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    final = Path(path)
+    metadata_ = dict(table.schema.metadata or {})
+    metadata_[MANIFEST_KEY] = json.dumps(manifest, sort_keys=True, default=str).encode()
+    table = table.replace_schema_metadata(metadata_)
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return final
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        kv = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    raw = kv.get(MANIFEST_KEY)
+    return json.loads(raw) if raw else None
+
+
+def read_artifact(path: str | os.PathLike, kind: str) -> pa.Table:
+    """Read and validate a Parquet artifact; a missing file or bad schema is a `CfiwError`."""
+    path = Path(path)
+    if not path.exists():
+        raise CfiwError(f"{kind} file not found: {path}", f"create it first or check the --{kind} path")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CfiwError(f"{path} is not a readable Parquet file: {exc}", "check the path") from exc
+    return validate(table, kind, str(path))
+
+
+def up_to_date(path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> bool:
+    """True when `path` was written by the same stage, config and input hashes."""
+    if not path.exists():
+        return False
+    manifest = read_manifest(path)
+    if not manifest:
+        return False
+    # Round-trip through JSON so tuples/paths compare the way they were stored.
+    same_config = manifest.get("config") == json.loads(json.dumps(config, default=str))
+    same_inputs = {k: v.get("sha256") for k, v in manifest.get("inputs", {}).items()} == {
+        k: v.get("sha256") for k, v in inputs.items()
+    }
+    return manifest.get("stage") == stage and same_config and same_inputs
+
+
+_STAGE_KINDS = {"rollout": "rollouts", "segment": "spans", "score": "scores", "eval": "eval"}
+
+
+def infer_kind(path: Path, manifest: dict[str, Any] | None) -> str:
+    """Artifact kind from the manifest's stage, else from the file name (`rollouts.parquet`)."""
+    from cfiw_cli.schemas import SCHEMAS
+
+    if manifest and manifest.get("stage") in _STAGE_KINDS:
+        return _STAGE_KINDS[manifest["stage"]]
+    for candidate in (path.stem, path.parent.name):
+        if candidate in SCHEMAS:
+            return candidate
+    raise CfiwError(f"cannot tell what kind of artifact {path} is", f"pass --kind (one of {', '.join(SCHEMAS)})")

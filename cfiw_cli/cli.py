@@ -1,0 +1,197 @@
+"""The `cfiw` command line: a thin Typer layer over `cfiw_cli.stages`.
+
+Heavy libraries (torch, transformers) are imported inside command bodies so that `cfiw --help`
+answers instantly. Every command body goes through `exits_cleanly`: bad input prints
+`Error: ...` and a hint, and exits 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from cfiw_cli import __version__, options as opt
+from cfiw_cli.errors import exits_cleanly
+
+app = typer.Typer(
+    name="cfiw",
+    help="Counterfactual importance weighting for GRPO/DAPO fine-tuning on GSM8K.\n\n"
+    "Stages talk through Parquet files (query them with DuckDB); every file carries a manifest.",
+    epilog="Example: cfiw tiny-model --out runs/tiny-model && cfiw rollout --model runs/tiny-model --dataset gsm8k --limit 8 --out runs/demo/rollouts.parquet",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def command(name: str, example: str) -> Callable:
+    """Register a command whose help ends with `example` and whose errors exit cleanly."""
+
+    def register(func: Callable) -> Callable:
+        return app.command(name, epilog=f"Example: {example}")(exits_cleanly(func))
+
+    return register
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cfiw {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    pass
+
+
+@command("tiny-model", "cfiw tiny-model --out runs/tiny-model --arch llama --layers 2 --hidden 64")
+def tiny_model(
+    out: Annotated[Path, typer.Option(help="Directory to write the model and tokenizer to.")],
+    arch: Annotated[str, typer.Option(help="Architecture: qwen2 or llama.")] = "qwen2",
+    dataset: Annotated[
+        Optional[str], typer.Option(help="GSM8K-format file whose text trains the tokenizer (default: generated arithmetic problems).")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size, special tokens included.")] = 1024,
+    layers: Annotated[int, typer.Option(min=1, help="Transformer layers.")] = 2,
+    hidden: Annotated[int, typer.Option(min=8, help="Hidden size.")] = 64,
+    heads: Annotated[int, typer.Option(min=1, help="Attention heads.")] = 4,
+    kv_heads: Annotated[int, typer.Option(min=1, help="Key/value heads (grouped-query attention).")] = 2,
+    seed: opt.Seed = 0,
+    force: opt.Force = False,
+) -> None:
+    """Build a small random-init model and a byte-level BPE tokenizer, offline.
+
+    The tokenizer is trained on the dataset's text and has pad and EOS tokens and a ChatML chat
+    template; the model is saved with save_pretrained, so it loads with AutoModelForCausalLM
+    from the path. The same arguments and seed give identical files.
+    """
+    from cfiw_cli.stages import tiny_model as stage
+
+    stage.run(
+        stage.TinyModelConfig(
+            out=str(out), arch=arch, dataset=dataset, vocab_size=vocab_size, layers=layers,
+            hidden=hidden, heads=heads, kv_heads=kv_heads, seed=seed,
+        ),
+        force=force,
+    )
+
+
+@command(
+    "rollout",
+    "cfiw rollout --model Qwen/Qwen2.5-1.5B-Instruct --dataset gsm8k --limit 64 --group-size 8 --out runs/x/iter-0000/rollouts.parquet",
+)
+def rollout(
+    model: opt.Model,
+    dataset: opt.Dataset,
+    out: Annotated[Path, typer.Option(help="rollouts.parquet to write.")],
+    split: opt.Split = "train",
+    limit: opt.Limit = None,
+    offset: opt.Offset = 0,
+    group_size: Annotated[int, typer.Option("--group-size", "-g", min=1, help="Samples per question (G).")] = 8,
+    max_new_tokens: opt.MaxNewTokens = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: opt.TopP = 1.0,
+    batch_size: opt.BatchSize = 64,
+    seed: opt.Seed = 0,
+    iteration: Annotated[int, typer.Option(min=0, help="Iteration number, part of each rollout_id.")] = 0,
+    dtype: opt.Dtype = "auto",
+    prompt_template: opt.PromptTemplate = None,
+    chat_template: opt.ChatTemplate = True,
+    force: opt.Force = False,
+) -> None:
+    """Sample G completions per question with per-token log-probs, answers and rewards.
+
+    Generation is batched (left padding, KV cache). completion_logprobs are the log-probs of the
+    sampled tokens under the distribution they were drawn from (temperature and top-p applied).
+    Writes one row per completion (schema in the README).
+    """
+    from cfiw_cli.stages import rollout as stage
+
+    stage.run(
+        stage.RolloutConfig(
+            model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset,
+            group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            batch_size=batch_size, seed=seed, iteration=iteration, dtype=dtype,
+            prompt_template=prompt_template, chat_template=chat_template,
+        ),
+        force=force,
+    )
+
+
+@command("eval", "cfiw eval --model runs/x/policy --dataset gsm8k --split test --limit 200 --out runs/x/eval/iter-0000.parquet")
+def evaluate(
+    model: opt.Model,
+    dataset: opt.Dataset,
+    out: Annotated[Path, typer.Option(help="eval.parquet to write.")],
+    split: opt.Split = "test",
+    limit: opt.Limit = None,
+    offset: opt.Offset = 0,
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="Samples per question (k > 1 adds pass@k and maj@k).")] = 1,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy; use e.g. 0.6 with --samples).")] = 0.0,
+    top_p: opt.TopP = 1.0,
+    max_new_tokens: opt.MaxNewTokens = 512,
+    batch_size: opt.BatchSize = 64,
+    seed: opt.Seed = 0,
+    dtype: opt.Dtype = "auto",
+    prompt_template: opt.PromptTemplate = None,
+    chat_template: opt.ChatTemplate = True,
+    force: opt.Force = False,
+) -> None:
+    """Evaluate a model: accuracy with its 95% Wilson interval (printed and in the manifest)."""
+    from cfiw_cli.stages import eval as stage
+
+    result = stage.run(
+        stage.EvalConfig(
+            model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset,
+            samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, seed=seed, dtype=dtype, prompt_template=prompt_template,
+            chat_template=chat_template,
+        ),
+        force=force,
+    )
+    if result.metrics:
+        typer.echo(stage.summary_line(result.metrics))
+
+
+@command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")
+def validate(
+    path: Annotated[Path, typer.Argument(help="Parquet artifact to check.")],
+    kind: Annotated[
+        Optional[str], typer.Option(help="rollouts, spans, scores, weights, train_metrics or eval (default: from the manifest or file name).")
+    ] = None,
+    manifest: Annotated[bool, typer.Option("--manifest", help="Also print the manifest as JSON.")] = False,
+) -> None:
+    """Check that a Parquet file has the columns and types its stage needs.
+
+    Files written by other tools are accepted when their columns match the schema; this command
+    says whether one does, and names the first missing or mistyped column.
+    """
+    import json
+
+    from cfiw_cli.artifacts import infer_kind, read_artifact, read_manifest
+    from cfiw_cli.errors import CfiwError
+    from cfiw_cli.schemas import SCHEMAS
+
+    if not path.exists():
+        raise CfiwError(f"file not found: {path}", "check the path")
+    meta = read_manifest(path)
+    kind = kind or infer_kind(path, meta)
+    if kind not in SCHEMAS:
+        raise CfiwError(f"unknown kind {kind!r}", f"choose one of {', '.join(SCHEMAS)}")
+    table = read_artifact(path, kind)
+    stage = meta.get("stage") if meta else "none (written by another tool?)"
+    typer.echo(f"{path}: valid {kind} file, {table.num_rows} rows, manifest stage: {stage}")
+    if manifest and meta:
+        typer.echo(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def main() -> None:
+    app()

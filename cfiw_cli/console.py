@@ -1,0 +1,44 @@
+"""stderr console and progress bars (hidden when stderr is not a terminal)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True, highlight=False)
+
+
+def info(message: str) -> None:
+    console.print(message, markup=False)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, unit: str = "") -> Iterator[callable]:
+    """Yield `advance(n=1, **fields)`; the bar is drawn only on an interactive stderr."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=False) as bar:
+        task = bar.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, status: str | None = None) -> None:
+            fields = {"status": status} if status is not None else {}
+            bar.update(task, advance=n, **fields)
+
+        yield advance

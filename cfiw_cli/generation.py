@@ -1,0 +1,204 @@
+"""Batched sampling with HF `generate` that also returns each sampled token's log-probability.
+
+The log-probabilities are those of the distribution the token was actually drawn from:
+softmax of `logits / temperature`, restricted to the top-p nucleus and renormalized. HF applies
+its own temperature/top-p warpers *after* user logits processors, so we switch those off and
+apply temperature and top-p in `_SamplingDistribution`, which is then the last processor:
+the scores it returns are exactly what `generate` samples from. Only one `[B, V]` step of
+log-probabilities is alive at a time (no `output_scores`, which would keep `[B, T, V]`).
+Greedy decoding (temperature 0) records the log-probabilities at temperature 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Completion:
+    ids: list[int]  # sampled tokens, up to and including the stop token
+    logprobs: list[float]  # one per token in `ids`
+    finish_reason: str  # "stop" | "length"
+
+
+class _SamplingDistribution:
+    """Logits processor: temperature + top-p, and the log-prob of the token chosen last step."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.chosen_logprobs: list[Any] = []  # one [B] tensor per finished step
+        self._last_logprobs = None  # [B, V] of the step whose token is not chosen yet
+
+    def record(self, chosen_tokens: Any) -> None:
+        self.chosen_logprobs.append(self._last_logprobs.gather(1, chosen_tokens[:, None]).squeeze(1))  # [B]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self._last_logprobs is not None:
+            self.record(input_ids[:, -1])
+        scores = scores.float()  # [B, V]
+        if self.temperature > 0:
+            scores = scores / self.temperature
+            if self.top_p < 1.0:
+                sorted_scores, order = scores.sort(dim=-1, descending=True)  # [B, V]
+                probs = sorted_scores.softmax(-1)
+                mass_before = probs.cumsum(-1) - probs  # [B, V] mass of strictly better tokens
+                drop_sorted = mass_before >= self.top_p  # the best token always has 0 before it
+                drop = drop_sorted.scatter(1, order, drop_sorted)
+                scores = scores.masked_fill(drop, float("-inf"))
+        self._last_logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
+        return scores
+
+
+def generation_config(tokenizer: Any, max_new_tokens: int, temperature: float) -> Any:
+    """A clean config: nothing inherited from the checkpoint alters the sampling distribution."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+        use_cache=True,
+    )
+
+
+def cut_at_stop(ids: Sequence[int], logprobs: Sequence[float], stop_ids: set[int]) -> Completion:
+    """Truncate after the first stop token; without one the completion hit the length limit."""
+    for position, token in enumerate(ids):
+        if token in stop_ids:
+            return Completion(list(ids[: position + 1]), list(logprobs[: position + 1]), "stop")
+    return Completion(list(ids), list(logprobs), "length")
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    *,
+    stop_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[Completion]:
+    """Complete every prompt (already tokenized, unpadded), `batch_size` sequences per call.
+
+    Each batch is seeded with `seed + index of its first sequence`, so a sequence's sample does
+    not depend on how many batches ran before it in this process. `on_batch(sequences,
+    tokens)` is called after each batch (progress bars).
+    """
+    from transformers import GenerationConfig
+
+    config = generation_config(tokenizer, max_new_tokens, temperature)
+    config.eos_token_id = list(stop_ids)
+    results: list[Completion] = []
+    # `generate` fills every unset option from the checkpoint's generation config (a hub model
+    # may set min_p, suppress_tokens, ...); an empty one keeps our distribution exact.
+    checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = _complete_batch(model, tokenizer, prompt_ids[start : start + batch_size], config, set(stop_ids), temperature, top_p, seed + start)
+            results.extend(batch)
+            if on_batch:
+                on_batch(len(batch), sum(len(c.ids) for c in batch))
+    finally:
+        model.generation_config = checkpoint_config
+    return results
+
+
+def _complete_batch(model, tokenizer, batch, config, stop_ids, temperature, top_p, seed) -> list[Completion]:
+    import torch
+
+    dev = next(model.parameters()).device
+    width = max(len(p) for p in batch)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=dev)  # [B, P] left-padded
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=dev)  # [B, P]
+    processor = _SamplingDistribution(temperature, top_p)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=[processor],
+        )  # [B, P + N]
+    new_tokens = sequences[:, width:]  # [B, N]
+    processor.record(new_tokens[:, -1])
+    logprobs = torch.stack(processor.chosen_logprobs, dim=1)  # [B, N]
+    return [cut_at_stop(ids, lps, stop_ids) for ids, lps in zip(new_tokens.tolist(), logprobs.tolist())]
+
+
+@dataclass(frozen=True)
+class QuestionSample:
+    row: dict  # the dataset row (prompt_id, question, gold, ...)
+    sample_idx: int
+    prompt_text: str
+    prompt_ids: list[int]
+    completion: Completion
+    text: str  # completion decoded, without its stop token
+
+
+def sample_questions(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+    prompt_template: str | None = None,
+    chat_template: bool = True,
+    description: str = "sampling",
+) -> list[QuestionSample]:
+    """`samples` completions per question, the samples of one question kept adjacent."""
+    from cfiw_cli.console import progress_bar
+    from cfiw_cli.modeling import stop_token_ids
+    from cfiw_cli.tasks.gsm8k import build_prompt
+
+    use_chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    prompts = [build_prompt(row["question"], tokenizer, prompt_template, chat=use_chat) for row in rows]
+    # A chat template already writes the special tokens it needs (BOS included).
+    encoded = tokenizer(prompts, add_special_tokens=not use_chat)["input_ids"]
+    stop_ids = stop_token_ids(model, tokenizer)
+    jobs = [(i, s) for i in range(len(rows)) for s in range(samples)]
+    with progress_bar(description, total=len(jobs), unit="sequences") as advance:
+        tokens_so_far = 0
+
+        def on_batch(sequences: int, tokens: int) -> None:
+            nonlocal tokens_so_far
+            tokens_so_far += tokens
+            advance(sequences, status=f"{tokens_so_far} tokens")
+
+        completions = generate(
+            model,
+            tokenizer,
+            [list(encoded[i]) for i, _ in jobs],
+            stop_ids=stop_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            seed=seed,
+            on_batch=on_batch,
+        )
+    out = []
+    for (i, s), completion in zip(jobs, completions):
+        body = completion.ids[:-1] if completion.finish_reason == "stop" else completion.ids
+        text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out.append(QuestionSample(rows[i], s, prompts[i], list(encoded[i]), completion, text))
+    return out

@@ -1,0 +1,117 @@
+"""Loading a policy and its tokenizer from a hub id or a local directory, on the right device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.errors import CfiwError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_model_ref(ref: str) -> None:
+    """Fail early for a local model path that does not exist or holds no model."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise CfiwError(f"{ref} holds no model (no config.json)", "pass a directory written by save_pretrained or a hub id")
+        return
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(os.sep)
+    if looks_local:
+        raise CfiwError(f"model path does not exist: {ref}", "build one with `cfiw tiny-model --out DIR` or pass a hub id")
+
+
+def device() -> Any:
+    """The device of this process (accelerate knows about CUDA, MPS and `accelerate launch`)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def describe_device(dev: Any) -> str:
+    import torch
+
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def resolve_dtype(name: str, dev: Any) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise CfiwError(f"unknown dtype {name!r}", f"choose one of {', '.join(DTYPES)}")
+    if name == "auto":
+        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def _hub_error(ref: str, exc: Exception) -> CfiwError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CfiwError(f"could not load {ref!r}: {first}", "check the hub id and network access, or pass a local model directory")
+
+
+def load_tokenizer(ref: str) -> Any:
+    """Tokenizer with left padding (for batched generation) and a pad token."""
+    from transformers import AutoTokenizer
+
+    quiet_libraries()
+    check_model_ref(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(ref, exc) from exc
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(ref: str, dtype: str = "auto", dev: Any = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    quiet_libraries()
+    check_model_ref(ref)
+    dev = dev or device()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype, dev))
+    except (OSError, ValueError) as exc:
+        raise _hub_error(ref, exc) from exc
+    return model.to(dev).eval()
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a completion: the generation config's EOS list plus the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def check_vocabulary(model: Any, token_ids: list[list[int]], what: str) -> None:
+    """A model must cover every token id of a file it is asked to score or train on."""
+    vocab = model.get_input_embeddings().num_embeddings
+    largest = max((max(ids) for ids in token_ids if len(ids)), default=-1)
+    if largest >= vocab:
+        raise CfiwError(
+            f"{what} holds token id {largest}, but the model's vocabulary has {vocab} entries",
+            "use the model (and tokenizer) that produced the rollouts",
+        )
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars replace the libraries' (which would also clutter logs and pipes)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()

@@ -1,0 +1,149 @@
+"""Arrow schemas of the artifacts (the minimum columns of each file; extra columns are kept).
+
+`validate(table, kind, path)` checks a table read from disk: a missing column or one whose type
+cannot be cast safely is named in a `CfiwError`. Safe casts (int64 -> int32, double -> float,
+large_string -> string) are applied, so files written by other tools are accepted.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from cfiw_cli.errors import CfiwError
+
+TOKEN_IDS = pa.list_(pa.int32())
+TOKEN_FLOATS = pa.list_(pa.float32())
+
+ROLLOUTS = pa.schema(
+    [
+        ("rollout_id", pa.string()),
+        ("iteration", pa.int32()),
+        ("prompt_id", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("question", pa.string()),
+        ("gold", pa.string()),
+        ("prompt_text", pa.string()),
+        ("completion_text", pa.string()),
+        ("prompt_ids", TOKEN_IDS),
+        ("completion_ids", TOKEN_IDS),
+        ("completion_logprobs", TOKEN_FLOATS),
+        ("finish_reason", pa.string()),
+        ("pred", pa.string()),
+        ("reward", pa.float32()),
+        ("correct", pa.bool_()),
+    ]
+)
+
+SPANS = pa.schema(
+    [
+        ("rollout_id", pa.string()),
+        ("span_idx", pa.int32()),
+        ("kind", pa.string()),
+        ("tok_start", pa.int32()),
+        ("tok_end", pa.int32()),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+        ("text", pa.string()),
+    ]
+)
+
+SCORES = pa.schema(
+    [
+        ("rollout_id", pa.string()),
+        ("span_idx", pa.int32()),
+        ("mask", pa.string()),
+        ("base_logp", pa.float32()),
+        ("masked_logp", pa.float32()),
+        ("delta", pa.float32()),
+    ]
+)
+
+WEIGHTS = pa.schema(
+    [
+        ("rollout_id", pa.string()),
+        ("weighting", pa.string()),
+        ("token_weights", TOKEN_FLOATS),
+        ("advantage", pa.float32()),
+    ]
+)
+
+TRAIN_METRICS = pa.schema(
+    [
+        ("step", pa.int32()),
+        ("loss", pa.float32()),
+        ("pg_loss", pa.float32()),
+        ("kl", pa.float32()),
+        ("entropy", pa.float32()),
+        ("clip_frac_low", pa.float32()),
+        ("clip_frac_high", pa.float32()),
+        ("grad_norm", pa.float32()),
+        ("lr", pa.float32()),
+        ("tokens", pa.int64()),
+        ("seconds", pa.float32()),
+    ]
+)
+
+EVAL = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("question", pa.string()),
+        ("gold", pa.string()),
+        ("completion_text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("pred", pa.string()),
+        ("correct", pa.bool_()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "rollouts": ROLLOUTS,
+    "spans": SPANS,
+    "scores": SCORES,
+    "weights": WEIGHTS,
+    "train_metrics": TRAIN_METRICS,
+    "eval": EVAL,
+}
+
+
+def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if actual.equals(expected) or pa.types.is_null(actual):
+        return True
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if pa.types.is_boolean(expected):
+        return pa.types.is_boolean(actual)
+    if pa.types.is_list(expected):
+        is_list = pa.types.is_list(actual) or pa.types.is_large_list(actual)
+        return is_list and _castable(actual.value_type, expected.value_type)
+    return False
+
+
+def validate(table: pa.Table, kind: str, path: str = "") -> pa.Table:
+    """Return `table` with the required columns cast to their schema types (extras kept)."""
+    where = f" in {path}" if path else ""
+    for field in SCHEMAS[kind]:
+        if field.name not in table.column_names:
+            raise CfiwError(
+                f"{kind} file{where} has no column '{field.name}'",
+                f"a {kind} file needs the columns: {', '.join(SCHEMAS[kind].names)}",
+            )
+        column = table.column(field.name)
+        if column.type.equals(field.type):
+            continue
+        if not _castable(column.type, field.type):
+            raise CfiwError(
+                f"column '{field.name}'{where} has type {column.type}, expected {field.type}",
+                f"rewrite the {kind} file with the schema documented in the README",
+            )
+        index = table.column_names.index(field.name)
+        table = table.set_column(index, field.name, column.cast(field.type))
+    return table
+
+
+def empty_table(kind: str) -> pa.Table:
+    return SCHEMAS[kind].empty_table()

@@ -1,0 +1,140 @@
+"""`cfiw eval`: accuracy on GSM8K-format questions, greedy or with k samples (pass@k, maj@k).
+
+`accuracy` is the share of correct completions (greedy: of questions). With `--samples k`,
+`pass@k` is the share of questions with at least one correct sample and `maj@k` the share
+whose most frequent extracted answer (ties: the earliest) is correct. Each comes with its 95%
+Wilson interval; for `accuracy` with k > 1 the interval treats all samples as independent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_manifest, up_to_date, write_table
+from cfiw_cli.console import info
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    dataset: str
+    out: str
+    split: str = "test"
+    limit: int | None = None
+    offset: int = 0
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    batch_size: int = 64
+    seed: int = 0
+    dtype: str = "auto"
+    prompt_template: str | None = None
+    chat_template: bool = True
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    path: Path
+    skipped: bool
+    metrics: dict[str, Any]
+
+
+def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
+    from cfiw_cli.stats import wilson_interval
+    from cfiw_cli.tasks.gsm8k import numbers_equal
+
+    by_question: dict[str, list[dict]] = {}
+    for record in records:
+        by_question.setdefault(record["prompt_id"], []).append(record)
+    n_rows, n_questions = len(records), len(by_question)
+    correct = sum(r["correct"] for r in records)
+    low, high = wilson_interval(correct, n_rows)
+    metrics: dict[str, Any] = {"n": n_rows, "questions": n_questions, "accuracy": correct / n_rows, "ci_low": low, "ci_high": high}
+    samples = max(len(v) for v in by_question.values())
+    if samples > 1:
+        passed = sum(any(r["correct"] for r in group) for group in by_question.values())
+        majority = 0
+        for group in by_question.values():
+            votes = Counter(r["pred"] for r in group if r["pred"] is not None)
+            if votes:
+                top = max(votes.values())
+                winner = next(r["pred"] for r in group if r["pred"] is not None and votes[r["pred"]] == top)
+                majority += numbers_equal(winner, group[0]["gold"])
+        for name, hits in ((f"pass@{samples}", passed), (f"maj@{samples}", majority)):
+            lo, hi = wilson_interval(hits, n_questions)
+            metrics.update({name: hits / n_questions, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
+    return metrics
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    text = f"accuracy {metrics['accuracy']:.3f} (95% CI {metrics['ci_low']:.3f}-{metrics['ci_high']:.3f}, n={metrics['n']})"
+    for key in sorted(k for k in metrics if k.startswith(("pass@", "maj@")) and "_ci_" not in k):
+        text += f", {key} {metrics[key]:.3f}"
+    return text
+
+
+def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> EvalResult:
+    import pyarrow as pa
+
+    from cfiw_cli import modeling, schemas
+    from cfiw_cli.generation import sample_questions
+    from cfiw_cli.stages.rollout import check_sampling
+    from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
+
+    check_sampling(config.temperature, config.top_p, config.samples, config.max_new_tokens, config.batch_size)
+    out = prepare_output(config.out)
+    if model is None:
+        modeling.check_model_ref(config.model)
+    rows = load_questions(config.dataset, config.split, config.offset, config.limit)
+    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
+    if not force and up_to_date(out, "eval", settings, inputs):
+        metrics = (read_manifest(out) or {}).get("metrics", {})
+        info(f"{out} is up to date (use --force to recompute)")
+        return EvalResult(out, True, metrics)
+
+    started = time.perf_counter()
+    dev = modeling.device()
+    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
+    model = model or modeling.load_model(config.model, config.dtype, dev)
+    samples = sample_questions(
+        model,
+        tokenizer,
+        rows,
+        samples=config.samples,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        prompt_template=config.prompt_template,
+        chat_template=config.chat_template,
+        description="eval",
+    )
+    records = [
+        {
+            "prompt_id": s.row["prompt_id"],
+            "sample_idx": s.sample_idx,
+            "question": s.row["question"],
+            "gold": s.row["gold"],
+            "completion_text": s.text,
+            "finish_reason": s.completion.finish_reason,
+            "pred": extract_answer(s.text),
+            "correct": reward(s.text, s.row["gold"]) == 1.0,
+        }
+        for s in samples
+    ]
+    metrics = accuracy_metrics(records)
+    seconds = time.perf_counter() - started
+    manifest = build_manifest(
+        "eval", settings, inputs, rows=len(records), seconds=seconds,
+        device=modeling.describe_device(dev), seed=config.seed, metrics=metrics,
+    )
+    write_table(pa.Table.from_pylist(records, schema=schemas.EVAL), out, manifest)
+    info(f"wrote {len(records)} evaluations to {out}")
+    return EvalResult(out, False, metrics)

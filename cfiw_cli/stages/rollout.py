@@ -1,0 +1,134 @@
+"""`cfiw rollout`: G sampled completions per GSM8K question, with per-token log-probs and rewards."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, up_to_date, write_table
+from cfiw_cli.console import info
+from cfiw_cli.errors import CfiwError
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    model: str
+    dataset: str
+    out: str
+    split: str = "train"
+    limit: int | None = None
+    offset: int = 0
+    group_size: int = 8
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+    iteration: int = 0
+    dtype: str = "auto"
+    prompt_template: str | None = None
+    chat_template: bool = True
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    path: Path
+    skipped: bool
+    metrics: dict[str, Any]
+
+
+def check_sampling(temperature: float, top_p: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise CfiwError("--temperature must be >= 0 and --top-p in (0, 1]", "e.g. --temperature 1.0 --top-p 1.0")
+    if min(samples, max_new_tokens, batch_size) < 1:
+        raise CfiwError("group size, --max-new-tokens and --batch-size must be >= 1", "pass positive values")
+
+
+def sampling_seed(seed: int, iteration: int) -> int:
+    """Different iterations of one run draw different samples from the same --seed."""
+    return (seed * 1_000_003 + iteration * 10_007) % (2**31)
+
+
+def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> RolloutResult:
+    import pyarrow as pa
+
+    from cfiw_cli import modeling, schemas
+    from cfiw_cli.generation import sample_questions
+    from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
+
+    check_sampling(config.temperature, config.top_p, config.group_size, config.max_new_tokens, config.batch_size)
+    out = prepare_output(config.out)
+    if model is None:
+        modeling.check_model_ref(config.model)
+    rows = load_questions(config.dataset, config.split, config.offset, config.limit)
+    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
+    if not force and up_to_date(out, "rollout", settings, inputs):
+        info(f"{out} is up to date (use --force to recompute)")
+        return RolloutResult(out, True, {})
+
+    started = time.perf_counter()
+    dev = modeling.device()
+    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
+    model = model or modeling.load_model(config.model, config.dtype, dev)
+    samples = sample_questions(
+        model,
+        tokenizer,
+        rows,
+        samples=config.group_size,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.batch_size,
+        seed=sampling_seed(config.seed, config.iteration),
+        prompt_template=config.prompt_template,
+        chat_template=config.chat_template,
+        description=f"rollout iter {config.iteration}",
+    )
+    records = []
+    for sample in samples:
+        row, completion = sample.row, sample.completion
+        pred = extract_answer(sample.text)
+        score = reward(sample.text, row["gold"])
+        records.append(
+            {
+                "rollout_id": f"{config.iteration}:{row['prompt_id']}:{sample.sample_idx}",
+                "iteration": config.iteration,
+                "prompt_id": row["prompt_id"],
+                "sample_idx": sample.sample_idx,
+                "question": row["question"],
+                "gold": row["gold"],
+                "prompt_text": sample.prompt_text,
+                "completion_text": sample.text,
+                "prompt_ids": sample.prompt_ids,
+                "completion_ids": completion.ids,
+                "completion_logprobs": completion.logprobs,
+                "finish_reason": completion.finish_reason,
+                "pred": pred,
+                "reward": score,
+                "correct": score == 1.0,
+            }
+        )
+    table = pa.Table.from_pylist(records, schema=schemas.ROLLOUTS)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(r["completion_ids"]) for r in records)
+    metrics = {
+        "prompts": len(rows),
+        "rollouts": len(records),
+        "mean_reward": sum(r["reward"] for r in records) / len(records),
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "stop_fraction": sum(r["finish_reason"] == "stop" for r in records) / len(records),
+    }
+    manifest = build_manifest(
+        "rollout", settings, inputs, rows=len(records), seconds=seconds,
+        device=modeling.describe_device(dev), seed=config.seed, metrics=metrics,
+    )
+    write_table(table, out, manifest)
+    info(
+        f"wrote {len(records)} rollouts ({len(rows)} questions x {config.group_size}) to {out}: "
+        f"mean reward {metrics['mean_reward']:.3f}, {tokens} tokens in {seconds:.1f}s"
+    )
+    return RolloutResult(out, False, metrics)

@@ -1,0 +1,156 @@
+"""`cfiw tiny-model`: a locally trained byte-level BPE tokenizer plus a random-init model.
+
+Everything is built offline and saved with `save_pretrained`, so tests and demos load it by
+path through exactly the code a hub id goes through. Same arguments and seed give identical
+files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cfiw_cli.artifacts import build_manifest, input_record, sha256_of
+from cfiw_cli.console import info
+from cfiw_cli.errors import CfiwError
+
+ARCHS = ("qwen2", "llama")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MANIFEST_FILE = "cfiw_manifest.json"
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    out: str
+    arch: str = "qwen2"
+    dataset: str | None = None
+    vocab_size: int = 1024
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    max_positions: int = 2048
+    seed: int = 0
+
+
+def corpus(dataset: str | None) -> list[str]:
+    """Training text: question + answer of a GSM8K-format dataset, or generated problems."""
+    if dataset is None:
+        from cfiw_cli.tasks.arith import make_problems
+
+        rows = make_problems(2000, seed=0)
+    else:
+        from cfiw_cli.tasks.gsm8k import load_questions
+
+        rows = load_questions(dataset, split="train")
+    return [f"{row['question']}\n{row['answer']}" for row in rows]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_model(config: TinyModelConfig, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden,
+        intermediate_size=config.hidden * 3,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads,
+        max_position_embeddings=config.max_positions,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_config = Qwen2Config(tie_word_embeddings=True, **common) if config.arch == "qwen2" else LlamaConfig(**common)
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=model_config.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def run(config: TinyModelConfig, force: bool = False) -> Path:
+    if config.arch not in ARCHS:
+        raise CfiwError(f"unknown architecture {config.arch!r}", f"choose one of {', '.join(ARCHS)}")
+    if config.hidden % config.heads or config.heads % config.kv_heads:
+        raise CfiwError("--hidden must be divisible by --heads, and --heads by --kv-heads", "try --hidden 64 --heads 4 --kv-heads 2")
+    if config.vocab_size < 300:
+        raise CfiwError("--vocab-size must be at least 300", "the byte alphabet alone takes 256 entries")
+    out = Path(config.out)
+    inputs = {"dataset": input_record(config.dataset)} if config.dataset else {}
+    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    manifest_path = out / MANIFEST_FILE
+    if out.exists() and not force:
+        if manifest_path.exists():
+            old = json.loads(manifest_path.read_text())
+            same_inputs = {k: v["sha256"] for k, v in old.get("inputs", {}).items()} == {k: v["sha256"] for k, v in inputs.items()}
+            if old.get("stage") == "tiny-model" and old.get("config") == settings and same_inputs:
+                info(f"{out} is up to date (use --force to rebuild)")
+                return out
+        raise CfiwError(f"{out} already exists and holds something else", "pass --force to replace it or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CfiwError(f"cannot create {out.parent}: {exc.strerror or exc}", "choose a writable --out") from exc
+
+    from cfiw_cli.modeling import quiet_libraries
+
+    quiet_libraries()
+    started = time.perf_counter()
+    texts = corpus(config.dataset)
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    model = build_model(config, tokenizer)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        params = sum(p.numel() for p in model.parameters())
+        manifest = build_manifest(
+            "tiny-model", settings, inputs, rows=len(texts), seconds=time.perf_counter() - started,
+            device="cpu", seed=config.seed, metrics={"parameters": params, "vocab_size": len(tokenizer)},
+        )
+        manifest["weights_sha256"] = sha256_of(tmp / "model.safetensors")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info(f"wrote {config.arch} model ({params:,} parameters, vocabulary {len(tokenizer)}) to {out}")
+    return out

@@ -1,0 +1,109 @@
+"""Bad input: exit status 1, one `Error:` line plus a hint, no traceback, no output file left."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import leftovers
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: "), result.stderr
+    assert sum(line.startswith("Error:") for line in lines) == 1
+    assert any(line.startswith("Hint: ") for line in lines)
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def rollout(cli, model, dataset, out, *extra):
+    return cli("rollout", "--model", model, "--dataset", dataset, "--out", out, "--max-new-tokens", "4", *extra)
+
+
+def test_missing_model_path(cli, tmp_path, mini_dataset):
+    out = tmp_path / "run" / "rollouts.parquet"
+    assert_clean_error(rollout(cli, tmp_path / "no-such-model", mini_dataset, out), "model path does not exist")
+    assert leftovers(out.parent) == []
+
+
+def test_directory_without_a_model(cli, tmp_path, mini_dataset):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "rollouts.parquet"
+    assert_clean_error(rollout(cli, tmp_path / "empty", mini_dataset, out), "no config.json")
+    assert not out.exists()
+
+
+def test_missing_dataset_path(cli, tmp_path, tiny_model):
+    out = tmp_path / "rollouts.parquet"
+    assert_clean_error(rollout(cli, tiny_model, tmp_path / "missing.jsonl", out), "dataset not found")
+    assert leftovers(tmp_path) == []
+
+
+def test_dataset_without_question_and_answer(cli, tmp_path, tiny_model):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "2+2?", "solution": "4"}) + "\n")
+    out = tmp_path / "rollouts.parquet"
+    assert_clean_error(rollout(cli, tiny_model, data, out), "'question'", "'answer'")
+    assert leftovers(tmp_path) == ["bad.jsonl"]
+
+
+def test_dataset_with_unparseable_gold(cli, tmp_path, tiny_model):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "four"}) + "\n")
+    assert_clean_error(rollout(cli, tiny_model, data, tmp_path / "r.parquet"), "row 0", "####")
+    assert leftovers(tmp_path) == ["bad.jsonl"]
+
+
+@pytest.mark.parametrize("selection", [("--limit", "0"), ("--offset", "16"), ("--offset", "500", "--limit", "3")])
+def test_empty_selection(cli, tmp_path, tiny_model, mini_dataset, selection):
+    out = tmp_path / "rollouts.parquet"
+    assert_clean_error(rollout(cli, tiny_model, mini_dataset, out, *selection), "empty selection")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["rollout", "eval"])
+def test_output_directory_not_writable(cli, tmp_path, tiny_model, mini_dataset, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker / "rollouts.parquet", "/sys/cfiw-denied/rollouts.parquet"):
+        result = cli(command, "--model", tiny_model, "--dataset", mini_dataset, "--out", out, "--max-new-tokens", "4")
+        assert_clean_error(result, "cannot write to output directory")
+    assert leftovers(tmp_path) == ["a-file"]
+
+
+def test_rollouts_file_with_a_column_removed(cli, tmp_path):
+    from cfiw_cli.schemas import ROLLOUTS
+
+    path = tmp_path / "rollouts.parquet"
+    pq.write_table(ROLLOUTS.empty_table().drop(["completion_logprobs"]), path)
+    assert_clean_error(cli("validate", path), "no column 'completion_logprobs'")
+    mistyped = tmp_path / "other.parquet"
+    table = ROLLOUTS.empty_table()
+    table = table.set_column(table.column_names.index("reward"), "reward", pa.array([], pa.string()))
+    pq.write_table(table, mistyped)
+    assert_clean_error(cli("validate", mistyped, "--kind", "rollouts"), "column 'reward'", "string")
+
+
+def test_validate_accepts_a_rollouts_file_from_another_tool(cli, tmp_path):
+    from cfiw_cli.schemas import ROLLOUTS
+
+    path = tmp_path / "rollouts.parquet"
+    pq.write_table(ROLLOUTS.empty_table().append_column("extra", pa.array([], pa.int8())), path)
+    result = cli("validate", path)
+    assert result.exit_code == 0 and "valid rollouts file" in result.stdout
+
+
+def test_debug_mode_shows_the_traceback(tmp_path, mini_dataset):
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "cfiw_cli", "rollout", "--model", str(tmp_path / "none"), "--dataset", str(mini_dataset), "--out", str(tmp_path / "r.parquet")]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1 and plain.stderr.startswith("Error: ") and "Traceback" not in plain.stderr
+    debug = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "CFIW_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
