@@ -55,3 +55,21 @@ def make_problem(rng: random.Random, max_steps: int = 3, max_number: int = 50, f
 def make_problems(n: int, seed: int = 0, **kwargs) -> list[dict]:
     rng = random.Random(seed)
     return [make_problem(rng, **kwargs) for _ in range(n)]
+
+
+def write_splits(out_dir: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> None:
+    """`<out_dir>/train.jsonl` and `test.jsonl`, the test split drawn from another seed."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        rows = make_problems(n, seed=split_seed)
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_splits(sys.argv[1] if len(sys.argv) > 1 else "data/arith")

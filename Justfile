@@ -1,0 +1,44 @@
+# cfiw tasks. `just` lists them; every recipe uses the project's .venv.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+bin := venv / "bin"
+# CPU-only machines: CFIW_TORCH=torch==2.13.0 just setup (the default takes PyPI's build)
+torch := env("CFIW_TORCH", "torch")
+
+default:
+    @just --list
+
+# create .venv and install cfiw (editable) with its test tools
+setup:
+    test -x {{bin}}/python || python3 -m venv {{venv}}
+    {{bin}}/pip install -q "{{torch}}"
+    {{bin}}/pip install -q -e '.[dev]'
+    {{bin}}/cfiw --version
+
+# the whole test suite, slow end-to-end tests included (pass pytest flags after it)
+test *args:
+    {{bin}}/python -m pytest {{args}}
+
+# the quick unit tests only
+test-fast *args:
+    {{bin}}/python -m pytest -m "not slow" {{args}}
+
+# build a tiny random-init model offline
+tiny-model out="runs/tiny-model" arch="qwen2":
+    {{bin}}/cfiw tiny-model --out {{out}} --arch {{arch}} --dataset data/arith/train.jsonl
+
+# offline demo: tiny model -> rollouts -> eval, then a DuckDB look at the rollouts
+demo run="runs/demo": (tiny-model run / "model")
+    {{bin}}/cfiw rollout --model {{run}}/model --dataset data/arith --split train --limit 16 --group-size 4 --max-new-tokens 64 --out {{run}}/iter-0000/rollouts.parquet
+    {{bin}}/cfiw eval --model {{run}}/model --dataset data/arith --split test --max-new-tokens 64 --out {{run}}/eval/iter-0000.parquet
+    {{bin}}/python -c "import duckdb; duckdb.sql(\"select prompt_id, count(*) as samples, avg(reward) as mean_reward, avg(len(completion_ids)) as tokens from '{{run}}/iter-0000/rollouts.parquet' group by prompt_id order by prompt_id limit 5\").show()"
+
+# rollout throughput: batched generate vs one sequence at a time
+bench-rollout *args:
+    {{bin}}/python benchmarks/rollout_bench.py {{args}}
+
+# regenerate the small arithmetic dataset in data/arith
+data:
+    {{bin}}/python -m cfiw_cli.tasks.arith data/arith

@@ -1,0 +1,83 @@
+"""Batched `cfiw rollout` against one sequence per `generate` call, on the same tiny model.
+
+Both go through `cfiw_cli.stages.rollout.run` with the model already loaded, so the ratio is
+the gain of batching alone. Prints the median of --repeats runs for each batch size and the
+speed-up of each over one-at-a-time.
+
+    python benchmarks/rollout_bench.py            # defaults: 16 questions x G=4, 48 new tokens
+    python benchmarks/rollout_bench.py --quick    # a few seconds, for smoke tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.questions, args.group_size, args.max_new_tokens, args.repeats = 4, 2, 8, 1
+        args.layers, args.hidden, args.vocab_size = 2, 64, 512
+
+    import torch
+
+    from cfiw_cli.modeling import describe_device, device, load_model, load_tokenizer
+    from cfiw_cli.stages import rollout, tiny_model
+    from cfiw_cli.tasks.arith import make_problems
+
+    work = Path(tempfile.mkdtemp(prefix="cfiw-rollout-bench-"))
+    model_dir = tiny_model.run(
+        tiny_model.TinyModelConfig(out=str(work / "model"), layers=args.layers, hidden=args.hidden, vocab_size=args.vocab_size)
+    )
+    dataset = work / "questions.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in make_problems(args.questions, seed=0)))
+    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir), "float32")
+    sequences = args.questions * args.group_size
+
+    def measure(batch_size: int, repeats: int) -> tuple[float, int]:
+        times, tokens = [], 0
+        for repeat in range(repeats):
+            config = rollout.RolloutConfig(
+                model=str(model_dir), dataset=str(dataset), out=str(work / f"r-{batch_size}-{repeat}.parquet"),
+                limit=args.questions, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                batch_size=batch_size, seed=repeat,
+            )
+            started = time.perf_counter()
+            result = rollout.run(config, force=True, model=model, tokenizer=tokenizer)
+            times.append(time.perf_counter() - started)
+            tokens = result.metrics["completion_tokens"]
+        return statistics.median(times), tokens
+
+    print(f"device: {describe_device(device())}, torch threads: {torch.get_num_threads()}")
+    print(
+        f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab_size}; "
+        f"{args.questions} questions x G={args.group_size} = {sequences} sequences, "
+        f"up to {args.max_new_tokens} new tokens; median of {args.repeats}"
+    )
+    print(f"{'batch size':>10} {'seconds':>9} {'tokens':>7} {'tokens/s':>9} {'vs one-at-a-time':>17}")
+    measure(sequences, 1)  # warm-up: first-call allocations are not part of either side
+    baseline = None
+    for batch_size in (1, args.group_size, sequences):
+        seconds, tokens = measure(batch_size, args.repeats)
+        rate = tokens / seconds
+        baseline = baseline or rate
+        print(f"{batch_size:>10} {seconds:>9.2f} {tokens:>7} {rate:>9.1f} {rate / baseline:>16.2f}x")
+    print(f"ratio batched ({sequences}) / one at a time: {rate / baseline:.2f}")
+
+
+if __name__ == "__main__":
+    main()
