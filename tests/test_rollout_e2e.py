@@ -24,10 +24,19 @@ def teacher_forced_logprobs(model, prompt_ids, completion_ids):
 
 
 @pytest.fixture(scope="module")
-def rollout_args(tiny_model, mini_dataset):
+def cli_model(cli, tmp_path_factory, mini_dataset):
+    """The model of these tests is built by the `tiny-model` command itself."""
+    out = tmp_path_factory.mktemp("cli-model") / "model"
+    result = cli("tiny-model", "--out", out, "--dataset", mini_dataset, "--vocab-size", "600")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def rollout_args(cli_model, mini_dataset):
     def args(out, *extra):
         return [
-            "rollout", "--model", tiny_model, "--dataset", mini_dataset, "--limit", "8", "--group-size", "4",
+            "rollout", "--model", cli_model, "--dataset", mini_dataset, "--limit", "8", "--group-size", "4",
             "--max-new-tokens", str(MAX_NEW), "--batch-size", "12", "--seed", "3", "--dtype", "float32",
             "--out", out, *extra,
         ]
@@ -35,7 +44,7 @@ def rollout_args(tiny_model, mini_dataset):
     return args
 
 
-def test_rollout_writes_every_column_consistently(cli, tmp_path, rollout_args, tiny_model, mini_dataset):
+def test_rollout_writes_every_column_consistently(cli, tmp_path, rollout_args, cli_model, mini_dataset):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "iter-0000" / "rollouts.parquet"
@@ -49,8 +58,8 @@ def test_rollout_writes_every_column_consistently(cli, tmp_path, rollout_args, t
     assert len(rows) == 32
     questions = {q["prompt_id"]: q for q in load_questions(str(mini_dataset), limit=8)}
     assert {r["prompt_id"] for r in rows} == set(questions)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(cli_model)
+    model = AutoModelForCausalLM.from_pretrained(cli_model, dtype=torch.float32).eval()
     worst = 0.0
     for row in rows:
         assert row["rollout_id"] == f"0:{row['prompt_id']}:{row['sample_idx']}"
@@ -140,9 +149,9 @@ def test_stop_tokens_end_completions_and_logprobs_stay_exact(tiny_model, mini_da
         handle.remove()
 
 
-def test_eval_writes_accuracy_with_interval(cli, tmp_path, tiny_model, mini_dataset):
+def test_eval_writes_accuracy_with_interval(cli, tmp_path, cli_model, mini_dataset):
     out = tmp_path / "eval" / "iter-0000.parquet"
-    result = cli("eval", "--model", tiny_model, "--dataset", mini_dataset, "--limit", "6", "--max-new-tokens", "12", "--out", out)
+    result = cli("eval", "--model", cli_model, "--dataset", mini_dataset, "--limit", "6", "--max-new-tokens", "12", "--out", out)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("accuracy 0.")
     rows = pq.read_table(out).to_pylist()
@@ -151,7 +160,7 @@ def test_eval_writes_accuracy_with_interval(cli, tmp_path, tiny_model, mini_data
     assert metrics["accuracy"] == sum(r["correct"] for r in rows) / 6
     assert 0.0 <= metrics["ci_low"] <= metrics["accuracy"] <= metrics["ci_high"] <= 1.0
     sampled = cli(
-        "eval", "--model", tiny_model, "--dataset", mini_dataset, "--limit", "4", "--max-new-tokens", "8",
+        "eval", "--model", cli_model, "--dataset", mini_dataset, "--limit", "4", "--max-new-tokens", "8",
         "--samples", "3", "--temperature", "1.0", "--out", tmp_path / "k.parquet",
     )
     assert sampled.exit_code == 0 and "pass@3" in sampled.stdout and "maj@3" in sampled.stdout

@@ -1,0 +1,17 @@
+"""The benchmark scripts run and print their ratio (numbers themselves are never asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["rollout_bench.py"])
+def test_benchmark_quick_mode_prints_a_ratio(script):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "ratio" in done.stdout
