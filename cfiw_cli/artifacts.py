@@ -137,11 +137,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual mode
     try:
         yield tmp_path
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_table(table: pa.Table, path: str | os.PathLike, manifest: dict[str, Any]) -> Path:

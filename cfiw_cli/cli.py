@@ -161,6 +161,64 @@ def evaluate(
         typer.echo(stage.summary_line(result.metrics))
 
 
+@command("segment", "cfiw segment --rollouts runs/x/iter-0000/rollouts.parquet --model runs/tiny-model --out runs/x/iter-0000/spans.parquet")
+def segment(
+    rollouts: opt.Rollouts,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model (hub id or directory) whose tokenizer produced the rollouts.")],
+    out: Annotated[Path, typer.Option(help="spans.parquet to write.")],
+    max_spans: Annotated[int, typer.Option(help="Most reasoning spans kept per rollout (calculations first).")] = 10,
+    min_tokens: Annotated[int, typer.Option(help="Sentences shorter than this are merged into a neighbour.")] = 5,
+    max_tokens: Annotated[int, typer.Option(help="Sentences longer than this are split.")] = 50,
+    force: opt.Force = False,
+) -> None:
+    """Cut each completion into token-aligned spans: calculation, numeric, scaffolding, answer.
+
+    The answer span runs from the answer marker (####, The answer is, Final answer, \\boxed)
+    to the end of the completion, stop token excluded; rollouts without an extractable answer
+    get no rows. Calculations (12 + 24 = 36, <<3*4=12>>12) win overlaps; other sentences are
+    numeric when they hold a digit, else scaffolding.
+    """
+    from cfiw_cli.stages import segment as stage
+
+    stage.run(
+        stage.SegmentConfig(rollouts=str(rollouts), model=model, out=str(out), max_spans=max_spans, min_tokens=min_tokens, max_tokens=max_tokens),
+        force=force,
+    )
+
+
+@command(
+    "score",
+    "cfiw score --model runs/tiny-model --rollouts runs/x/iter-0000/rollouts.parquet --spans runs/x/iter-0000/spans.parquet --out runs/x/iter-0000/scores.parquet --mask pad",
+)
+def score(
+    model: opt.Model,
+    rollouts: opt.Rollouts,
+    spans: opt.Spans,
+    out: Annotated[Path, typer.Option(help="scores.parquet to write.")],
+    mask: Annotated[str, typer.Option(help="pad (span -> pad tokens), delete (span removed), knockout (span hidden from later tokens).")] = "pad",
+    target: Annotated[str, typer.Option(help="own: the rollout's own answer tokens; gold: the gold answer in their place.")] = "own",
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward call (memory bound).")] = 8192,
+    dtype: opt.Dtype = "auto",
+    force: opt.Force = False,
+) -> None:
+    """Span importance: delta = answer log-prob unmasked - answer log-prob with the span masked.
+
+    Exactly what one full forward pass per masked variant gives, computed once per prompt
+    and prefix: the unmasked KV cache is reused, only what follows each span runs, many
+    variants of many rollouts share a forward call, and logits are computed only at answer
+    positions. Under accelerate launch each process scores its share of the rollouts.
+    """
+    from cfiw_cli.stages import score as stage
+
+    stage.run(
+        stage.ScoreConfig(
+            model=model, rollouts=str(rollouts), spans=str(spans), out=str(out), mask=mask, target=target,
+            batch_tokens=batch_tokens, dtype=dtype,
+        ),
+        force=force,
+    )
+
+
 @command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")
 def validate(
     path: Annotated[Path, typer.Argument(help="Parquet artifact to check.")],

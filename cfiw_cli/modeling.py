@@ -25,9 +25,9 @@ def check_model_ref(ref: str) -> None:
 
 def device() -> Any:
     """The device of this process (accelerate knows about CUDA, MPS and `accelerate launch`)."""
-    from accelerate import PartialState
+    from cfiw_cli.distributed import state
 
-    return PartialState().device
+    return state().device
 
 
 def describe_device(dev: Any) -> str:

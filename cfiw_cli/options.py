@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -33,3 +34,5 @@ PromptTemplate = Annotated[
 ChatTemplate = Annotated[
     bool, typer.Option("--chat-template/--no-chat-template", help="Wrap the prompt in the tokenizer's chat template when it has one.")
 ]
+Rollouts = Annotated[Path, typer.Option("--rollouts", "-r", help="rollouts.parquet (from cfiw rollout or another tool).")]
+Spans = Annotated[Path, typer.Option("--spans", "-s", help="spans.parquet written by cfiw segment from the same rollouts.")]

@@ -65,3 +65,44 @@ def tiny_llama(tmp_path_factory) -> Path:
 def leftovers(directory: Path) -> list[str]:
     """Files a failed stage might have left behind (final outputs or temp files)."""
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def write_rollouts(path: Path, tokenizer, completions: list[str], golds: list[str] | None = None, iteration: int = 0) -> Path:
+    """A rollouts file as another tool might write it: completions given as text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cfiw_cli.schemas import ROLLOUTS
+    from cfiw_cli.tasks.gsm8k import build_prompt, extract_answer, reward
+
+    rows = []
+    for index, text in enumerate(completions):
+        gold = golds[index] if golds else (extract_answer(text) or "0")
+        question = f"Question number {index}: what is the total?"
+        prompt = build_prompt(question, tokenizer)
+        completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(
+            {
+                "rollout_id": f"{iteration}:q-{index // 2}:{index % 2}", "iteration": iteration,
+                "prompt_id": f"q-{index // 2}", "sample_idx": index % 2, "question": question, "gold": gold,
+                "prompt_text": prompt, "completion_text": text,
+                "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                "completion_ids": completion_ids, "completion_logprobs": [0.0] * len(completion_ids),
+                "finish_reason": "stop", "pred": extract_answer(text), "reward": reward(text, gold),
+                "correct": reward(text, gold) == 1.0,
+            }
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROLLOUTS), path)
+    return path
+
+
+COMPLETIONS = [
+    "Ava starts with 12 apples.\nShe buys 3 + 4 = 7 more.\n12 + 7 = <<12+7=19>>19 apples.\n#### 19",
+    "Let me think about this carefully. First, 3*4=12. Then 12 / 2 = 6 pencils in each box.\nThe answer is 6.",
+    "She earns $2.50 per egg, so 9 * 2.5 = $<<9*2.5=22.5>>22.5 every day.\n#### 22.5",
+    "#### 5",
+    "I am not sure what to do here at all",
+    "Janet’s ducks lay 16 eggs per day — she eats 3, so 16 − 3 = 13 remain 🦆.\nThus 13 × 2 = 26.\n#### 26",
+    "We can solve this step by step. Now we put it together. The total number of coins in the jar is 40 and then 2 more, so 42",
+]

@@ -39,7 +39,7 @@ KINDS = ("calculation", "numeric", "scaffolding", "answer")
 
 _NUM = r"\$?\d+(?:,\d{3})*(?:\.\d+)?%?"
 _OPERAND = rf"\(*\s*{_NUM}\s*\)*"
-_OP = r"[-+*/×÷x^]"
+_OP = r"[-+*/×÷x^−–]"  # with the unicode minus and the en dash
 _ANNOTATION = r"<<[^<>\n]*>>"
 _CALCULATION = re.compile(
     rf"{_OPERAND}(?:\s*(?:{_OP}|=)\s*(?:\$?{_ANNOTATION})?\s*{_OPERAND})+"  # 3 * 4 = <<3*4=12>>12
@@ -119,6 +119,12 @@ def _replaced_length(data: bytes, position: int) -> int:
 
 def decode_with_offsets(ids: Sequence[int], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     """(text, per-token [char_start, char_end)); a character belongs to the token of its first byte."""
+    text, offsets, _ = _decode(ids, tokenizer)
+    return text, offsets
+
+
+def _decode(ids: Sequence[int], tokenizer: Any) -> tuple[str, list[tuple[int, int]], list[bool]]:
+    """`decode_with_offsets`, plus whether each token starts on a character boundary."""
     chunks = token_bytes(ids, tokenizer)
     data = b"".join(chunks)
     text = data.decode("utf-8", errors="replace")
@@ -131,14 +137,15 @@ def decode_with_offsets(ids: Sequence[int], tokenizer: Any) -> tuple[str, list[t
         char_at_byte.extend([index] * width)
         position += width
     char_at_byte.append(len(text))
-    offsets, byte_start = [], 0
+    offsets, clean, byte_start = [], [], 0
     for chunk in chunks:
         byte_end = byte_start + len(chunk)
         start = char_at_byte[byte_start] + (0 if _starts_char(char_at_byte, byte_start) else 1)
         end = char_at_byte[byte_end] + (0 if _starts_char(char_at_byte, byte_end) else 1)
         offsets.append((min(start, end), end))
+        clean.append(_starts_char(char_at_byte, byte_start))
         byte_start = byte_end
-    return text, offsets
+    return text, offsets, clean
 
 
 def _starts_char(char_at_byte: list[int], byte: int) -> bool:
@@ -224,7 +231,7 @@ def find_spans(
     if ends_with_stop is None:
         ends_with_stop = bool(ids) and ids[-1] == tokenizer.eos_token_id
     body = ids[:-1] if ends_with_stop else ids
-    text, offsets = decode_with_offsets(body, tokenizer)
+    text, offsets, clean = _decode(body, tokenizer)
     answer = locate_answer(text)
     if answer is None:
         return []
@@ -232,7 +239,9 @@ def find_spans(
     answer_tokens = align.tokens(answer.marker_start, len(text))
     if answer_tokens is None:
         return []
-    reasoning_tokens = answer_tokens[0]
+    reasoning_tokens = _clean_boundary(answer_tokens[0], clean, len(body))
+    if reasoning_tokens >= len(body):
+        return []
     reasoning_end = offsets[reasoning_tokens][0] if reasoning_tokens < len(offsets) else len(text)
 
     def to_tokens(start: int, end: int) -> tuple[int, int] | None:
@@ -254,15 +263,21 @@ def find_spans(
         keep = set(ranked[:max_spans])
         candidates = [c for i, c in enumerate(candidates) if i in keep]
 
-    spans = []
+    spans, previous_end = [], 0
     for kind, (t0, t1) in candidates:
+        # Never cut through a character: decoding a span's tokens must give back its text.
+        t0 = _clean_boundary(max(t0, previous_end), clean, reasoning_tokens)
+        t1 = _clean_boundary(t1, clean, reasoning_tokens)
+        if t1 <= t0:
+            continue
+        previous_end = t1
         span_text = text[offsets[t0][0] : offsets[t1 - 1][1]]
         if kind == "text":
             kind = "numeric" if any(ch.isdigit() for ch in span_text) else "scaffolding"
         spans.append(Span(kind, t0, t1, offsets[t0][0], offsets[t1 - 1][1], span_text))
-    a0 = answer_tokens[0]
+    a0 = reasoning_tokens
     if answer.marker_start == answer.number_start:  # no marker: the answer is the number alone
-        a1 = align.tokens(answer.number_start, answer.number_end)[1]
+        a1 = _clean_boundary(align.tokens(answer.number_start, answer.number_end)[1], clean, len(body))
     else:
         a1 = len(body)
     char_end = offsets[a1 - 1][1]
@@ -270,13 +285,19 @@ def find_spans(
     return spans
 
 
+def _clean_boundary(token: int, clean: list[bool], limit: int) -> int:
+    """The first token at or after `token` that starts a new character (at most `limit`)."""
+    while token < limit and not clean[token]:
+        token += 1
+    return token
+
+
 def _merge_short(pieces, calcs, min_tokens, max_tokens):
     """Merge pieces under `min_tokens` into an adjacent piece (no calculation between), split long ones."""
     calc_starts = [t[0] for _, t in calcs]
 
-    def can_join(left, right) -> bool:
-        no_calc_between = not any(left[1] <= s < right[0] for s in calc_starts)
-        return no_calc_between and right[1] - left[0] <= max_tokens
+    def can_join(left, right) -> bool:  # joined pieces over max_tokens are split again below
+        return not any(left[1] <= s < right[0] for s in calc_starts)
 
     merged: list[tuple[int, int]] = []
     pending = None  # a short piece waiting to be joined to the next one

@@ -54,7 +54,7 @@ def sampling_seed(seed: int, iteration: int) -> int:
 def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> RolloutResult:
     import pyarrow as pa
 
-    from cfiw_cli import modeling, schemas
+    from cfiw_cli import distributed, modeling, schemas
     from cfiw_cli.generation import sample_questions
     from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
 
@@ -73,21 +73,24 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
     dev = modeling.device()
     tokenizer = tokenizer or modeling.load_tokenizer(config.model)
     model = model or modeling.load_model(config.model, config.dtype, dev)
+    mine = distributed.my_share(rows)  # under accelerate launch, each process samples its share
+    process_seed = sampling_seed(config.seed, config.iteration) + 7919 * distributed.state().process_index
     samples = sample_questions(
         model,
         tokenizer,
-        rows,
+        [rows[i] for i in mine],
         samples=config.group_size,
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
         top_p=config.top_p,
         batch_size=config.batch_size,
-        seed=sampling_seed(config.seed, config.iteration),
+        seed=process_seed,
         prompt_template=config.prompt_template,
         chat_template=config.chat_template,
         description=f"rollout iter {config.iteration}",
     )
     records = []
+    order = {row["prompt_id"]: i for i, row in enumerate(rows)}
     for sample in samples:
         row, completion = sample.row, sample.completion
         pred = extract_answer(sample.text)
@@ -111,6 +114,9 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
                 "correct": score == 1.0,
             }
         )
+    records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
+    if not distributed.is_main():
+        return RolloutResult(out, False, {})
     table = pa.Table.from_pylist(records, schema=schemas.ROLLOUTS)
     seconds = time.perf_counter() - started
     tokens = sum(len(r["completion_ids"]) for r in records)

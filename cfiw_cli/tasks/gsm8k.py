@@ -20,7 +20,7 @@ HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
 
 # A number: optional sign (not the minus of `10-5`), optional `$`, digits with proper
 # thousands groups or plain digits, optional decimals. `.5` is accepted too.
-_NUMBER = r"(?:(?<![\w)])-\s?)?\$?\s?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w.])\.\d+"
+_NUMBER = r"(?:(?<![\w)])-\s?)?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w.])\.\d+"
 NUMBER_RE = re.compile(_NUMBER)
 # What may stand between a marker and its number: spaces, colons, markdown bold, `=`, `$`.
 _GAP = r"[\s:*=$]*(?:\\boxed\{|\\\(|\\\[)?[\s$]*"

@@ -1,0 +1,162 @@
+"""`cfiw score`: base and masked answer log-probs, and their difference, for every span."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, read_manifest, up_to_date, write_table
+from cfiw_cli.console import info, progress_bar
+from cfiw_cli.errors import CfiwError
+
+TARGETS = ("own", "gold")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    model: str
+    rollouts: str
+    spans: str
+    out: str
+    mask: str = "pad"
+    target: str = "own"
+    batch_tokens: int = 8192
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    path: Path
+    skipped: bool
+    metrics: dict[str, Any]
+
+
+def check_spans_match(rollouts: Any, spans: Any, rollouts_path: str, spans_path: str) -> None:
+    """Spans must come from these rollouts: same file hash when the manifest says, and in any
+    case known rollout ids and token ranges inside each completion."""
+    manifest = read_manifest(spans_path) or {}
+    recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
+    hint = f"run `cfiw segment --rollouts {rollouts_path}` again, or pass the rollouts the spans were made from"
+    if recorded and recorded != input_record(rollouts_path)["sha256"]:
+        raise CfiwError(f"{spans_path} was computed from a different rollouts file than {rollouts_path}", hint)
+    lengths = dict(zip(rollouts.column("rollout_id").to_pylist(), (len(c) for c in rollouts.column("completion_ids").to_pylist())))
+    for rollout_id, start, end in zip(*(spans.column(c).to_pylist() for c in ("rollout_id", "tok_start", "tok_end"))):
+        if rollout_id not in lengths:
+            raise CfiwError(f"{spans_path} has spans of rollout {rollout_id!r}, which is not in {rollouts_path}", hint)
+        if not 0 <= start < end <= lengths[rollout_id]:
+            raise CfiwError(f"span [{start}, {end}) of rollout {rollout_id!r} lies outside its completion", hint)
+
+
+def gold_target(answer_text: str, gold: str, tokenizer: Any) -> list[int]:
+    """The answer span's text with its number replaced by the gold number, tokenized."""
+    from cfiw_cli.tasks.gsm8k import locate_answer
+
+    match = locate_answer(answer_text)
+    text = answer_text[: match.number_start] + gold + answer_text[match.number_end :] if match else answer_text
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_items(rollouts: Any, spans: Any, target: str, tokenizer: Any) -> tuple[list[str], list[list[int]], list[Any]]:
+    """One scoring item per rollout that has an answer span: (rollout ids, span indices, items)."""
+    from cfiw_cli.algo.importance import ScoringItem
+
+    by_rollout: dict[str, list[dict]] = {}
+    for span in spans.select(["rollout_id", "span_idx", "kind", "tok_start", "tok_end", "text"]).to_pylist():
+        by_rollout.setdefault(span["rollout_id"], []).append(span)
+    ids, span_indices, items = [], [], []
+    for rollout in rollouts.select(["rollout_id", "prompt_ids", "completion_ids", "gold"]).to_pylist():
+        rollout_spans = sorted(by_rollout.get(rollout["rollout_id"], []), key=lambda s: s["tok_start"])
+        answers = [s for s in rollout_spans if s["kind"] == "answer"]
+        reasoning = [s for s in rollout_spans if s["kind"] != "answer"]
+        if not answers or not reasoning:
+            continue
+        answer, prompt = answers[0], rollout["prompt_ids"]
+        completion = rollout["completion_ids"]
+        answer_ids = completion[answer["tok_start"] : answer["tok_end"]]
+        if target == "gold":
+            answer_ids = gold_target(answer["text"], rollout["gold"], tokenizer)
+        tokens = prompt + completion[: answer["tok_start"]] + answer_ids
+        offset = len(prompt)
+        items.append(
+            ScoringItem(
+                tokens=tokens,
+                target_start=offset + answer["tok_start"],
+                spans=[(offset + s["tok_start"], offset + s["tok_end"]) for s in reasoning],
+                prompt_length=len(prompt),
+            )
+        )
+        ids.append(rollout["rollout_id"])
+        span_indices.append([s["span_idx"] for s in reasoning])
+    return ids, span_indices, items
+
+
+def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> ScoreResult:
+    import pyarrow as pa
+
+    from cfiw_cli import distributed, modeling, schemas
+    from cfiw_cli.algo.importance import MASK_MODES, score_items
+
+    if config.mask not in MASK_MODES:
+        raise CfiwError(f"unknown --mask {config.mask!r}", f"choose one of {', '.join(MASK_MODES)}")
+    if config.target not in TARGETS:
+        raise CfiwError(f"unknown --target {config.target!r}", "choose own or gold")
+    if config.batch_tokens < 16:
+        raise CfiwError("--batch-tokens must be at least 16", "e.g. --batch-tokens 8192")
+    out = prepare_output(config.out)
+    rollouts = read_artifact(config.rollouts, "rollouts")
+    spans = read_artifact(config.spans, "spans")
+    if spans.num_rows == 0:
+        raise CfiwError(f"{config.spans} holds no spans, so there is nothing to score", "check that the rollouts have extractable answers (cfiw segment)")
+    check_spans_match(rollouts, spans, config.rollouts, config.spans)
+    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans")}
+    if not force and up_to_date(out, "score", settings, inputs):
+        info(f"{out} is up to date (use --force to recompute)")
+        return ScoreResult(out, True, {})
+
+    started = time.perf_counter()
+    dev = modeling.device()
+    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
+    model = model or modeling.load_model(config.model, config.dtype, dev)
+    modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
+    rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer)
+    if not items:
+        raise CfiwError(f"no rollout in {config.spans} has both reasoning spans and an answer", "nothing to score")
+    mine = distributed.my_share(items)
+    with progress_bar(f"score ({config.mask})", total=len(mine), unit="rollouts") as advance:
+        scores = score_items(
+            model, [items[i] for i in mine], config.mask, tokenizer.pad_token_id,
+            batch_tokens=config.batch_tokens, on_items=advance,
+        )
+    records = []
+    for i, result in zip(mine, scores):
+        for position, (span_idx, masked) in enumerate(zip(span_indices[i], result.masked)):
+            records.append(
+                {
+                    "rollout_id": rollout_ids[i], "span_idx": span_idx, "mask": config.mask,
+                    "base_logp": result.base, "masked_logp": masked, "delta": result.base - masked,
+                    "target": config.target, "order": (i, position),
+                }
+            )
+    records = distributed.gather_rows(records, order=lambda r: r["order"])
+    bad = [r for r in records if not all(map(math.isfinite, (r["base_logp"], r["masked_logp"])))]
+    if bad:
+        raise CfiwError(f"non-finite log-prob for rollout {bad[0]['rollout_id']} span {bad[0]['span_idx']}", "score in float32 (--dtype float32)")
+    if not distributed.is_main():
+        return ScoreResult(out, False, {})
+    for record in records:
+        del record["order"]
+    table = pa.Table.from_pylist(records, schema=schemas.SCORES.append(pa.field("target", pa.string())))
+    seconds = time.perf_counter() - started
+    tokens = sum(len(item.tokens) for item in items)
+    metrics = {
+        "rollouts": len(items), "spans": len(records), "tokens": tokens, "processes": distributed.processes(),
+        "mean_delta": sum(r["delta"] for r in records) / len(records),
+    }
+    manifest = build_manifest("score", settings, inputs, rows=len(records), seconds=seconds, device=modeling.describe_device(dev), metrics=metrics)
+    write_table(table, out, manifest)
+    info(f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {out} in {seconds:.1f}s")
+    return ScoreResult(out, False, metrics)
