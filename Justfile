@@ -29,15 +29,21 @@ test-fast *args:
 tiny-model out="runs/tiny-model" arch="qwen2":
     {{bin}}/cfiw tiny-model --out {{out}} --arch {{arch}} --dataset data/arith/train.jsonl
 
-# offline demo: tiny model -> rollouts -> eval, then a DuckDB look at the rollouts
+# offline demo: tiny model -> rollouts -> spans -> scores -> eval, then a DuckDB look at the spans
 demo run="runs/demo": (tiny-model run / "model")
     {{bin}}/cfiw rollout --model {{run}}/model --dataset data/arith --split train --limit 16 --group-size 4 --max-new-tokens 64 --out {{run}}/iter-0000/rollouts.parquet
+    {{bin}}/cfiw segment --model {{run}}/model --rollouts {{run}}/iter-0000/rollouts.parquet --out {{run}}/iter-0000/spans.parquet
+    {{bin}}/cfiw score --model {{run}}/model --rollouts {{run}}/iter-0000/rollouts.parquet --spans {{run}}/iter-0000/spans.parquet --out {{run}}/iter-0000/scores.parquet
     {{bin}}/cfiw eval --model {{run}}/model --dataset data/arith --split test --max-new-tokens 64 --out {{run}}/eval/iter-0000.parquet
-    {{bin}}/python -c "import duckdb; duckdb.sql(\"select prompt_id, count(*) as samples, avg(reward) as mean_reward, avg(len(completion_ids)) as tokens from '{{run}}/iter-0000/rollouts.parquet' group by prompt_id order by prompt_id limit 5\").show()"
+    {{bin}}/python -c "import duckdb; duckdb.sql(\"select kind, count(*) as spans, avg(delta) as mean_delta from '{{run}}/iter-0000/spans.parquet' join '{{run}}/iter-0000/scores.parquet' using (rollout_id, span_idx) group by kind\").show()"
 
 # rollout throughput: batched generate vs one sequence at a time
 bench-rollout *args:
     {{bin}}/python benchmarks/rollout_bench.py {{args}}
+
+# span scoring: cfiw score against one forward per variant and padded batches
+bench-score *args:
+    {{bin}}/python benchmarks/score_bench.py {{args}}
 
 # regenerate the small arithmetic dataset in data/arith
 data:

@@ -110,7 +110,7 @@ def _cache_from(layers: list[tuple[Any, Any]]) -> Any:
         return DynamicCache.from_legacy_cache(tuple(layers))
 
 
-def _run_suffixes(model: Any, jobs: list[_Suffix], kv: list[tuple[Any, Any]] | None, pad_id: int, keep_cache: bool = False):
+def _run_suffixes(model: Any, jobs: list[_Suffix], kv: list[tuple[Any, Any]] | None, pad_id: int, keep_cache: bool = False, stats: dict | None = None):
     """One forward call: each job's suffix on top of its cached prefix (`kv`: per layer
     `[rows, H, L, d]`, position j in slot j). Returns the target log-probs of each job and,
     with `keep_cache`, the suffix KV per layer `[B, H, S, d]` (left-padded like the input)."""
@@ -120,6 +120,10 @@ def _run_suffixes(model: Any, jobs: list[_Suffix], kv: list[tuple[Any, Any]] | N
     suffix = _left_pad([j.tokens for j in jobs], pad_id)
     width = len(suffix[0])
     past = max(j.past for j in jobs)
+    if stats is not None:
+        stats["tokens"] = stats.get("tokens", 0) + sum(len(j.tokens) for j in jobs)
+        stats["padded_tokens"] = stats.get("padded_tokens", 0) + width * len(jobs)
+        stats["forward_calls"] = stats.get("forward_calls", 0) + 1
     mask = [[1] * j.past + [0] * (past - j.past) + [0] * (width - len(j.tokens)) + [1] * len(j.tokens) for j in jobs]
     kwargs = {}
     if past:
@@ -145,17 +149,22 @@ def _run_suffixes(model: Any, jobs: list[_Suffix], kv: list[tuple[Any, Any]] | N
     return picked, [(layer[0][:, :, past:], layer[1][:, :, past:]) for layer in cache]
 
 
-def _batches(sizes: list[int], budget: int) -> list[list[int]]:
-    """Greedy batches of indices (sorted longest first) whose padded size fits `budget` tokens."""
+def _batches(sizes: list[int], budget: int, pasts: list[int] | None = None) -> list[list[int]]:
+    """Greedy batches of indices (sorted longest first) whose padded size fits `budget` tokens.
+
+    With `pasts` (cached prefix lengths), rows x (longest past + width) also stays within
+    8 x `budget`: it bounds the gathered KV cache and the attention of rows with short suffixes.
+    """
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    batches, current, width = [], [], 0
+    batches, current, width, past = [], [], 0, 0
     for i in order:
-        new_width = max(width, sizes[i])
-        if current and new_width * (len(current) + 1) > budget:
+        new_width, new_past = max(width, sizes[i]), max(past, pasts[i] if pasts else 0)
+        rows = len(current) + 1
+        if current and (new_width * rows > budget or (pasts and (new_past + new_width) * rows > 8 * budget)):
             batches.append(current)
-            current, new_width = [], sizes[i]
+            current, new_width, new_past = [], sizes[i], pasts[i] if pasts else 0
         current.append(i)
-        width = new_width
+        width, past = new_width, new_past
     if current:
         batches.append(current)
     return batches
@@ -185,7 +194,7 @@ def _store(cache: list[tuple[Any, Any]], rows: list[int], suffix_kv, lengths: li
             values[row, :, start : start + length] = new_values[b, :, width - length :]
 
 
-def _run_unmasked(model: Any, items: list[ScoringItem], pad_id: int, batch_tokens: int):
+def _run_unmasked(model: Any, items: list[ScoringItem], pad_id: int, batch_tokens: int, stats: dict | None = None):
     """Prompts (once per distinct prompt), then each item on top of its prompt. Returns the
     per-token target log-probs of each item and their KV per layer `[N, H, L_max, d]`."""
     # The prompt's last token stays with the item so its prediction is always in the item run.
@@ -200,7 +209,7 @@ def _run_unmasked(model: Any, items: list[ScoringItem], pad_id: int, batch_token
         prompt_kv = []
         for batch in _batches([len(p) for p in prompt_list], batch_tokens):
             jobs = [_Suffix(i, 0, list(prompt_list[i]), list(range(len(prompt_list[i]))), []) for i in batch]
-            _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, keep_cache=True)
+            _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, keep_cache=True, stats=stats)
             if not prompt_kv:
                 longest = max(len(p) for p in prompt_list)
                 prompt_kv = [tuple(t.new_zeros(len(prompt_list), t.shape[1], longest, t.shape[3]) for t in layer) for layer in suffix_kv]
@@ -215,7 +224,7 @@ def _run_unmasked(model: Any, items: list[ScoringItem], pad_id: int, batch_token
         jobs.append(_Suffix(row, n, item.tokens[n:end], list(range(n, end)), item.tokens[item.target_start :], span=index))
     for batch in _batches([len(j.tokens) for j in jobs], batch_tokens):
         batch_jobs = [jobs[i] for i in batch]
-        logprobs, suffix_kv = _run_suffixes(model, batch_jobs, prompt_kv, pad_id, keep_cache=True)
+        logprobs, suffix_kv = _run_suffixes(model, batch_jobs, prompt_kv, pad_id, keep_cache=True, stats=stats)
         if item_kv is None:
             item_kv = [tuple(t.new_zeros(len(items), t.shape[1], longest, t.shape[3]) for t in layer) for layer in suffix_kv]
         for job, values in zip(batch_jobs, logprobs):
@@ -237,11 +246,13 @@ def score_items(
     batch_tokens: int = 8192,
     cache_tokens: int | None = None,
     on_items: Callable[[int], None] | None = None,
+    stats: dict | None = None,
 ) -> list[ItemScores]:
     """Base and masked target log-probs of every span of every item (see the module docstring).
 
     `batch_tokens` bounds the padded tokens of one forward call; `cache_tokens` (default 16x
     that) bounds the unmasked KV cache kept while the variants of a group of rollouts run.
+    `stats`, when given, accumulates `tokens` run, `padded_tokens` and `forward_calls`.
     """
     import torch
 
@@ -251,7 +262,7 @@ def score_items(
     with torch.inference_mode():
         for chunk in _chunks([len(item.tokens) for item in items], cache_tokens or 16 * batch_tokens):
             chunk_items = [items[i] for i in chunk]
-            per_token, kv = _run_unmasked(model, chunk_items, pad_id, batch_tokens)
+            per_token, kv = _run_unmasked(model, chunk_items, pad_id, batch_tokens, stats)
             variants = [
                 variant_suffix(item, row, span, mode, pad_id)
                 for row, item in enumerate(chunk_items)
@@ -262,9 +273,9 @@ def score_items(
                 if v.base_first:
                     masked[v.row][v.span] = per_token[v.row][0]
             runnable = [v for v in variants if v.tokens]
-            for batch in _batches([len(v.tokens) for v in runnable], batch_tokens):
+            for batch in _batches([len(v.tokens) for v in runnable], batch_tokens, [v.past for v in runnable]):
                 jobs = [runnable[i] for i in batch]
-                logprobs, _ = _run_suffixes(model, jobs, kv, pad_id)
+                logprobs, _ = _run_suffixes(model, jobs, kv, pad_id, stats=stats)
                 for job, values in zip(jobs, logprobs):
                     masked[job.row][job.span] += float(values.sum())
             for row, i in enumerate(chunk):
@@ -273,6 +284,12 @@ def score_items(
             if on_items:
                 on_items(len(chunk))
     return results  # type: ignore[return-value]
+
+
+def lower_bound_tokens(item: ScoringItem) -> int:
+    """`T + sum_k (T - e_k)`: the unmasked sequence once, then what follows each span."""
+    length = len(item.tokens) - 1  # the last target token is never an input
+    return length + sum(length - min(e, length) for _, e in item.spans)
 
 
 def knockout_mask(length: int, span: tuple[int, int], dtype: Any, device: Any = None) -> Any:
