@@ -133,6 +133,7 @@ def main() -> None:
         f"{len(items)} rollouts ({args.prompts} prompts x G={args.group}), ~{args.prompt} prompt + ~{args.reasoning} reasoning "
         f"tokens in {args.spans} spans + ~{args.answer} answer tokens; (b), (c): median of {args.repeats}, (a): median of {args.naive_repeats}"
     )
+    ratios = []
     print(f"{'mask':>9} {'(a) s':>8} {'(b) s':>8} {'(c) s':>8} {'(a)/(c)':>8} {'(b)/(c)':>8} {'(c) tokens':>11} {'bound':>8} {'naive':>8} {'max |diff|':>10}")
     for mode in args.modes.split(","):
         stats: dict = {}
@@ -148,6 +149,8 @@ def main() -> None:
             f"{b_seconds / c_seconds:>8.2f} {stats['tokens']:>11} {bound:>8} {naive_tokens:>8} {worst:>10.1e}"
         )
         assert worst < 1e-4, f"{mode}: fast and naive scores differ by {worst}"
+        ratios.append(f"{mode} {a_seconds / c_seconds:.2f} / {b_seconds / c_seconds:.2f}")
+    print("ratio (a)/(c) / (b)/(c): " + ", ".join(ratios))
     print("(c) tokens: tokens run by cfiw (prompts once per group); bound: T + sum_k (T - e_k) per rollout; naive: (a)'s tokens")
 
 

@@ -17,21 +17,24 @@ Differences from computing it the obvious way (one full forward pass per variant
 give the same numbers (fp32, within 1e-4; tests check every mode against `naive_scores`):
 
 1. The unmasked sequence is run once and its KV cache kept; rollouts that share a prompt
-   (the G samples of a GRPO group) run that prompt once. Each masked variant is identical to
-   the unmasked sequence before the span start b, so it runs only what follows : the pad tokens and the rest (`pad`),
-   the token before the span and the rest (`delete`, one token more so that the first
-   answer token always has its predictor inside the suffix), or the rest at original
-   positions (`knockout`), each attending to the cached prefix.
-2. The suffixes of many variants of many rollouts run as one batch: the cached prefixes
-   are gathered per row and padded, suffixes are left-padded so that every row ends at its
-   last answer position, and explicit position ids carry the right positions.
+   (the G samples of a GRPO group) run that prompt once. A masked variant equals the
+   unmasked sequence before the span start b, so it runs only what follows, attending to
+   the cached prefix: the pad tokens and the rest (`pad`), the token before the span and
+   the rest (`delete`: one token more, so the first answer token always has its
+   predictor inside the suffix), or the rest at its original positions (`knockout`).
+2. The suffixes of many variants of many rollouts run as one batch (sorted by length, at
+   most `batch_tokens` padded tokens): the cached prefixes are gathered per row, suffixes
+   are left-padded so every row ends at its last answer position, a 2D attention mask
+   hides the padding and explicit position ids carry the right positions.
 3. Logits are computed only at the positions that predict answer tokens (`logits_to_keep`).
 4. Under `knockout`, when the span ends right at the answer, the first answer token is
    predicted by the span's own last token, which the knockout leaves intact: its
    log-probability is taken from the unmasked run.
 
-Tokens computed per rollout: `T + sum_k (T - e_k)` for `knockout`, one more per span for
-`delete`, `T + sum_k (T - b_k)` for `pad` (the pad tokens must run too).
+Tokens computed per rollout: `T + sum_k (T - e_k)` for `knockout` (T = sequence length),
+one more per span for `delete`, `T + sum_k (T - b_k)` for `pad` (the pad tokens must run
+too), less the shared prompts. Not done: sharing work between the variants themselves
+(each suffix attends to a different context, so nothing after b can be reused exactly).
 """
 
 from __future__ import annotations

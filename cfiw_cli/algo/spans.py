@@ -280,6 +280,8 @@ def find_spans(
         a1 = _clean_boundary(align.tokens(answer.number_start, answer.number_end)[1], clean, len(body))
     else:
         a1 = len(body)
+    if a1 <= a0:  # the number's tokens were taken by a character of the reasoning
+        return []
     char_end = offsets[a1 - 1][1]
     spans.append(Span("answer", a0, a1, offsets[a0][0], char_end, text[offsets[a0][0] : char_end]))
     return spans
