@@ -219,6 +219,72 @@ def score(
     )
 
 
+@command(
+    "train",
+    "cfiw train --model runs/x/policy --rollouts runs/x/iter-0000/rollouts.parquet --spans runs/x/iter-0000/spans.parquet --scores runs/x/iter-0000/scores.parquet --weighting cfiw --out runs/x/policy",
+)
+def train(
+    model: opt.Model,
+    rollouts: opt.Rollouts,
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write (may be --model itself; replaced atomically).")],
+    spans: Annotated[Optional[Path], typer.Option("--spans", "-s", help="spans.parquet (needed unless --weighting uniform).")] = None,
+    scores: Annotated[Optional[Path], typer.Option(help="scores.parquet (needed unless --weighting uniform).")] = None,
+    weighting: Annotated[str, typer.Option(help="cfiw, uniform (plain DAPO/GRPO), inverted or shuffled.")] = "cfiw",
+    metrics_out: Annotated[Optional[Path], typer.Option(help="train_metrics.parquet (default: beside the rollouts).")] = None,
+    weights_out: Annotated[Optional[Path], typer.Option(help="weights.parquet (default: beside the rollouts).")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    lr_schedule: Annotated[str, typer.Option(help="constant or cosine (over --total-steps).")] = "constant",
+    total_steps: Annotated[Optional[int], typer.Option(help="Horizon of the cosine schedule (default: the steps of this call).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    epochs: Annotated[int, typer.Option(help="Passes over the batch.")] = 1,
+    minibatches: Annotated[int, typer.Option(help="Optimizer steps per pass.")] = 1,
+    micro_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward/backward (gradient accumulation).")] = 8192,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
+    scale_rewards: Annotated[str, typer.Option(help="Advantage scaling: group, batch or none.")] = "group",
+    dynamic_sampling: Annotated[bool, typer.Option("--dynamic-sampling/--no-dynamic-sampling", help="Drop groups whose rewards are all equal.")] = True,
+    mask_truncated: Annotated[bool, typer.Option("--mask-truncated/--no-mask-truncated", help="Leave completions that hit the length limit out of the loss.")] = True,
+    loss_type: Annotated[str, typer.Option(help="dapo (token mean over the batch), grpo (sequence mean) or dr_grpo.")] = "dapo",
+    eps_low: Annotated[float, typer.Option(help="Lower clip range of the ratio.")] = 0.2,
+    eps_high: Annotated[float, typer.Option(help="Upper clip range of the ratio.")] = 0.28,
+    beta: Annotated[float, typer.Option(help="KL coefficient (k3, to --reference); the reference is loaded only when > 0.")] = 0.0,
+    reference: Annotated[Optional[str], typer.Option(help="Reference model for the KL term (default: --model).")] = None,
+    floor: Annotated[float, typer.Option(help="Importance floor added to every reasoning token.")] = 0.2,
+    boost: Annotated[float, typer.Option(help="Weight of the most important reasoning token (before --conserve).")] = 2.0,
+    min_weight: Annotated[float, typer.Option(help="Weight of the least important reasoning token (before --conserve).")] = 0.5,
+    answer_weight: Annotated[float, typer.Option(help="Weight of answer tokens (before --conserve).")] = 1.5,
+    conserve: Annotated[bool, typer.Option("--conserve/--no-conserve", help="Rescale each rollout's weights to mean 1.")] = True,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="dr_grpo normalizer (default: the longest completion).")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.")] = False,
+    seed: opt.Seed = 0,
+    force: opt.Force = False,
+) -> None:
+    """Importance-weighted DAPO/GRPO update from saved rollouts (and spans + scores).
+
+    Advantages are group-normalized per prompt; groups with equal rewards are dropped (with
+    none left the policy is saved unchanged). Old log-probs are recomputed by the loaded
+    policy, so the first minibatch has ratio 1. The optimizer and scheduler state are saved
+    with the checkpoint and resumed when --model holds them. Runs under accelerate launch
+    (DDP; FSDP/DeepSpeed through the accelerate config), the batch split across processes.
+    """
+    from cfiw_cli.stages import train as stage
+
+    stage.run(
+        stage.TrainConfig(
+            model=model, rollouts=str(rollouts), out=str(out), spans=str(spans) if spans else None,
+            scores=str(scores) if scores else None, weighting=weighting,
+            metrics_out=str(metrics_out) if metrics_out else None, weights_out=str(weights_out) if weights_out else None,
+            lr=lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, total_steps=total_steps, weight_decay=weight_decay,
+            epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens, grad_clip=grad_clip,
+            scale_rewards=scale_rewards, dynamic_sampling=dynamic_sampling, mask_truncated=mask_truncated,
+            loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, beta=beta, reference=reference, floor=floor,
+            boost=boost, min_weight=min_weight, answer_weight=answer_weight, conserve=conserve,
+            max_new_tokens=max_new_tokens, gradient_checkpointing=gradient_checkpointing, seed=seed,
+        ),
+        force=force,
+    )
+
+
 @command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")
 def validate(
     path: Annotated[Path, typer.Argument(help="Parquet artifact to check.")],

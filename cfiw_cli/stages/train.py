@@ -1,0 +1,417 @@
+"""`cfiw train`: one offline policy update from saved rollouts (and spans + scores).
+
+The batch is the rollouts file. Group advantages are computed per prompt; groups whose rewards
+are all equal are dropped (dynamic sampling). Old log-probs are recomputed by the loaded policy
+with the same micro-batches as the first pass, so the ratio is exactly 1 on the first
+minibatch. Each of `epochs` passes shuffles the kept rollouts (seeded) into `minibatches`
+optimizer steps; a step accumulates gradients over micro-batches of at most
+`micro_batch_tokens` padded tokens. Under `accelerate launch` each process takes every n-th
+rollout of a minibatch; loss normalizers are global, so the step equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, write_table
+from cfiw_cli.console import info, progress_bar
+from cfiw_cli.errors import CfiwError
+
+STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+MANIFEST_FILE = "cfiw_manifest.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    rollouts: str
+    out: str
+    spans: str | None = None
+    scores: str | None = None
+    weighting: str = "cfiw"
+    metrics_out: str | None = None  # default: train_metrics.parquet beside the rollouts
+    weights_out: str | None = None  # default: weights.parquet beside the rollouts
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    total_steps: int | None = None  # horizon of the cosine schedule (default: this call's steps)
+    weight_decay: float = 0.0
+    epochs: int = 1
+    minibatches: int = 1
+    micro_batch_tokens: int = 8192
+    grad_clip: float = 1.0
+    scale_rewards: str = "group"
+    dynamic_sampling: bool = True
+    mask_truncated: bool = True
+    loss_type: str = "dapo"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0
+    reference: str | None = None  # reference model for the KL term (default: --model)
+    floor: float = 0.2
+    boost: float = 2.0
+    min_weight: float = 0.5
+    answer_weight: float = 1.5
+    conserve: bool = True
+    max_new_tokens: int | None = None  # dr_grpo normalizer (default: longest completion)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    path: Path
+    updated: bool
+    metrics: dict[str, Any]
+
+
+@dataclass
+class _Sequence:
+    rollout_id: str
+    tokens: list[int]  # prompt + completion
+    prompt_length: int
+    advantage: float
+    weights: list[float]  # one per completion token
+    mask: list[float]  # 1 for completion tokens that count
+
+
+def _check(config: TrainConfig) -> None:
+    from cfiw_cli.algo.loss import LOSS_TYPES
+    from cfiw_cli.algo.weights import MODES
+
+    if config.weighting not in MODES:
+        raise CfiwError(f"unknown --weighting {config.weighting!r}", f"choose one of {', '.join(MODES)}")
+    if config.weighting != "uniform" and not (config.spans and config.scores):
+        raise CfiwError(f"--weighting {config.weighting} needs --spans and --scores", "run cfiw segment and cfiw score first, or use --weighting uniform")
+    if config.loss_type not in LOSS_TYPES:
+        raise CfiwError(f"unknown --loss-type {config.loss_type!r}", f"choose one of {', '.join(LOSS_TYPES)}")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", "choose constant or cosine")
+    if config.scale_rewards not in ("group", "batch", "none"):
+        raise CfiwError(f"unknown --scale-rewards {config.scale_rewards!r}", "choose group, batch or none")
+    if min(config.epochs, config.minibatches, config.micro_batch_tokens) < 1 or config.lr < 0:
+        raise CfiwError("--epochs, --minibatches and --micro-batch-tokens must be >= 1 and --lr >= 0", "pass positive values")
+
+
+def build_sequences(config: TrainConfig, rollouts: Any, spans: Any, scores: Any) -> tuple[list[_Sequence], list[dict], int]:
+    """Kept sequences, one weights.parquet row per rollout, and the number of dropped groups."""
+    from cfiw_cli.algo.loss import group_advantages
+    from cfiw_cli.algo.weights import ScoredSpan, WeightConfig, token_weights
+
+    rows = rollouts.select(["rollout_id", "prompt_id", "prompt_ids", "completion_ids", "finish_reason", "reward"]).to_pylist()
+    advantages = group_advantages([r["reward"] for r in rows], [r["prompt_id"] for r in rows], config.scale_rewards)
+    rewards_by_group: dict[str, set] = {}
+    for row in rows:
+        rewards_by_group.setdefault(row["prompt_id"], set()).add(row["reward"])
+    flat = {g for g, values in rewards_by_group.items() if len(values) == 1}
+    spans_by_rollout: dict[str, list[ScoredSpan]] = {}
+    if spans is not None and scores is not None:
+        deltas = {(s["rollout_id"], s["span_idx"]): s["delta"] for s in scores.select(["rollout_id", "span_idx", "delta"]).to_pylist()}
+        if any(d is None or not math.isfinite(d) for d in deltas.values()):
+            raise CfiwError("the scores file holds a NaN or infinite delta", "rerun cfiw score with --dtype float32")
+        for span in spans.select(["rollout_id", "span_idx", "kind", "tok_start", "tok_end"]).to_pylist():
+            delta = deltas.get((span["rollout_id"], span["span_idx"]))
+            spans_by_rollout.setdefault(span["rollout_id"], []).append(ScoredSpan(span["kind"], span["tok_start"], span["tok_end"], delta))
+    weight_config = WeightConfig(config.floor, config.boost, config.min_weight, config.answer_weight, config.conserve)
+    sequences, weight_rows = [], []
+    for row, advantage in zip(rows, advantages):
+        completion = row["completion_ids"]
+        rng = random.Random(f"{config.seed}:{row['rollout_id']}")
+        weights = token_weights(
+            len(completion), spans_by_rollout.get(row["rollout_id"], []), config.weighting, weight_config,
+            ends_with_stop=row["finish_reason"] == "stop", rng=rng,
+        )
+        kept = not (config.dynamic_sampling and row["prompt_id"] in flat)
+        truncated = config.mask_truncated and row["finish_reason"] == "length"
+        weight_rows.append({"rollout_id": row["rollout_id"], "weighting": config.weighting, "token_weights": weights, "advantage": advantage, "kept": kept, "truncated": truncated})
+        if kept and completion:
+            mask = [0.0 if truncated else 1.0] * len(completion)
+            sequences.append(_Sequence(row["rollout_id"], row["prompt_ids"] + completion, len(row["prompt_ids"]), advantage, weights, mask))
+    return sequences, weight_rows, len(flat) if config.dynamic_sampling else 0
+
+
+def _micro_batches(sequences: list[_Sequence], budget: int) -> list[list[_Sequence]]:
+    """Consecutive runs whose padded size (rows x longest) stays within `budget` tokens."""
+    batches, current, width = [], [], 0
+    for sequence in sequences:
+        new_width = max(width, len(sequence.tokens))
+        if current and new_width * (len(current) + 1) > budget:
+            batches.append(current)
+            current, new_width = [], len(sequence.tokens)
+        current.append(sequence)
+        width = new_width
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _forward(model: Any, batch: list[_Sequence], pad_id: int, device: Any, autocast: bool, want_entropy: bool = False):
+    """Log-probs of the completion tokens `[B, C]` (left-aligned, zero-padded) and optionally entropies."""
+    import torch
+
+    width = max(len(s.tokens) for s in batch)
+    longest = max(len(s.tokens) - s.prompt_length for s in batch)
+    ids = torch.tensor([[pad_id] * (width - len(s.tokens)) + s.tokens for s in batch], device=device)  # [B, W]
+    attention = torch.tensor([[0] * (width - len(s.tokens)) + [1] * len(s.tokens) for s in batch], device=device)  # [B, W]
+    positions = (attention.cumsum(1) - 1).clamp(min=0)  # [B, W]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=longest + 1).logits
+    logprobs_all = logits[:, :-1].float().log_softmax(-1)  # [B, C, V]: position j predicts completion token j
+    targets = torch.zeros(len(batch), longest, dtype=torch.long, device=device)  # [B, C]
+    for row, s in enumerate(batch):
+        completion = s.tokens[s.prompt_length :]
+        targets[row, longest - len(completion) :] = torch.tensor(completion, device=device)
+    logprobs = logprobs_all.gather(2, targets[:, :, None]).squeeze(2)  # [B, C] right-aligned
+    entropy = None
+    if want_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)  # [B, C]
+    return logprobs, entropy
+
+
+def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any):
+    """Per-token lists of a batch as a right-aligned `[B, C]` tensor (matches `_forward`)."""
+    import torch
+
+    out = torch.zeros(len(batch), longest, device=device)
+    for row, s in enumerate(batch):
+        data = getattr(s, values)
+        out[row, longest - len(data) :] = torch.tensor(data, device=device)
+    return out
+
+
+def _plan(sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int) -> list[list[list[_Sequence]]]:
+    """Epoch -> minibatches -> this process's micro-batches (same shuffle on every process)."""
+    order = list(range(len(sequences)))
+    random.Random(f"{config.seed}:epoch:{epoch}").shuffle(order)
+    size = math.ceil(len(order) / config.minibatches)
+    plan = []
+    for start in range(0, len(order), size):
+        members = order[start : start + size]
+        mine = [sequences[i] for i in members[rank::world]]
+        plan.append((_micro_batches(mine, config.micro_batch_tokens), [sequences[i] for i in members]))
+    return plan
+
+
+def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict, manifest: dict) -> None:
+    import torch
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(config: TrainConfig, force: bool = False) -> TrainResult:
+    import pyarrow as pa
+    import torch
+    from accelerate import Accelerator
+
+    from cfiw_cli import modeling, schemas
+    from cfiw_cli.algo.loss import LossConfig, loss_normalizer, policy_loss
+
+    _check(config)
+    out = Path(config.out)
+    rollouts_dir = Path(config.rollouts).parent
+    metrics_out = prepare_output(config.metrics_out or rollouts_dir / "train_metrics.parquet")
+    weights_out = prepare_output(config.weights_out or rollouts_dir / "weights.parquet")
+    modeling.check_model_ref(config.model)
+    rollouts = read_artifact(config.rollouts, "rollouts")
+    if rollouts.num_rows == 0:
+        raise CfiwError(f"{config.rollouts} holds no rollouts", "sample some with cfiw rollout")
+    spans = read_artifact(config.spans, "spans") if config.spans else None
+    scores = read_artifact(config.scores, "scores") if config.scores else None
+    if spans is not None:
+        from cfiw_cli.stages.score import check_spans_match
+
+        check_spans_match(rollouts, spans, config.rollouts, config.spans)
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "metrics_out", "weights_out")}
+    inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans", "scores") if getattr(config, k)}
+    manifest_path = out / MANIFEST_FILE
+    if not force and manifest_path.exists() and metrics_out.exists():
+        old = json.loads(manifest_path.read_text())
+        same_inputs = {k: v.get("sha256") for k, v in old.get("inputs", {}).items()} == {k: v.get("sha256") for k, v in inputs.items()}
+        if old.get("config") == json.loads(json.dumps(settings)) and same_inputs:
+            info(f"{out} is up to date (use --force to retrain)")
+            return TrainResult(out, False, old.get("metrics", {}))
+
+    started = time.perf_counter()
+    modeling.quiet_libraries()
+    from cfiw_cli.distributed import state as process_state
+
+    accelerator = Accelerator(cpu=process_state().device.type == "cpu")
+    torch.manual_seed(config.seed)
+    sequences, weight_rows, dropped = build_sequences(config, rollouts, spans, scores)
+    tokenizer = modeling.load_tokenizer(config.model)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_here = config.epochs * min(config.minibatches, max(len(sequences), 1))
+    resume = Path(config.model)
+    start_step = 0
+    if (resume / "optimizer.pt").exists():
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+            group["initial_lr"] = config.lr
+        start_step = json.loads((resume / "trainer_state.json").read_text()).get("global_step", 0)
+    total = config.total_steps or (start_step + steps_here)
+
+    def schedule(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "cosine":
+            progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1) if start_step else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    autocast = device.type == "cuda"
+    reference = None
+    if config.beta > 0:
+        reference = AutoModelForCausalLM.from_pretrained(config.reference or config.model, dtype=torch.float32).to(device).eval()
+    loss_config = LossConfig(config.eps_low, config.eps_high, config.beta, config.loss_type)
+    max_new = config.max_new_tokens or max(len(s.tokens) - s.prompt_length for s in sequences) if sequences else 1
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    step_rows: list[dict] = []
+    if not sequences:
+        info(f"Warning: all {dropped} groups have equal rewards, so there is no advantage to learn from: no update; the policy is saved unchanged")
+    else:
+        plans = {0: _plan(sequences, config, 0, rank, world)}
+        old_logprobs: dict[str, Any] = {}
+        model.eval()
+        with torch.no_grad():  # the same micro-batches as the first pass, so ratio == 1 exactly there
+            for micro_batches, _ in plans[0]:
+                for batch in micro_batches:
+                    logprobs, _ = _forward(model, batch, tokenizer.pad_token_id, device, autocast)
+                    ref, _ = _forward(reference, batch, tokenizer.pad_token_id, device, autocast) if reference is not None else (None, None)
+                    for row, s in enumerate(batch):
+                        old_logprobs[s.rollout_id] = (logprobs[row], None if ref is None else ref[row])
+        model.train()
+        global_step = start_step
+        with progress_bar("train", total=steps_here, unit="steps") as advance:
+            for epoch in range(config.epochs):
+                plan = plans.get(epoch) or _plan(sequences, config, epoch, rank, world)
+                for micro_batches, members in plan:
+                    step_started = time.perf_counter()
+                    masks = [torch.tensor(s.mask) for s in members]
+                    longest_all = max(len(m) for m in masks)
+                    full_mask = torch.stack([torch.nn.functional.pad(m, (longest_all - len(m), 0)) for m in masks])
+                    normalizer = max(loss_normalizer(full_mask, config.loss_type, max_new), 1.0)
+                    sums = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0, "loss": 0.0, "weight_sum": 0.0, "weight_sq_sum": 0.0}
+                    for index, batch in enumerate(micro_batches or [[]]):
+                        sync = index == len(micro_batches or [[]]) - 1
+                        context = accelerator.no_sync(model) if not sync else _null()
+                        with context:
+                            if not batch:  # no rollout for this process in this step: join the all-reduce with a zero loss
+                                dummy = _Sequence("", [tokenizer.pad_token_id] * 2, 1, 0.0, [0.0], [0.0])
+                                logprobs, _ = _forward(model, [dummy], tokenizer.pad_token_id, device, autocast)
+                                accelerator.backward(logprobs.sum() * 0.0)
+                                continue
+                            logprobs, entropy = _forward(model, batch, tokenizer.pad_token_id, device, autocast, want_entropy=True)
+                            longest = logprobs.shape[1]
+                            old = torch.stack([torch.nn.functional.pad(old_logprobs[s.rollout_id][0], (longest - len(old_logprobs[s.rollout_id][0]), 0)) for s in batch])
+                            ref = None
+                            if reference is not None:
+                                ref = torch.stack([torch.nn.functional.pad(old_logprobs[s.rollout_id][1], (longest - len(old_logprobs[s.rollout_id][1]), 0)) for s in batch])
+                            mask = _aligned(batch, "mask", longest, device)
+                            weights = _aligned(batch, "weights", longest, device)
+                            advantages = torch.tensor([s.advantage for s in batch], device=device)
+                            loss, metrics = policy_loss(logprobs, old, advantages, mask, normalizer, weights, ref, loss_config)
+                            # DDP averages gradients over processes; the normalizer is already global.
+                            accelerator.backward(loss * world)
+                            for key, value in metrics.items():
+                                sums[key] += value
+                            sums["entropy_sum"] += float((entropy * mask).sum())
+                            sums["loss"] += float(loss.detach())
+                            sums["weight_sum"] += float((weights * mask).sum())
+                            sums["weight_sq_sum"] += float((weights * weights * mask).sum())
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else torch.tensor(0.0)
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    totals = _sum_across(accelerator, sums)
+                    tokens = max(totals["tokens"], 1.0)
+                    weight_mean = totals["weight_sum"] / tokens
+                    step_rows.append(
+                        {
+                            "step": global_step, "loss": totals["loss"], "pg_loss": totals["pg_sum"] / tokens,
+                            "kl": totals["kl_sum"] / tokens, "entropy": totals["entropy_sum"] / tokens,
+                            "clip_frac_low": totals["clip_low_sum"] / tokens, "clip_frac_high": totals["clip_high_sum"] / tokens,
+                            "grad_norm": float(grad_norm), "lr": lr, "tokens": int(totals["tokens"]),
+                            "seconds": time.perf_counter() - step_started, "ratio_mean": totals["ratio_sum"] / tokens,
+                            "weight_mean": weight_mean, "weight_std": math.sqrt(max(totals["weight_sq_sum"] / tokens - weight_mean**2, 0.0)),
+                            "epoch": epoch, "sequences": len(members),
+                        }
+                    )
+                    advance(status=f"loss {totals['loss']:.4f}")
+    if not accelerator.is_main_process:
+        return TrainResult(out, bool(step_rows), {})
+    seconds = time.perf_counter() - started
+    metrics = {
+        "steps": len(step_rows), "sequences": len(sequences), "dropped_groups": dropped,
+        "tokens": sum(r["tokens"] for r in step_rows), "tokens_per_second": sum(r["tokens"] for r in step_rows) / seconds,
+        "processes": world,
+    }
+    if torch.cuda.is_available():
+        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    manifest = build_manifest("train", settings, inputs, rows=len(step_rows), seconds=seconds, device=modeling.describe_device(device), seed=config.seed, metrics=metrics)
+    state = {"global_step": start_step + len(step_rows)}
+    unwrapped = accelerator.unwrap_model(model)
+    _save_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, state, manifest)
+    metric_schema = schemas.TRAIN_METRICS
+    for name in ("ratio_mean", "weight_mean", "weight_std"):
+        metric_schema = metric_schema.append(pa.field(name, pa.float32()))
+    metric_schema = metric_schema.append(pa.field("epoch", pa.int32())).append(pa.field("sequences", pa.int32()))
+    write_table(pa.Table.from_pylist(step_rows, schema=metric_schema), metrics_out, {**manifest, "stage": "train"})
+    weight_schema = schemas.WEIGHTS.append(pa.field("kept", pa.bool_())).append(pa.field("truncated", pa.bool_()))
+    write_table(pa.Table.from_pylist(weight_rows, schema=weight_schema), weights_out, {**manifest, "stage": "train"})
+    if step_rows:
+        info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
+    return TrainResult(out, bool(step_rows), metrics)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sum_across(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return sums
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([sums])
+    return {key: sum(part[key] for part in gathered) for key in sums}

@@ -1,0 +1,117 @@
+"""`cfiw train` end to end on a tiny model: every mode, lr 0, ratio 1, no-signal batches, resume, two processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import COMPLETIONS, write_rollouts
+from test_errors import assert_clean_error
+
+pytestmark = pytest.mark.slow
+GOLDS = ["19", "7", "22.5", "4", "0", "26", "42", "2"]  # two samples per question, one right and one wrong
+
+
+def parameters(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def max_change(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, tiny_model, cli):
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("train") / "iter-0000"
+    write_rollouts(directory / "rollouts.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS + ["#### 1"], GOLDS)
+    files = {name: directory / f"{name}.parquet" for name in ("rollouts", "spans", "scores")}
+    assert cli("segment", "--rollouts", files["rollouts"], "--model", tiny_model, "--out", files["spans"]).exit_code == 0
+    assert cli("score", "--rollouts", files["rollouts"], "--spans", files["spans"], "--model", tiny_model, "--out", files["scores"]).exit_code == 0
+    return files
+
+
+def train_args(batch, model, out, *extra):
+    return [
+        "train", "--model", model, "--rollouts", batch["rollouts"], "--spans", batch["spans"], "--scores", batch["scores"],
+        "--out", out, "--metrics-out", out.parent / f"{out.name}-metrics.parquet", "--weights-out", out.parent / f"{out.name}-weights.parquet",
+        "--lr", "1e-3", "--minibatches", "2", *extra,
+    ]
+
+
+@pytest.mark.parametrize("mode", ["cfiw", "uniform", "inverted", "shuffled"])
+def test_each_mode_updates_the_policy(cli, batch, tiny_model, tmp_path, mode):
+    out = tmp_path / "policy"
+    result = cli(*train_args(batch, tiny_model, out, "--weighting", mode))
+    assert result.exit_code == 0, result.stderr
+    assert max_change(parameters(out), parameters(tiny_model)) > 1e-4
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt", "trainer_state.json", "cfiw_manifest.json"):
+        assert (out / name).exists(), name
+    assert not (tmp_path / "policy.tmp").exists()
+    metrics = pq.read_table(tmp_path / "policy-metrics.parquet").to_pylist()
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["ratio_mean"] == 1.0  # old log-probs come from the loaded policy, same micro-batches
+    assert metrics[0]["clip_frac_low"] == metrics[0]["clip_frac_high"] == 0.0
+    weights = pq.read_table(tmp_path / "policy-weights.parquet").to_pylist()
+    assert len(weights) == 8 and all(w["weighting"] == mode for w in weights)
+    lengths = {r["rollout_id"]: len(r["completion_ids"]) for r in pq.read_table(batch["rollouts"]).to_pylist()}
+    for row in weights:
+        assert len(row["token_weights"]) == lengths[row["rollout_id"]]
+        if mode == "uniform":
+            assert set(row["token_weights"]) == {1.0}
+        else:
+            assert sum(row["token_weights"]) / len(row["token_weights"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_zero_learning_rate_changes_nothing(cli, batch, tiny_model, tmp_path):
+    out = tmp_path / "policy"
+    assert cli(*train_args(batch, tiny_model, out, "--lr", "0")).exit_code == 0
+    assert max_change(parameters(out), parameters(tiny_model)) == 0.0
+
+
+def test_equal_rewards_give_a_message_and_no_update(cli, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    rollouts = write_rollouts(tmp_path / "iter-0000" / "rollouts.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS[:4], ["19", "6", "22.5", "5"])
+    out = tmp_path / "policy"
+    result = cli("train", "--model", tiny_model, "--rollouts", rollouts, "--weighting", "uniform", "--out", out, "--lr", "1e-3")
+    assert result.exit_code == 0 and "equal rewards" in result.stderr and "no update" in result.stderr
+    assert max_change(parameters(out), parameters(tiny_model)) == 0.0
+    assert pq.read_table(tmp_path / "iter-0000" / "train_metrics.parquet").num_rows == 0
+
+
+def test_second_iteration_resumes_optimizer_state(cli, batch, tiny_model, tmp_path):
+    first, second = tmp_path / "policy-1", tmp_path / "policy-2"
+    assert cli(*train_args(batch, tiny_model, first)).exit_code == 0
+    assert cli(*train_args(batch, first, second)).exit_code == 0
+    assert json.loads((second / "trainer_state.json").read_text())["global_step"] == 4
+    state = torch.load(second / "optimizer.pt", weights_only=True)["state"]
+    assert int(next(iter(state.values()))["step"]) == 4  # Adam moments carried over two iterations
+    metrics = pq.read_table(tmp_path / "policy-2-metrics.parquet").to_pylist()
+    assert [m["step"] for m in metrics] == [3, 4]
+
+
+def test_weighting_needs_scores(cli, batch, tiny_model, tmp_path):
+    result = cli("train", "--model", tiny_model, "--rollouts", batch["rollouts"], "--out", tmp_path / "p", "--weighting", "cfiw")
+    assert_clean_error(result, "--spans and --scores")
+    assert not (tmp_path / "p").exists()
+
+
+def test_two_processes_end_with_the_same_parameters(cli, batch, tiny_model, tmp_path):
+    single = tmp_path / "single"
+    assert cli(*train_args(batch, tiny_model, single)).exit_code == 0
+    double = tmp_path / "double"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    argv = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29547", "-m", "cfiw_cli"]
+    done = subprocess.run(argv + [str(a) for a in train_args(batch, tiny_model, double)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert max_change(parameters(single), parameters(double)) < 1e-5
+    assert max_change(parameters(single), parameters(tiny_model)) > 1e-4
+    assert json.loads((double / "cfiw_manifest.json").read_text())["metrics"]["processes"] == 2
