@@ -45,6 +45,10 @@ bench-rollout *args:
 bench-score *args:
     {{bin}}/python benchmarks/score_bench.py {{args}}
 
+# training throughput, and what weighting adds to a step
+bench-train *args:
+    {{bin}}/python benchmarks/train_bench.py {{args}}
+
 # regenerate the small arithmetic dataset in data/arith
 data:
     {{bin}}/python -m cfiw_cli.tasks.arith data/arith
