@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -180,6 +181,23 @@ def read_artifact(path: str | os.PathLike, kind: str) -> pa.Table:
     except (OSError, pa.ArrowInvalid) as exc:
         raise CfiwError(f"{path} is not a readable Parquet file: {exc}", "check the path") from exc
     return validate(table, kind, str(path))
+
+
+@dataclass(frozen=True)
+class StageResult:
+    path: Path
+    skipped: bool  # the output was up to date
+    metrics: dict[str, Any]
+
+
+def skip_if_done(path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool) -> StageResult | None:
+    """The result to return when `path` is up to date (and `force` is off), after saying so."""
+    if force or not up_to_date(path, stage, config, inputs):
+        return None
+    from cfiw_cli.console import info
+
+    info(f"{path} is up to date (use --force to recompute)")
+    return StageResult(path, True, (read_manifest(path) or {}).get("metrics", {}))
 
 
 def up_to_date(path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> bool:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_manifest, up_to_date, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, skip_if_done, write_table
 from cfiw_cli.console import info
 
 
@@ -35,13 +34,6 @@ class EvalConfig:
     dtype: str = "auto"
     prompt_template: str | None = None
     chat_template: bool = True
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    path: Path
-    skipped: bool
-    metrics: dict[str, Any]
 
 
 def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
@@ -78,7 +70,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return text
 
 
-def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> EvalResult:
+def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     import pyarrow as pa
 
     from cfiw_cli import modeling, schemas
@@ -93,10 +85,9 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
     settings = {k: v for k, v in asdict(config).items() if k != "out"}
     inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
-    if not force and up_to_date(out, "eval", settings, inputs):
-        metrics = (read_manifest(out) or {}).get("metrics", {})
-        info(f"{out} is up to date (use --force to recompute)")
-        return EvalResult(out, True, metrics)
+    done = skip_if_done(out, "eval", settings, inputs, force)
+    if done:
+        return done
 
     started = time.perf_counter()
     dev = modeling.device()
@@ -137,4 +128,4 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
     )
     write_table(pa.Table.from_pylist(records, schema=schemas.EVAL), out, manifest)
     info(f"wrote {len(records)} evaluations to {out}")
-    return EvalResult(out, False, metrics)
+    return StageResult(out, False, metrics)

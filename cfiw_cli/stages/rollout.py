@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, up_to_date, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, skip_if_done, write_table
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
@@ -32,13 +31,6 @@ class RolloutConfig:
     chat_template: bool = True
 
 
-@dataclass(frozen=True)
-class RolloutResult:
-    path: Path
-    skipped: bool
-    metrics: dict[str, Any]
-
-
 def check_sampling(temperature: float, top_p: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
     if temperature < 0 or not 0 < top_p <= 1:
         raise CfiwError("--temperature must be >= 0 and --top-p in (0, 1]", "e.g. --temperature 1.0 --top-p 1.0")
@@ -51,7 +43,7 @@ def sampling_seed(seed: int, iteration: int) -> int:
     return (seed * 1_000_003 + iteration * 10_007) % (2**31)
 
 
-def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> RolloutResult:
+def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     import pyarrow as pa
 
     from cfiw_cli import distributed, modeling, schemas
@@ -65,9 +57,9 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
     settings = {k: v for k, v in asdict(config).items() if k != "out"}
     inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
-    if not force and up_to_date(out, "rollout", settings, inputs):
-        info(f"{out} is up to date (use --force to recompute)")
-        return RolloutResult(out, True, {})
+    done = skip_if_done(out, "rollout", settings, inputs, force)
+    if done:
+        return done
 
     started = time.perf_counter()
     dev = modeling.device()
@@ -116,7 +108,7 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         )
     records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
     if not distributed.is_main():
-        return RolloutResult(out, False, {})
+        return StageResult(out, False, {})
     table = pa.Table.from_pylist(records, schema=schemas.ROLLOUTS)
     seconds = time.perf_counter() - started
     tokens = sum(len(r["completion_ids"]) for r in records)
@@ -137,4 +129,4 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         f"wrote {len(records)} rollouts ({len(rows)} questions x {config.group_size}) to {out}: "
         f"mean reward {metrics['mean_reward']:.3f}, {tokens} tokens in {seconds:.1f}s"
     )
-    return RolloutResult(out, False, metrics)
+    return StageResult(out, False, metrics)

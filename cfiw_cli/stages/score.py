@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, read_manifest, up_to_date, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, read_manifest, skip_if_done, write_table
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
@@ -25,13 +24,6 @@ class ScoreConfig:
     target: str = "own"
     batch_tokens: int = 8192
     dtype: str = "auto"
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    path: Path
-    skipped: bool
-    metrics: dict[str, Any]
 
 
 def check_spans_match(rollouts: Any, spans: Any, rollouts_path: str, spans_path: str) -> None:
@@ -93,7 +85,7 @@ def build_items(rollouts: Any, spans: Any, target: str, tokenizer: Any) -> tuple
     return ids, span_indices, items
 
 
-def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> ScoreResult:
+def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     import pyarrow as pa
 
     from cfiw_cli import distributed, modeling, schemas
@@ -113,9 +105,9 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     check_spans_match(rollouts, spans, config.rollouts, config.spans)
     settings = {k: v for k, v in asdict(config).items() if k != "out"}
     inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans")}
-    if not force and up_to_date(out, "score", settings, inputs):
-        info(f"{out} is up to date (use --force to recompute)")
-        return ScoreResult(out, True, {})
+    done = skip_if_done(out, "score", settings, inputs, force)
+    if done:
+        return done
 
     started = time.perf_counter()
     dev = modeling.device()
@@ -146,7 +138,7 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     if bad:
         raise CfiwError(f"non-finite log-prob for rollout {bad[0]['rollout_id']} span {bad[0]['span_idx']}", "score in float32 (--dtype float32)")
     if not distributed.is_main():
-        return ScoreResult(out, False, {})
+        return StageResult(out, False, {})
     for record in records:
         del record["order"]
     table = pa.Table.from_pylist(records, schema=schemas.SCORES.append(pa.field("target", pa.string())))
@@ -159,4 +151,4 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     manifest = build_manifest("score", settings, inputs, rows=len(records), seconds=seconds, device=modeling.describe_device(dev), metrics=metrics)
     write_table(table, out, manifest)
     info(f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {out} in {seconds:.1f}s")
-    return ScoreResult(out, False, metrics)
+    return StageResult(out, False, metrics)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, up_to_date, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, skip_if_done, write_table
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
@@ -22,14 +21,7 @@ class SegmentConfig:
     max_tokens: int = 50
 
 
-@dataclass(frozen=True)
-class SegmentResult:
-    path: Path
-    skipped: bool
-    metrics: dict[str, Any]
-
-
-def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> SegmentResult:
+def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> StageResult:
     import pyarrow as pa
 
     from cfiw_cli import modeling, schemas
@@ -41,9 +33,9 @@ def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> Se
     rollouts = read_artifact(config.rollouts, "rollouts")
     settings = {k: v for k, v in asdict(config).items() if k != "out"}
     inputs = {"rollouts": input_record(config.rollouts), "model": input_record(config.model)}
-    if not force and up_to_date(out, "segment", settings, inputs):
-        info(f"{out} is up to date (use --force to recompute)")
-        return SegmentResult(out, True, {})
+    done = skip_if_done(out, "segment", settings, inputs, force)
+    if done:
+        return done
 
     started = time.perf_counter()
     tokenizer = tokenizer or modeling.load_tokenizer(config.model)
@@ -76,4 +68,4 @@ def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> Se
         f"wrote {metrics['spans']} reasoning spans ({counts['calculation']} calculation, {counts['numeric']} numeric, "
         f"{counts['scaffolding']} scaffolding) for {with_answer} of {rollouts.num_rows} rollouts to {out}"
     )
-    return SegmentResult(out, False, metrics)
+    return StageResult(out, False, metrics)
