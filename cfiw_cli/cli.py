@@ -285,6 +285,23 @@ def train(
     )
 
 
+@command("sql", 'cfiw sql runs/x "select kind, avg(delta) from spans join scores using (rollout_id, span_idx) group by kind"')
+def sql(
+    run: Annotated[Path, typer.Argument(help="Run directory (runs/NAME).")],
+    query: Annotated[str, typer.Argument(help="SQL over the views rollouts, spans, scores, weights, train_metrics, eval, manifests.")],
+    format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Query every artifact of a run with DuckDB.
+
+    Each artifact kind is a view over all iterations with an iteration column; manifests lists
+    the manifest of every Parquet file (file, stage, manifest JSON).
+    """
+    from cfiw_cli.stages import sql as stage
+
+    columns, rows = stage.query(run, query)
+    typer.echo(stage.render(columns, rows, format), nl=False)
+
+
 @command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")
 def validate(
     path: Annotated[Path, typer.Argument(help="Parquet artifact to check.")],

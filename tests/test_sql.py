@@ -1,0 +1,50 @@
+"""`cfiw sql`: DuckDB views over every iteration of a run, and the manifests."""
+
+import json
+
+import pyarrow as pa
+
+from cfiw_cli.artifacts import build_manifest, write_table
+from test_errors import assert_clean_error
+
+
+def make_run(root):
+    for iteration, deltas in ((0, [1.0, 3.0]), (1, [5.0, 7.0])):
+        directory = root / f"iter-{iteration:04d}"
+        directory.mkdir(parents=True)
+        spans = pa.table({"rollout_id": [f"{iteration}:p:0"] * 2, "span_idx": pa.array([0, 1], pa.int32()), "kind": ["calculation", "scaffolding"]})
+        scores = pa.table({"rollout_id": [f"{iteration}:p:0"] * 2, "span_idx": pa.array([0, 1], pa.int32()), "delta": pa.array(deltas, pa.float32())})
+        write_table(spans, directory / "spans.parquet", build_manifest("segment", {}, {}, rows=2, seconds=0))
+        write_table(scores, directory / "scores.parquet", build_manifest("score", {}, {}, rows=2, seconds=0))
+    (root / "eval").mkdir()
+    write_table(pa.table({"prompt_id": ["a", "b"], "correct": [True, False]}), root / "eval" / "iter-0002.parquet", build_manifest("eval", {}, {}, rows=2, seconds=0))
+    return root
+
+
+def test_views_join_across_iterations(cli, tmp_path):
+    run = make_run(tmp_path / "run")
+    query = "select kind, avg(delta) as mean from spans join scores using (rollout_id, span_idx, iteration) group by kind order by kind"
+    result = cli("sql", run, query, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == [{"kind": "calculation", "mean": 3.0}, {"kind": "scaffolding", "mean": 5.0}]
+    by_iteration = cli("sql", run, "select iteration, sum(delta) from scores group by 1 order by 1", "--format", "csv")
+    assert by_iteration.stdout.splitlines() == ["iteration,sum(delta)", "0,4.0", "1,12.0"]
+    evals = cli("sql", run, "select iteration, avg(correct::int) as accuracy from eval group by 1", "--format", "json")
+    assert json.loads(evals.stdout) == [{"iteration": 2, "accuracy": 0.5}]
+    manifests = cli("sql", run, "select stage, count(*) as n from manifests group by 1 order by 1", "--format", "csv")
+    assert manifests.stdout.splitlines() == ["stage,n", "eval,1", "score,2", "segment,2"]
+    table = cli("sql", run, "select count(*) as n from spans")
+    assert table.exit_code == 0 and "n" in table.stdout and "4" in table.stdout
+
+
+def test_the_readme_query_works(cli, tmp_path):
+    run = make_run(tmp_path / "run")
+    result = cli("sql", run, "select kind, avg(delta) from spans join scores using (rollout_id, span_idx) group by kind")
+    assert result.exit_code == 0 and "calculation" in result.stdout
+
+
+def test_bad_queries_and_runs(cli, tmp_path):
+    run = make_run(tmp_path / "run")
+    assert_clean_error(cli("sql", run, "select * from nope"), "query failed")
+    assert_clean_error(cli("sql", tmp_path / "missing", "select 1"), "run directory not found")
+    assert_clean_error(cli("sql", run, "select 1", "--format", "xml"), "--format")
