@@ -37,6 +37,27 @@ demo run="runs/demo": (tiny-model run / "model")
     {{bin}}/cfiw eval --model {{run}}/model --dataset data/arith --split test --max-new-tokens 64 --out {{run}}/eval/iter-0000.parquet
     {{bin}}/python -c "import duckdb; duckdb.sql(\"select kind, count(*) as spans, avg(delta) as mean_delta from '{{run}}/iter-0000/spans.parquet' join '{{run}}/iter-0000/scores.parquet' using (rollout_id, span_idx) group by kind\").show()"
 
+# the research loop in one process: just full-run model=qwen mode=cfiw iters=20 [run=runs/NAME]
+full-run *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    model=tiny mode=cfiw iters= run=
+    for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run=)" >&2; exit 2 ;; esac; done
+    if [ "$model" = tiny ]; then {{bin}}/cfiw tiny-model --out runs/tiny-model --dataset data/arith/train.jsonl; fi
+    {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode}" ${iters:+--iterations "$iters"}
+    echo "run written to ${run:-runs/$model-$mode}"
+
+# the same iterations, each stage a separate cfiw command chained in the shell (same arguments)
+staged-run *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    model=tiny mode=cfiw iters= run=
+    for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run=)" >&2; exit 2 ;; esac; done
+    if [ "$model" = tiny ]; then {{bin}}/cfiw tiny-model --out runs/tiny-model --dataset data/arith/train.jsonl; fi
+    export PATH="$PWD/{{bin}}:$PATH"
+    cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode-staged}" ${iters:+--iterations "$iters"} --dry-run | bash -e
+    echo "run written to ${run:-runs/$model-$mode-staged}"
+
 # rollout throughput: batched generate vs one sequence at a time
 bench-rollout *args:
     {{bin}}/python benchmarks/rollout_bench.py {{args}}

@@ -255,7 +255,7 @@ def train(
     answer_weight: Annotated[float, typer.Option(help="Weight of answer tokens (before --conserve).")] = 1.5,
     conserve: Annotated[bool, typer.Option("--conserve/--no-conserve", help="Rescale each rollout's weights to mean 1.")] = True,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="dr_grpo normalizer (default: the longest completion).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for activation memory.")] = False,
     seed: opt.Seed = 0,
     force: opt.Force = False,
 ) -> None:
@@ -300,6 +300,36 @@ def sql(
 
     columns, rows = stage.query(run, query)
     typer.echo(stage.render(columns, rows, format), nl=False)
+
+
+@command("loop", "cfiw loop --preset tiny --run runs/tiny-cfiw --iterations 3 --weighting cfiw")
+def loop(
+    run: Annotated[Path, typer.Option(help="Run directory to write (runs/NAME); an interrupted run resumes.")],
+    preset: Annotated[Optional[str], typer.Option(help="A preset in pipelines/: tiny, qwen, qwen-0.5b, llama.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="A TOML file laid out like the presets (instead of --preset).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Override the number of iterations.")] = None,
+    weighting: Annotated[Optional[str], typer.Option(help="Override the weighting: cfiw, uniform, inverted, shuffled.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate before every k-th iteration (and after the last).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override the seed.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the equivalent cfiw commands instead of running.")] = False,
+) -> None:
+    """Run the research loop: rollout -> segment -> score -> train, with evaluations.
+
+    One process, the model loaded once; the files are exactly those of the separate commands
+    (--dry-run prints them). Layout: RUN/config.toml, RUN/iter-NNNN/*.parquet, RUN/policy/,
+    RUN/eval/iter-NNNN.parquet. Started again after an interruption, it resumes.
+    """
+    from cfiw_cli.stages import loop as stage
+
+    settings = stage.load_config(preset, str(config) if config else None)
+    settings = stage.apply_overrides(
+        settings,
+        {"model.id": model, "loop.iterations": iterations, "loop.weighting": weighting, "loop.eval_every": eval_every, "loop.seed": seed},
+    )
+    commands = stage.run(settings, str(run), dry_run=dry_run)
+    if dry_run:
+        typer.echo("\n".join(commands))
 
 
 @command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")

@@ -70,6 +70,7 @@ class TrainResult:
     path: Path
     updated: bool
     metrics: dict[str, Any]
+    model: Any = None  # the trained policy, in memory (main process)
 
 
 @dataclass
@@ -222,7 +223,8 @@ def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, sche
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(config: TrainConfig, force: bool = False) -> TrainResult:
+def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> TrainResult:
+    """`model`/`tokenizer`: an already loaded policy (float32), e.g. from `cfiw loop`."""
     import pyarrow as pa
     import torch
     from accelerate import Accelerator
@@ -253,7 +255,7 @@ def run(config: TrainConfig, force: bool = False) -> TrainResult:
         same_inputs = {k: v.get("sha256") for k, v in old.get("inputs", {}).items()} == {k: v.get("sha256") for k, v in inputs.items()}
         if old.get("config") == json.loads(json.dumps(settings)) and same_inputs:
             info(f"{out} is up to date (use --force to retrain)")
-            return TrainResult(out, False, old.get("metrics", {}))
+            return TrainResult(out, False, old.get("metrics", {}), model)
 
     started = time.perf_counter()
     modeling.quiet_libraries()
@@ -262,10 +264,10 @@ def run(config: TrainConfig, force: bool = False) -> TrainResult:
     accelerator = Accelerator(cpu=process_state().device.type == "cpu")
     torch.manual_seed(config.seed)
     sequences, weight_rows, dropped = build_sequences(config, rollouts, spans, scores)
-    tokenizer = modeling.load_tokenizer(config.model)
+    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    model = model if model is not None else AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -397,7 +399,7 @@ def run(config: TrainConfig, force: bool = False) -> TrainResult:
     write_table(pa.Table.from_pylist(weight_rows, schema=weight_schema), weights_out, {**manifest, "stage": "train"})
     if step_rows:
         info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
-    return TrainResult(out, bool(step_rows), metrics)
+    return TrainResult(out, bool(step_rows), metrics, unwrapped)
 
 
 class _null:

@@ -1,0 +1,166 @@
+"""`cfiw loop`: rollout -> segment -> score -> train, iterated, in one process.
+
+The model is loaded once and handed from stage to stage (the trained policy of iteration i
+samples iteration i + 1). Every stage writes exactly the files the separate commands write,
+with the same configs, so `cfiw loop --dry-run` prints the equivalent shell commands and
+running them gives identical Parquet contents. Iteration i takes questions
+[i * questions, (i + 1) * questions) of the train split; the current policy is evaluated
+before iterations 0, k, 2k, ... (`eval_every` = k) and after the last one.
+
+Resuming: `loop_state.json` counts completed iterations; within an interrupted iteration the
+stages whose outputs are up to date are skipped, and a policy whose manifest shows it was
+trained on this iteration's rollouts is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.errors import CfiwError
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "pipelines"
+
+
+def load_config(preset: str | None, config_file: str | None) -> dict[str, Any]:
+    if bool(preset) == bool(config_file):
+        raise CfiwError("pass exactly one of --preset and --config", f"presets: {', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.toml')))}")
+    path = Path(config_file) if config_file else PRESETS_DIR / f"{preset}.toml"
+    if not path.exists():
+        raise CfiwError(f"no such {'config file' if config_file else 'preset'}: {config_file or preset}", f"presets: {', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.toml')))}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise CfiwError(f"{path} is not valid TOML: {exc}", "fix the file") from exc
+
+
+def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Flags win over the preset: keys `section.name` (e.g. `loop.iterations`)."""
+    merged = {section: dict(values) for section, values in config.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, name = key.split(".", 1)
+        merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def _to_toml(config: dict[str, Any]) -> str:
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
+    """Every stage of the run, in order, as (iteration, command, stage config); the final
+    evaluation has iteration = the number of iterations."""
+    from cfiw_cli.stages.eval import EvalConfig
+    from cfiw_cli.stages.rollout import RolloutConfig
+    from cfiw_cli.stages.score import ScoreConfig
+    from cfiw_cli.stages.segment import SegmentConfig
+    from cfiw_cli.stages.train import TrainConfig
+
+    loop, data = config.get("loop", {}), config.get("data", {})
+    iterations, questions = int(loop.get("iterations", 1)), int(loop.get("questions", 8))
+    every, seed = int(loop.get("eval_every", 1)), int(loop.get("seed", 0))
+    base, policy = str(config["model"]["id"]), str(run / "policy")
+
+    def evaluation(model: str, index: int) -> tuple[int, str, Any]:
+        return index, "eval", EvalConfig(
+            model=model, dataset=data["dataset"], out=str(run / "eval" / f"iter-{index:04d}.parquet"),
+            split=data.get("eval_split", "test"), limit=loop.get("eval_limit"), seed=seed,
+            max_new_tokens=config.get("rollout", {}).get("max_new_tokens", 512), **config.get("eval", {}),
+        )
+
+    steps = []
+    for i in range(iterations):
+        current = base if i == 0 else policy
+        directory = run / f"iter-{i:04d}"
+        files = {name: str(directory / f"{name}.parquet") for name in ("rollouts", "spans", "scores")}
+        if i % every == 0:
+            steps.append(evaluation(current, i))
+        steps.append((i, "rollout", RolloutConfig(
+            model=current, dataset=data["dataset"], out=files["rollouts"], split=data.get("train_split", "train"),
+            offset=i * questions, limit=questions, seed=seed, iteration=i, **config.get("rollout", {}),
+        )))
+        steps.append((i, "segment", SegmentConfig(rollouts=files["rollouts"], model=current, out=files["spans"], **config.get("segment", {}))))
+        steps.append((i, "score", ScoreConfig(model=current, rollouts=files["rollouts"], spans=files["spans"], out=files["scores"], **config.get("score", {}))))
+        steps.append((i, "train", TrainConfig(
+            model=current, rollouts=files["rollouts"], spans=files["spans"], scores=files["scores"], out=policy,
+            weighting=loop.get("weighting", "cfiw"), seed=seed, **config.get("train", {}),
+        )))
+    steps.append(evaluation(policy if iterations else base, iterations))
+    return steps
+
+
+def command_line(command: str, stage_config: Any) -> str:
+    """The `cfiw` command that runs one planned stage with exactly this config."""
+    words = ["cfiw", command]
+    for field in fields(stage_config):
+        value = getattr(stage_config, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return shlex.join(words)
+
+
+def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str]:
+    """Run (or, with `dry_run`, list the commands of) every stage; returns the command lines."""
+    run = Path(run_dir)
+    steps = plan(config, run)
+    commands = [command_line(c, s) for _, c, s in steps]
+    if dry_run:
+        return commands
+
+    from cfiw_cli import modeling
+    from cfiw_cli.artifacts import sha256_of
+    from cfiw_cli.console import info
+    from cfiw_cli.stages import eval as eval_stage
+    from cfiw_cli.stages import rollout, score, segment, train
+
+    run.mkdir(parents=True, exist_ok=True)
+    resolved = _to_toml(config)
+    config_path = run / "config.toml"
+    if config_path.exists() and config_path.read_text() != resolved:
+        raise CfiwError(f"{run} was started with another configuration", f"compare {config_path}, or choose another --run")
+    config_path.write_text(resolved)
+    state_path = run / "loop_state.json"
+    completed = json.loads(state_path.read_text())["completed"] if state_path.exists() else 0
+    current_ref = str(config["model"]["id"]) if completed == 0 else str(run / "policy")
+    tokenizer = modeling.load_tokenizer(current_ref)
+    model = modeling.load_model(current_ref, "float32")
+    for iteration, command, stage_config in steps:
+        if iteration < completed:
+            continue
+        info(f"[loop] iteration {iteration}: {command}")
+        if command == "eval":
+            eval_stage.run(stage_config, model=model, tokenizer=tokenizer)
+        elif command == "rollout":
+            rollout.run(stage_config, model=model, tokenizer=tokenizer)
+        elif command == "segment":
+            segment.run(stage_config, tokenizer=tokenizer)
+        elif command == "score":
+            score.run(stage_config, model=model, tokenizer=tokenizer)
+        else:
+            manifest = Path(stage_config.out) / "cfiw_manifest.json"
+            recorded = json.loads(manifest.read_text()).get("inputs", {}).get("rollouts", {}).get("sha256") if manifest.exists() else None
+            if recorded == sha256_of(stage_config.rollouts):  # killed after this update was saved
+                model = modeling.load_model(stage_config.out, "float32")
+            else:
+                model = train.run(stage_config, force=True, model=model, tokenizer=tokenizer).model
+            model.eval()
+            state_path.write_text(json.dumps({"completed": iteration + 1}))
+    return commands
+

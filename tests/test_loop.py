@@ -1,0 +1,110 @@
+"""`cfiw loop`: same files as the chained commands, resumable after a kill, presets that parse."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cfiw_cli.stages.loop import PRESETS_DIR, apply_overrides, command_line, load_config, plan
+from test_errors import assert_clean_error
+
+BIN = Path(sys.executable).parent
+
+
+def tables(run: Path) -> dict[str, object]:
+    """Every Parquet file of a run, without the wall-clock column."""
+    out = {}
+    for path in sorted(run.rglob("*.parquet")):
+        table = pq.read_table(path)
+        out[str(path.relative_to(run))] = table.drop([c for c in ("seconds",) if c in table.column_names])
+    return out
+
+
+def loop_argv(model, run):
+    return [str(BIN / "cfiw"), "loop", "--preset", "tiny", "--run", str(run), "--model", str(model), "--iterations", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    run = tmp_path_factory.mktemp("loop") / "run"
+    done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=PRESETS_DIR.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run
+
+
+@pytest.mark.slow
+def test_loop_writes_the_run_layout(uninterrupted):
+    names = sorted(str(p.relative_to(uninterrupted)) for p in uninterrupted.rglob("*") if p.is_file() and "policy" not in p.parts)
+    assert names == [
+        "config.toml",
+        "eval/iter-0000.parquet", "eval/iter-0001.parquet", "eval/iter-0002.parquet",
+        "iter-0000/rollouts.parquet", "iter-0000/scores.parquet", "iter-0000/spans.parquet", "iter-0000/train_metrics.parquet", "iter-0000/weights.parquet",
+        "iter-0001/rollouts.parquet", "iter-0001/scores.parquet", "iter-0001/spans.parquet", "iter-0001/train_metrics.parquet", "iter-0001/weights.parquet",
+        "loop_state.json",
+    ]
+    assert (uninterrupted / "policy" / "model.safetensors").exists() and (uninterrupted / "policy" / "optimizer.pt").exists()
+    rollouts = pq.read_table(uninterrupted / "iter-0001" / "rollouts.parquet").to_pylist()
+    assert {r["iteration"] for r in rollouts} == {1} and {r["prompt_id"] for r in rollouts} == {f"train-{i}" for i in range(8, 16)}
+
+
+@pytest.mark.slow
+def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_path):
+    run = tmp_path / "staged"
+    commands = subprocess.run(loop_argv(tiny_model, run) + ["--dry-run"], capture_output=True, text=True, check=True, cwd=PRESETS_DIR.parent).stdout
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-e"], input=commands, capture_output=True, text=True, timeout=900, env=env, cwd=PRESETS_DIR.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, got = tables(uninterrupted), tables(run)
+    assert sorted(got) == sorted(expected)
+    for name, table in expected.items():
+        assert got[name].equals(table), name
+
+
+@pytest.mark.slow
+def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_path):
+    run = tmp_path / "killed"
+    process = subprocess.Popen(loop_argv(tiny_model, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=PRESETS_DIR.parent)
+    marker = run / "iter-0001" / "rollouts.parquet"  # iteration 2 of 2 has started
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "iter-0001" / "train_metrics.parquet").exists()  # it really was interrupted
+    for path in run.rglob("*.parquet"):  # nothing half-written under a final name
+        pq.read_table(path)
+    done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=PRESETS_DIR.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, got = tables(uninterrupted), tables(run)
+    assert sorted(got) == sorted(expected)
+    for name, table in expected.items():
+        assert got[name].equals(table), name
+
+
+def test_every_preset_parses_and_plans():
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    assert presets == ["llama", "qwen", "qwen-0.5b", "tiny"]
+    for name in presets:
+        config = load_config(name, None)
+        steps = plan(config, Path("runs/x"))
+        assert [c for _, c, _ in steps][:5] == ["eval", "rollout", "segment", "score", "train"]
+        for _, command, stage_config in steps:
+            assert command_line(command, stage_config).startswith(f"cfiw {command} ")
+    assert load_config("qwen", None)["train"]["lr"] == 1e-6
+
+
+def test_flags_override_the_preset():
+    config = apply_overrides(load_config("tiny", None), {"loop.iterations": 5, "model.id": "m", "loop.seed": None})
+    assert config["loop"]["iterations"] == 5 and config["model"]["id"] == "m" and config["loop"]["seed"] == 0
+    steps = plan(config, Path("runs/x"))
+    assert sum(c == "train" for _, c, _ in steps) == 5
+
+
+def test_unknown_preset(cli, tmp_path):
+    assert_clean_error(cli("loop", "--preset", "nope", "--run", tmp_path / "r"), "no such preset")
+    assert_clean_error(cli("loop", "--run", tmp_path / "r"), "exactly one of")
