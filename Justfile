@@ -58,6 +58,31 @@ staged-run *args:
     cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode-staged}" ${iters:+--iterations "$iters"} --dry-run | bash -e
     echo "run written to ${run:-runs/$model-$mode-staged}"
 
+# the paper's experiment: uniform, cfiw, inverted, shuffled for each seed, then analyze
+compare *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    model=tiny seeds=1 iters=
+    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters=)" >&2; exit 2 ;; esac; done
+    if [ "$model" = tiny ]; then {{bin}}/cfiw tiny-model --out runs/tiny-model --dataset data/arith/train.jsonl; fi
+    runs=()
+    for seed in $(seq 0 $((seeds - 1))); do
+      for mode in uniform cfiw inverted shuffled; do
+        run="runs/compare-$model/$mode-seed$seed"
+        {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" ${iters:+--iterations "$iters"}
+        runs+=("$run")
+      done
+    done
+    {{bin}}/cfiw analyze "${runs[@]}" --out "runs/compare-$model/report"
+
+# tables, plots and report.html of one run
+report run:
+    {{bin}}/cfiw analyze {{run}} --out {{run}}/report
+
+# loop vs chained commands: time per iteration and share of each stage
+bench-loop *args:
+    {{bin}}/python benchmarks/loop_bench.py {{args}}
+
 # rollout throughput: batched generate vs one sequence at a time
 bench-rollout *args:
     {{bin}}/python benchmarks/rollout_bench.py {{args}}

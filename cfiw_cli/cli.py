@@ -285,6 +285,23 @@ def train(
     )
 
 
+@command("analyze", "cfiw analyze runs/tiny-cfiw runs/tiny-uniform --out runs/report")
+def analyze(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories written by cfiw loop.")],
+    out: Annotated[Path, typer.Option(help="Report directory (tables as JSON, PNG plots, report.md, report.html).")],
+) -> None:
+    """Tables, plots and a report over one or more runs, all aggregates in DuckDB SQL.
+
+    Accuracy per iteration with 95% Wilson intervals, mean reward, span importance by kind,
+    share of token weight by kind, iterations to reach the final uniform accuracy; report.html
+    is self-contained and shows rollouts coloured by token weight.
+    """
+    from cfiw_cli.stages import analyze as stage
+
+    stage.run([str(r) for r in runs], str(out))
+    typer.echo(f"report written to {out / 'report.html'} and {out / 'report.md'}")
+
+
 @command("sql", 'cfiw sql runs/x "select kind, avg(delta) from spans join scores using (rollout_id, span_idx) group by kind"')
 def sql(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/NAME).")],

@@ -1,0 +1,59 @@
+"""`cfiw loop` (one process, model loaded once) against the same stages chained as separate
+commands (`cfiw loop --dry-run | bash`), on the tiny preset; and where an iteration's time goes.
+
+    python benchmarks/loop_bench.py              # 2 iterations
+    python benchmarks/loop_bench.py --quick      # 1 iteration
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.iterations = 1
+
+    from cfiw_cli.stages import tiny_model
+    from cfiw_cli.stages.sql import query
+
+    work = Path(tempfile.mkdtemp(prefix="cfiw-loop-bench-"))
+    model = tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "model"), dataset=str(ROOT / "data/arith/train.jsonl")))
+    cfiw = str(Path(sys.executable).parent / "cfiw")
+    base = [cfiw, "loop", "--preset", "tiny", "--model", str(model), "--iterations", str(args.iterations)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    started = time.perf_counter()
+    subprocess.run(base + ["--run", str(work / "loop")], check=True, cwd=ROOT, capture_output=True)
+    loop_seconds = time.perf_counter() - started
+    commands = subprocess.run(base + ["--run", str(work / "staged"), "--dry-run"], check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    started = time.perf_counter()
+    subprocess.run(["bash", "-e"], input=commands, check=True, cwd=ROOT, capture_output=True, text=True, env=env)
+    staged_seconds = time.perf_counter() - started
+
+    print(f"tiny preset, {args.iterations} iterations (each: rollout, segment, score, train, eval), 2-core CPU")
+    print(f"{'way':>8} {'total s':>8} {'s / iteration':>14}")
+    for name, seconds in (("loop", loop_seconds), ("staged", staged_seconds)):
+        print(f"{name:>8} {seconds:>8.1f} {seconds / args.iterations:>14.1f}")
+    print(f"ratio staged / loop: {staged_seconds / loop_seconds:.2f}")
+    columns, rows = query(work / "loop", "select stage, sum(cast(json_extract(manifest, '$.wall_seconds') as double)) as s from manifests where file not like '%weights.parquet' group by stage order by s desc")
+    total = sum(r[1] for r in rows)
+    print("share of the loop's stage time (from the manifests' wall_seconds):")
+    for stage, seconds in rows:
+        print(f"  {stage:>8} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

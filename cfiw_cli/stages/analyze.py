@@ -1,0 +1,256 @@
+"""`cfiw analyze`: did weighting help, and which spans mattered? Tables, plots and a report.
+
+Every aggregate is DuckDB SQL over the runs' Parquet files. Tables: accuracy per iteration per
+run with its 95% Wilson interval; mean reward per iteration; delta by span kind (count, mean,
+median, share of negative deltas); share of the total token weight per span kind; the first
+iteration at which each run reaches the final accuracy of the `uniform` run(s).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.errors import CfiwError
+
+Z = 1.959963984540054
+WILSON = (
+    f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} {Z} * sqrt(acc * (1 - acc) / n + {Z}^2 / (4 * n * n)) / (1 + {Z}^2 / n)"
+)
+
+
+def _files(runs: list[Path], pattern: str) -> list[str]:
+    return sorted(str(f) for run in runs for f in run.glob(pattern))
+
+
+def connect(runs: list[Path]) -> Any:
+    """Views over all runs, each with `run` (directory name) and `iteration` columns."""
+    import duckdb
+
+    con = duckdb.connect()
+    for kind in ("rollouts", "spans", "scores", "weights"):
+        files = _files(runs, f"iter-*/{kind}.parquet")
+        source = f"read_parquet({files}, filename = true, union_by_name = true)" if files else None
+        if source:
+            con.execute(
+                f"create view {kind} as select * exclude (filename{', iteration' if kind == 'rollouts' else ''}), "
+                f"regexp_extract(filename, '([^/]+)/iter-\\d+/', 1) as run, "
+                f"cast(regexp_extract(filename, 'iter-(\\d+)/', 1) as integer) as iteration from {source}"
+            )
+    files = _files(runs, "eval/iter-*.parquet")
+    if files:
+        con.execute(
+            f"create view eval as select * exclude (filename), regexp_extract(filename, '([^/]+)/eval/', 1) as run, "
+            f"cast(regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1) as integer) as iteration "
+            f"from read_parquet({files}, filename = true, union_by_name = true)"
+        )
+    modes = {run.name: _mode(run) for run in runs}
+    con.execute("create table modes (run varchar, mode varchar)")
+    con.executemany("insert into modes values (?, ?)", list(modes.items()))
+    return con
+
+
+def _mode(run: Path) -> str:
+    import tomllib
+
+    config = run / "config.toml"
+    if config.exists():
+        return tomllib.loads(config.read_text()).get("loop", {}).get("weighting", "cfiw")
+    manifests = sorted(run.glob("policy/cfiw_manifest.json"))
+    if manifests:
+        return json.loads(manifests[0].read_text()).get("config", {}).get("weighting", "cfiw")
+    return "unknown"
+
+
+def _rows(con: Any, sql: str) -> list[dict]:
+    result = con.execute(sql)
+    columns = [d[0] for d in result.description]
+    return [dict(zip(columns, row)) for row in result.fetchall()]
+
+
+def _has(con: Any, view: str) -> bool:
+    return bool(con.execute(f"select count(*) from information_schema.tables where table_name = '{view}'").fetchall()[0][0])
+
+
+def tables(con: Any) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    if _has(con, "eval"):
+        out["accuracy"] = _rows(
+            con,
+            f"""with a as (select run, iteration, count(*) as n, avg(correct::int) as acc from eval group by run, iteration)
+            select run, mode, iteration, n, acc as accuracy,
+                   case when acc = 0 then 0 else greatest(0, {WILSON.format(sign='-')}) end as ci_low,
+                   case when acc = 1 then 1 else least(1, {WILSON.format(sign='+')}) end as ci_high
+            from a join modes using (run) order by run, iteration""",
+        )
+        out["iterations_to_uniform"] = _rows(
+            con,
+            """with a as (select run, iteration, avg(correct::int) as acc from eval group by run, iteration),
+                 final as (select avg(acc) as target from a join modes using (run)
+                           where mode = 'uniform' and iteration = (select max(iteration) from a a2 where a2.run = a.run))
+            select run, mode, (select target from final) as uniform_final_accuracy,
+                   min(iteration) filter (where acc >= (select target from final)) as first_iteration
+            from a join modes using (run) where (select target from final) is not null group by run, mode order by run""",
+        )
+    if _has(con, "rollouts"):
+        out["reward"] = _rows(
+            con, "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward from rollouts join modes using (run) group by all order by run, iteration"
+        )
+    if _has(con, "spans") and _has(con, "scores"):
+        out["delta_by_kind"] = _rows(
+            con,
+            """select run, mode, kind, count(*) as spans, avg(delta) as mean_delta, median(delta) as median_delta,
+                      avg((delta < 0)::int) as share_negative
+               from spans join scores using (run, iteration, rollout_id, span_idx) join modes using (run)
+               group by all order by run, kind""",
+        )
+    if _has(con, "spans") and _has(con, "weights"):
+        out["weight_by_kind"] = _rows(
+            con,
+            """with per_span as (
+                   select w.run, s.kind, list_sum(list_slice(w.token_weights, s.tok_start + 1, s.tok_end)) as weight
+                   from weights w join spans s using (run, iteration, rollout_id)),
+               totals as (select run, sum(list_sum(token_weights)) as total from weights group by run),
+               kinds as (select run, kind, sum(weight) as weight from per_span group by all)
+               select run, mode, kind, weight / total as share from kinds join totals using (run) join modes using (run)
+               union all
+               select run, mode, 'outside spans' as kind, 1 - coalesce((select sum(weight) from kinds k where k.run = t.run), 0) / total
+               from totals t join modes using (run)
+               order by run, kind""",
+        )
+    return out
+
+
+def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if tables_.get("accuracy"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in sorted({r["run"] for r in tables_["accuracy"]}):
+            rows = [r for r in tables_["accuracy"] if r["run"] == run]
+            xs = [r["iteration"] for r in rows]
+            ax.plot(xs, [r["accuracy"] for r in rows], marker="o", label=f"{run} ({rows[0]['mode']})")
+            ax.fill_between(xs, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], alpha=0.2)
+        ax.set(xlabel="iteration", ylabel="accuracy", title="Accuracy (95% Wilson interval)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "accuracy.png"))
+    if _has(con, "spans") and _has(con, "scores"):
+        rows = _rows(con, "select kind, delta from spans join scores using (run, iteration, rollout_id, span_idx) order by kind")
+        kinds = sorted({r["kind"] for r in rows})
+        if kinds:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.boxplot([[r["delta"] for r in rows if r["kind"] == k] for k in kinds], tick_labels=kinds)
+            ax.axhline(0, color="grey", linewidth=0.5)
+            ax.set(ylabel="delta (answer log-prob drop)", title="Span importance by kind")
+            written.append(_save(fig, out / "delta_by_kind.png"))
+    if tables_.get("weight_by_kind"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        runs = sorted({r["run"] for r in tables_["weight_by_kind"]})
+        kinds = sorted({r["kind"] for r in tables_["weight_by_kind"]})
+        width = 0.8 / max(len(runs), 1)
+        for i, run in enumerate(runs):
+            shares = {r["kind"]: r["share"] for r in tables_["weight_by_kind"] if r["run"] == run}
+            ax.bar([k + i * width for k in range(len(kinds))], [shares.get(k, 0) for k in kinds], width, label=run)
+        ax.set_xticks([k + width * (len(runs) - 1) / 2 for k in range(len(kinds))], kinds, fontsize=8)
+        ax.set(ylabel="share of total token weight", title="Token weight by span kind")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "weight_by_kind.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no data)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
+    """HTML of a few rollouts, each token's background coloured by its training weight."""
+    if not (_has(con, "weights") and _has(con, "rollouts")):
+        return "<p>(no weights)</p>"
+    from cfiw_cli.algo.spans import decode_with_offsets
+    from cfiw_cli.modeling import load_tokenizer
+
+    rows = _rows(
+        con,
+        f"""select run, rollout_id, completion_ids, token_weights, reward from weights join rollouts using (run, iteration, rollout_id)
+            order by weighting = 'uniform', run, iteration, rollout_id limit {limit}""",
+    )
+    parts = []
+    tokenizers: dict[str, Any] = {}
+    for row in rows:
+        run = next(r for r in runs if r.name == row["run"])
+        source = run / "policy" if (run / "policy" / "tokenizer_config.json").exists() else None
+        if source is None:
+            continue
+        tokenizer = tokenizers.setdefault(row["run"], load_tokenizer(str(source)))
+        text, offsets = decode_with_offsets(row["completion_ids"], tokenizer)
+        spans = []
+        for (start, end), weight in zip(offsets, row["token_weights"]):
+            strength = max(-1.0, min(1.0, weight - 1.0))
+            colour = f"rgba(220, 80, 40, {strength:.2f})" if strength > 0 else f"rgba(40, 100, 220, {-strength:.2f})"
+            spans.append(f'<span title="{weight:.3f}" style="background:{colour}">{html.escape(text[start:end])}</span>')
+        parts.append(f"<h4>{html.escape(row['rollout_id'])} ({html.escape(row['run'])}, reward {row['reward']})</h4><pre class=\"rollout\">{''.join(spans)}</pre>")
+    return "\n".join(parts) or "<p>(no weighted rollouts)</p>"
+
+
+def run(runs: list[str], out: str) -> dict[str, list[dict]]:
+    run_dirs = [Path(r) for r in runs]
+    for run in run_dirs:
+        if not run.is_dir():
+            raise CfiwError(f"run directory not found: {run}", "pass directories written by cfiw loop")
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CfiwError(f"cannot create {out_dir}: {exc.strerror or exc}", "choose a writable --out") from exc
+    con = connect(run_dirs)
+    results = tables(con)
+    if not results:
+        raise CfiwError("the runs hold no artifacts to analyze", "run cfiw loop first")
+    for name, rows in results.items():
+        (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
+    images = _plot(results, con, out_dir)
+    markdown = ["# cfiw report", "", f"Runs: {', '.join(r.name for r in run_dirs)}", ""]
+    for name, rows in results.items():
+        markdown += [f"## {name.replace('_', ' ')}", "", _markdown_table(rows)]
+    markdown += [f"![{p.stem}]({p.name})" for p in images]
+    (out_dir / "report.md").write_text("\n".join(markdown) + "\n")
+    body = [f"<h1>cfiw report</h1><p>Runs: {html.escape(', '.join(r.name for r in run_dirs))}</p>"]
+    for name, rows in results.items():
+        body.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2>" + _html_table(rows))
+    for path in images:
+        data = base64.b64encode(path.read_bytes()).decode()
+        body.append(f'<h2>{html.escape(path.stem)}</h2><img alt="{path.stem}" src="data:image/png;base64,{data}">')
+    body.append("<h2>Rollouts coloured by token weight (red: above 1, blue: below 1)</h2>" + _coloured_rollouts(con, run_dirs))
+    style = "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:2px 6px} pre.rollout{white-space:pre-wrap}"
+    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>cfiw report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return results
+
+
+def _html_table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>(no data)</p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"

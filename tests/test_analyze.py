@@ -1,0 +1,87 @@
+"""`cfiw analyze`: exact tables on hand-made runs; plots and reports on a real tiny run."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from cfiw_cli.artifacts import build_manifest, write_table
+from cfiw_cli.stages.analyze import run as analyze
+from test_errors import assert_clean_error
+
+
+def write(path, columns, stage="x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_table(pa.table(columns), path, build_manifest(stage, {}, {}, rows=0, seconds=0))
+
+
+def make_run(root, mode, accuracies, deltas):
+    """A run whose numbers are known: eval accuracies per iteration, one rollout with two spans."""
+    (root).mkdir(parents=True)
+    (root / "config.toml").write_text(f'[loop]\nweighting = "{mode}"\n')
+    for iteration, correct in enumerate(accuracies):
+        write(root / "eval" / f"iter-{iteration:04d}.parquet", {"prompt_id": [f"p{i}" for i in range(len(correct))], "correct": correct})
+    d = root / "iter-0000"
+    write(d / "rollouts.parquet", {"rollout_id": ["0:p:0", "0:p:1"], "iteration": pa.array([0, 0], pa.int32()), "reward": pa.array([1.0, 0.0], pa.float32()), "completion_ids": [[1, 2, 3, 4], [5, 6, 7, 8]]})
+    write(d / "spans.parquet", {"rollout_id": ["0:p:0"] * 3, "span_idx": pa.array([0, 1, 2], pa.int32()), "kind": ["calculation", "scaffolding", "answer"], "tok_start": pa.array([0, 1, 2], pa.int32()), "tok_end": pa.array([1, 2, 4], pa.int32())})
+    write(d / "scores.parquet", {"rollout_id": ["0:p:0"] * 2, "span_idx": pa.array([0, 1], pa.int32()), "delta": pa.array(deltas, pa.float32())})
+    write(d / "weights.parquet", {"rollout_id": ["0:p:0", "0:p:1"], "weighting": [mode] * 2, "token_weights": [[2.0, 1.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]], "advantage": pa.array([1.0, -1.0], pa.float32()), "kept": [True, True]})
+    return root
+
+
+def test_tables_by_hand(tmp_path):
+    uniform = make_run(tmp_path / "u", "uniform", [[True, False, False, False], [True, True, False, False]], [1.0, -1.0])
+    cfiw = make_run(tmp_path / "c", "cfiw", [[True, False, False, False], [True, True, True, False], [True, True, True, True]], [3.0, 1.0])
+    tables = analyze([str(uniform), str(cfiw)], str(tmp_path / "report"))
+    accuracy = {(r["run"], r["iteration"]): r for r in tables["accuracy"]}
+    assert accuracy[("u", 1)]["accuracy"] == 0.5 and accuracy[("c", 2)]["accuracy"] == 1.0
+    # Wilson 95% for 2 of 4: (0.1500, 0.8500)
+    assert accuracy[("u", 1)]["ci_low"] == pytest.approx(0.1500, abs=1e-4) and accuracy[("u", 1)]["ci_high"] == pytest.approx(0.8500, abs=1e-4)
+    assert accuracy[("c", 2)]["ci_high"] == 1.0 and accuracy[("c", 0)]["mode"] == "cfiw"
+    reach = {r["run"]: r for r in tables["iterations_to_uniform"]}
+    assert reach["u"]["uniform_final_accuracy"] == 0.5
+    assert reach["u"]["first_iteration"] == 1 and reach["c"]["first_iteration"] == 1
+    assert {(r["run"], r["mean_reward"]) for r in tables["reward"]} == {("u", 0.5), ("c", 0.5)}
+    deltas = {(r["run"], r["kind"]): r for r in tables["delta_by_kind"]}
+    assert deltas[("u", "scaffolding")]["mean_delta"] == -1.0 and deltas[("u", "scaffolding")]["share_negative"] == 1.0
+    assert deltas[("c", "calculation")]["median_delta"] == 3.0 and deltas[("c", "calculation")]["spans"] == 1
+    # token weight 2 + 1 + .5 + .5 + 4 (second rollout) = 8: calculation 2/8, scaffolding 1/8, answer 1/8, rest 4/8
+    shares = {r["kind"]: r["share"] for r in tables["weight_by_kind"] if r["run"] == "c"}
+    assert shares == pytest.approx({"calculation": 0.25, "scaffolding": 0.125, "answer": 0.125, "outside spans": 0.5})
+    report = tmp_path / "report"
+    assert json.loads((report / "accuracy.json").read_text())[0]["run"] in ("c", "u")
+    for name in ("accuracy.png", "delta_by_kind.png", "weight_by_kind.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## accuracy" in (report / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cfiw_cli.stages.loop import PRESETS_DIR
+
+    run = tmp_path / "run"
+    cfiw = str(Path(sys.executable).parent / "cfiw")
+    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1"], capture_output=True, text=True, cwd=PRESETS_DIR.parent, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = tmp_path / "report"
+    done = subprocess.run([cfiw, "analyze", str(run), "--out", str(report)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("accuracy.png", "delta_by_kind.png", "weight_by_kind.png"):
+        from PIL import Image
+
+        with Image.open(report / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert page.count('<pre class="rollout">') >= 5 and "background:" in page
+    assert "## delta by kind" in (report / "report.md").read_text()
+
+
+def test_bad_input(cli, tmp_path):
+    assert_clean_error(cli("analyze", tmp_path / "missing", "--out", tmp_path / "r"), "run directory not found")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(cli("analyze", tmp_path / "empty", "--out", tmp_path / "r"), "no artifacts")
