@@ -46,3 +46,16 @@ def is_main() -> bool:
 
 def processes() -> int:
     return state().num_processes
+
+
+def finish() -> None:
+    """Wait for every process, then tear the process group down in order (a process that exits
+    while another is still inside a collective can abort it)."""
+    current = state()
+    if current.num_processes == 1:
+        return
+    current.wait_for_everyone()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

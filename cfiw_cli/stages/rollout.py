@@ -108,6 +108,7 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         )
     records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
     if not distributed.is_main():
+        distributed.finish()
         return StageResult(out, False, {})
     table = pa.Table.from_pylist(records, schema=schemas.ROLLOUTS)
     seconds = time.perf_counter() - started
@@ -125,6 +126,7 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         device=modeling.describe_device(dev), seed=config.seed, metrics=metrics,
     )
     write_table(table, out, manifest)
+    distributed.finish()
     info(
         f"wrote {len(records)} rollouts ({len(rows)} questions x {config.group_size}) to {out}: "
         f"mean reward {metrics['mean_reward']:.3f}, {tokens} tokens in {seconds:.1f}s"

@@ -138,6 +138,7 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     if bad:
         raise CfiwError(f"non-finite log-prob for rollout {bad[0]['rollout_id']} span {bad[0]['span_idx']}", "score in float32 (--dtype float32)")
     if not distributed.is_main():
+        distributed.finish()
         return StageResult(out, False, {})
     for record in records:
         del record["order"]
@@ -150,5 +151,6 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     }
     manifest = build_manifest("score", settings, inputs, rows=len(records), seconds=seconds, device=modeling.describe_device(dev), metrics=metrics)
     write_table(table, out, manifest)
+    distributed.finish()
     info(f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {out} in {seconds:.1f}s")
     return StageResult(out, False, metrics)

@@ -377,6 +377,8 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
                     )
                     advance(status=f"loss {totals['loss']:.4f}")
     if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
         return TrainResult(out, bool(step_rows), {})
     seconds = time.perf_counter() - started
     metrics = {
@@ -397,6 +399,8 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     write_table(pa.Table.from_pylist(step_rows, schema=metric_schema), metrics_out, {**manifest, "stage": "train"})
     weight_schema = schemas.WEIGHTS.append(pa.field("kept", pa.bool_())).append(pa.field("truncated", pa.bool_()))
     write_table(pa.Table.from_pylist(weight_rows, schema=weight_schema), weights_out, {**manifest, "stage": "train"})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     if step_rows:
         info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
     return TrainResult(out, bool(step_rows), metrics, unwrapped)
