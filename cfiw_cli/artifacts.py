@@ -183,6 +183,14 @@ def read_artifact(path: str | os.PathLike, kind: str) -> pa.Table:
     return validate(table, kind, str(path))
 
 
+def settings_of(config: Any, *outputs: str) -> dict[str, Any]:
+    """A stage config as recorded in its manifest and compared for "up to date": every field
+    but the output paths (moving an output does not change what it holds)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(config).items() if k not in ("out", *outputs)}
+
+
 @dataclass(frozen=True)
 class StageResult:
     path: Path

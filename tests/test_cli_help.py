@@ -17,7 +17,6 @@ def test_there_are_commands():
 def test_top_level_help_ends_with_example(cli):
     result = cli("--help")
     assert result.exit_code == 0
-    assert result.stdout.strip().splitlines()[-1].lstrip().startswith(("Example:", "runs/", "--", "cfiw")) or "Example: cfiw" in result.stdout
     assert result.stdout.strip().split("Example:")[-1].strip().startswith("cfiw ")
 
 

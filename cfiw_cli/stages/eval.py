@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, skip_if_done, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, settings_of, skip_if_done, write_table
 from cfiw_cli.console import info
 
 
@@ -83,7 +83,7 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
     if model is None:
         modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    settings = settings_of(config)
     inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
     done = skip_if_done(out, "eval", settings, inputs, force)
     if done:

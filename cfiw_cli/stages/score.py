@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, read_manifest, skip_if_done, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, read_manifest, settings_of, skip_if_done, write_table
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
@@ -103,7 +103,7 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     if spans.num_rows == 0:
         raise CfiwError(f"{config.spans} holds no spans, so there is nothing to score", "check that the rollouts have extractable answers (cfiw segment)")
     check_spans_match(rollouts, spans, config.rollouts, config.spans)
-    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    settings = settings_of(config)
     inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans")}
     done = skip_if_done(out, "score", settings, inputs, force)
     if done:

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, skip_if_done, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, settings_of, skip_if_done, write_table
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
@@ -31,7 +31,7 @@ def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> St
         raise CfiwError("need --max-spans >= 1 and 1 <= --min-tokens <= --max-tokens", "e.g. --max-spans 10 --min-tokens 5 --max-tokens 50")
     out = prepare_output(config.out)
     rollouts = read_artifact(config.rollouts, "rollouts")
-    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    settings = settings_of(config)
     inputs = {"rollouts": input_record(config.rollouts), "model": input_record(config.model)}
     done = skip_if_done(out, "segment", settings, inputs, force)
     if done:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from cfiw_cli.artifacts import build_manifest, input_record, sha256_of
+from cfiw_cli.artifacts import build_manifest, input_record, settings_of, sha256_of
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
@@ -113,7 +113,7 @@ def run(config: TinyModelConfig, force: bool = False) -> Path:
         raise CfiwError("--vocab-size must be at least 300", "the byte alphabet alone takes 256 entries")
     out = Path(config.out)
     inputs = {"dataset": input_record(config.dataset)} if config.dataset else {}
-    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    settings = settings_of(config)
     manifest_path = out / MANIFEST_FILE
     if out.exists() and not force:
         if manifest_path.exists():

@@ -16,11 +16,11 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, write_table
+from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, settings_of, write_table
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
@@ -247,7 +247,7 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
         from cfiw_cli.stages.score import check_spans_match
 
         check_spans_match(rollouts, spans, config.rollouts, config.spans)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "metrics_out", "weights_out")}
+    settings = settings_of(config, "metrics_out", "weights_out")
     inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans", "scores") if getattr(config, k)}
     manifest_path = out / MANIFEST_FILE
     if not force and manifest_path.exists() and metrics_out.exists():
