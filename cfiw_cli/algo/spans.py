@@ -73,7 +73,10 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(code): byte for byte, code in zip(printable, codes)}
 
 
+@lru_cache(maxsize=8)
 def _is_byte_level(tokenizer: Any) -> bool:
+    """Cached: the check serializes the whole tokenizer (megabytes for hub models), and
+    segmentation asks once per rollout."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return False
