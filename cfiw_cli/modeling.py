@@ -83,6 +83,15 @@ def load_model(ref: str, dtype: str = "auto", dev: Any = None) -> Any:
     return model.to(dev).eval()
 
 
+def policy(ref: str, dtype: str = "auto", model: Any = None, tokenizer: Any = None) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, device): the ones given (e.g. by `cfiw loop`), else loaded from `ref`
+    onto this process's device."""
+    dev = device()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
+    model = model if model is not None else load_model(ref, dtype, dev)
+    return model, tokenizer, dev
+
+
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """Every token that ends a completion: the generation config's EOS list plus the tokenizer's."""
     ids: set[int] = set()

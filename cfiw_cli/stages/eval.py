@@ -90,9 +90,7 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
         return done
 
     started = time.perf_counter()
-    dev = modeling.device()
-    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
-    model = model or modeling.load_model(config.model, config.dtype, dev)
+    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     samples = sample_questions(
         model,
         tokenizer,

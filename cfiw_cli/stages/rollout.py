@@ -62,9 +62,7 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         return done
 
     started = time.perf_counter()
-    dev = modeling.device()
-    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
-    model = model or modeling.load_model(config.model, config.dtype, dev)
+    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     mine = distributed.my_share(rows)  # under accelerate launch, each process samples its share
     process_seed = sampling_seed(config.seed, config.iteration) + 7919 * distributed.state().process_index
     samples = sample_questions(

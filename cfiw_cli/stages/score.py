@@ -110,9 +110,7 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
         return done
 
     started = time.perf_counter()
-    dev = modeling.device()
-    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
-    model = model or modeling.load_model(config.model, config.dtype, dev)
+    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
     rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer)
     if not items:
