@@ -37,43 +37,54 @@ demo run="runs/demo": (tiny-model run / "model")
     {{bin}}/cfiw eval --model {{run}}/model --dataset data/arith --split test --max-new-tokens 64 --out {{run}}/eval/iter-0000.parquet
     {{bin}}/python -c "import duckdb; duckdb.sql(\"select kind, count(*) as spans, avg(delta) as mean_delta from '{{run}}/iter-0000/spans.parquet' join '{{run}}/iter-0000/scores.parquet' using (rollout_id, span_idx) group by kind\").show()"
 
-# the research loop in one process: just full-run model=qwen mode=cfiw iters=20 [run=runs/NAME]
+# the offline policy: a tiny model (4 layers, hidden 128) warm-started on data/arith with cfiw sft
+tiny-sft out="runs/tiny-sft" steps="1000":
+    {{bin}}/cfiw tiny-model --out {{out}}-base --dataset data/arith/train.jsonl --layers 4 --hidden 128
+    {{bin}}/cfiw sft --model {{out}}-base --dataset data/arith --out {{out}} --steps {{steps}} --lr 3e-3 --batch-size 16
+
+# the loop in one process, then its report: just full-run model=tiny|qwen [mode=cfiw iters=N run=DIR sft=DIR sft_steps=N]
 full-run *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny mode=cfiw iters= run=
-    for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run=)" >&2; exit 2 ;; esac; done
-    if [ "$model" = tiny ]; then {{bin}}/cfiw tiny-model --out runs/tiny-model --dataset data/arith/train.jsonl; fi
-    {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode}" ${iters:+--iterations "$iters"}
-    echo "run written to ${run:-runs/$model-$mode}"
+    model=tiny mode=cfiw iters= run= sft=runs/tiny-sft sft_steps=1000
+    for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*|sft=*|sft_steps=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run= sft= sft_steps=)" >&2; exit 2 ;; esac; done
+    run="${run:-runs/$model-$mode}"
+    extra=()
+    if [ "$model" = tiny ]; then {{just_executable()}} --justfile {{justfile()}} tiny-sft "$sft" "$sft_steps"; extra=(--model "$sft"); fi
+    {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --run "$run" ${iters:+--iterations "$iters"} "${extra[@]}"
+    {{bin}}/cfiw analyze "$run" --out "$run/report"
+    echo "report: $run/report/report.html (tables and plots: $run/report/report.md)"
 
 # the same iterations, each stage a separate cfiw command chained in the shell (same arguments)
 staged-run *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny mode=cfiw iters= run=
-    for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run=)" >&2; exit 2 ;; esac; done
-    if [ "$model" = tiny ]; then {{bin}}/cfiw tiny-model --out runs/tiny-model --dataset data/arith/train.jsonl; fi
+    model=tiny mode=cfiw iters= run= sft=runs/tiny-sft sft_steps=1000
+    for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*|sft=*|sft_steps=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run= sft= sft_steps=)" >&2; exit 2 ;; esac; done
+    extra=()
+    if [ "$model" = tiny ]; then {{just_executable()}} --justfile {{justfile()}} tiny-sft "$sft" "$sft_steps"; extra=(--model "$sft"); fi
     export PATH="$PWD/{{bin}}:$PATH"
-    cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode-staged}" ${iters:+--iterations "$iters"} --dry-run | bash -e
+    cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode-staged}" ${iters:+--iterations "$iters"} "${extra[@]}" --dry-run | bash -e
     echo "run written to ${run:-runs/$model-$mode-staged}"
 
-# the paper's experiment: uniform, cfiw, inverted, shuffled for each seed, then analyze
+# the paper's experiment: uniform, cfiw, inverted, shuffled for each seed, then one report over all runs
 compare *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny seeds=1 iters=
-    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters=)" >&2; exit 2 ;; esac; done
-    if [ "$model" = tiny ]; then {{bin}}/cfiw tiny-model --out runs/tiny-model --dataset data/arith/train.jsonl; fi
+    model=tiny seeds=1 iters= sft=runs/tiny-sft sft_steps=1000
+    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps=)" >&2; exit 2 ;; esac; done
+    extra=()
+    if [ "$model" = tiny ]; then {{just_executable()}} --justfile {{justfile()}} tiny-sft "$sft" "$sft_steps"; extra=(--model "$sft"); fi
     runs=()
     for seed in $(seq 0 $((seeds - 1))); do
       for mode in uniform cfiw inverted shuffled; do
         run="runs/compare-$model/$mode-seed$seed"
-        {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" ${iters:+--iterations "$iters"}
+        {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" ${iters:+--iterations "$iters"} "${extra[@]}"
         runs+=("$run")
       done
     done
     {{bin}}/cfiw analyze "${runs[@]}" --out "runs/compare-$model/report"
+    echo "report: runs/compare-$model/report/report.html (tables and plots: runs/compare-$model/report/report.md)"
 
 # tables, plots and report.html of one run
 report run:
@@ -95,6 +106,6 @@ bench-score *args:
 bench-train *args:
     {{bin}}/python benchmarks/train_bench.py {{args}}
 
-# regenerate the small arithmetic dataset in data/arith
+# regenerate the synthetic problems in data/arith (the committed copy)
 data:
-    {{bin}}/python -m cfiw_cli.tasks.arith data/arith
+    {{bin}}/cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --filler-rate 0.3 --seed 0 --force

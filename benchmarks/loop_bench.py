@@ -32,7 +32,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cfiw-loop-bench-"))
     model = tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "model"), dataset=str(ROOT / "data/arith/train.jsonl")))
     cfiw = str(Path(sys.executable).parent / "cfiw")
-    base = [cfiw, "loop", "--preset", "tiny", "--model", str(model), "--iterations", str(args.iterations)]
+    # The preset's layout at small sizes (a random-init model, 8 questions x G=4, 48 new tokens,
+    # 16 evaluation questions), so that the fixed costs this benchmark is about are visible.
+    small = ["--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48", "--set", "loop.eval_limit=16"]
+    base = [cfiw, "loop", "--preset", "tiny", "--model", str(model), "--iterations", str(args.iterations), *small]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     started = time.perf_counter()
@@ -43,7 +46,7 @@ def main() -> None:
     subprocess.run(["bash", "-e"], input=commands, check=True, cwd=ROOT, capture_output=True, text=True, env=env)
     staged_seconds = time.perf_counter() - started
 
-    print(f"tiny preset, {args.iterations} iterations (each: rollout, segment, score, train, eval), 2-core CPU")
+    print(f"tiny preset at small sizes, {args.iterations} iterations (each: rollout, segment, score, train, eval), 2-core CPU")
     print(f"{'way':>8} {'total s':>8} {'s / iteration':>14}")
     for name, seconds in (("loop", loop_seconds), ("staged", staged_seconds)):
         print(f"{name:>8} {seconds:>8.1f} {seconds / args.iterations:>14.1f}")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from cfiw_cli.errors import CfiwError
 from cfiw_cli.schemas import validate
 
 MANIFEST_KEY = b"cfiw"
+DIRECTORY_MANIFEST = "cfiw_manifest.json"  # the manifest of a stage whose output is a directory
 _LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "pyarrow", "accelerate", "trl")
 
 
@@ -146,6 +148,53 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty `<final>.tmp`; it replaces `final` only if the block succeeds, so a
+    killed stage never leaves a half-written directory under the final name."""
+    tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_directory(out: Path, stage: str, settings: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool) -> bool:
+    """Whether to (re)build the output directory `out`: False when it is up to date (said
+    so); an existing directory from anything else is an error unless `force`."""
+    if out.exists() and not force:
+        if up_to_date(out, stage, settings, inputs):
+            from cfiw_cli.console import info
+
+            info(f"{out} is up to date (use --force to rebuild)")
+            return False
+        raise CfiwError(f"{out} already exists and holds something else", "pass --force to replace it or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CfiwError(f"cannot create {out.parent}: {exc.strerror or exc}", "choose a writable --out") from exc
+    return True
+
+
+def write_directory_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (directory / DIRECTORY_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def read_directory_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(directory) / DIRECTORY_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -209,10 +258,11 @@ def skip_if_done(path: Path, stage: str, config: dict[str, Any], inputs: dict[st
 
 
 def up_to_date(path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> bool:
-    """True when `path` was written by the same stage, config and input hashes."""
+    """True when `path` (a Parquet file, or a directory with a manifest file) was written by
+    the same stage, config and input hashes."""
     if not path.exists():
         return False
-    manifest = read_manifest(path)
+    manifest = read_directory_manifest(path) if path.is_dir() else read_manifest(path)
     if not manifest:
         return False
     # Round-trip through JSON so tuples/paths compare the way they were stored.

@@ -84,6 +84,76 @@ def tiny_model(
     )
 
 
+@command("synth", "cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --seed 0")
+def synth(
+    out: Annotated[Path, typer.Option(help="Directory to write train.jsonl and test.jsonl to.")],
+    n_train: Annotated[int, typer.Option("--n-train", min=1, help="Problems in the train split.")] = 2000,
+    n_test: Annotated[int, typer.Option("--n-test", min=1, help="Problems in the test split (none repeats a train question).")] = 200,
+    seed: opt.Seed = 0,
+    max_steps: Annotated[int, typer.Option(min=1, help="Most arithmetic steps per problem (each has 1 to this many).")] = 3,
+    max_number: Annotated[int, typer.Option(min=4, help="Largest number anywhere in a problem, results included.")] = 20,
+    filler_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Chance of a filler sentence before each calculation line.")] = 0.3,
+    force: opt.Force = False,
+) -> None:
+    """Generate GSM8K-format word problems with a ground-truth label per solution sentence.
+
+    Each solution line is a restatement ("Ava starts with 7 apples."), a calculation
+    ("7 + 5 = <<7+5=12>>12."), a filler without digits ("Let me think about this.") or the
+    answer ("#### 12"); the labels column holds [{text, label}] per line. cfiw analyze uses
+    it to check that calculation spans are scored above filler. Deterministic for a seed.
+    """
+    from cfiw_cli.stages import synth as stage
+
+    stage.run(
+        stage.SynthConfig(
+            out=str(out), n_train=n_train, n_test=n_test, seed=seed, max_steps=max_steps,
+            max_number=max_number, filler_rate=filler_rate,
+        ),
+        force=force,
+    )
+
+
+@command("sft", "cfiw sft --model runs/tiny-model --dataset data/arith --out runs/tiny-sft --steps 1000 --lr 3e-3")
+def sft(
+    model: opt.Model,
+    dataset: opt.Dataset,
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write (model and tokenizer).")],
+    split: opt.Split = "train",
+    limit: opt.Limit = None,
+    offset: opt.Offset = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 500,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per optimizer step.")] = 16,
+    max_length: Annotated[int, typer.Option(min=1, help="Longest prompt + solution, in tokens (longer ones are cut).")] = 1024,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 0,
+    lr_schedule: Annotated[str, typer.Option(help="constant, linear or cosine decay after warm-up.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = 0.0,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass (less memory).")] = False,
+    seed: opt.Seed = 0,
+    dtype: opt.Dtype = "auto",
+    prompt_template: opt.PromptTemplate = None,
+    chat_template: opt.ChatTemplate = True,
+    force: opt.Force = False,
+) -> None:
+    """Supervised warm start on the dataset's reference solutions (TRL SFTTrainer).
+
+    The prompt of each example is exactly what cfiw rollout sends; the loss covers the
+    solution and its EOS token only. Writes the model and tokenizer (no optimizer state) and a
+    manifest with the loss curve. Use it before RL when the base model earns no reward.
+    """
+    from cfiw_cli.stages import sft as stage
+
+    stage.run(
+        stage.SftConfig(
+            model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset, steps=steps,
+            lr=lr, batch_size=batch_size, max_length=max_length, warmup_steps=warmup_steps,
+            lr_schedule=lr_schedule, weight_decay=weight_decay, gradient_checkpointing=gradient_checkpointing,
+            seed=seed, dtype=dtype, prompt_template=prompt_template, chat_template=chat_template,
+        ),
+        force=force,
+    )
+
+
 @command(
     "rollout",
     "cfiw rollout --model Qwen/Qwen2.5-1.5B-Instruct --dataset gsm8k --limit 64 --group-size 8 --out runs/x/iter-0000/rollouts.parquet",
@@ -329,6 +399,10 @@ def loop(
     weighting: Annotated[Optional[str], typer.Option(help="Override the weighting: cfiw, uniform, inverted, shuffled.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate before every k-th iteration (and after the last).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override the seed.")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override any preset value, SECTION.KEY=VALUE (TOML value), e.g. --set train.lr=1e-3; repeatable."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the equivalent cfiw commands instead of running.")] = False,
 ) -> None:
     """Run the research loop: rollout -> segment -> score -> train, with evaluations.
@@ -342,7 +416,10 @@ def loop(
     settings = stage.load_config(preset, str(config) if config else None)
     settings = stage.apply_overrides(
         settings,
-        {"model.id": model, "loop.iterations": iterations, "loop.weighting": weighting, "loop.eval_every": eval_every, "loop.seed": seed},
+        {
+            **stage.parse_assignments(set_ or []),
+            "model.id": model, "loop.iterations": iterations, "loop.weighting": weighting, "loop.eval_every": eval_every, "loop.seed": seed,
+        },
     )
     commands = stage.run(settings, str(run), dry_run=dry_run)
     if dry_run:

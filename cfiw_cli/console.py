@@ -19,7 +19,8 @@ console = Console(stderr=True, highlight=False)
 
 
 def info(message: str) -> None:
-    console.print(message, markup=False)
+    # soft_wrap: one message, one line, whatever the width, so that logs stay greppable
+    console.print(message, markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
 
     run = tmp_path / "run"
     cfiw = str(Path(sys.executable).parent / "cfiw")
-    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1"], capture_output=True, text=True, cwd=PRESETS_DIR.parent, timeout=600)
+    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "loop.eval_limit=16"], capture_output=True, text=True, cwd=PRESETS_DIR.parent, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = tmp_path / "report"
     done = subprocess.run([cfiw, "analyze", str(run), "--out", str(report)], capture_output=True, text=True, timeout=300)
@@ -76,7 +76,7 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
         with Image.open(report / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4  # accuracy, reward, delta and weight by kind
     assert page.count('<pre class="rollout">') >= 5 and "background:" in page
     assert "## delta by kind" in (report / "report.md").read_text()
 
@@ -85,3 +85,70 @@ def test_bad_input(cli, tmp_path):
     assert_clean_error(cli("analyze", tmp_path / "missing", "--out", tmp_path / "r"), "run directory not found")
     (tmp_path / "empty").mkdir()
     assert_clean_error(cli("analyze", tmp_path / "empty", "--out", tmp_path / "r"), "no artifacts")
+
+
+def labelled_run(root, span_texts, deltas):
+    """One rollout whose reference solution has a restatement, a calculation and a filler."""
+    reference = [
+        {"text": "Ava starts with 7 apples.", "label": "restatement"},
+        {"text": "Let me think about this.", "label": "filler"},
+        {"text": "7 + 5 = <<7+5=12>>12.", "label": "calculation"},
+        {"text": "#### 12", "label": "answer"},
+    ]
+    root.mkdir(parents=True)
+    (root / "config.toml").write_text('[loop]\nweighting = "cfiw"\n')
+    d = root / "iter-0000"
+    n = len(span_texts)
+    write(d / "rollouts.parquet", {"rollout_id": ["0:p:0"], "iteration": pa.array([0], pa.int32()), "reward": pa.array([1.0], pa.float32()), "labels": [reference]})
+    write(d / "spans.parquet", {"rollout_id": ["0:p:0"] * n, "span_idx": pa.array(range(n), pa.int32()), "kind": ["numeric"] * n, "text": span_texts})
+    write(d / "scores.parquet", {"rollout_id": ["0:p:0"] * n, "span_idx": pa.array(range(n), pa.int32()), "delta": pa.array(deltas, pa.float32())})
+    return root
+
+
+def test_ground_truth_labels_and_auroc_by_hand(tmp_path):
+    texts = [
+        "7 + 5 = <<7+5=12>>12",          # calculation (the reference line without its full stop)
+        "3 + 4 = <<3+4=9>>9.",           # calculation: same form, other (even wrong) numbers
+        "Let me think about this.",      # filler
+        "\n  Let me think about  this.",  # filler: whitespace does not matter
+        "Bob starts with 3 pencils.",    # no reference has this form: unmatched
+        "Let me think. 7 + 5",           # merged text: unmatched
+    ]
+    tables = analyze([str(labelled_run(tmp_path / "r", texts, [2.0, 0.5, 0.5, -1.0, 9.0, 9.0]))], str(tmp_path / "report"))
+    by_label = {r["label"]: r for r in tables["delta_by_label"]}
+    assert {k: v["spans"] for k, v in by_label.items()} == {"calculation": 2, "filler": 2, "unmatched": 2}
+    assert by_label["calculation"]["mean_delta"] == 1.25 and by_label["filler"]["mean_delta"] == -0.25
+    # calculation deltas {2.0, 0.5} against filler deltas {0.5, -1.0}: of the 4 pairs, 3 are won by
+    # the calculation span and one (0.5 vs 0.5) is tied and counts 1/2, so AUROC = 3.5 / 4
+    (row,) = tables["importance_auroc"]
+    assert (row["calculation_spans"], row["filler_spans"]) == (2, 2) and row["auroc"] == pytest.approx(0.875)
+
+
+def test_auroc_matches_pairwise_counting_with_ties(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    calc = [rng.choice([0.0, 0.5, 1.0, 2.0, 3.0]) for _ in range(17)]
+    filler = [rng.choice([-1.0, 0.0, 0.5, 1.0]) for _ in range(11)]
+    texts = ["7 + 5 = <<7+5=12>>12."] * len(calc) + ["Let me think about this."] * len(filler)
+    tables = analyze([str(labelled_run(tmp_path / "r", texts, calc + filler))], str(tmp_path / "report"))
+    expected = sum((c > f) + 0.5 * (c == f) for c in calc for f in filler) / (len(calc) * len(filler))
+    assert tables["importance_auroc"][0]["auroc"] == pytest.approx(expected)
+
+
+def test_accuracy_by_mode_over_seeds(tmp_path):
+    runs = [
+        make_run(tmp_path / "c0", "cfiw", [[True, False], [True, False]], [1.0, 0.0]),
+        make_run(tmp_path / "c1", "cfiw", [[False, False], [True, True]], [1.0, 0.0]),
+        make_run(tmp_path / "u0", "uniform", [[True, False], [False, False]], [1.0, 0.0]),
+    ]
+    tables = analyze([str(r) for r in runs], str(tmp_path / "report"))
+    by_mode = {(r["mode"], r["iteration"]): r for r in tables["accuracy_by_mode"]}
+    # cfiw, final iteration: accuracies 0.5 and 1.0 -> mean 0.75, sample std sqrt(0.125) = 0.3536
+    assert by_mode[("cfiw", 1)]["runs"] == 2 and by_mode[("cfiw", 1)]["mean_accuracy"] == 0.75
+    assert by_mode[("cfiw", 1)]["std"] == pytest.approx(0.125 ** 0.5)
+    assert (by_mode[("cfiw", 0)]["min_accuracy"], by_mode[("cfiw", 0)]["max_accuracy"]) == (0.0, 0.5)
+    assert by_mode[("uniform", 1)]["std"] == 0 and by_mode[("uniform", 1)]["mean_accuracy"] == 0.0
+    final = {r["mode"]: r for r in tables["final_accuracy_by_mode"]}
+    assert final["cfiw"]["mean_accuracy"] == 0.75 and final["uniform"]["runs"] == 1
+    assert (tmp_path / "report" / "accuracy_by_mode.png").exists()

@@ -11,7 +11,7 @@ COMMANDS = sorted(info.name for info in app.registered_commands)
 
 
 def test_there_are_commands():
-    assert {"tiny-model", "rollout", "eval", "validate"} <= set(COMMANDS)
+    assert {"tiny-model", "synth", "sft", "rollout", "eval", "validate"} <= set(COMMANDS)
 
 
 def test_top_level_help_ends_with_example(cli):

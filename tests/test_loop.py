@@ -25,8 +25,12 @@ def tables(run: Path) -> dict[str, object]:
     return out
 
 
+SMALL = ["--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48", "--set", "loop.eval_limit=16"]
+
+
 def loop_argv(model, run):
-    return [str(BIN / "cfiw"), "loop", "--preset", "tiny", "--run", str(run), "--model", str(model), "--iterations", "2"]
+    """The tiny preset at test sizes (the --set values must reach the dry-run commands too)."""
+    return [str(BIN / "cfiw"), "loop", "--preset", "tiny", "--run", str(run), "--model", str(model), "--iterations", "2", *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,21 @@ def test_flags_override_the_preset():
     assert config["loop"]["iterations"] == 5 and config["model"]["id"] == "m" and config["loop"]["seed"] == 0
     steps = plan(config, Path("runs/x"))
     assert sum(c == "train" for _, c, _ in steps) == 5
+
+
+def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
+    from cfiw_cli.stages.loop import parse_assignments
+
+    assert parse_assignments(["train.lr=3e-4", "rollout.group_size=4", "loop.weighting=uniform", "score.mask=\"delete\""]) == {
+        "train.lr": 3e-4, "rollout.group_size": 4, "loop.weighting": "uniform", "score.mask": "delete",
+    }
+    done = cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.lr=3e-4", "--set", "rollout.group_size=4")
+    assert done.exit_code == 0, done.stderr
+    assert all("--lr 0.0003" in line for line in done.stdout.splitlines() if line.startswith("cfiw train"))
+    assert all("--group-size 4" in line for line in done.stdout.splitlines() if line.startswith("cfiw rollout"))
+    assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.lrr=1"), "unknown key train.lrr")
+    assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "lr=1"), "SECTION.KEY=VALUE")
+    assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "optim.lr=1"), "unknown config section")
 
 
 def test_unknown_preset(cli, tmp_path):

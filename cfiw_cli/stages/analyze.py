@@ -3,7 +3,15 @@
 Every aggregate is DuckDB SQL over the runs' Parquet files. Tables: accuracy per iteration per
 run with its 95% Wilson interval; mean reward per iteration; delta by span kind (count, mean,
 median, share of negative deltas); share of the total token weight per span kind; the first
-iteration at which each run reaches the final accuracy of the `uniform` run(s).
+iteration at which each run reaches the final accuracy of the `uniform` run(s); with several
+runs per weighting mode (seeds), accuracy per mode and iteration with its spread over runs.
+
+Ground truth: when the rollouts carry the `labels` column of a `cfiw synth` dataset, a span
+that has the form of a reference solution sentence (the same words; any numbers, so a wrong
+calculation is still a calculation; whitespace and outer full stops ignored) takes that
+sentence's label. Spans of no reference form (merged sentences, garbled text) are `unmatched`. Tables then add mean delta per label and, per iteration,
+the AUROC of delta for `calculation` (positive) against `filler` spans: the probability that a
+random calculation span has a larger delta than a random filler span, ties counting one half.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ Z = 1.959963984540054
 WILSON = (
     f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} {Z} * sqrt(acc * (1 - acc) / n + {Z}^2 / (4 * n * n)) / (1 + {Z}^2 / n)"
 )
+
+
+# A sentence's form: whitespace collapsed, outer spaces and full stops dropped, every number as N.
+_NORMALIZED = "regexp_replace(trim(regexp_replace({text}, '\\s+', ' ', 'g'), ' .'), '\\d+', 'N', 'g')"
 
 
 def _files(runs: list[Path], pattern: str) -> list[str]:
@@ -46,6 +58,16 @@ def connect(runs: list[Path]) -> Any:
             f"create view eval as select * exclude (filename), regexp_extract(filename, '([^/]+)/eval/', 1) as run, "
             f"cast(regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1) as integer) as iteration "
             f"from read_parquet({files}, filename = true, union_by_name = true)"
+        )
+    if _has(con, "spans") and _has(con, "rollouts") and _has_column(con, "rollouts", "labels"):
+        # A label is a function of the sentence's form, so one run-wide lookup serves every span.
+        con.execute(
+            f"""create view span_labels as
+            with reference as (
+                select {_NORMALIZED.format(text='l.text')} as sentence, min(l.label) as label
+                from (select unnest(labels) as l from rollouts) group by all having count(distinct l.label) = 1)
+            select s.run, s.iteration, s.rollout_id, s.span_idx, r.label
+            from spans s join reference r on {_NORMALIZED.format(text='s.text')} = r.sentence"""
         )
     modes = {run.name: _mode(run) for run in runs}
     con.execute("create table modes (run varchar, mode varchar)")
@@ -75,6 +97,28 @@ def _has(con: Any, view: str) -> bool:
     return bool(con.execute(f"select count(*) from information_schema.tables where table_name = '{view}'").fetchall()[0][0])
 
 
+def _has_column(con: Any, view: str, column: str) -> bool:
+    return any(row[0] == column for row in con.execute(f"describe {view}").fetchall())
+
+
+AUROC = """
+    with d as (
+        select l.run, l.iteration, l.label = 'calculation' as positive, c.delta
+        from span_labels l join scores c using (run, iteration, rollout_id, span_idx)
+        where l.label in ('calculation', 'filler')),
+    ranked as (
+        select *, rank() over w + (count(*) over (partition by run, iteration, delta) - 1) / 2.0 as mid_rank
+        from d window w as (partition by run, iteration order by delta)),
+    sums as (
+        select run, iteration, count(*) filter (positive) as calculation_spans, count(*) filter (not positive) as filler_spans,
+               sum(mid_rank) filter (positive) as rank_sum
+        from ranked group by run, iteration)
+    select run, mode, iteration, calculation_spans, filler_spans,
+           (rank_sum - calculation_spans * (calculation_spans + 1) / 2.0) / (calculation_spans * filler_spans) as auroc
+    from sums join modes using (run) where calculation_spans > 0 and filler_spans > 0
+    order by run, iteration"""
+
+
 def tables(con: Any) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     if _has(con, "eval"):
@@ -95,6 +139,21 @@ def tables(con: Any) -> dict[str, list[dict]]:
                    min(iteration) filter (where acc >= (select target from final)) as first_iteration
             from a join modes using (run) where (select target from final) is not null group by run, mode order by run""",
         )
+        out["accuracy_by_mode"] = _rows(
+            con,
+            """with a as (select run, iteration, avg(correct::int) as acc from eval group by run, iteration)
+            select mode, iteration, count(*) as runs, avg(acc) as mean_accuracy, coalesce(stddev_samp(acc), 0) as std,
+                   min(acc) as min_accuracy, max(acc) as max_accuracy
+            from a join modes using (run) group by mode, iteration order by mode, iteration""",
+        )
+        out["final_accuracy_by_mode"] = _rows(
+            con,
+            """with a as (select run, iteration, avg(correct::int) as acc from eval group by run, iteration),
+                 last as (select * from a where iteration = (select max(iteration) from a a2 where a2.run = a.run))
+            select mode, count(*) as runs, avg(acc) as mean_accuracy, coalesce(stddev_samp(acc), 0) as std,
+                   min(acc) as min_accuracy, max(acc) as max_accuracy
+            from last join modes using (run) group by mode order by mode""",
+        )
     if _has(con, "rollouts"):
         out["reward"] = _rows(
             con, "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward from rollouts join modes using (run) group by all order by run, iteration"
@@ -107,6 +166,17 @@ def tables(con: Any) -> dict[str, list[dict]]:
                from spans join scores using (run, iteration, rollout_id, span_idx) join modes using (run)
                group by all order by run, kind""",
         )
+    if _has(con, "span_labels") and _has(con, "scores"):
+        out["delta_by_label"] = _rows(
+            con,
+            """with labelled as (
+                   select s.run, coalesce(l.label, 'unmatched') as label, c.delta
+                   from spans s join scores c using (run, iteration, rollout_id, span_idx)
+                   left join span_labels l using (run, iteration, rollout_id, span_idx))
+               select run, mode, label, count(*) as spans, avg(delta) as mean_delta, median(delta) as median_delta
+               from labelled join modes using (run) group by all order by run, label""",
+        )
+        out["importance_auroc"] = _rows(con, AUROC)
     if _has(con, "spans") and _has(con, "weights"):
         out["weight_by_kind"] = _rows(
             con,
@@ -141,6 +211,24 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
         ax.set(xlabel="iteration", ylabel="accuracy", title="Accuracy (95% Wilson interval)")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "accuracy.png"))
+    if any(r["runs"] > 1 for r in tables_.get("accuracy_by_mode", [])):  # several seeds of a mode
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in sorted({r["mode"] for r in tables_["accuracy_by_mode"]}):
+            rows = [r for r in tables_["accuracy_by_mode"] if r["mode"] == mode]
+            xs = [r["iteration"] for r in rows]
+            ax.plot(xs, [r["mean_accuracy"] for r in rows], marker="o", label=f"{mode} ({max(r['runs'] for r in rows)} runs)")
+            ax.fill_between(xs, [r["min_accuracy"] for r in rows], [r["max_accuracy"] for r in rows], alpha=0.15)
+        ax.set(xlabel="iteration", ylabel="accuracy", title="Accuracy by weighting mode (mean; band: min to max over runs)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "accuracy_by_mode.png"))
+    if tables_.get("reward"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in sorted({r["run"] for r in tables_["reward"]}):
+            rows = [r for r in tables_["reward"] if r["run"] == run]
+            ax.plot([r["iteration"] for r in rows], [r["mean_reward"] for r in rows], marker=".", label=f"{run} ({rows[0]['mode']})")
+        ax.set(xlabel="iteration", ylabel="mean reward of the rollouts", title="Training reward")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "reward.png"))
     if _has(con, "spans") and _has(con, "scores"):
         rows = _rows(con, "select kind, delta from spans join scores using (run, iteration, rollout_id, span_idx) order by kind")
         kinds = sorted({r["kind"] for r in rows})

@@ -49,6 +49,21 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return merged
 
 
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-3", "loop.weighting=uniform"]` -> {"train.lr": 0.001, "loop.weighting": "uniform"}:
+    a value is read as TOML, and taken as a string when it is not valid TOML."""
+    parsed = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or key.count(".") != 1 or not all(key.split(".")):
+            raise CfiwError(f"--set {assignment!r} is not SECTION.KEY=VALUE", "e.g. --set train.lr=1e-3 --set rollout.group_size=4")
+        try:
+            parsed[key.strip()] = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
 def _to_toml(config: dict[str, Any]) -> str:
     lines = []
     for section, values in config.items():
@@ -68,6 +83,7 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     from cfiw_cli.stages.segment import SegmentConfig
     from cfiw_cli.stages.train import TrainConfig
 
+    _check_keys(config, {"rollout": RolloutConfig, "segment": SegmentConfig, "score": ScoreConfig, "train": TrainConfig, "eval": EvalConfig})
     loop, data = config.get("loop", {}), config.get("data", {})
     iterations, questions = int(loop.get("iterations", 1)), int(loop.get("questions", 8))
     every, seed = int(loop.get("eval_every", 1)), int(loop.get("seed", 0))
@@ -101,6 +117,27 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     return steps
 
 
+_FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration", "weighting", "seed"}
+_SECTIONS = {
+    "model": {"id"},
+    "data": {"dataset", "train_split", "eval_split"},
+    "loop": {"iterations", "questions", "weighting", "eval_every", "eval_limit", "seed"},
+}
+
+
+def _check_keys(config: dict[str, Any], stages: dict[str, Any]) -> None:
+    """A misspelt key in a preset or `--set` is an error, not silently ignored."""
+    for section, values in config.items():
+        allowed = _SECTIONS.get(section) or ({f.name for f in fields(stages[section])} - _FIXED if section in stages else None)
+        if allowed is None:
+            raise CfiwError(f"unknown config section [{section}]", f"sections: {', '.join([*_SECTIONS, *stages])}")
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise CfiwError(f"unknown key {section}.{unknown[0]}", f"[{section}] takes: {', '.join(sorted(allowed))}")
+    if "id" not in config.get("model", {}) or "dataset" not in config.get("data", {}):
+        raise CfiwError("the config needs model.id and data.dataset", "see pipelines/tiny.toml")
+
+
 def command_line(command: str, stage_config: Any) -> str:
     """The `cfiw` command that runs one planned stage with exactly this config."""
     words = ["cfiw", command]
@@ -125,7 +162,7 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
         return commands
 
     from cfiw_cli import modeling
-    from cfiw_cli.artifacts import sha256_of
+    from cfiw_cli.artifacts import read_directory_manifest, sha256_of
     from cfiw_cli.console import info
     from cfiw_cli.stages import eval as eval_stage
     from cfiw_cli.stages import rollout, score, segment, train
@@ -154,8 +191,8 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
         elif command == "score":
             score.run(stage_config, model=model, tokenizer=tokenizer)
         else:
-            manifest = Path(stage_config.out) / "cfiw_manifest.json"
-            recorded = json.loads(manifest.read_text()).get("inputs", {}).get("rollouts", {}).get("sha256") if manifest.exists() else None
+            manifest = read_directory_manifest(Path(stage_config.out)) or {}
+            recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
             if recorded == sha256_of(stage_config.rollouts):  # killed after this update was saved
                 model = modeling.load_model(stage_config.out, "float32")
             else:

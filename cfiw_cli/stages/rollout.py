@@ -102,6 +102,7 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
                 "pred": pred,
                 "reward": score,
                 "correct": score == 1.0,
+                **({"labels": row["labels"]} if "labels" in row else {}),
             }
         )
     records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
@@ -109,6 +110,8 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         distributed.finish()
         return StageResult(out, False, {})
     table = pa.Table.from_pylist(records, schema=schemas.ROLLOUTS)
+    if "labels" in records[0]:  # ground-truth sentence labels of a `cfiw synth` dataset, for analyze
+        table = table.append_column("labels", pa.array([r["labels"] for r in records]))
     seconds = time.perf_counter() - started
     tokens = sum(len(r["completion_ids"]) for r in records)
     metrics = {

@@ -7,13 +7,11 @@ files.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfiw_cli.artifacts import build_manifest, input_record, settings_of, sha256_of
+from cfiw_cli.artifacts import build_manifest, input_record, prepare_directory, settings_of, sha256_of, staged_directory, write_directory_manifest
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
@@ -23,7 +21,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-MANIFEST_FILE = "cfiw_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -114,19 +111,8 @@ def run(config: TinyModelConfig, force: bool = False) -> Path:
     out = Path(config.out)
     inputs = {"dataset": input_record(config.dataset)} if config.dataset else {}
     settings = settings_of(config)
-    manifest_path = out / MANIFEST_FILE
-    if out.exists() and not force:
-        if manifest_path.exists():
-            old = json.loads(manifest_path.read_text())
-            same_inputs = {k: v["sha256"] for k, v in old.get("inputs", {}).items()} == {k: v["sha256"] for k, v in inputs.items()}
-            if old.get("stage") == "tiny-model" and old.get("config") == settings and same_inputs:
-                info(f"{out} is up to date (use --force to rebuild)")
-                return out
-        raise CfiwError(f"{out} already exists and holds something else", "pass --force to replace it or choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CfiwError(f"cannot create {out.parent}: {exc.strerror or exc}", "choose a writable --out") from exc
+    if not prepare_directory(out, "tiny-model", settings, inputs, force):
+        return out
 
     from cfiw_cli.modeling import quiet_libraries
 
@@ -135,9 +121,7 @@ def run(config: TinyModelConfig, force: bool = False) -> Path:
     texts = corpus(config.dataset)
     tokenizer = train_tokenizer(texts, config.vocab_size)
     model = build_model(config, tokenizer)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         params = sum(p.numel() for p in model.parameters())
@@ -146,11 +130,6 @@ def run(config: TinyModelConfig, force: bool = False) -> Path:
             device="cpu", seed=config.seed, metrics={"parameters": params, "vocab_size": len(tokenizer)},
         )
         manifest["weights_sha256"] = sha256_of(tmp / "model.safetensors")
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_directory_manifest(tmp, manifest)
     info(f"wrote {config.arch} model ({params:,} parameters, vocabulary {len(tokenizer)}) to {out}")
     return out

@@ -14,18 +14,19 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, settings_of, write_table
+from cfiw_cli.artifacts import (
+    build_manifest, input_record, prepare_output, read_artifact, read_directory_manifest, settings_of, staged_directory,
+    up_to_date, write_directory_manifest, write_table,
+)
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
-MANIFEST_FILE = "cfiw_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -204,23 +205,13 @@ def _plan(sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int
 def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict, manifest: dict) -> None:
     import torch
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_directory_manifest(tmp, manifest)
 
 
 def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> TrainResult:
@@ -249,13 +240,9 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
         check_spans_match(rollouts, spans, config.rollouts, config.spans)
     settings = settings_of(config, "metrics_out", "weights_out")
     inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans", "scores") if getattr(config, k)}
-    manifest_path = out / MANIFEST_FILE
-    if not force and manifest_path.exists() and metrics_out.exists():
-        old = json.loads(manifest_path.read_text())
-        same_inputs = {k: v.get("sha256") for k, v in old.get("inputs", {}).items()} == {k: v.get("sha256") for k, v in inputs.items()}
-        if old.get("config") == json.loads(json.dumps(settings)) and same_inputs:
-            info(f"{out} is up to date (use --force to retrain)")
-            return TrainResult(out, False, old.get("metrics", {}), model)
+    if not force and metrics_out.exists() and up_to_date(out, "train", settings, inputs):
+        info(f"{out} is up to date (use --force to retrain)")
+        return TrainResult(out, False, read_directory_manifest(out).get("metrics", {}), model)
 
     started = time.perf_counter()
     modeling.quiet_libraries()

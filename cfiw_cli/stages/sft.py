@@ -1,0 +1,163 @@
+"""`cfiw sft`: a supervised warm start on a dataset's reference solutions, with TRL's `SFTTrainer`.
+
+Each example is a prompt-completion pair: the prompt is exactly what `cfiw rollout` sends
+(`build_prompt`: instruction, chat template), the completion is the dataset's `answer`, and
+TRL appends the EOS token and computes the loss on completion tokens only. The checkpoint
+(model + tokenizer + `cfiw_manifest.json` with the loss curve) is written as `<out>.tmp`
+and renamed, and holds no optimizer state: the RL run that follows starts its own.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.artifacts import build_manifest, input_record, prepare_directory, settings_of, staged_directory, write_directory_manifest
+from cfiw_cli.console import info, progress_bar
+from cfiw_cli.errors import CfiwError
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    model: str
+    dataset: str
+    out: str
+    split: str = "train"
+    limit: int | None = None
+    offset: int = 0
+    steps: int = 500
+    lr: float = 1e-5
+    batch_size: int = 16
+    max_length: int = 1024
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    dtype: str = "auto"
+    prompt_template: str | None = None
+    chat_template: bool = True
+
+
+def _check(config: SftConfig) -> None:
+    if min(config.steps, config.batch_size, config.max_length) < 1:
+        raise CfiwError("--steps, --batch-size and --max-length must be at least 1", "e.g. --steps 500 --batch-size 16")
+    if config.lr <= 0 or config.warmup_steps < 0:
+        raise CfiwError("--lr must be positive and --warmup-steps >= 0", "e.g. --lr 1e-5")
+    if config.lr_schedule not in SCHEDULES:
+        raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", f"choose one of {', '.join(SCHEDULES)}")
+
+
+def examples(rows: list[dict], tokenizer: Any, template: str | None, chat: bool) -> list[dict[str, str]]:
+    """Prompt-completion pairs with the prompt `cfiw rollout` would send for each question."""
+    from cfiw_cli.tasks.gsm8k import build_prompt
+
+    return [{"prompt": build_prompt(row["question"], tokenizer, template, chat), "completion": row["answer"]} for row in rows]
+
+
+def _progress_callback(advance: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            advance(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                advance(0, status=f"loss {logs['loss']:.3f}")
+
+    return Progress()
+
+
+def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.lr_schedule,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=bf16,
+        use_cpu=cpu,
+        logging_steps=max(1, config.steps // 50),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def run(config: SftConfig, force: bool = False) -> Path:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, PrinterCallback
+    from trl import SFTTrainer
+
+    from cfiw_cli import modeling
+    from cfiw_cli.tasks.gsm8k import load_questions
+
+    _check(config)
+    out = Path(config.out)
+    modeling.check_model_ref(config.model)
+    rows = load_questions(config.dataset, config.split, config.offset, config.limit)
+    settings = settings_of(config)
+    inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
+    if not prepare_directory(out, "sft", settings, inputs, force):
+        return out
+
+    started = time.perf_counter()
+    modeling.quiet_libraries()
+    dev = modeling.device()
+    tokenizer = modeling.load_tokenizer(config.model)
+    train_set = datasets.Dataset.from_list(examples(rows, tokenizer, config.prompt_template, config.chat_template))
+    # Weights stay float32 (the optimizer's master copy); on a bf16 GPU the forward runs in bf16.
+    bf16 = modeling.resolve_dtype(config.dtype, dev) == torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise CfiwError(f"could not load {config.model!r}: {exc}", "pass a local model directory or a hub id") from exc
+    with tempfile.TemporaryDirectory(prefix="cfiw-sft-") as scratch, progress_bar("sft", total=config.steps, unit="steps") as advance:
+        with warnings.catch_warnings():  # TRL still passes the argument transformers renamed
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")
+            args = _sft_arguments(config, scratch, bf16, dev.type == "cpu")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer, callbacks=[_progress_callback(advance)])
+        trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; logs stay in the manifest
+        result = trainer.train()
+    history = [
+        {"step": entry["step"], "loss": entry["loss"], "lr": entry.get("learning_rate")}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    seconds = time.perf_counter() - started
+    metrics = {
+        "steps": config.steps,
+        "examples": len(rows),
+        "epochs": config.steps * config.batch_size / len(rows),
+        "train_loss": result.training_loss,
+        "final_loss": history[-1]["loss"] if history else None,
+        "loss_curve": history,
+    }
+    manifest = build_manifest(
+        "sft", settings, inputs, rows=len(rows), seconds=seconds,
+        device=modeling.describe_device(dev), seed=config.seed, metrics=metrics,
+    )
+    with staged_directory(out) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_directory_manifest(tmp, manifest)
+    info(f"fine-tuned {config.model} for {config.steps} steps on {len(rows)} solutions in {seconds:.0f}s: final loss {metrics['final_loss']:.4f}; saved {out}")
+    return out

@@ -1,0 +1,78 @@
+"""The offline testbed end to end: `just full-run model=tiny` (a short variant: a 150-step warm
+start, 2 iterations) writes exactly the expected artifacts and a report in which calculation
+spans out-score filler; started again, every stage is up to date and nothing changes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfiw_cli.artifacts import sha256_of
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "cfiw_manifest.json"}
+ITERATION_FILES = {"rollouts.parquet", "spans.parquet", "scores.parquet", "weights.parquet", "train_metrics.parquet"}
+REPORT_TABLES = {
+    "accuracy", "accuracy_by_mode", "final_accuracy_by_mode", "iterations_to_uniform", "reward",
+    "delta_by_kind", "delta_by_label", "importance_auroc", "weight_by_kind",
+}
+
+
+def just() -> str:
+    path = Path(sys.executable).parent / "just"
+    assert path.exists(), f"`just` is not installed beside {sys.executable} (pip install rust-just)"
+    return str(path)
+
+
+def files(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
+
+
+def full_run(run: Path, sft: Path) -> subprocess.CompletedProcess:
+    command = [just(), "--justfile", str(ROOT / "Justfile"), "full-run", "model=tiny", "iters=2", "sft_steps=150", f"run={run}", f"sft={sft}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.slow
+def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_path):
+    run, sft = tmp_path / "run", tmp_path / "sft"
+    first = full_run(run, sft)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert f"report: {run}/report/report.html" in first.stdout
+
+    assert files(Path(f"{sft}-base")) == MODEL_FILES
+    assert files(sft) == MODEL_FILES  # model and tokenizer, no optimizer state
+    sft_manifest = json.loads((sft / "cfiw_manifest.json").read_text())
+    assert sft_manifest["stage"] == "sft" and sft_manifest["config"]["steps"] == 150
+    report = {f"report/{name}.json" for name in REPORT_TABLES} | {
+        "report/report.md", "report/report.html", "report/accuracy.png", "report/reward.png",
+        "report/delta_by_kind.png", "report/weight_by_kind.png",
+    }
+    expected = (
+        {"config.toml", "loop_state.json", "eval/iter-0000.parquet", "eval/iter-0002.parquet"}
+        | {f"iter-{i:04d}/{name}" for i in range(2) for name in ITERATION_FILES}
+        | {f"policy/{name}" for name in MODEL_FILES | {"optimizer.pt", "scheduler.pt", "trainer_state.json"}}
+        | report
+    )
+    assert files(run) == expected
+
+    # the warm model scores calculation spans above filler (fixed seeds throughout)
+    auroc = json.loads((run / "report/importance_auroc.json").read_text())
+    first_iteration = next(row for row in auroc if row["iteration"] == 0)
+    assert first_iteration["calculation_spans"] > 20 and first_iteration["filler_spans"] > 20
+    assert first_iteration["auroc"] > 0.5, first_iteration
+    labels = {row["label"]: row for row in json.loads((run / "report/delta_by_label.json").read_text())}
+    assert labels["calculation"]["mean_delta"] > labels["filler"]["mean_delta"]
+    accuracy = json.loads((run / "report/accuracy.json").read_text())
+    assert [row["iteration"] for row in accuracy] == [0, 2] and all(row["n"] == 200 for row in accuracy)
+
+    before = {name: sha256_of(run / name) for name in expected if not name.startswith("report/")}
+    again = full_run(run, sft)
+    assert again.returncode == 0, again.stderr[-4000:]
+    for finished in (f"{sft}-base", sft, run / "eval/iter-0002.parquet"):  # the loop itself knows it is done
+        assert f"{finished} is up to date" in again.stderr
+    assert "trained" not in again.stderr and "fine-tuned" not in again.stderr
+    assert {name: sha256_of(run / name) for name in before} == before
+    assert files(run) == expected
