@@ -119,6 +119,9 @@ def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
     assert done.exit_code == 0, done.stderr
     assert all("--lr 0.0003" in line for line in done.stdout.splitlines() if line.startswith("cfiw train"))
     assert all("--group-size 4" in line for line in done.stdout.splitlines() if line.startswith("cfiw rollout"))
+    evals = cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "eval.max_new_tokens=200", "--set", "eval.samples=4")
+    assert evals.exit_code == 0, evals.stderr
+    assert all("--max-new-tokens 200 " in line and "--samples 4 " in line for line in evals.stdout.splitlines() if line.startswith("cfiw eval"))
     assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.lrr=1"), "unknown key train.lrr")
     assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "lr=1"), "SECTION.KEY=VALUE")
     assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "optim.lr=1"), "unknown config section")

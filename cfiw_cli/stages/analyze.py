@@ -200,35 +200,31 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    def curves(rows: list[dict], group: str, y: str, band: tuple[str, str] | None, label: Any, title: str, ylabel: str, name: str) -> None:
+        """One line per `group` value over iterations, with an optional shaded band."""
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in sorted({r[group] for r in rows}):
+            mine = [r for r in rows if r[group] == key]
+            xs = [r["iteration"] for r in mine]
+            ax.plot(xs, [r[y] for r in mine], marker="o", markersize=3, label=label(key, mine))
+            if band:
+                ax.fill_between(xs, [r[band[0]] for r in mine], [r[band[1]] for r in mine], alpha=0.15)
+        ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / name))
+
+    written: list[Path] = []
+    by_run = lambda run, rows: f"{run} ({rows[0]['mode']})"  # noqa: E731
     if tables_.get("accuracy"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run in sorted({r["run"] for r in tables_["accuracy"]}):
-            rows = [r for r in tables_["accuracy"] if r["run"] == run]
-            xs = [r["iteration"] for r in rows]
-            ax.plot(xs, [r["accuracy"] for r in rows], marker="o", label=f"{run} ({rows[0]['mode']})")
-            ax.fill_between(xs, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], alpha=0.2)
-        ax.set(xlabel="iteration", ylabel="accuracy", title="Accuracy (95% Wilson interval)")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out / "accuracy.png"))
+        curves(tables_["accuracy"], "run", "accuracy", ("ci_low", "ci_high"), by_run, "Accuracy (95% Wilson interval)", "accuracy", "accuracy.png")
     if any(r["runs"] > 1 for r in tables_.get("accuracy_by_mode", [])):  # several seeds of a mode
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for mode in sorted({r["mode"] for r in tables_["accuracy_by_mode"]}):
-            rows = [r for r in tables_["accuracy_by_mode"] if r["mode"] == mode]
-            xs = [r["iteration"] for r in rows]
-            ax.plot(xs, [r["mean_accuracy"] for r in rows], marker="o", label=f"{mode} ({max(r['runs'] for r in rows)} runs)")
-            ax.fill_between(xs, [r["min_accuracy"] for r in rows], [r["max_accuracy"] for r in rows], alpha=0.15)
-        ax.set(xlabel="iteration", ylabel="accuracy", title="Accuracy by weighting mode (mean; band: min to max over runs)")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out / "accuracy_by_mode.png"))
+        curves(
+            tables_["accuracy_by_mode"], "mode", "mean_accuracy", ("min_accuracy", "max_accuracy"),
+            lambda mode, rows: f"{mode} ({max(r['runs'] for r in rows)} runs)",
+            "Accuracy by weighting mode (mean; band: min to max over runs)", "accuracy", "accuracy_by_mode.png",
+        )
     if tables_.get("reward"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run in sorted({r["run"] for r in tables_["reward"]}):
-            rows = [r for r in tables_["reward"] if r["run"] == run]
-            ax.plot([r["iteration"] for r in rows], [r["mean_reward"] for r in rows], marker=".", label=f"{run} ({rows[0]['mode']})")
-        ax.set(xlabel="iteration", ylabel="mean reward of the rollouts", title="Training reward")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out / "reward.png"))
+        curves(tables_["reward"], "run", "mean_reward", None, by_run, "Training reward", "mean reward of the rollouts", "reward.png")
     if _has(con, "spans") and _has(con, "scores"):
         rows = _rows(con, "select kind, delta from spans join scores using (run, iteration, rollout_id, span_idx) order by kind")
         kinds = sorted({r["kind"] for r in rows})

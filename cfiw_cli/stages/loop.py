@@ -93,7 +93,7 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         return index, "eval", EvalConfig(
             model=model, dataset=data["dataset"], out=str(run / "eval" / f"iter-{index:04d}.parquet"),
             split=data.get("eval_split", "test"), limit=loop.get("eval_limit"), seed=seed,
-            max_new_tokens=config.get("rollout", {}).get("max_new_tokens", 512), **config.get("eval", {}),
+            **{"max_new_tokens": config.get("rollout", {}).get("max_new_tokens", 512), **config.get("eval", {})},
         )
 
     steps = []

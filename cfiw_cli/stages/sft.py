@@ -10,8 +10,8 @@ and renamed, and holds no optimizer state: the RL run that follows starts its ow
 from __future__ import annotations
 
 import tempfile
-import warnings
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
