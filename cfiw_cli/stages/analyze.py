@@ -221,7 +221,7 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
         curves(
             tables_["accuracy_by_mode"], "mode", "mean_accuracy", ("min_accuracy", "max_accuracy"),
             lambda mode, rows: f"{mode} ({max(r['runs'] for r in rows)} runs)",
-            "Accuracy by weighting mode (mean; band: min to max over runs)", "accuracy", "accuracy_by_mode.png",
+            "Accuracy by mode (mean; band: min to max)", "accuracy", "accuracy_by_mode.png",
         )
     if tables_.get("reward"):
         curves(tables_["reward"], "run", "mean_reward", None, by_run, "Training reward", "mean reward of the rollouts", "reward.png")
