@@ -104,7 +104,7 @@ def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) ->
 def run(config: SftConfig, force: bool = False) -> Path:
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, PrinterCallback
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     from cfiw_cli import modeling
@@ -126,10 +126,7 @@ def run(config: SftConfig, force: bool = False) -> Path:
     train_set = datasets.Dataset.from_list(examples(rows, tokenizer, config.prompt_template, config.chat_template))
     # Weights stay float32 (the optimizer's master copy); on a bf16 GPU the forward runs in bf16.
     bf16 = modeling.resolve_dtype(config.dtype, dev) == torch.bfloat16
-    try:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CfiwError(f"could not load {config.model!r}: {exc}", "pass a local model directory or a hub id") from exc
+    model = modeling.load_model(config.model, "float32", dev)
     with tempfile.TemporaryDirectory(prefix="cfiw-sft-") as scratch, progress_bar("sft", total=config.steps, unit="steps") as advance:
         with warnings.catch_warnings():  # TRL still passes the argument transformers renamed
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,13 +77,10 @@ def run(config: SynthConfig, force: bool = False) -> Path:
         for split, rows in splits.items():
             (tmp / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         counts = {split: len(rows) for split, rows in splits.items()}
-        labels: dict[str, int] = {}
-        for row in splits["train"]:
-            for sentence in row["labels"]:
-                labels[sentence["label"]] = labels.get(sentence["label"], 0) + 1
+        labels = Counter(sentence["label"] for row in splits["train"] for sentence in row["labels"])
         manifest = build_manifest(
             "synth", settings, {}, rows=sum(counts.values()), seconds=time.perf_counter() - started,
-            seed=config.seed, metrics={"rows": counts, "train_sentences_by_label": labels},
+            seed=config.seed, metrics={"rows": counts, "train_sentences_by_label": dict(labels)},
         )
         write_directory_manifest(tmp, manifest)
     info(f"wrote {counts['train']} train and {counts['test']} test problems to {out}")
