@@ -67,7 +67,7 @@ staged-run *args:
     cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode-staged}" ${iters:+--iterations "$iters"} "${extra[@]}" --dry-run | bash -e
     echo "run written to ${run:-runs/$model-$mode-staged}"
 
-# the paper's experiment: uniform, cfiw, inverted, shuffled for each seed, then one report over all runs
+# the paper's experiment: uniform, cfiw, inverted, shuffled, random for each seed, then one report over all runs
 compare *args:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -77,7 +77,7 @@ compare *args:
     if [ "$model" = tiny ]; then {{just_executable()}} --justfile {{justfile()}} tiny-sft "$sft" "$sft_steps"; extra=(--model "$sft"); fi
     runs=()
     for seed in $(seq 0 $((seeds - 1))); do
-      for mode in uniform cfiw inverted shuffled; do
+      for mode in uniform cfiw inverted shuffled random; do
         run="runs/compare-$model/$mode-seed$seed"
         {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" ${iters:+--iterations "$iters"} "${extra[@]}"
         runs+=("$run")

@@ -299,7 +299,12 @@ def train(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (may be --model itself; replaced atomically).")],
     spans: Annotated[Optional[Path], typer.Option("--spans", "-s", help="spans.parquet (needed unless --weighting uniform).")] = None,
     scores: Annotated[Optional[Path], typer.Option(help="scores.parquet (needed unless --weighting uniform).")] = None,
-    weighting: Annotated[str, typer.Option(help="cfiw, uniform (plain DAPO/GRPO), inverted or shuffled.")] = "cfiw",
+    weighting: Annotated[
+        str, typer.Option(help="cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) or random (i.i.d. U(0,1) importance).")
+    ] = "cfiw",
+    profile: Annotated[
+        str, typer.Option(help="cfiw (the rules of DESIGN §3) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion).")
+    ] = "cfiw",
     metrics_out: Annotated[Optional[Path], typer.Option(help="train_metrics.parquet (default: beside the rollouts).")] = None,
     weights_out: Annotated[Optional[Path], typer.Option(help="weights.parquet (default: beside the rollouts).")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
@@ -323,8 +328,13 @@ def train(
     boost: Annotated[float, typer.Option(help="Weight of the most important reasoning token (before --conserve).")] = 2.0,
     min_weight: Annotated[float, typer.Option(help="Weight of the least important reasoning token (before --conserve).")] = 0.5,
     answer_weight: Annotated[float, typer.Option(help="Weight of answer tokens (before --conserve).")] = 1.5,
-    conserve: Annotated[bool, typer.Option("--conserve/--no-conserve", help="Rescale each rollout's weights to mean 1.")] = True,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="dr_grpo normalizer (default: the longest completion).")] = None,
+    conserve: Annotated[bool, typer.Option("--conserve/--no-conserve", help="Rescale each rollout's weights to mean 1 (EOS left out, kept at 1).")] = True,
+    min_spread: Annotated[float, typer.Option(help="Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets Î = 0.5.")] = 1e-3,
+    temperature: Annotated[
+        Optional[float],
+        typer.Option(help="Temperature T of the log-probs, softmax(logits / T) (default: the rollouts' own, from their manifest or a temperature column; top-p is not applied).")
+    ] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="dr_grpo normalizer (default: the rollouts' own --max-new-tokens; required for files that do not record it).")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for activation memory.")] = False,
     seed: opt.Seed = 0,
     force: opt.Force = False,
@@ -332,8 +342,11 @@ def train(
     """Importance-weighted DAPO/GRPO update from saved rollouts (and spans + scores).
 
     Advantages are group-normalized per prompt; groups with equal rewards are dropped (with
-    none left the policy is saved unchanged). Old log-probs are recomputed by the loaded
-    policy, so the first minibatch has ratio 1. The optimizer and scheduler state are saved
+    none left the policy is saved unchanged); minibatches hold whole groups. Every log-prob is
+    of softmax(logits / T) at the rollouts' sampling temperature T (top-p is ignored, as in TRL
+    and verl), so the update is on-policy; old log-probs are recomputed by the loaded policy,
+    so the first minibatch has ratio 1, and their mean distance to the rollouts' own log-probs
+    is reported as rollout_logprob_diff. The optimizer and scheduler state are saved
     with the checkpoint and resumed when --model holds them. Runs under accelerate launch
     (DDP; FSDP/DeepSpeed through the accelerate config), the batch split across processes.
     """
@@ -342,14 +355,14 @@ def train(
     stage.run(
         stage.TrainConfig(
             model=model, rollouts=str(rollouts), out=str(out), spans=str(spans) if spans else None,
-            scores=str(scores) if scores else None, weighting=weighting,
+            scores=str(scores) if scores else None, weighting=weighting, profile=profile,
             metrics_out=str(metrics_out) if metrics_out else None, weights_out=str(weights_out) if weights_out else None,
             lr=lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, total_steps=total_steps, weight_decay=weight_decay,
             epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens, grad_clip=grad_clip,
             scale_rewards=scale_rewards, dynamic_sampling=dynamic_sampling, mask_truncated=mask_truncated,
             loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, beta=beta, reference=reference, floor=floor,
-            boost=boost, min_weight=min_weight, answer_weight=answer_weight, conserve=conserve,
-            max_new_tokens=max_new_tokens, gradient_checkpointing=gradient_checkpointing, seed=seed,
+            boost=boost, min_weight=min_weight, answer_weight=answer_weight, conserve=conserve, min_spread=min_spread,
+            temperature=temperature, max_new_tokens=max_new_tokens, gradient_checkpointing=gradient_checkpointing, seed=seed,
         ),
         force=force,
     )
@@ -396,7 +409,7 @@ def loop(
     config: Annotated[Optional[Path], typer.Option(help="A TOML file laid out like the presets (instead of --preset).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Override the number of iterations.")] = None,
-    weighting: Annotated[Optional[str], typer.Option(help="Override the weighting: cfiw, uniform, inverted, shuffled.")] = None,
+    weighting: Annotated[Optional[str], typer.Option(help="Override the weighting: cfiw, uniform, inverted, shuffled, random.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate before every k-th iteration (and after the last).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override the seed.")] = None,
     set_: Annotated[

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -119,13 +120,19 @@ def test_model_vocabulary_too_small(cli, run_dir, tmp_path):
     assert not out.exists()
 
 
-def test_empty_spans_file(cli, run_dir, tiny_model, tmp_path):
-    empty = tmp_path / "spans.parquet"
-    pq.write_table(SPANS.empty_table(), empty)
-    out = tmp_path / "scores.parquet"
-    result = cli("score", "--model", tiny_model, "--rollouts", run_dir / "rollouts.parquet", "--spans", empty, "--out", out)
-    assert_clean_error(result, "no spans")
-    assert leftovers(tmp_path) == ["spans.parquet"]
+def test_nothing_to_score_writes_an_empty_file(cli, run_dir, tiny_model, tmp_path):
+    # a policy may stop writing answers or reasoning; the run goes on and every rollout then
+    # weighs as in uniform
+    answers_only = pq.read_table(run_dir / "spans.parquet").to_pylist()
+    answers_only = [row for row in answers_only if row["kind"] == "answer"]
+    for name, rows in (("no-spans.parquet", []), ("answers-only.parquet", answers_only)):
+        spans = tmp_path / name
+        pq.write_table(pa.Table.from_pylist(rows, schema=SPANS), spans)
+        out = tmp_path / f"scores-{name}"
+        result = cli("score", "--model", tiny_model, "--rollouts", run_dir / "rollouts.parquet", "--spans", spans, "--out", out)
+        assert result.exit_code == 0, result.stderr
+        assert "nothing to score" in result.stderr
+        assert pq.read_table(out).num_rows == 0
 
 
 def test_two_processes_give_the_single_process_file(cli, run_dir, tiny_model, tmp_path):

@@ -1,10 +1,10 @@
-"""Token weights in every mode, with hand-computed values."""
+"""Token weights in every mode and both profiles, with hand-computed values."""
 
 import random
 
 import pytest
 
-from cfiw_cli.algo.weights import ScoredSpan, WeightConfig, token_weights
+from cfiw_cli.algo.weights import MODES, ScoredSpan, WeightConfig, token_weights
 
 # 8 completion tokens: reasoning [0, 5), answer [5, 7), EOS at 7.
 # span A = [0, 2) with delta 1.0, span B = [2, 4) with delta 0.2, token 4 in no span.
@@ -22,19 +22,24 @@ def test_cfiw_by_hand():
     # w = 0.5 + 1.5 Î = [2, 2, 1.4, 1.4, 1.25]; answer 1.5; EOS 1
     expected = [2.0, 2.0, 1.4, 1.4, 1.25, 1.5, 1.5, 1.0]
     assert token_weights(8, SPANS, "cfiw", RAW, ends_with_stop=True) == approx(expected)
+
+
+def test_conservation_leaves_eos_at_one_and_out_of_the_mean():
+    # the seven tokens before EOS sum to 11.05, mean 1.578571...: each is divided by it
     conserved = token_weights(8, SPANS, "cfiw", ends_with_stop=True)
-    assert conserved == approx([w / (sum(expected) / 8) for w in expected])
-    assert sum(conserved) / 8 == pytest.approx(1.0)
+    assert conserved == approx([w / (11.05 / 7) for w in [2.0, 2.0, 1.4, 1.4, 1.25, 1.5, 1.5]] + [1.0])
+    assert sum(conserved[:7]) / 7 == pytest.approx(1.0)
+    for mode in MODES:  # the stop decision weighs the same in every mode
+        assert token_weights(8, SPANS, mode, ends_with_stop=True, rng=random.Random(0))[7] == 1.0
+    # without a stop token (a truncated completion) every token takes part in the mean
+    truncated = token_weights(7, SPANS, "cfiw", ends_with_stop=False)
+    assert truncated == approx([w / (11.05 / 7) for w in [2.0, 2.0, 1.4, 1.4, 1.25, 1.5, 1.5]])
 
 
 def test_inverted_by_hand():
     # Î' = (max Î + min Î) - Î = 1.5 - [1, 1, .6, .6, .5] = [.5, .5, .9, .9, 1]
     expected = [1.25, 1.25, 1.85, 1.85, 2.0, 1.5, 1.5, 1.0]
     assert token_weights(8, SPANS, "inverted", RAW, ends_with_stop=True) == approx(expected)
-    cfiw = token_weights(8, SPANS, "cfiw", RAW, ends_with_stop=True)[:5]
-    inverted = token_weights(8, SPANS, "inverted", RAW, ends_with_stop=True)[:5]
-    order = sorted(range(5), key=lambda t: cfiw[t])
-    assert sorted(range(5), key=lambda t: -inverted[t]) == order  # the order of span weights is reversed
 
 
 def test_shuffled_permutes_the_span_deltas():
@@ -47,20 +52,59 @@ def test_shuffled_permutes_the_span_deltas():
         assert weights == approx(kept) or weights == approx(swapped)
         seen.add(tuple(round(w, 6) for w in weights))
     assert len(seen) == 2  # both placements occur
-    # the multiset of span-level importances is kept
-    assert sorted(kept[:4]) == approx(sorted(swapped[:4]))
+    assert sorted(kept[:4]) == approx(sorted(swapped[:4]))  # the multiset of span-level importances is kept
 
 
-def test_uniform_and_no_spans_are_all_ones():
+def test_random_replaces_the_importances_with_seeded_uniform_draws():
+    weights = token_weights(8, SPANS, "random", RAW, ends_with_stop=True, rng=random.Random(7))
+    # I_t ~ U(0, 1) on the 5 reasoning tokens, min-max scaled to [0.5, 1]: the largest draw gets
+    # the boost (2.0) and the smallest 0.5 + 1.5 * 0.5 = 1.25; answer and EOS as in cfiw.
+    draws = _draws(7, 5)
+    low, high = min(draws), max(draws)
+    assert weights[:5] == approx([0.5 + 1.5 * (0.5 + 0.5 * (d - low) / (high - low)) for d in draws])
+    assert max(weights[:5]) == pytest.approx(2.0) and min(weights[:5]) == pytest.approx(1.25)
+    assert weights[5:] == approx([1.5, 1.5, 1.0])
+    # the same seed gives the same weights, another seed others; the scores play no part
+    assert token_weights(8, SPANS, "random", RAW, ends_with_stop=True, rng=random.Random(7)) == weights
+    assert token_weights(8, SPANS, "random", RAW, ends_with_stop=True, rng=random.Random(8)) != weights
+    other_deltas = [ScoredSpan("numeric", 0, 5, 9.0), SPANS[2]]
+    assert token_weights(8, other_deltas, "random", RAW, ends_with_stop=True, rng=random.Random(7)) == weights
+
+
+def _draws(seed, count):
+    rng = random.Random(seed)
+    return [rng.random() for _ in range(count)]
+
+
+def test_uniform_and_unscored_rollouts_are_all_ones():
     assert token_weights(8, SPANS, "uniform") == [1.0] * 8
-    for mode in ("cfiw", "inverted", "shuffled"):
+    answer_only = [ScoredSpan("answer", 5, 7)]
+    unscored = [ScoredSpan("numeric", 0, 5, None), ScoredSpan("answer", 5, 7)]  # a span left out of scoring
+    for mode in MODES:
         assert token_weights(6, [], mode) == [1.0] * 6
         assert token_weights(6, [ScoredSpan("numeric", 0, 2, 0.5)], mode) == [1.0] * 6  # no answer span
+        # an answer but no scored reasoning span: exactly as uniform, not the boost
+        assert token_weights(8, answer_only, mode, ends_with_stop=True) == [1.0] * 8
+        assert token_weights(8, unscored, mode, ends_with_stop=True) == [1.0] * 8
 
 
-def test_flat_importance_gives_boost_everywhere_in_reasoning():
-    spans = [ScoredSpan("numeric", 0, 5, 0.0), ScoredSpan("answer", 5, 7)]
-    assert token_weights(7, spans, "cfiw", RAW) == approx([2.0] * 5 + [1.5, 1.5])
+def test_flat_importance_gives_the_middle_weight():
+    # all deltas 0: I = 0.2 everywhere, spread 0 -> Î = 0.5 -> w = 0.5 + 1.5 * 0.5 = 1.25,
+    # below the answer's 1.5 (not the boost 2.0)
+    flat = [ScoredSpan("numeric", 0, 5, 0.0), ScoredSpan("answer", 5, 7)]
+    assert token_weights(7, flat, "cfiw", RAW) == approx([1.25] * 5 + [1.5, 1.5])
+    assert token_weights(7, flat, "inverted", RAW) == approx([1.25] * 5 + [1.5, 1.5])
+
+
+def test_a_spread_below_min_spread_is_noise_not_signal():
+    # span A's delta 2e-6 over 2 tokens: spread 1e-6 nats, below 1e-3 -> flat
+    noise = [ScoredSpan("numeric", 0, 2, 2e-6), ScoredSpan("numeric", 2, 5, 0.0), ScoredSpan("answer", 5, 7)]
+    assert token_weights(7, noise, "cfiw", RAW) == approx([1.25] * 5 + [1.5, 1.5])
+    # a 7-nat spread is signal: A gets the boost, the rest the minimum Î = 0.5
+    signal = [ScoredSpan("numeric", 0, 2, 14.0), ScoredSpan("numeric", 2, 5, 0.0), ScoredSpan("answer", 5, 7)]
+    assert token_weights(7, signal, "cfiw", RAW) == approx([2.0, 2.0, 1.25, 1.25, 1.25, 1.5, 1.5])
+    # min_spread is a parameter: at 0 the 1e-6 spread is scaled like the 7-nat one
+    assert token_weights(7, noise, "cfiw", WeightConfig(conserve=False, min_spread=0.0)) == approx([2.0, 2.0, 1.25, 1.25, 1.25, 1.5, 1.5])
 
 
 def test_every_constant_is_a_parameter():
@@ -69,6 +113,59 @@ def test_every_constant_is_a_parameter():
     assert token_weights(8, SPANS, "cfiw", config, ends_with_stop=True) == approx([3.0, 3.0, 2.2, 2.2, 2.0, 2.0, 2.0, 1.0])
 
 
-def test_unknown_mode():
+# The authors' trainer, worked by hand. Completion "3 = 3. ok #### 3<eos>" as 8 tokens:
+TEXTS = ["3", " =", " 3", ".", " ok", " ####", " 3", "<eos>"]
+# span A = "3 = 3" [0, 3), delta 0.6; span B = ". ok" [3, 5), delta 0; answer [5, 7); EOS at 7.
+AUTHOR_SPANS = [ScoredSpan("calculation", 0, 3, 0.6), ScoredSpan("scaffolding", 3, 5, 0.0), ScoredSpan("answer", 5, 7)]
+AUTHORS = WeightConfig(conserve=False, profile="authors")
+
+
+def test_authors_profile_by_hand():
+    # I: A = 0.2 + 0.6/3 = 0.4, B = 0.2 -> Î = [1, 1, 1, .5, .5]; answer and EOS Î = 0.
+    # " =" is a formatting token with Î > 0: Î = 0.1 -> w = 0.5 + 1.5 * 0.1 = 0.65.
+    expected = [2.0, 0.65, 2.0, 1.25, 1.25, 1.5, 1.5, 1.0]
+    assert token_weights(8, AUTHOR_SPANS, "cfiw", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(expected)
+    # the cfiw profile has no formatting rule
+    assert token_weights(8, AUTHOR_SPANS, "cfiw", RAW, ends_with_stop=True) == approx([2.0, 2.0, 2.0, 1.25, 1.25, 1.5, 1.5, 1.0])
+    # conservation: the seven tokens before EOS sum to 10.15, mean 1.45
+    conserved = token_weights(8, AUTHOR_SPANS, "cfiw", WeightConfig(profile="authors"), ends_with_stop=True, token_texts=TEXTS)
+    assert conserved == approx([w / 1.45 for w in expected[:7]] + [1.0])
+
+
+def test_authors_inversion_spans_the_whole_completion():
+    # Î over the completion = [1, 1, 1, .5, .5, 0, 0, (EOS) 0]: max 1, min 0 -> Î' = 1 - Î
+    # = [0, 0, 0, .5, .5, 1, 1]; " =" now has Î' = 0, so the 0.1 rule leaves it; the answer is
+    # overridden by answer_weight. Reasoning lands in [0.5, 1.25], never above the answer.
+    expected = [0.5, 0.5, 0.5, 1.25, 1.25, 1.5, 1.5, 1.0]
+    assert token_weights(8, AUTHOR_SPANS, "inverted", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(expected)
+    # the cfiw profile flips within the reasoning region: 1.5 - [1, 1, 1, .5, .5] = [.5, .5, .5, 1, 1]
+    assert token_weights(8, AUTHOR_SPANS, "inverted", RAW, ends_with_stop=True) == approx([1.25, 1.25, 1.25, 2.0, 2.0, 1.5, 1.5, 1.0])
+
+
+def test_authors_rollouts_without_scored_spans():
+    answer_only = [ScoredSpan("answer", 5, 7)]
+    # cfiw: Î = 0.5 on the reasoning region (" =" -> 0.05 -> w 0.575), answer 1.5
+    assert token_weights(8, answer_only, "cfiw", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx([1.25, 0.575, 1.25, 1.25, 1.25, 1.5, 1.5, 1.0])
+    # inverted returns before inverting, with Î = 1 on the reasoning region (" =" -> 0.1 -> 0.65)
+    assert token_weights(8, answer_only, "inverted", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx([2.0, 0.65, 2.0, 2.0, 2.0, 1.5, 1.5, 1.0])
+
+
+def test_authors_random_draws_over_the_whole_completion():
+    draws = _draws(3, 7)  # one per token but EOS, used as Î directly (no min-max scaling)
+    expected = [0.5 + 1.5 * d for d in draws]
+    expected[1] = 0.5 + 1.5 * 0.1 * draws[1]  # " =" is a formatting token
+    expected[5:7] = [1.5, 1.5]
+    weights = token_weights(8, AUTHOR_SPANS, "random", AUTHORS, ends_with_stop=True, rng=random.Random(3), token_texts=TEXTS)
+    assert weights == approx(expected + [1.0])
+
+
+def test_authors_profile_needs_token_texts():
+    with pytest.raises(ValueError, match="text of every completion token"):
+        token_weights(8, AUTHOR_SPANS, "cfiw", AUTHORS, ends_with_stop=True)
+
+
+def test_unknown_mode_and_profile():
     with pytest.raises(ValueError):
         token_weights(3, [], "magic")
+    with pytest.raises(ValueError):
+        token_weights(3, [], "cfiw", WeightConfig(profile="magic"))

@@ -1,21 +1,44 @@
-"""Per-token loss weights from span importances, in the four weighting modes.
+"""Per-token loss weights from span importances: five weighting modes, two profiles.
 
-For one rollout with reasoning region [0, a) (everything before the answer span) and
-scored spans s with importance delta_s:
+One rollout has a reasoning region [0, a) (everything before the answer span), the answer
+span [a, b) and, when it ended on a stop token, that EOS token last. Scored spans s carry
+delta_s = answer log-prob unmasked - answer log-prob with s masked (nats).
 
-    I_t  = floor + sum over spans s containing t of delta_s / len(s)      (reasoning tokens)
-    Î_t  = 0.5 + 0.5 * (I_t - min I) / (max I - min I)    over the reasoning region (1 if flat)
-    w_t  = min_weight + (boost - min_weight) * Î_t
-    answer tokens get `answer_weight`, the stop token 1, anything else after the reasoning 1;
-    with `conserve`, all weights are rescaled so their mean over the completion is 1.
+Profile `cfiw` (the default; DESIGN §3):
 
-Modes: `cfiw` as above; `inverted` uses Î'_t = (max Î + min Î) - Î_t, so the most important
-span gets the least weight; `shuffled` permutes the span deltas within the rollout first
-(same multiset, random placement); `uniform` is all ones (plain DAPO/GRPO).
+    I_t = floor + sum over spans s containing t of delta_s / len(s)       reasoning tokens
+    Î_t = 0.5 + 0.5 * (I_t - min I) / (max I - min I)        over the reasoning region;
+          Î_t = 0.5 when max I - min I < min_spread (1e-3 nats: noise, not signal)
+    w_t = min_weight + (boost - min_weight) * Î_t           answer tokens: answer_weight
+    conserve: every weight but EOS's is divided by their mean; EOS always weighs 1
 
-Differences from the paper's description: tokens of the reasoning region that no scored span
-covers get I_t = floor (not skipped), so they take part in the normalisation; a rollout
-without an answer span (nothing was scored) gets all ones in every mode.
+Modes: `cfiw` as above; `inverted` uses Î'_t = (max Î + min Î) - Î_t over the reasoning
+region; `shuffled` permutes the span deltas within the rollout before computing I; `random`
+draws I_t i.i.d. from U(0, 1) per reasoning token (seeded per rollout) instead of using the
+deltas; `uniform` is all ones (plain DAPO/GRPO). A rollout with no scored reasoning span, or
+without an answer span, gets all ones in every mode, so every mode reweights the same rollouts.
+
+Profile `authors` reproduces the authors' trainer (their `compute_batched_counterfactual_
+importance`, `compute_counterfactual_importance` and `compute_soft_weights`) on our spans:
+- the importance of answer tokens and EOS is 0, and Î is min-max scaled only when
+  max I > min I exactly (no min_spread);
+- `inverted` flips Î over the whole completion (answer and EOS included, where Î is 0),
+  so reasoning tokens land in [0, 0.5] and the answer region at 1 before its override;
+- `random` draws Î_t ~ U(0, 1) for every completion token, with no min-max scaling;
+- tokens that decode to `#`, `##`, `###`, `####`, `=`, `==`, `===`, `====`, `-`, `--` or
+  `---` (after stripping whitespace) with Î_t > 0 have Î_t multiplied by 0.1;
+- a rollout with no scored span gets Î = 0.5 on its reasoning region (1.0 in `inverted`,
+  whose code path returns before inverting, with the answer region and EOS at `floor`);
+- the constants are ours: floor 0.2, min_weight 0.5, boost 2.0, answer_weight 1.5.
+
+Differences from the authors' trainer that remain in the `authors` profile: spans and the
+answer region come from `cfiw segment` (they detect spans with their own regexes, and find
+the answer marker by matching its stand-alone tokenization, which misses markers tokenized
+differently in context and leaves those answers at min_weight); weights are computed once
+from the scores of the sampling policy rather than inside each loss call by the policy being
+trained; a micro-batch whose advantages are all equal is not special-cased (they skip
+weighting there, which depends on how rollouts fall into micro-batches); a rollout without
+an answer span gets all ones (they would score the batch's padding as its answer).
 """
 
 from __future__ import annotations
@@ -24,7 +47,10 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-MODES = ("cfiw", "uniform", "inverted", "shuffled")
+MODES = ("cfiw", "uniform", "inverted", "shuffled", "random")
+PROFILES = ("cfiw", "authors")
+FORMATTING_TOKENS = frozenset({"#", "##", "###", "####", "=", "==", "===", "====", "-", "--", "---"})
+FORMATTING_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -34,6 +60,8 @@ class WeightConfig:
     min_weight: float = 0.5
     answer_weight: float = 1.5
     conserve: bool = True
+    min_spread: float = 1e-3  # nats; a smaller spread of I is treated as flat (profile cfiw)
+    profile: str = "cfiw"
 
 
 @dataclass(frozen=True)
@@ -51,39 +79,94 @@ def token_weights(
     config: WeightConfig = WeightConfig(),
     ends_with_stop: bool = False,
     rng: random.Random | None = None,
+    token_texts: Sequence[str] | None = None,
 ) -> list[float]:
-    """One weight per completion token (`num_tokens` includes the stop token, if any)."""
+    """One weight per completion token (`num_tokens` includes the stop token, if any).
+
+    `rng` drives `shuffled` and `random`; `token_texts` (each token decoded on its own) is
+    needed by the `authors` profile for its formatting-token rule.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown weighting mode {mode!r}")
+    if config.profile not in PROFILES:
+        raise ValueError(f"unknown weighting profile {config.profile!r}")
     answers = [s for s in spans if s.kind == "answer"]
-    if mode == "uniform" or not answers:
+    if mode == "uniform" or not answers or num_tokens == 0:
         return [1.0] * num_tokens
+    body = num_tokens - 1 if ends_with_stop else num_tokens  # every token but EOS
     answer = answers[0]
-    reasoning_end = answer.tok_start
+    reasoning_end = min(answer.tok_start, body)
     scored = [s for s in spans if s.kind != "answer" and s.delta is not None]
+    rng = rng or random.Random(0)
+    if config.profile == "authors":
+        if token_texts is None or len(token_texts) < body:
+            raise ValueError("the authors profile needs the text of every completion token")
+        scaled = _authors_importance(body, reasoning_end, scored, mode, config, rng)
+        scaled = [x * FORMATTING_SCALE if x > 0 and token_texts[t].strip() in FORMATTING_TOKENS else x for t, x in enumerate(scaled)]
+    else:
+        if not scored:
+            return [1.0] * num_tokens
+        scaled = _cfiw_importance(reasoning_end, scored, mode, config, rng) + [None] * (body - reasoning_end)
+    weights = [1.0 if x is None else config.min_weight + (config.boost - config.min_weight) * x for x in scaled]  # w_t
+    for t in range(max(answer.tok_start, 0), min(answer.tok_end, body)):
+        weights[t] = config.answer_weight
+    if config.conserve and body:
+        mean = sum(weights) / body
+        if mean > 0:
+            weights = [w / mean for w in weights]
+    return weights + [1.0] * (num_tokens - body)
+
+
+def span_importance(reasoning_end: int, spans: Sequence[ScoredSpan], deltas: Sequence[float], floor: float) -> list[float]:
+    """I_t over the reasoning region: the floor plus each covering span's delta / length."""
+    importance = [floor] * reasoning_end
+    for span, delta in zip(spans, deltas):
+        for t in range(max(span.tok_start, 0), min(span.tok_end, reasoning_end)):
+            importance[t] += delta / (span.tok_end - span.tok_start)
+    return importance
+
+
+def _deltas(scored: Sequence[ScoredSpan], mode: str, rng: random.Random) -> list[float]:
     deltas = [s.delta for s in scored]
     if mode == "shuffled":
-        (rng or random.Random(0)).shuffle(deltas)
+        rng.shuffle(deltas)
+    return deltas
 
-    importance = [config.floor] * reasoning_end  # I_t
-    for span, delta in zip(scored, deltas):
-        for t in range(span.tok_start, min(span.tok_end, reasoning_end)):
-            importance[t] += delta / (span.tok_end - span.tok_start)
-    if importance:
-        low, high = min(importance), max(importance)
-        scaled = [0.5 + 0.5 * (i - low) / (high - low) for i in importance] if high > low else [1.0] * len(importance)  # Î_t
-        if mode == "inverted":
-            top, bottom = max(scaled), min(scaled)
-            scaled = [top + bottom - x for x in scaled]
+
+def _cfiw_importance(reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random) -> list[float]:
+    """Î_t over the reasoning region (profile cfiw)."""
+    if mode == "random":
+        importance = [rng.random() for _ in range(reasoning_end)]
     else:
-        scaled = []
-    weights = [config.min_weight + (config.boost - config.min_weight) * x for x in scaled]
-    weights += [1.0] * (num_tokens - reasoning_end)
-    for t in range(answer.tok_start, min(answer.tok_end, num_tokens)):
-        weights[t] = config.answer_weight
-    if ends_with_stop and num_tokens:
-        weights[-1] = 1.0
-    if config.conserve and num_tokens:
-        mean = sum(weights) / num_tokens
-        weights = [w / mean for w in weights]
-    return weights
+        importance = span_importance(reasoning_end, scored, _deltas(scored, mode, rng), config.floor)
+    if not importance:
+        return []
+    low, high = min(importance), max(importance)
+    if high - low < config.min_spread:
+        return [0.5] * len(importance)
+    scaled = [0.5 + 0.5 * (i - low) / (high - low) for i in importance]
+    if mode == "inverted":
+        top, bottom = max(scaled), min(scaled)
+        scaled = [top + bottom - x for x in scaled]
+    return scaled
+
+
+def _authors_importance(body: int, reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random) -> list[float]:
+    """Î_t over every token but EOS, as the authors' trainer computes it (see the module docstring)."""
+    if mode == "random":
+        return [rng.random() for _ in range(body)]
+    after = body - reasoning_end
+    if not scored:
+        if mode == "inverted":
+            return [1.0] * reasoning_end + [config.floor] * after
+        return [0.5] * reasoning_end + [0.0] * after
+    importance = span_importance(reasoning_end, scored, _deltas(scored, mode, rng), config.floor)
+    low, high = (min(importance), max(importance)) if importance else (0.0, 0.0)
+    scaled = [0.5 + 0.5 * (i - low) / (high - low) for i in importance] if high > low else [0.5] * reasoning_end
+    scaled += [0.0] * after
+    if mode == "inverted":
+        values = scaled + [0.0]  # their flip also sees the EOS/padding slots, at 0
+        top, bottom = max(values), min(values)
+        if top > bottom:
+            scaled = [top + bottom - x for x in scaled]
+    return scaled

@@ -100,8 +100,6 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     out = prepare_output(config.out)
     rollouts = read_artifact(config.rollouts, "rollouts")
     spans = read_artifact(config.spans, "spans")
-    if spans.num_rows == 0:
-        raise CfiwError(f"{config.spans} holds no spans, so there is nothing to score", "check that the rollouts have extractable answers (cfiw segment)")
     check_spans_match(rollouts, spans, config.rollouts, config.spans)
     settings = settings_of(config)
     inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans")}
@@ -113,8 +111,8 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
     rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer)
-    if not items:
-        raise CfiwError(f"no rollout in {config.spans} has both reasoning spans and an answer", "nothing to score")
+    if not items:  # e.g. a policy that has stopped writing reasoning: every rollout will weigh as in uniform
+        info(f"Warning: no rollout in {config.spans} has both reasoning spans and an answer: nothing to score, the scores file is empty")
     mine = distributed.my_share(items)
     with progress_bar(f"score ({config.mask})", total=len(mine), unit="rollouts") as advance:
         scores = score_items(
@@ -145,7 +143,7 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     tokens = sum(len(item.tokens) for item in items)
     metrics = {
         "rollouts": len(items), "spans": len(records), "tokens": tokens, "processes": distributed.processes(),
-        "mean_delta": sum(r["delta"] for r in records) / len(records),
+        "mean_delta": sum(r["delta"] for r in records) / len(records) if records else None,
     }
     manifest = build_manifest("score", settings, inputs, rows=len(records), seconds=seconds, device=modeling.describe_device(dev), metrics=metrics)
     write_table(table, out, manifest)

@@ -1,12 +1,17 @@
 """`cfiw train`: one offline policy update from saved rollouts (and spans + scores).
 
 The batch is the rollouts file. Group advantages are computed per prompt; groups whose rewards
-are all equal are dropped (dynamic sampling). Old log-probs are recomputed by the loaded policy
-with the same micro-batches as the first pass, so the ratio is exactly 1 on the first
-minibatch. Each of `epochs` passes shuffles the kept rollouts (seeded) into `minibatches`
-optimizer steps; a step accumulates gradients over micro-batches of at most
-`micro_batch_tokens` padded tokens. Under `accelerate launch` each process takes every n-th
-rollout of a minibatch; loss normalizers are global, so the step equals the single-process one.
+are all equal are dropped (dynamic sampling). Every log-prob is of softmax(logits / T), T the
+rollouts' sampling temperature (their manifest, a `temperature` column, or --temperature),
+so the update is for the distribution the rollouts were drawn from; top-p is not applied, as
+in TRL and verl. Old log-probs are recomputed by the loaded policy with the same
+micro-batches as the first pass, so the ratio is exactly 1 on the first minibatch; their mean
+distance to the rollouts' own log-probs is reported (`rollout_logprob_diff`). Each of
+`epochs` passes shuffles the kept GRPO groups (seeded) into `minibatches` optimizer steps,
+each group whole, so a minibatch's advantages sum to zero per group; a step accumulates
+gradients over micro-batches of at most `micro_batch_tokens` padded tokens. Under
+`accelerate launch` each process takes every n-th rollout of a minibatch; loss normalizers
+are global, so the step equals the single-process one.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from cfiw_cli.artifacts import (
-    build_manifest, input_record, prepare_output, read_artifact, read_directory_manifest, settings_of, staged_directory,
-    up_to_date, write_directory_manifest, write_table,
+    build_manifest, input_record, prepare_output, read_artifact, read_directory_manifest, read_manifest, settings_of,
+    staged_directory, up_to_date, write_directory_manifest, write_table,
 )
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
@@ -37,6 +42,7 @@ class TrainConfig:
     spans: str | None = None
     scores: str | None = None
     weighting: str = "cfiw"
+    profile: str = "cfiw"  # cfiw (DESIGN §3) or authors (the authors' trainer's rules)
     metrics_out: str | None = None  # default: train_metrics.parquet beside the rollouts
     weights_out: str | None = None  # default: weights.parquet beside the rollouts
     lr: float = 1e-6
@@ -61,7 +67,9 @@ class TrainConfig:
     min_weight: float = 0.5
     answer_weight: float = 1.5
     conserve: bool = True
-    max_new_tokens: int | None = None  # dr_grpo normalizer (default: longest completion)
+    min_spread: float = 1e-3
+    temperature: float | None = None  # default: the rollouts' sampling temperature
+    max_new_tokens: int | None = None  # dr_grpo normalizer (default: the rollouts' max_new_tokens)
     gradient_checkpointing: bool = False
     seed: int = 0
 
@@ -77,19 +85,23 @@ class TrainResult:
 @dataclass
 class _Sequence:
     rollout_id: str
+    group: str  # prompt_id: the GRPO group
     tokens: list[int]  # prompt + completion
     prompt_length: int
     advantage: float
     weights: list[float]  # one per completion token
     mask: list[float]  # 1 for completion tokens that count
+    rollout_logprobs: list[float]  # what the sampler recorded, one per completion token
 
 
 def _check(config: TrainConfig) -> None:
     from cfiw_cli.algo.loss import LOSS_TYPES
-    from cfiw_cli.algo.weights import MODES
+    from cfiw_cli.algo.weights import MODES, PROFILES
 
     if config.weighting not in MODES:
         raise CfiwError(f"unknown --weighting {config.weighting!r}", f"choose one of {', '.join(MODES)}")
+    if config.profile not in PROFILES:
+        raise CfiwError(f"unknown --profile {config.profile!r}", f"choose one of {', '.join(PROFILES)}")
     if config.weighting != "uniform" and not (config.spans and config.scores):
         raise CfiwError(f"--weighting {config.weighting} needs --spans and --scores", "run cfiw segment and cfiw score first, or use --weighting uniform")
     if config.loss_type not in LOSS_TYPES:
@@ -100,14 +112,55 @@ def _check(config: TrainConfig) -> None:
         raise CfiwError(f"unknown --scale-rewards {config.scale_rewards!r}", "choose group, batch or none")
     if min(config.epochs, config.minibatches, config.micro_batch_tokens) < 1 or config.lr < 0:
         raise CfiwError("--epochs, --minibatches and --micro-batch-tokens must be >= 1 and --lr >= 0", "pass positive values")
+    if config.temperature is not None and not config.temperature > 0:
+        raise CfiwError(f"--temperature must be > 0, not {config.temperature}", "pass the temperature the rollouts were sampled at")
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise CfiwError("--max-new-tokens must be >= 1", "pass the length limit the rollouts were sampled with")
+    if not config.min_spread >= 0:
+        raise CfiwError("--min-spread must be >= 0", "e.g. --min-spread 1e-3")
 
 
-def build_sequences(config: TrainConfig, rollouts: Any, spans: Any, scores: Any) -> tuple[list[_Sequence], list[dict], int]:
-    """Kept sequences, one weights.parquet row per rollout, and the number of dropped groups."""
+def _rollout_setting(rollouts: Any, manifest: dict | None, name: str, path: str) -> Any:
+    """A sampling setting of the rollouts: from the manifest `cfiw rollout` wrote, else from a
+    column holding one value (files written by other tools), else None."""
+    if manifest and manifest.get("stage") == "rollout" and manifest.get("config", {}).get(name) is not None:
+        return manifest["config"][name]
+    if name in rollouts.column_names:
+        values = set(rollouts.column(name).to_pylist()) - {None}
+        if len(values) > 1:
+            raise CfiwError(f"the {name} column of {path} holds several values ({', '.join(map(str, sorted(values)))})", f"train on rollouts sampled with one {name}, or pass --{name.replace('_', '-')}")
+        if values:
+            return values.pop()
+    return None
+
+
+def sampling_settings(config: TrainConfig, rollouts: Any) -> dict[str, Any]:
+    """The temperature the log-probs are taken at and the dr_grpo length normalizer."""
+    manifest = read_manifest(config.rollouts)
+    max_new_tokens = config.max_new_tokens or _rollout_setting(rollouts, manifest, "max_new_tokens", config.rollouts)
+    if config.loss_type == "dr_grpo" and max_new_tokens is None:
+        raise CfiwError(f"--loss-type dr_grpo needs the length limit of the rollouts, and {config.rollouts} does not record it", "pass --max-new-tokens (the limit they were sampled with)")
+    recorded = _rollout_setting(rollouts, manifest, "temperature", config.rollouts)
+    if config.temperature is not None:
+        temperature, source = float(config.temperature), "--temperature"
+    elif recorded is not None:
+        temperature, source = float(recorded), "rollouts"
+    else:
+        temperature, source = 1.0, "default"
+        info(f"Warning: {config.rollouts} does not record its sampling temperature; training at T = 1 (pass --temperature if they were sampled otherwise)")
+    if temperature == 0:  # greedy rollouts record their log-probs at T = 1
+        temperature = 1.0
+    return {"temperature": temperature, "temperature_source": source, "max_new_tokens": int(max_new_tokens) if max_new_tokens else None}
+
+
+def build_sequences(config: TrainConfig, rollouts: Any, spans: Any, scores: Any, tokenizer: Any = None) -> tuple[list[_Sequence], list[dict], int]:
+    """Kept sequences, one weights.parquet row per rollout, and the number of dropped groups.
+    `tokenizer` decodes tokens for the authors profile's formatting-token rule."""
     from cfiw_cli.algo.loss import group_advantages
     from cfiw_cli.algo.weights import ScoredSpan, WeightConfig, token_weights
 
-    rows = rollouts.select(["rollout_id", "prompt_id", "prompt_ids", "completion_ids", "finish_reason", "reward"]).to_pylist()
+    columns = ["rollout_id", "prompt_id", "prompt_ids", "completion_ids", "completion_logprobs", "finish_reason", "reward"]
+    rows = rollouts.select(columns).to_pylist()
     advantages = group_advantages([r["reward"] for r in rows], [r["prompt_id"] for r in rows], config.scale_rewards)
     rewards_by_group: dict[str, set] = {}
     for row in rows:
@@ -121,22 +174,44 @@ def build_sequences(config: TrainConfig, rollouts: Any, spans: Any, scores: Any)
         for span in spans.select(["rollout_id", "span_idx", "kind", "tok_start", "tok_end"]).to_pylist():
             delta = deltas.get((span["rollout_id"], span["span_idx"]))
             spans_by_rollout.setdefault(span["rollout_id"], []).append(ScoredSpan(span["kind"], span["tok_start"], span["tok_end"], delta))
-    weight_config = WeightConfig(config.floor, config.boost, config.min_weight, config.answer_weight, config.conserve)
+    weight_config = WeightConfig(config.floor, config.boost, config.min_weight, config.answer_weight, config.conserve, config.min_spread, config.profile)
+    needs_text = config.profile == "authors" and config.weighting != "uniform"
     sequences, weight_rows = [], []
     for row, advantage in zip(rows, advantages):
         completion = row["completion_ids"]
         rng = random.Random(f"{config.seed}:{row['rollout_id']}")
+        texts = [tokenizer.decode([t]) for t in completion] if needs_text else None
         weights = token_weights(
             len(completion), spans_by_rollout.get(row["rollout_id"], []), config.weighting, weight_config,
-            ends_with_stop=row["finish_reason"] == "stop", rng=rng,
+            ends_with_stop=row["finish_reason"] == "stop", rng=rng, token_texts=texts,
         )
         kept = not (config.dynamic_sampling and row["prompt_id"] in flat)
         truncated = config.mask_truncated and row["finish_reason"] == "length"
         weight_rows.append({"rollout_id": row["rollout_id"], "weighting": config.weighting, "token_weights": weights, "advantage": advantage, "kept": kept, "truncated": truncated})
         if kept and completion:
             mask = [0.0 if truncated else 1.0] * len(completion)
-            sequences.append(_Sequence(row["rollout_id"], row["prompt_ids"] + completion, len(row["prompt_ids"]), advantage, weights, mask))
+            sequences.append(_Sequence(row["rollout_id"], row["prompt_id"], row["prompt_ids"] + completion, len(row["prompt_ids"]), advantage, weights, mask, row["completion_logprobs"]))
     return sequences, weight_rows, len(flat) if config.dynamic_sampling else 0
+
+
+def plan_minibatches(sequences: list[_Sequence], minibatches: int, seed: int, epoch: int) -> list[list[_Sequence]]:
+    """Whole GRPO groups, shuffled (seeded per epoch), dealt into min(minibatches, groups)
+    minibatches whose group counts differ by at most one."""
+    groups: dict[str, list[_Sequence]] = {}
+    for sequence in sequences:
+        groups.setdefault(sequence.group, []).append(sequence)
+    order = list(groups)
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    count = min(minibatches, len(order))
+    if count == 0:
+        return []
+    size, extra = divmod(len(order), count)
+    plan, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        plan.append([member for group in order[start:end] for member in groups[group]])
+        start = end
+    return plan
 
 
 def _micro_batches(sequences: list[_Sequence], budget: int) -> list[list[_Sequence]]:
@@ -154,32 +229,8 @@ def _micro_batches(sequences: list[_Sequence], budget: int) -> list[list[_Sequen
     return batches
 
 
-def _forward(model: Any, batch: list[_Sequence], pad_id: int, device: Any, autocast: bool, want_entropy: bool = False):
-    """Log-probs of the completion tokens `[B, C]` (left-aligned, zero-padded) and optionally entropies."""
-    import torch
-
-    width = max(len(s.tokens) for s in batch)
-    longest = max(len(s.tokens) - s.prompt_length for s in batch)
-    ids = torch.tensor([[pad_id] * (width - len(s.tokens)) + s.tokens for s in batch], device=device)  # [B, W]
-    attention = torch.tensor([[0] * (width - len(s.tokens)) + [1] * len(s.tokens) for s in batch], device=device)  # [B, W]
-    positions = (attention.cumsum(1) - 1).clamp(min=0)  # [B, W]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=longest + 1).logits
-    logprobs_all = logits[:, :-1].float().log_softmax(-1)  # [B, C, V]: position j predicts completion token j
-    targets = torch.zeros(len(batch), longest, dtype=torch.long, device=device)  # [B, C]
-    for row, s in enumerate(batch):
-        completion = s.tokens[s.prompt_length :]
-        targets[row, longest - len(completion) :] = torch.tensor(completion, device=device)
-    logprobs = logprobs_all.gather(2, targets[:, :, None]).squeeze(2)  # [B, C] right-aligned
-    entropy = None
-    if want_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)  # [B, C]
-    return logprobs, entropy
-
-
 def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any):
-    """Per-token lists of a batch as a right-aligned `[B, C]` tensor (matches `_forward`)."""
+    """Per-token lists of a batch as a right-aligned `[B, C]` tensor (as `completion_logprobs` returns)."""
     import torch
 
     out = torch.zeros(len(batch), longest, device=device)
@@ -189,16 +240,11 @@ def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any):
     return out
 
 
-def _plan(sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int) -> list[list[list[_Sequence]]]:
-    """Epoch -> minibatches -> this process's micro-batches (same shuffle on every process)."""
-    order = list(range(len(sequences)))
-    random.Random(f"{config.seed}:epoch:{epoch}").shuffle(order)
-    size = math.ceil(len(order) / config.minibatches)
+def _plan(sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int) -> list[tuple[list[list[_Sequence]], list[_Sequence]]]:
+    """Epoch -> (this process's micro-batches, all members) per minibatch (same on every process)."""
     plan = []
-    for start in range(0, len(order), size):
-        members = order[start : start + size]
-        mine = [sequences[i] for i in members[rank::world]]
-        plan.append((_micro_batches(mine, config.micro_batch_tokens), [sequences[i] for i in members]))
+    for members in plan_minibatches(sequences, config.minibatches, config.seed, epoch):
+        plan.append((_micro_batches(members[rank::world], config.micro_batch_tokens), members))
     return plan
 
 
@@ -212,6 +258,65 @@ def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, sche
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         write_directory_manifest(tmp, manifest)
+
+
+def _forward(model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False):
+    """Log-probs and entropies `[B, C]` of a micro-batch's completion tokens at temperature T."""
+    from cfiw_cli.logprobs import completion_logprobs
+
+    return completion_logprobs(model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast)
+
+
+def _old_logprobs(model: Any, reference: Any, plan: list, pad_id: int, temperature: float, autocast: bool) -> dict[str, tuple]:
+    """Per rollout: (log-probs of the loaded policy, of the reference or None), computed with
+    the micro-batches of the first pass so that its ratio is exactly 1."""
+    import torch
+
+    old: dict[str, tuple] = {}
+    model.eval()
+    with torch.no_grad():
+        for micro_batches, _ in plan:
+            for batch in micro_batches:
+                logprobs, _ = _forward(model, batch, pad_id, temperature, autocast)
+                ref = _forward(reference, batch, pad_id, temperature, autocast)[0] if reference is not None else None
+                for row, s in enumerate(batch):
+                    length = len(s.tokens) - s.prompt_length
+                    old[s.rollout_id] = (logprobs[row, logprobs.shape[1] - length :], None if ref is None else ref[row, ref.shape[1] - length :])
+    model.train()
+    return old
+
+
+def _right_pad(rows: list[Any], longest: int):
+    import torch
+
+    return torch.stack([torch.nn.functional.pad(r, (longest - len(r), 0)) for r in rows])  # [B, C]
+
+
+def _load_optimizer(model: Any, config: TrainConfig, steps_here: int) -> tuple[Any, Any, int]:
+    """AdamW and its schedule, resumed from the checkpoint's state when `--model` holds one."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    resume = Path(config.model)
+    start_step = 0
+    if (resume / "optimizer.pt").exists():
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+            group["initial_lr"] = config.lr
+        start_step = json.loads((resume / "trainer_state.json").read_text()).get("global_step", 0)
+    total = config.total_steps or (start_step + steps_here)
+
+    def schedule(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "cosine":
+            progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1) if start_step else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, scheduler, start_step
 
 
 def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> TrainResult:
@@ -238,6 +343,7 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
         from cfiw_cli.stages.score import check_spans_match
 
         check_spans_match(rollouts, spans, config.rollouts, config.spans)
+    sampling = sampling_settings(config, rollouts)
     settings = settings_of(config, "metrics_out", "weights_out")
     inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans", "scores") if getattr(config, k)}
     if not force and metrics_out.exists() and up_to_date(out, "train", settings, inputs):
@@ -250,35 +356,16 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
 
     accelerator = Accelerator(cpu=process_state().device.type == "cpu")
     torch.manual_seed(config.seed)
-    sequences, weight_rows, dropped = build_sequences(config, rollouts, spans, scores)
     tokenizer = tokenizer or modeling.load_tokenizer(config.model)
+    sequences, weight_rows, dropped = build_sequences(config, rollouts, spans, scores, tokenizer)
     from transformers import AutoModelForCausalLM
 
     model = model if model is not None else AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_here = config.epochs * min(config.minibatches, max(len(sequences), 1))
-    resume = Path(config.model)
-    start_step = 0
-    if (resume / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True))
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr
-            group["initial_lr"] = config.lr
-        start_step = json.loads((resume / "trainer_state.json").read_text()).get("global_step", 0)
-    total = config.total_steps or (start_step + steps_here)
-
-    def schedule(step: int) -> float:
-        if config.warmup_steps and step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.lr_schedule == "cosine":
-            progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1) if start_step else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    steps_here = config.epochs * min(config.minibatches, len({s.group for s in sequences}))
+    optimizer, scheduler, start_step = _load_optimizer(model, config, steps_here)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     autocast = device.type == "cuda"
@@ -286,7 +373,7 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     if config.beta > 0:
         reference = AutoModelForCausalLM.from_pretrained(config.reference or config.model, dtype=torch.float32).to(device).eval()
     loss_config = LossConfig(config.eps_low, config.eps_high, config.beta, config.loss_type)
-    max_new = config.max_new_tokens or max(len(s.tokens) - s.prompt_length for s in sequences) if sequences else 1
+    temperature, pad_id = sampling["temperature"], tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
 
     step_rows: list[dict] = []
@@ -294,45 +381,32 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
         info(f"Warning: all {dropped} groups have equal rewards, so there is no advantage to learn from: no update; the policy is saved unchanged")
     else:
         plans = {0: _plan(sequences, config, 0, rank, world)}
-        old_logprobs: dict[str, Any] = {}
-        model.eval()
-        with torch.no_grad():  # the same micro-batches as the first pass, so ratio == 1 exactly there
-            for micro_batches, _ in plans[0]:
-                for batch in micro_batches:
-                    logprobs, _ = _forward(model, batch, tokenizer.pad_token_id, device, autocast)
-                    ref, _ = _forward(reference, batch, tokenizer.pad_token_id, device, autocast) if reference is not None else (None, None)
-                    for row, s in enumerate(batch):
-                        old_logprobs[s.rollout_id] = (logprobs[row], None if ref is None else ref[row])
-        model.train()
+        old_logprobs = _old_logprobs(model, reference, plans[0], pad_id, temperature, autocast)
         global_step = start_step
         with progress_bar("train", total=steps_here, unit="steps") as advance:
             for epoch in range(config.epochs):
                 plan = plans.get(epoch) or _plan(sequences, config, epoch, rank, world)
                 for micro_batches, members in plan:
                     step_started = time.perf_counter()
-                    masks = [torch.tensor(s.mask) for s in members]
-                    longest_all = max(len(m) for m in masks)
-                    full_mask = torch.stack([torch.nn.functional.pad(m, (longest_all - len(m), 0)) for m in masks])
-                    normalizer = max(loss_normalizer(full_mask, config.loss_type, max_new), 1.0)
-                    sums = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0, "loss": 0.0, "weight_sum": 0.0, "weight_sq_sum": 0.0}
+                    full_mask = _right_pad([torch.tensor(s.mask) for s in members], max(len(s.mask) for s in members))  # [N, C]
+                    normalizer = max(loss_normalizer(full_mask, config.loss_type, sampling["max_new_tokens"] or 1), 1.0)
+                    sums = dict.fromkeys(("tokens", "pg_sum", "kl_sum", "clip_low_sum", "clip_high_sum", "ratio_sum", "entropy_sum", "loss", "weight_sum", "weight_sq_sum", "rollout_diff_sum"), 0.0)
                     for index, batch in enumerate(micro_batches or [[]]):
                         sync = index == len(micro_batches or [[]]) - 1
-                        context = accelerator.no_sync(model) if not sync else _null()
-                        with context:
+                        with accelerator.no_sync(model) if not sync else _null():
                             if not batch:  # no rollout for this process in this step: join the all-reduce with a zero loss
-                                dummy = _Sequence("", [tokenizer.pad_token_id] * 2, 1, 0.0, [0.0], [0.0])
-                                logprobs, _ = _forward(model, [dummy], tokenizer.pad_token_id, device, autocast)
+                                dummy = _Sequence("", "", [pad_id] * 2, 1, 0.0, [0.0], [0.0], [0.0])
+                                logprobs, _ = _forward(model, [dummy], pad_id, temperature, autocast)
                                 accelerator.backward(logprobs.sum() * 0.0)
                                 continue
-                            logprobs, entropy = _forward(model, batch, tokenizer.pad_token_id, device, autocast, want_entropy=True)
+                            logprobs, entropy = _forward(model, batch, pad_id, temperature, autocast, want_entropy=True)  # [B, C]
                             longest = logprobs.shape[1]
-                            old = torch.stack([torch.nn.functional.pad(old_logprobs[s.rollout_id][0], (longest - len(old_logprobs[s.rollout_id][0]), 0)) for s in batch])
-                            ref = None
-                            if reference is not None:
-                                ref = torch.stack([torch.nn.functional.pad(old_logprobs[s.rollout_id][1], (longest - len(old_logprobs[s.rollout_id][1]), 0)) for s in batch])
-                            mask = _aligned(batch, "mask", longest, device)
-                            weights = _aligned(batch, "weights", longest, device)
-                            advantages = torch.tensor([s.advantage for s in batch], device=device)
+                            old = _right_pad([old_logprobs[s.rollout_id][0] for s in batch], longest)  # [B, C]
+                            ref = _right_pad([old_logprobs[s.rollout_id][1] for s in batch], longest) if reference is not None else None
+                            mask = _aligned(batch, "mask", longest, device)  # [B, C]
+                            weights = _aligned(batch, "weights", longest, device)  # [B, C]
+                            sampled = _aligned(batch, "rollout_logprobs", longest, device)  # [B, C]
+                            advantages = torch.tensor([s.advantage for s in batch], device=device)  # [B]
                             loss, metrics = policy_loss(logprobs, old, advantages, mask, normalizer, weights, ref, loss_config)
                             # DDP averages gradients over processes; the normalizer is already global.
                             accelerator.backward(loss * world)
@@ -342,36 +416,25 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
                             sums["loss"] += float(loss.detach())
                             sums["weight_sum"] += float((weights * mask).sum())
                             sums["weight_sq_sum"] += float((weights * weights * mask).sum())
+                            sums["rollout_diff_sum"] += float(((old - sampled).abs() * mask).sum())
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else torch.tensor(0.0)
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
-                    totals = _sum_across(accelerator, sums)
-                    tokens = max(totals["tokens"], 1.0)
-                    weight_mean = totals["weight_sum"] / tokens
-                    step_rows.append(
-                        {
-                            "step": global_step, "loss": totals["loss"], "pg_loss": totals["pg_sum"] / tokens,
-                            "kl": totals["kl_sum"] / tokens, "entropy": totals["entropy_sum"] / tokens,
-                            "clip_frac_low": totals["clip_low_sum"] / tokens, "clip_frac_high": totals["clip_high_sum"] / tokens,
-                            "grad_norm": float(grad_norm), "lr": lr, "tokens": int(totals["tokens"]),
-                            "seconds": time.perf_counter() - step_started, "ratio_mean": totals["ratio_sum"] / tokens,
-                            "weight_mean": weight_mean, "weight_std": math.sqrt(max(totals["weight_sq_sum"] / tokens - weight_mean**2, 0.0)),
-                            "epoch": epoch, "sequences": len(members),
-                        }
-                    )
-                    advance(status=f"loss {totals['loss']:.4f}")
+                    step_rows.append(_step_row(_sum_across(accelerator, sums), global_step, epoch, len(members), float(grad_norm), lr, time.perf_counter() - step_started))
+                    advance(status=f"loss {step_rows[-1]['loss']:.4f}")
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainResult(out, bool(step_rows), {})
     seconds = time.perf_counter() - started
+    tokens = sum(r["tokens"] for r in step_rows)
     metrics = {
-        "steps": len(step_rows), "sequences": len(sequences), "dropped_groups": dropped,
-        "tokens": sum(r["tokens"] for r in step_rows), "tokens_per_second": sum(r["tokens"] for r in step_rows) / seconds,
-        "processes": world,
+        "steps": len(step_rows), "sequences": len(sequences), "dropped_groups": dropped, "tokens": tokens,
+        "tokens_per_second": tokens / seconds, "processes": world, **sampling,
+        "rollout_logprob_diff": (sum(r["rollout_logprob_diff"] * r["tokens"] for r in step_rows[: len(plans[0])]) / max(1, sum(r["tokens"] for r in step_rows[: len(plans[0])]))) if step_rows else None,
     }
     if torch.cuda.is_available():
         metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -380,7 +443,7 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     unwrapped = accelerator.unwrap_model(model)
     _save_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, state, manifest)
     metric_schema = schemas.TRAIN_METRICS
-    for name in ("ratio_mean", "weight_mean", "weight_std"):
+    for name in ("ratio_mean", "weight_mean", "weight_std", "rollout_logprob_diff"):
         metric_schema = metric_schema.append(pa.field(name, pa.float32()))
     metric_schema = metric_schema.append(pa.field("epoch", pa.int32())).append(pa.field("sequences", pa.int32()))
     write_table(pa.Table.from_pylist(step_rows, schema=metric_schema), metrics_out, {**manifest, "stage": "train"})
@@ -389,8 +452,22 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if step_rows:
-        info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
+        info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}, T = {temperature:g}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
     return TrainResult(out, bool(step_rows), metrics, unwrapped)
+
+
+def _step_row(totals: dict[str, float], step: int, epoch: int, sequences: int, grad_norm: float, lr: float, seconds: float) -> dict[str, Any]:
+    """One train_metrics row: per-token means over the step's kept tokens (all processes)."""
+    tokens = max(totals["tokens"], 1.0)
+    weight_mean = totals["weight_sum"] / tokens
+    return {
+        "step": step, "loss": totals["loss"], "pg_loss": totals["pg_sum"] / tokens, "kl": totals["kl_sum"] / tokens,
+        "entropy": totals["entropy_sum"] / tokens, "clip_frac_low": totals["clip_low_sum"] / tokens,
+        "clip_frac_high": totals["clip_high_sum"] / tokens, "grad_norm": grad_norm, "lr": lr, "tokens": int(totals["tokens"]),
+        "seconds": seconds, "ratio_mean": totals["ratio_sum"] / tokens, "weight_mean": weight_mean,
+        "weight_std": math.sqrt(max(totals["weight_sq_sum"] / tokens - weight_mean**2, 0.0)),
+        "rollout_logprob_diff": totals["rollout_diff_sum"] / tokens, "epoch": epoch, "sequences": sequences,
+    }
 
 
 class _null:

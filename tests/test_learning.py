@@ -1,0 +1,71 @@
+"""The update path learns: a task the policy can solve by sharpening, through rollout -> segment
+-> score -> train (`cfiw loop`), in uniform and in cfiw mode.
+
+The warm start writes "a + b = d.\\n#### d" with d uniform over 2..8 (a tiny model learns the
+format, not the arithmetic), so it samples the right answer about one time in seven. Every
+RL question has the gold answer 3: a policy that puts its mass on "... = 3.\\n#### 3" earns
+reward 1. The calculation span decides the answer the model copies, so cfiw mode has real
+spans with real deltas to weight.
+"""
+
+import json
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+QUESTION = "Pick two numbers and add them."
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def warm_policy(tmp_path_factory, cli):
+    root = tmp_path_factory.mktemp("learning")
+    rng = random.Random(0)
+    solutions = []
+    for _ in range(400):
+        total = rng.randint(2, 8)
+        first = rng.randint(1, total - 1)
+        solutions.append({"question": QUESTION, "answer": f"{first} + {total - first} = {total}.\n#### {total}"})
+    write_jsonl(root / "warm" / "train.jsonl", solutions)
+    for split in ("train", "test"):
+        write_jsonl(root / "task" / f"{split}.jsonl", [{"question": QUESTION, "answer": "1 + 2 = 3.\n#### 3"}] * 400)
+    base, policy = root / "base", root / "policy"
+    result = cli("tiny-model", "--out", base, "--dataset", root / "warm" / "train.jsonl", "--layers", "2", "--hidden", "64", "--vocab-size", "300")
+    assert result.exit_code == 0, result.stderr
+    result = cli("sft", "--model", base, "--dataset", root / "warm", "--out", policy, "--steps", "150", "--lr", "3e-3", "--batch-size", "16")
+    assert result.exit_code == 0, result.stderr
+    config = root / "task.toml"
+    config.write_text(
+        f'[model]\nid = "{policy}"\n[data]\ndataset = "{root / "task"}"\n'
+        "[loop]\niterations = 20\nquestions = 16\neval_every = 100\neval_limit = 16\nseed = 0\n"
+        "[rollout]\ngroup_size = 8\nmax_new_tokens = 16\nbatch_size = 128\n"
+        "[eval]\nsamples = 8\ntemperature = 1.0\n"  # the sampled reward: mean@8 at the rollout temperature
+        "[train]\nlr = 1e-3\nminibatches = 2\n"
+    )
+    return config
+
+
+def sampled_reward(run, index):
+    return json.loads(pq.read_schema(run / "eval" / f"iter-{index:04d}.parquet").metadata[b"cfiw"])["metrics"]["accuracy"]
+
+
+@pytest.mark.parametrize("mode", ["uniform", "cfiw"])
+def test_sampled_reward_rises_from_chance_to_mastery(cli, warm_policy, tmp_path, mode):
+    run = tmp_path / mode
+    result = cli("loop", "--config", warm_policy, "--run", run, "--weighting", mode)
+    assert result.exit_code == 0, result.stderr
+    before, after = sampled_reward(run, 0), sampled_reward(run, 20)
+    first_rollouts = pq.read_table(run / "iter-0000" / "rollouts.parquet").column("reward").to_pylist()
+    assert before <= 0.3 and sum(first_rollouts) / len(first_rollouts) <= 0.3, before
+    assert after >= 0.8, (before, after)
+    scores = pq.read_table(run / "iter-0000" / "scores.parquet").to_pylist()
+    assert len(scores) > 64  # the method had spans to weight
+    if mode == "cfiw":
+        weights = pq.read_table(run / "iter-0000" / "weights.parquet").to_pylist()
+        assert sum(set(w["token_weights"]) != {1.0} for w in weights) > 64
