@@ -303,7 +303,7 @@ def train(
         str, typer.Option(help="cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) or random (i.i.d. U(0,1) importance).")
     ] = "cfiw",
     profile: Annotated[
-        str, typer.Option(help="cfiw (the rules of DESIGN §3) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion).")
+        str, typer.Option(help="cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion).")
     ] = "cfiw",
     metrics_out: Annotated[Optional[Path], typer.Option(help="train_metrics.parquet (default: beside the rollouts).")] = None,
     weights_out: Annotated[Optional[Path], typer.Option(help="weights.parquet (default: beside the rollouts).")] = None,

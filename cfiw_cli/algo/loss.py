@@ -13,10 +13,15 @@ completion mask (truncated completions and padding are 0), then aggregated:
 - `grpo`:    per-sequence mean over its tokens, then mean over sequences;
 - `dr_grpo`: sum over all tokens / (sequences * max_new_tokens).
 
+All log-probs are of softmax(logits / T) at the rollouts' sampling temperature T (the
+caller computes them; `cfiw_cli.logprobs`), as in TRL and verl; top-p is not applied.
+
 Differences from the papers: the normalizer is passed in (`loss_normalizer`), computed over
 the whole optimizer step (every micro-batch and process), so gradient accumulation and
 data-parallel training give the gradient of the full-batch loss, as TRL does for `dapo`.
-For `grpo` the per-sequence mean divides by the sequence's own token count.
+For `grpo` the per-sequence mean divides by the sequence's own token count; for `dr_grpo`
+`max_new_tokens` is the rollouts' sampling limit (not the longest completion). The weight
+multiplies the KL term too, as in the authors' trainer.
 """
 
 from __future__ import annotations

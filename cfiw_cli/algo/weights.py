@@ -4,7 +4,7 @@ One rollout has a reasoning region [0, a) (everything before the answer span), t
 span [a, b) and, when it ended on a stop token, that EOS token last. Scored spans s carry
 delta_s = answer log-prob unmasked - answer log-prob with s masked (nats).
 
-Profile `cfiw` (the default; DESIGN §3):
+Profile `cfiw` (the default):
 
     I_t = floor + sum over spans s containing t of delta_s / len(s)       reasoning tokens
     Î_t = 0.5 + 0.5 * (I_t - min I) / (max I - min I)        over the reasoning region;

@@ -42,7 +42,7 @@ class TrainConfig:
     spans: str | None = None
     scores: str | None = None
     weighting: str = "cfiw"
-    profile: str = "cfiw"  # cfiw (DESIGN §3) or authors (the authors' trainer's rules)
+    profile: str = "cfiw"  # cfiw, or authors (the rules of the authors' trainer)
     metrics_out: str | None = None  # default: train_metrics.parquet beside the rollouts
     weights_out: str | None = None  # default: weights.parquet beside the rollouts
     lr: float = 1e-6
@@ -434,7 +434,7 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     metrics = {
         "steps": len(step_rows), "sequences": len(sequences), "dropped_groups": dropped, "tokens": tokens,
         "tokens_per_second": tokens / seconds, "processes": world, **sampling,
-        "rollout_logprob_diff": (sum(r["rollout_logprob_diff"] * r["tokens"] for r in step_rows[: len(plans[0])]) / max(1, sum(r["tokens"] for r in step_rows[: len(plans[0])]))) if step_rows else None,
+        "rollout_logprob_diff": _first_epoch_mean(step_rows, "rollout_logprob_diff"),
     }
     if torch.cuda.is_available():
         metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -454,6 +454,13 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     if step_rows:
         info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}, T = {temperature:g}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
     return TrainResult(out, bool(step_rows), metrics, unwrapped)
+
+
+def _first_epoch_mean(rows: list[dict], key: str) -> float | None:
+    """Token-weighted mean of a per-step metric over the first pass (each kept token once)."""
+    first = [r for r in rows if r["epoch"] == 0]
+    tokens = sum(r["tokens"] for r in first)
+    return sum(r[key] * r["tokens"] for r in first) / tokens if tokens else None
 
 
 def _step_row(totals: dict[str, float], step: int, epoch: int, sequences: int, grad_norm: float, lr: float, seconds: float) -> dict[str, Any]:
