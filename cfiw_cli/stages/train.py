@@ -16,6 +16,7 @@ are global, so the step equals the single-process one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -176,11 +177,12 @@ def build_sequences(config: TrainConfig, rollouts: Any, spans: Any, scores: Any,
             spans_by_rollout.setdefault(span["rollout_id"], []).append(ScoredSpan(span["kind"], span["tok_start"], span["tok_end"], delta))
     weight_config = WeightConfig(config.floor, config.boost, config.min_weight, config.answer_weight, config.conserve, config.min_spread, config.profile)
     needs_text = config.profile == "authors" and config.weighting != "uniform"
+    token_text = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))  # each id decoded once
     sequences, weight_rows = [], []
     for row, advantage in zip(rows, advantages):
         completion = row["completion_ids"]
         rng = random.Random(f"{config.seed}:{row['rollout_id']}")
-        texts = [tokenizer.decode([t]) for t in completion] if needs_text else None
+        texts = [token_text(t) for t in completion] if needs_text else None
         weights = token_weights(
             len(completion), spans_by_rollout.get(row["rollout_id"], []), config.weighting, weight_config,
             ends_with_stop=row["finish_reason"] == "stop", rng=rng, token_texts=texts,
