@@ -390,7 +390,7 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
                 plan = plans.get(epoch) or _plan(sequences, config, epoch, rank, world)
                 for micro_batches, members in plan:
                     step_started = time.perf_counter()
-                    full_mask = _right_pad([torch.tensor(s.mask) for s in members], max(len(s.mask) for s in members))  # [N, C]
+                    full_mask = _aligned(members, "mask", max(len(s.mask) for s in members), "cpu")  # [N, C]
                     normalizer = max(loss_normalizer(full_mask, config.loss_type, sampling["max_new_tokens"] or 1), 1.0)
                     sums = dict.fromkeys(("tokens", "pg_sum", "kl_sum", "clip_low_sum", "clip_high_sum", "ratio_sum", "entropy_sum", "loss", "weight_sum", "weight_sq_sum", "rollout_diff_sum"), 0.0)
                     for index, batch in enumerate(micro_batches or [[]]):
