@@ -37,20 +37,24 @@ demo run="runs/demo": (tiny-model run / "model")
     {{bin}}/cfiw eval --model {{run}}/model --dataset data/arith --split test --max-new-tokens 64 --out {{run}}/eval/iter-0000.parquet
     {{bin}}/python -c "import duckdb; duckdb.sql(\"select kind, count(*) as spans, avg(delta) as mean_delta from '{{run}}/iter-0000/spans.parquet' join '{{run}}/iter-0000/scores.parquet' using (rollout_id, span_idx) group by kind\").show()"
 
-# the offline policy: a tiny model (4 layers, hidden 128) warm-started on data/arith with cfiw sft
-tiny-sft out="runs/tiny-sft" steps="1000":
-    {{bin}}/cfiw tiny-model --out {{out}}-base --dataset data/arith/train.jsonl --layers 4 --hidden 128
-    {{bin}}/cfiw sft --model {{out}}-base --dataset data/arith --out {{out}} --steps {{steps}} --lr 3e-3 --batch-size 16
+# the offline policy: a tiny model (4 layers, hidden 128) warm-started with cfiw sft on a synthetic dataset
+tiny-sft out="runs/tiny-sft" steps="1000" data="data/arith":
+    {{bin}}/cfiw tiny-model --out {{out}}-base --dataset {{data}}/train.jsonl --layers 4 --hidden 128
+    {{bin}}/cfiw sft --model {{out}}-base --dataset {{data}} --split sft --out {{out}} --steps {{steps}} --lr 3e-3 --batch-size 16
+
+# the warm start of a tiny preset, on the preset's own dataset (up to date: skipped)
+_warm model sft steps:
+    {{just_executable()}} --justfile {{justfile()}} tiny-sft {{sft}} {{steps}} "$({{bin}}/python -c 'import sys, tomllib; print(tomllib.load(open(f"pipelines/{sys.argv[1]}.toml", "rb"))["data"]["dataset"])' {{model}})"
 
 # the loop in one process, then its report: just full-run model=tiny|qwen [mode=cfiw iters=N run=DIR sft=DIR sft_steps=N]
 full-run *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny mode=cfiw iters= run= sft=runs/tiny-sft sft_steps=1000
+    model=tiny mode=cfiw iters= run= sft= sft_steps=1000
     for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*|sft=*|sft_steps=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run= sft= sft_steps=)" >&2; exit 2 ;; esac; done
     run="${run:-runs/$model-$mode}"
     extra=()
-    if [ "$model" = tiny ]; then {{just_executable()}} --justfile {{justfile()}} tiny-sft "$sft" "$sft_steps"; extra=(--model "$sft"); fi
+    if [[ "$model" == tiny* ]]; then sft="${sft:-runs/$model-sft}"; {{just_executable()}} --justfile {{justfile()}} _warm "$model" "$sft" "$sft_steps"; extra=(--model "$sft"); fi
     {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --run "$run" ${iters:+--iterations "$iters"} "${extra[@]}"
     {{bin}}/cfiw analyze "$run" --out "$run/report"
     echo "report: $run/report/report.html (tables and plots: $run/report/report.md)"
@@ -59,32 +63,37 @@ full-run *args:
 staged-run *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny mode=cfiw iters= run= sft=runs/tiny-sft sft_steps=1000
+    model=tiny mode=cfiw iters= run= sft= sft_steps=1000
     for arg in {{args}}; do case "$arg" in model=*|mode=*|iters=*|run=*|sft=*|sft_steps=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= mode= iters= run= sft= sft_steps=)" >&2; exit 2 ;; esac; done
     extra=()
-    if [ "$model" = tiny ]; then {{just_executable()}} --justfile {{justfile()}} tiny-sft "$sft" "$sft_steps"; extra=(--model "$sft"); fi
+    if [[ "$model" == tiny* ]]; then sft="${sft:-runs/$model-sft}"; {{just_executable()}} --justfile {{justfile()}} _warm "$model" "$sft" "$sft_steps"; extra=(--model "$sft"); fi
     export PATH="$PWD/{{bin}}:$PATH"
     cfiw loop --preset "$model" --weighting "$mode" --run "${run:-runs/$model-$mode-staged}" ${iters:+--iterations "$iters"} "${extra[@]}" --dry-run | bash -e
     echo "run written to ${run:-runs/$model-$mode-staged}"
 
-# the paper's experiment: uniform, cfiw, inverted, shuffled, random for each seed, then one report over all runs
+# the paper's experiment: uniform, cfiw, inverted, shuffled, random for each seed from one warm start, then one report over all runs
+# (jobs=N runs N loops at once, each with nproc/N threads; each loop's log is beside its run directory)
 compare *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny seeds=1 iters= sft=runs/tiny-sft sft_steps=1000
-    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps=)" >&2; exit 2 ;; esac; done
+    model=tiny seeds=1 iters= sft= sft_steps=1000 jobs=1 modes="uniform cfiw inverted shuffled random"
+    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*|jobs=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps= jobs=)" >&2; exit 2 ;; esac; done
     extra=()
-    if [ "$model" = tiny ]; then {{just_executable()}} --justfile {{justfile()}} tiny-sft "$sft" "$sft_steps"; extra=(--model "$sft"); fi
-    runs=()
+    if [[ "$model" == tiny* ]]; then sft="${sft:-runs/$model-sft}"; {{just_executable()}} --justfile {{justfile()}} _warm "$model" "$sft" "$sft_steps"; extra=(--model "$sft"); fi
+    out="runs/compare-$model"
+    mkdir -p "$out"
+    runs=() commands=()
     for seed in $(seq 0 $((seeds - 1))); do
-      for mode in uniform cfiw inverted shuffled random; do
-        run="runs/compare-$model/$mode-seed$seed"
-        {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" ${iters:+--iterations "$iters"} "${extra[@]}"
+      for mode in $modes; do
+        run="$out/$mode-seed$seed"
         runs+=("$run")
+        commands+=("$(printf '%q ' {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" ${iters:+--iterations "$iters"} "${extra[@]}")> $(printf '%q' "$run.log") 2>&1 && echo done: $(printf '%q' "$run")")
       done
     done
-    {{bin}}/cfiw analyze "${runs[@]}" --out "runs/compare-$model/report"
-    echo "report: runs/compare-$model/report/report.html (tables and plots: runs/compare-$model/report/report.md)"
+    threads=$(( $(nproc) / jobs )); threads=$(( threads > 0 ? threads : 1 ))
+    printf '%s\0' "${commands[@]}" | OMP_NUM_THREADS=$threads xargs -0 -P "$jobs" -n 1 bash -c
+    {{bin}}/cfiw analyze "${runs[@]}" --out "$out/report"
+    echo "report: $out/report/report.html (tables and plots: $out/report/report.md)"
 
 # tables, plots and report.html of one run
 report run:
@@ -106,6 +115,7 @@ bench-score *args:
 bench-train *args:
     {{bin}}/python benchmarks/train_bench.py {{args}}
 
-# regenerate the synthetic problems in data/arith (the committed copy)
+# regenerate the synthetic problems in data/arith and data/arith-distractors (the committed copies)
 data:
-    {{bin}}/cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --filler-rate 0.3 --seed 0 --force
+    {{bin}}/cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --filler-rate 0.3 --teacher-error-rate 0.5 --seed 0 --force
+    {{bin}}/cfiw synth --out data/arith-distractors --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --filler-rate 0.3 --distractors 2 --teacher-error-rate 0.15 --seed 0 --force

@@ -34,7 +34,7 @@ def main() -> None:
     cfiw = str(Path(sys.executable).parent / "cfiw")
     # The preset's layout at small sizes (a random-init model, 8 questions x G=4, 48 new tokens,
     # 16 evaluation questions), so that the fixed costs this benchmark is about are visible.
-    small = ["--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48", "--set", "loop.eval_limit=16"]
+    small = ["--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48", "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2"]
     base = [cfiw, "loop", "--preset", "tiny", "--model", str(model), "--iterations", str(args.iterations), *small]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 

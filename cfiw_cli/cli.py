@@ -84,7 +84,7 @@ def tiny_model(
     )
 
 
-@command("synth", "cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --seed 0")
+@command("synth", "cfiw synth --out data/arith-distractors --n-train 2000 --n-test 200 --distractors 2 --seed 0")
 def synth(
     out: Annotated[Path, typer.Option(help="Directory to write train.jsonl and test.jsonl to.")],
     n_train: Annotated[int, typer.Option("--n-train", min=1, help="Problems in the train split.")] = 2000,
@@ -93,21 +93,29 @@ def synth(
     max_steps: Annotated[int, typer.Option(min=1, help="Most arithmetic steps per problem (each has 1 to this many).")] = 3,
     max_number: Annotated[int, typer.Option(min=4, help="Largest number anywhere in a problem, results included.")] = 20,
     filler_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Chance of a filler sentence before each calculation line.")] = 0.3,
+    distractors: Annotated[int, typer.Option(min=0, help="Sentences per question about someone else's items: numbers the answer does not depend on.")] = 0,
+    teacher_error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Also write sft.jsonl, demonstrations by a teacher that adds given-away amounts and distractors with this chance.")
+    ] = 0.0,
     force: opt.Force = False,
 ) -> None:
     """Generate GSM8K-format word problems with a ground-truth label per solution sentence.
 
     Each solution line is a restatement ("Ava starts with 7 apples."), a calculation
-    ("7 + 5 = <<7+5=12>>12."), a filler without digits ("Let me think about this.") or the
-    answer ("#### 12"); the labels column holds [{text, label}] per line. cfiw analyze uses
-    it to check that calculation spans are scored above filler. Deterministic for a seed.
+    ("7 + 5 = <<7+5=12>>12."), a filler without digits ("Let me think about this."), with
+    --distractors K a distractor ("Ben's 4 apples do not count.", one per question sentence
+    about another person's items), or the answer ("#### 12"); the labels column holds
+    [{text, label}] per line. cfiw analyze uses it to check that calculation spans are scored
+    above filler and distractors. With --teacher-error-rate, sft.jsonl holds the train questions
+    solved by a teacher with a systematic misconception, for a warm start (cfiw sft --split sft)
+    whose errors RL can unlearn. Deterministic for a seed.
     """
     from cfiw_cli.stages import synth as stage
 
     stage.run(
         stage.SynthConfig(
             out=str(out), n_train=n_train, n_test=n_test, seed=seed, max_steps=max_steps,
-            max_number=max_number, filler_rate=filler_rate,
+            max_number=max_number, filler_rate=filler_rate, distractors=distractors, teacher_error_rate=teacher_error_rate,
         ),
         force=force,
     )

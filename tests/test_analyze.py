@@ -65,18 +65,20 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
 
     run = tmp_path / "run"
     cfiw = str(Path(sys.executable).parent / "cfiw")
-    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "loop.eval_limit=16"], capture_output=True, text=True, cwd=PRESETS_DIR.parent, timeout=600)
+    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2"], capture_output=True, text=True, cwd=PRESETS_DIR.parent, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = tmp_path / "report"
     done = subprocess.run([cfiw, "analyze", str(run), "--out", str(report)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("accuracy.png", "delta_by_kind.png", "weight_by_kind.png"):
+    for name in ("accuracy.png", "probe.png", "delta_by_kind.png", "weight_by_kind.png"):
         from PIL import Image
 
         with Image.open(report / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4  # accuracy, reward, delta and weight by kind
+    assert page.count("data:image/png;base64,") == 5  # accuracy, probe, reward, delta and weight by kind
+    probe = {r["iteration"]: r for r in json.loads((report / "probe.json").read_text())}
+    assert sorted(probe) == [0, 1] and probe[0]["step"] == 0 and probe[1]["step"] >= 0 and probe[1]["samples"] == 2
     assert page.count('<pre class="rollout">') >= 5 and "background:" in page
     assert "## delta by kind" in (report / "report.md").read_text()
 
@@ -152,3 +154,65 @@ def test_accuracy_by_mode_over_seeds(tmp_path):
     final = {r["mode"]: r for r in tables["final_accuracy_by_mode"]}
     assert final["cfiw"]["mean_accuracy"] == 0.75 and final["uniform"]["runs"] == 1
     assert (tmp_path / "report" / "accuracy_by_mode.png").exists()
+
+
+def probe_run(root, mode, seed, rewards, steps_per_iteration=2):
+    """A run with a probe of 2 questions x 2 samples per evaluated iteration (rewards in quarters)
+    and `steps_per_iteration` optimizer steps (train_metrics rows) in each iteration."""
+    root.mkdir(parents=True)
+    (root / "config.toml").write_text(f'[loop]\nweighting = "{mode}"\nseed = {seed}\n')
+    for iteration, reward in enumerate(rewards):
+        hits = round(reward * 4)
+        correct = [hits >= 1, hits >= 3, hits >= 2, hits >= 4]  # question p0: first two, p1: last two
+        write(root / "probe" / f"iter-{iteration:04d}.parquet", {"prompt_id": ["p0", "p0", "p1", "p1"], "correct": correct})
+        if iteration < len(rewards) - 1:
+            write(root / f"iter-{iteration:04d}" / "train_metrics.parquet", {"step": list(range(steps_per_iteration))})
+    return root
+
+
+def test_probe_curves_and_the_mode_comparison_by_hand(tmp_path):
+    import pyarrow.parquet as pq
+
+    runs = [
+        probe_run(tmp_path / "u0", "uniform", 0, [0.25, 0.5, 0.75]),
+        probe_run(tmp_path / "u1", "uniform", 1, [0.25, 0.25, 0.5]),
+        probe_run(tmp_path / "c0", "cfiw", 0, [0.25, 0.75, 0.75]),
+        probe_run(tmp_path / "c1", "cfiw", 1, [0.5, 0.75, 0.75]),
+    ]
+    tables = analyze([str(r) for r in runs], str(tmp_path / "report"))
+    probe = {(r["run"], r["iteration"]): r for r in tables["probe"]}
+    # two steps per iteration: the probe before iteration i is taken at step 2 i
+    assert [probe[("u0", i)]["step"] for i in range(3)] == [0, 2, 4]
+    # u0 at iteration 0: question shares (1/2, 0), mean 1/4, sample std 0.3536, SE = 0.3536 / sqrt(2) = 1/4
+    first = probe[("u0", 0)]
+    assert (first["reward"], first["questions"], first["samples"]) == (0.25, 2, 2)
+    assert first["se"] == pytest.approx(0.25) and first["ci_low"] == 0.0 and first["ci_high"] == pytest.approx(0.25 + 1.959964 * 0.25)
+    runs_ = {r["run"]: r for r in tables["probe_runs"]}
+    # area under the curve / steps, trapezoids over steps 0-2-4: u0 ((.25+.5) + (.5+.75)) / 4 = .5
+    assert {k: v["auc"] for k, v in runs_.items()} == pytest.approx({"u0": 0.5, "u1": 0.3125, "c0": 0.625, "c1": 0.6875})
+    # threshold: uniform's mean final reward (.75 + .5) / 2 = .625; u1 never reaches it
+    assert {k: v["steps_to_threshold"] for k, v in runs_.items()} == {"u0": 4, "u1": None, "c0": 2, "c1": 2}
+    # u0's gain paired by question: p0 goes 1/2 -> 1, p1 0 -> 1/2: gains (1/2, 1/2), mean 1/2, SE 0
+    # c1's: p0 1/2 -> 1, p1 1/2 -> 1/2: gains (1/2, 0), mean 1/4, SE = 0.3536 / sqrt(2) = 1/4
+    assert (runs_["u0"]["gain"], runs_["u0"]["gain_se"], runs_["c1"]["gain"]) == (0.5, 0.0, 0.25) and runs_["c1"]["gain_se"] == pytest.approx(0.25)
+    assert runs_["c1"]["gain_in_se"] == pytest.approx(1.0) and runs_["u0"]["gain_in_se"] is None
+    modes = {r["mode"]: r for r in tables["mode_comparison"]}
+    assert modes["uniform"]["final_reward"] == 0.625 and modes["cfiw"]["final_reward"] == 0.75
+    assert modes["cfiw"]["final_std"] == 0.0 and modes["uniform"]["final_std"] == pytest.approx(0.1767767)
+    # on the mean curves, uniform (.25, .375, .625) reaches .625 at step 4, cfiw (.375, .75, .75) at step 2
+    assert (modes["uniform"]["steps_to_threshold"], modes["cfiw"]["steps_to_threshold"]) == (4, 2)
+    assert (modes["uniform"]["runs_reaching"], modes["cfiw"]["runs_reaching"]) == (1, 2)
+    differences = {(r["mode"], r["metric"]): r for r in tables["paired_differences"]}
+    # final reward, paired by seed: cfiw - uniform = (0, .25): mean .125, std .1768, 95% t (1 df) half-width 12.706 * .1768 / sqrt(2)
+    final = differences[("cfiw - uniform", "final_reward")]
+    assert (final["seeds"], final["mean_difference"]) == (2, pytest.approx(0.125))
+    assert final["ci_high"] - final["mean_difference"] == pytest.approx(12.7062 * 0.1767767 / 2**0.5, rel=1e-4)
+    auc = differences[("cfiw - uniform", "auc")]
+    assert auc["mean_difference"] == pytest.approx(0.25)  # (.625 - .5 + .6875 - .3125) / 2
+    curves = pq.read_table(tmp_path / "report" / "curves.parquet").to_pylist()
+    assert {(r["run"], r["metric"], r["step"], r["value"]) for r in curves if r["iteration"] == 2} >= {("c1", "probe_reward", 4, 0.75)}
+    by_mode = pq.read_table(tmp_path / "report" / "curves_by_mode.parquet").to_pylist()
+    cfiw_last = next(r for r in by_mode if r["mode"] == "cfiw" and r["iteration"] == 2)
+    assert (cfiw_last["runs"], cfiw_last["mean"], cfiw_last["min"], cfiw_last["max"]) == (2, 0.75, 0.75, 0.75)
+    for name in ("probe.png", "probe_by_mode.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"

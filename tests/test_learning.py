@@ -43,16 +43,16 @@ def warm_policy(tmp_path_factory, cli):
     config = root / "task.toml"
     config.write_text(
         f'[model]\nid = "{policy}"\n[data]\ndataset = "{root / "task"}"\n'
-        "[loop]\niterations = 20\nquestions = 16\neval_every = 100\neval_limit = 16\nseed = 0\n"
+        "[loop]\niterations = 20\nquestions = 16\neval_every = 100\neval_limit = 4\nprobe_questions = 16\nprobe_samples = 8\nseed = 0\n"
         "[rollout]\ngroup_size = 8\nmax_new_tokens = 16\nbatch_size = 128\n"
-        "[eval]\nsamples = 8\ntemperature = 1.0\n"  # the sampled reward: mean@8 at the rollout temperature
         "[train]\nlr = 1e-3\nminibatches = 2\n"
     )
     return config
 
 
 def sampled_reward(run, index):
-    return json.loads(pq.read_schema(run / "eval" / f"iter-{index:04d}.parquet").metadata[b"cfiw"])["metrics"]["accuracy"]
+    """The loop's probe: mean@8 at the rollout temperature on 16 fixed test questions."""
+    return json.loads(pq.read_schema(run / "probe" / f"iter-{index:04d}.parquet").metadata[b"cfiw"])["metrics"]["mean@8"]
 
 
 @pytest.mark.parametrize("mode", ["uniform", "cfiw"])

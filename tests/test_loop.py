@@ -25,7 +25,10 @@ def tables(run: Path) -> dict[str, object]:
     return out
 
 
-SMALL = ["--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48", "--set", "loop.eval_limit=16"]
+SMALL = [
+    "--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48",
+    "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2",
+]
 
 
 def loop_argv(model, run):
@@ -50,7 +53,10 @@ def test_loop_writes_the_run_layout(uninterrupted):
         "iter-0000/rollouts.parquet", "iter-0000/scores.parquet", "iter-0000/spans.parquet", "iter-0000/train_metrics.parquet", "iter-0000/weights.parquet",
         "iter-0001/rollouts.parquet", "iter-0001/scores.parquet", "iter-0001/spans.parquet", "iter-0001/train_metrics.parquet", "iter-0001/weights.parquet",
         "loop_state.json",
+        "probe/iter-0000.parquet", "probe/iter-0001.parquet", "probe/iter-0002.parquet",
     ]
+    probe = pq.read_table(uninterrupted / "probe" / "iter-0002.parquet").to_pylist()
+    assert sorted((r["prompt_id"], r["sample_idx"]) for r in probe) == [(f"test-{q}", s) for q in range(4) for s in range(2)]
     assert (uninterrupted / "policy" / "model.safetensors").exists() and (uninterrupted / "policy" / "optimizer.pt").exists()
     rollouts = pq.read_table(uninterrupted / "iter-0001" / "rollouts.parquet").to_pylist()
     assert {r["iteration"] for r in rollouts} == {1} and {r["prompt_id"] for r in rollouts} == {f"train-{i}" for i in range(8, 16)}
@@ -92,11 +98,11 @@ def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_pa
 
 def test_every_preset_parses_and_plans():
     presets = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
-    assert presets == ["llama", "qwen", "qwen-0.5b", "tiny"]
+    assert presets == ["llama", "qwen", "qwen-0.5b", "tiny", "tiny-distractors"]
     for name in presets:
         config = load_config(name, None)
         steps = plan(config, Path("runs/x"))
-        assert [c for _, c, _ in steps][:5] == ["eval", "rollout", "segment", "score", "train"]
+        assert [c for _, c, _ in steps][:6] == ["eval", "eval", "rollout", "segment", "score", "train"]
         for _, command, stage_config in steps:
             assert command_line(command, stage_config).startswith(f"cfiw {command} ")
     assert load_config("qwen", None)["train"]["lr"] == 1e-6
@@ -121,7 +127,8 @@ def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
     assert all("--group-size 4" in line for line in done.stdout.splitlines() if line.startswith("cfiw rollout"))
     evals = cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "eval.max_new_tokens=200", "--set", "eval.samples=4")
     assert evals.exit_code == 0, evals.stderr
-    assert all("--max-new-tokens 200 " in line and "--samples 4 " in line for line in evals.stdout.splitlines() if line.startswith("cfiw eval"))
+    greedy = [line for line in evals.stdout.splitlines() if line.startswith("cfiw eval") and "/eval/" in line]
+    assert greedy and all("--max-new-tokens 200 " in line and "--samples 4 " in line for line in greedy)
     assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.lrr=1"), "unknown key train.lrr")
     assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "lr=1"), "SECTION.KEY=VALUE")
     assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "optim.lr=1"), "unknown config section")
@@ -130,3 +137,30 @@ def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
 def test_unknown_preset(cli, tmp_path):
     assert_clean_error(cli("loop", "--preset", "nope", "--run", tmp_path / "r"), "no such preset")
     assert_clean_error(cli("loop", "--run", tmp_path / "r"), "exactly one of")
+
+
+def test_the_probe_samples_fixed_questions_at_the_rollout_temperature():
+    config = apply_overrides(load_config("tiny", None), {"loop.iterations": 4, "loop.eval_every": 2, "loop.seed": 3, "loop.weighting": "uniform"})
+    steps = plan(config, Path("runs/x"))
+    probes = [(i, s) for i, c, s in steps if c == "eval" and "/probe/" in s.out]
+    assert [i for i, _ in probes] == [0, 2, 4]
+    for _, probe in probes:
+        assert (probe.split, probe.offset, probe.limit, probe.samples) == ("test", 0, 64, 8)
+        assert (probe.temperature, probe.top_p, probe.max_new_tokens) == (config["rollout"]["temperature"], 1.0, config["rollout"]["max_new_tokens"])
+    # the same questions and sampling seed whatever the run's seed and mode: only the policy differs
+    other = plan(apply_overrides(config, {"loop.seed": 0, "loop.weighting": "cfiw"}), Path("runs/y"))
+    other_probes = [s for _, c, s in other if c == "eval" and "/probe/" in s.out]
+    assert [(s.seed, s.limit, s.temperature) for _, s in probes] == [(s.seed, s.limit, s.temperature) for s in other_probes]
+    greedy = [s for _, c, s in steps if c == "eval" and "/eval/" in s.out]
+    assert all(s.samples == 1 and s.temperature == 0.0 for s in greedy) and len(greedy) == 3
+    off = plan(apply_overrides(config, {"loop.probe_questions": 0}), Path("runs/x"))
+    assert not [s for _, c, s in off if c == "eval" and "/probe/" in s.out]
+
+
+def test_a_finite_train_pool_is_revisited_and_the_kl_anchor_is_the_start():
+    config = apply_overrides(load_config("tiny", None), {"loop.iterations": 5, "loop.questions": 8, "loop.train_pool": 16, "train.beta": 0.1, "model.id": "warm"})
+    steps = plan(config, Path("runs/x"))
+    assert [s.offset for _, c, s in steps if c == "rollout"] == [0, 8, 0, 8, 0]
+    assert {s.reference for _, c, s in steps if c == "train"} == {"warm"}
+    with pytest.raises(Exception, match="multiple of loop.questions"):
+        plan(apply_overrides(config, {"loop.train_pool": 12}), Path("runs/x"))

@@ -18,6 +18,8 @@ def make_run(root):
         write_table(scores, directory / "scores.parquet", build_manifest("score", {}, {}, rows=2, seconds=0))
     (root / "eval").mkdir()
     write_table(pa.table({"prompt_id": ["a", "b"], "correct": [True, False]}), root / "eval" / "iter-0002.parquet", build_manifest("eval", {}, {}, rows=2, seconds=0))
+    (root / "probe").mkdir()
+    write_table(pa.table({"prompt_id": ["a", "a", "b", "b"], "correct": [True, True, True, False]}), root / "probe" / "iter-0004.parquet", build_manifest("eval", {}, {}, rows=4, seconds=0))
     return root
 
 
@@ -31,8 +33,10 @@ def test_views_join_across_iterations(cli, tmp_path):
     assert by_iteration.stdout.splitlines() == ["iteration,sum(delta)", "0,4.0", "1,12.0"]
     evals = cli("sql", run, "select iteration, avg(correct::int) as accuracy from eval group by 1", "--format", "json")
     assert json.loads(evals.stdout) == [{"iteration": 2, "accuracy": 0.5}]
+    probe = cli("sql", run, "select iteration, avg(correct::int) as reward from probe group by 1", "--format", "json")
+    assert json.loads(probe.stdout) == [{"iteration": 4, "reward": 0.75}]
     manifests = cli("sql", run, "select stage, count(*) as n from manifests group by 1 order by 1", "--format", "csv")
-    assert manifests.stdout.splitlines() == ["stage,n", "eval,1", "score,2", "segment,2"]
+    assert manifests.stdout.splitlines() == ["stage,n", "eval,2", "score,2", "segment,2"]
     table = cli("sql", run, "select count(*) as n from spans")
     assert table.exit_code == 0 and "n" in table.stdout and "4" in table.stdout
 

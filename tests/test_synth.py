@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from cfiw_cli.artifacts import sha256_of
 from cfiw_cli.tasks.arith import FILLERS, LABELS
 from cfiw_cli.tasks.gsm8k import load_questions, parse_gold
@@ -58,7 +60,7 @@ def test_labels_describe_the_solution_and_the_arithmetic_is_right(cli, tmp_path)
                 assert sentence["text"] in FILLERS and not re.search(r"\d", sentence["text"])
             seen.add(sentence["label"])
         assert max(int(n) for n in re.findall(r"\d+", row["question"])) <= 30
-    assert seen == set(LABELS)
+    assert seen == set(LABELS) - {"distractor"}
     no_filler = synth(cli, tmp_path / "e", "--filler-rate", "0")
     assert all(s["label"] != "filler" for row in read(no_filler / "train.jsonl") for s in row["labels"])
 
@@ -85,11 +87,68 @@ def test_up_to_date_force_and_bad_input(cli, tmp_path):
     assert not (tmp_path / "i").exists()
 
 
-def test_committed_copy_is_what_synth_writes(tmp_path):
-    """data/arith is `cfiw synth` output; its manifest's settings regenerate it byte for byte."""
+@pytest.mark.parametrize("name", ["arith", "arith-distractors"])
+def test_committed_copy_is_what_synth_writes(tmp_path, name):
+    """data/arith* are `cfiw synth` output; their manifests' settings regenerate them byte for byte."""
     from cfiw_cli.stages.synth import SynthConfig, run
 
-    settings = json.loads((ROOT / "data/arith/cfiw_manifest.json").read_text())["config"]
+    settings = json.loads((ROOT / "data" / name / "cfiw_manifest.json").read_text())["config"]
     out = run(SynthConfig(out=str(tmp_path / "copy"), **settings))
-    for split in ("train.jsonl", "test.jsonl"):
-        assert (out / split).read_bytes() == (ROOT / "data/arith" / split).read_bytes(), split
+    for split in ("train.jsonl", "test.jsonl", "sft.jsonl"):
+        assert (out / split).read_bytes() == (ROOT / "data" / name / split).read_bytes(), split
+
+
+def test_the_teacher_errs_only_by_its_misconception(cli, tmp_path):
+    out = synth(cli, tmp_path / "t", "--distractors", "1", "--teacher-error-rate", "0.5")
+    train, taught = read(out / "train.jsonl"), read(out / "sft.jsonl")
+    assert [r["question"] for r in train] == [r["question"] for r in taught]
+    assert "teacher_answer" not in train[0] and not (synth(cli, tmp_path / "none") / "sft.jsonl").exists()
+    errors = chances = wrong = 0
+    for row, teacher in zip(train, taught):
+        lines = [s["text"] for s in teacher["labels"]]
+        assert teacher["answer"] == "\n".join(lines)
+        total = int(re.search(r"\d+", lines[0]).group())
+        events = re.findall(r"(gives away|gets|grows|has) (\d+)", row["question"])[1:]  # the first "has" is the start
+        body = [line for line in lines[1:-1] if line not in FILLERS]
+        assert len(body) == len(events)
+        for (kind, number), line in zip(events, body):
+            chances += kind in ("gives away", "has")
+            if kind == "has" and line.endswith("do not count."):
+                continue
+            a, op, b, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = <<\1\2\3=(\d+)>>\4\.", line).groups()
+            assert int(a) == total and b == number, "the teacher continues from its own total with the question's number"
+            right = {"gives away": "-", "gets": "+", "grows": "*", "has": None}[kind]
+            errors += op != right
+            assert op == right or (op == "+" and kind in ("gives away", "has")), "the only error is adding"
+            total = int(result)
+        assert lines[-1] == f"#### {total}"
+        wrong += parse_gold(teacher["answer"]) != parse_gold(row["answer"])
+    assert 0.4 < errors / chances < 0.6  # each chance errs with probability 0.5
+    assert json.loads((out / "cfiw_manifest.json").read_text())["metrics"]["teacher_wrong_share"] == wrong / len(train)
+
+
+def test_distractors_carry_numbers_the_answer_does_not_depend_on(cli, tmp_path):
+    out = synth(cli, tmp_path / "k", "--distractors", "2", "--filler-rate", "0.3")
+    plain = read(synth(cli, tmp_path / "plain") / "train.jsonl")
+    rows = read(out / "train.jsonl") + read(out / "test.jsonl")
+    for row in rows:
+        labels = row["labels"]
+        name = re.match(r"(\w+) has", row["question"]).group(1)
+        item = re.search(r"How many (\w+) does", row["question"]).group(1)
+        distractors = [s["text"] for s in labels if s["label"] == "distractor"]
+        assert len(distractors) == 2 and row["answer"] == "\n".join(s["text"] for s in labels)
+        for line in distractors:
+            other, count = re.fullmatch(rf"(\w+)'s (\d+) {item} do not count\.", line).groups()
+            assert other != name and f"{other} has {count} {item}." in row["question"]
+        # the answer is the running total of the calculations alone
+        total = int(re.search(r"\d+", labels[0]["text"]).group())
+        for line in (s["text"] for s in labels if s["label"] == "calculation"):
+            a, op, b = re.match(r"(\d+) ([-+*]) (\d+)", line).groups()
+            assert int(a) == total
+            total = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert parse_gold(row["answer"]) == str(total)
+    assert {s["label"] for row in rows for s in row["labels"]} == {"restatement", "calculation", "filler", "distractor", "answer"}
+    assert all("distractor" not in {s["label"] for s in row["labels"]} for row in plain)
+    manifest = json.loads((out / "cfiw_manifest.json").read_text())
+    assert manifest["config"]["distractors"] == 2 and manifest["metrics"]["train_sentences_by_label"]["distractor"] == 600
+    assert_clean_error(cli("synth", "--out", tmp_path / "bad", "--distractors", "14"), "--distractors")

@@ -1,7 +1,13 @@
 """`cfiw analyze`: did weighting help, and which spans mattered? Tables, plots and a report.
 
-Every aggregate is DuckDB SQL over the runs' Parquet files. Tables: accuracy per iteration per
-run with its 95% Wilson interval; mean reward per iteration; delta by span kind (count, mean,
+Every aggregate is DuckDB SQL over the runs' Parquet files. Tables: greedy accuracy per
+evaluated iteration per run with its 95% Wilson interval and the optimizer step it was taken
+at; the probe (sampled reward at the rollout temperature on fixed questions) likewise, with a
+95% interval over questions; `curves.parquet` and `curves_by_mode.parquet` hold both curves;
+per run the probe's gain from the first to the last evaluation with its standard error paired
+by question; per weighting mode over seeds, the final probe reward, the area under the probe
+curve and the steps to reach uniform's final probe reward, and each mode minus uniform paired by seed with a
+95% t interval (see `probe_tables`); mean reward per iteration; delta by span kind (count, mean,
 median, share of negative deltas); share of the total token weight per span kind; the first
 iteration at which each run reaches the final accuracy of the `uniform` run(s); with several
 runs per weighting mode (seeds), accuracy per mode and iteration with its spread over runs.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +50,7 @@ def connect(runs: list[Path]) -> Any:
     import duckdb
 
     con = duckdb.connect()
-    for kind in ("rollouts", "spans", "scores", "weights"):
+    for kind in ("rollouts", "spans", "scores", "weights", "train_metrics"):
         files = _files(runs, f"iter-*/{kind}.parquet")
         source = f"read_parquet({files}, filename = true, union_by_name = true)" if files else None
         if source:
@@ -52,13 +59,14 @@ def connect(runs: list[Path]) -> Any:
                 f"regexp_extract(filename, '([^/]+)/iter-\\d+/', 1) as run, "
                 f"cast(regexp_extract(filename, 'iter-(\\d+)/', 1) as integer) as iteration from {source}"
             )
-    files = _files(runs, "eval/iter-*.parquet")
-    if files:
-        con.execute(
-            f"create view eval as select * exclude (filename), regexp_extract(filename, '([^/]+)/eval/', 1) as run, "
-            f"cast(regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1) as integer) as iteration "
-            f"from read_parquet({files}, filename = true, union_by_name = true)"
-        )
+    for kind in ("eval", "probe"):
+        files = _files(runs, f"{kind}/iter-*.parquet")
+        if files:
+            con.execute(
+                f"create view {kind} as select * exclude (filename), regexp_extract(filename, '([^/]+)/{kind}/', 1) as run, "
+                f"cast(regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1) as integer) as iteration "
+                f"from read_parquet({files}, filename = true, union_by_name = true)"
+            )
     if _has(con, "spans") and _has(con, "rollouts") and _has_column(con, "rollouts", "labels"):
         # A label is a function of the sentence's form, so one run-wide lookup serves every span.
         con.execute(
@@ -69,22 +77,42 @@ def connect(runs: list[Path]) -> Any:
             select s.run, s.iteration, s.rollout_id, s.span_idx, r.label
             from spans s join reference r on {_NORMALIZED.format(text='s.text')} = r.sentence"""
         )
-    modes = {run.name: _mode(run) for run in runs}
-    con.execute("create table modes (run varchar, mode varchar)")
-    con.executemany("insert into modes values (?, ?)", list(modes.items()))
+    con.execute("create table modes (run varchar, mode varchar, seed integer)")
+    con.executemany("insert into modes values (?, ?, ?)", [(run.name, *_mode_and_seed(run)) for run in runs])
+    _create_steps(con)
     return con
 
 
-def _mode(run: Path) -> str:
+def _mode_and_seed(run: Path) -> tuple[str, int]:
     import tomllib
 
     config = run / "config.toml"
     if config.exists():
-        return tomllib.loads(config.read_text()).get("loop", {}).get("weighting", "cfiw")
+        loop = tomllib.loads(config.read_text()).get("loop", {})
+        return loop.get("weighting", "cfiw"), int(loop.get("seed", 0))
     manifests = sorted(run.glob("policy/cfiw_manifest.json"))
     if manifests:
-        return json.loads(manifests[0].read_text()).get("config", {}).get("weighting", "cfiw")
-    return "unknown"
+        settings = json.loads(manifests[0].read_text()).get("config", {})
+        return settings.get("weighting", "cfiw"), int(settings.get("seed", 0))
+    return "unknown", 0
+
+
+def _create_steps(con: Any) -> None:
+    """`steps(run, iteration, step)`: optimizer steps taken before each evaluated iteration,
+    counted from the train_metrics rows (one per step); the iteration itself without them."""
+    evaluated = " union ".join(f"select distinct run, iteration from {v}" for v in ("eval", "probe") if _has(con, v))
+    if not evaluated:
+        return
+    if _has(con, "train_metrics"):
+        con.execute(
+            f"""create view steps as
+            with per_iteration as (select run, iteration, count(*) as n from train_metrics group by all)
+            select e.run, e.iteration,
+                   coalesce((select sum(n) from per_iteration p where p.run = e.run and p.iteration < e.iteration), 0)::integer as step
+            from ({evaluated}) e"""
+        )
+    else:
+        con.execute(f"create view steps as select run, iteration, iteration as step from ({evaluated})")
 
 
 def _rows(con: Any, sql: str) -> list[dict]:
@@ -119,16 +147,99 @@ AUROC = """
     order by run, iteration"""
 
 
+PROBE_BY_RUN = f"""
+    with per_question as (select run, iteration, prompt_id, avg(correct::int) as share, count(*) as k from probe group by all),
+    per_iteration as (
+        select run, iteration, count(*) as questions, max(k) as samples, avg(share) as reward,
+               coalesce(stddev_samp(share) / sqrt(count(*)), 0) as se
+        from per_question group by all)
+    select run, mode, seed, iteration, step, questions, samples, reward,
+           greatest(0, reward - {Z} * se) as ci_low, least(1, reward + {Z} * se) as ci_high, se
+    from per_iteration join modes using (run) join steps using (run, iteration)"""
+
+# Per run: the final probe reward, the area under its probe curve over optimizer steps divided by
+# the steps (the trapezoid mean reward over training), and the first step at which it reaches the
+# threshold, the mean final probe reward of the uniform runs.
+RUN_SUMMARY = """
+    with curve as (select *, lag(step) over w as prev_step, lag(reward) over w as prev_reward
+                   from probe_by_run window w as (partition by run order by iteration)),
+    threshold as (select avg(reward) as target from probe_by_run p
+                  where mode = 'uniform' and iteration = (select max(iteration) from probe_by_run q where q.run = p.run))
+    select run, mode, seed,
+           arg_min(reward, iteration) as first_reward, arg_max(reward, iteration) as final_reward,
+           coalesce(sum((step - prev_step) * (reward + prev_reward) / 2) / nullif(max(step) - min(step), 0), avg(reward)) as auc,
+           (select target from threshold) as threshold,
+           min(step) filter (where reward >= (select target from threshold)) as steps_to_threshold,
+           max(step) as steps
+    from curve group by run, mode, seed order by mode, seed"""
+
+
+def probe_tables(con: Any) -> dict[str, list[dict]]:
+    """The probe's learning curves and what a comparison of weighting modes needs: per mode over
+    seeds the final probe reward, the area under the curve and the steps to reach uniform's final
+    reward (on the mode's mean curve); each mode minus uniform, paired by seed, with a 95% t
+    interval over seeds."""
+    from cfiw_cli.stats import t_quantile
+
+    con.execute(f"create temp table probe_by_run as {PROBE_BY_RUN}")
+    con.execute(f"create temp table run_summary as {RUN_SUMMARY}")
+    # The gain over the first probe with its standard error paired by question (each question's
+    # share of correct samples at the last evaluation minus at the first).
+    con.execute(
+        """create temp table gains as
+        with q as (select run, iteration, prompt_id, avg(correct::int) as share from probe group by all),
+             ends as (select run, min(iteration) as first, max(iteration) as last from q group by run)
+        select a.run, avg(b.share - a.share) as gain, coalesce(stddev_samp(b.share - a.share) / sqrt(count(*)), 0) as gain_se
+        from q a join ends e on a.run = e.run and a.iteration = e.first
+        join q b on b.run = a.run and b.iteration = e.last and b.prompt_id = a.prompt_id group by a.run"""
+    )
+    con.execute("create temp table run_summary_with_gain as select * from run_summary join gains using (run)")
+    out = {"probe": _rows(con, "select * from probe_by_run order by run, iteration")}
+    out["probe_by_mode"] = _rows(
+        con,
+        """select mode, iteration, avg(step) as step, count(*) as runs, avg(reward) as mean_reward,
+                  coalesce(stddev_samp(reward), 0) as std, min(reward) as min_reward, max(reward) as max_reward
+           from probe_by_run group by mode, iteration order by mode, iteration""",
+    )
+    out["probe_runs"] = _rows(con, "select *, gain / nullif(gain_se, 0) as gain_in_se from run_summary_with_gain order by mode, seed")
+    out["mode_comparison"] = _rows(
+        con,
+        """with mean_curve as (select mode, iteration, avg(step) as step, avg(reward) as reward from probe_by_run group by all)
+           select mode, count(*) as runs, avg(first_reward) as first_reward, avg(final_reward) as final_reward,
+                  coalesce(stddev_samp(final_reward), 0) as final_std,
+                  avg(auc) as auc, coalesce(stddev_samp(auc), 0) as auc_std, any_value(threshold) as threshold,
+                  (select min(step) from mean_curve m where m.mode = r.mode and m.reward >= any_value(r.threshold)) as steps_to_threshold,
+                  count(steps_to_threshold) as runs_reaching, median(steps_to_threshold) as median_run_steps_to_threshold,
+                  max(steps) as steps
+           from run_summary r group by mode order by mode = 'uniform' desc, mode""",
+    )
+    differences = _rows(
+        con,
+        """select r.mode, 'final_reward' as metric, count(*) as seeds, avg(r.final_reward - u.final_reward) as mean_difference,
+                  coalesce(stddev_samp(r.final_reward - u.final_reward), 0) as std
+           from run_summary r join run_summary u on u.mode = 'uniform' and u.seed = r.seed where r.mode <> 'uniform' group by r.mode
+           union all
+           select r.mode, 'auc', count(*), avg(r.auc - u.auc), coalesce(stddev_samp(r.auc - u.auc), 0)
+           from run_summary r join run_summary u on u.mode = 'uniform' and u.seed = r.seed where r.mode <> 'uniform' group by r.mode
+           order by metric desc, mode""",
+    )
+    for row in differences:
+        half = t_quantile(0.975, row["seeds"] - 1) * row["std"] / math.sqrt(row["seeds"]) if row["seeds"] > 1 else math.nan
+        row.update({"mode": f"{row['mode']} - uniform", "ci_low": row["mean_difference"] - half, "ci_high": row["mean_difference"] + half})
+    out["paired_differences"] = differences
+    return out
+
+
 def tables(con: Any) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     if _has(con, "eval"):
         out["accuracy"] = _rows(
             con,
             f"""with a as (select run, iteration, count(*) as n, avg(correct::int) as acc from eval group by run, iteration)
-            select run, mode, iteration, n, acc as accuracy,
+            select run, mode, seed, iteration, step, n, acc as accuracy,
                    case when acc = 0 then 0 else greatest(0, {WILSON.format(sign='-')}) end as ci_low,
                    case when acc = 1 then 1 else least(1, {WILSON.format(sign='+')}) end as ci_high
-            from a join modes using (run) order by run, iteration""",
+            from a join modes using (run) join steps using (run, iteration) order by run, iteration""",
         )
         out["iterations_to_uniform"] = _rows(
             con,
@@ -142,9 +253,9 @@ def tables(con: Any) -> dict[str, list[dict]]:
         out["accuracy_by_mode"] = _rows(
             con,
             """with a as (select run, iteration, avg(correct::int) as acc from eval group by run, iteration)
-            select mode, iteration, count(*) as runs, avg(acc) as mean_accuracy, coalesce(stddev_samp(acc), 0) as std,
+            select mode, iteration, avg(step) as step, count(*) as runs, avg(acc) as mean_accuracy, coalesce(stddev_samp(acc), 0) as std,
                    min(acc) as min_accuracy, max(acc) as max_accuracy
-            from a join modes using (run) group by mode, iteration order by mode, iteration""",
+            from a join modes using (run) join steps using (run, iteration) group by mode, iteration order by mode, iteration""",
         )
         out["final_accuracy_by_mode"] = _rows(
             con,
@@ -154,6 +265,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
                    min(acc) as min_accuracy, max(acc) as max_accuracy
             from last join modes using (run) group by mode order by mode""",
         )
+    if _has(con, "probe"):
+        out.update(probe_tables(con))
     if _has(con, "rollouts"):
         out["reward"] = _rows(
             con, "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward from rollouts join modes using (run) group by all order by run, iteration"
@@ -200,16 +313,18 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def curves(rows: list[dict], group: str, y: str, band: tuple[str, str] | None, label: Any, title: str, ylabel: str, name: str) -> None:
-        """One line per `group` value over iterations, with an optional shaded band."""
+    def curves(
+        rows: list[dict], group: str, y: str, band: tuple[str, str] | None, label: Any, title: str, ylabel: str, name: str, x: str = "step"
+    ) -> None:
+        """One line per `group` value over optimizer steps (or `x`), with an optional shaded band."""
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in sorted({r[group] for r in rows}):
             mine = [r for r in rows if r[group] == key]
-            xs = [r["iteration"] for r in mine]
+            xs = [r[x] for r in mine]
             ax.plot(xs, [r[y] for r in mine], marker="o", markersize=3, label=label(key, mine))
             if band:
                 ax.fill_between(xs, [r[band[0]] for r in mine], [r[band[1]] for r in mine], alpha=0.15)
-        ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+        ax.set(xlabel="optimizer step" if x == "step" else x, ylabel=ylabel, title=title)
         ax.legend(fontsize=7)
         written.append(_save(fig, out / name))
 
@@ -217,14 +332,21 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
     by_run = lambda run, rows: f"{run} ({rows[0]['mode']})"  # noqa: E731
     if tables_.get("accuracy"):
         curves(tables_["accuracy"], "run", "accuracy", ("ci_low", "ci_high"), by_run, "Accuracy (95% Wilson interval)", "accuracy", "accuracy.png")
+    by_mode = lambda mode, rows: f"{mode} ({max(r['runs'] for r in rows)} runs)"  # noqa: E731
     if any(r["runs"] > 1 for r in tables_.get("accuracy_by_mode", [])):  # several seeds of a mode
         curves(
-            tables_["accuracy_by_mode"], "mode", "mean_accuracy", ("min_accuracy", "max_accuracy"),
-            lambda mode, rows: f"{mode} ({max(r['runs'] for r in rows)} runs)",
-            "Accuracy by mode (mean; band: min to max)", "accuracy", "accuracy_by_mode.png",
+            tables_["accuracy_by_mode"], "mode", "mean_accuracy", ("min_accuracy", "max_accuracy"), by_mode,
+            "Greedy accuracy by mode (mean over seeds; band: min to max)", "greedy accuracy", "accuracy_by_mode.png",
+        )
+    if tables_.get("probe"):
+        curves(tables_["probe"], "run", "reward", ("ci_low", "ci_high"), by_run, "Probe: sampled reward (95% interval over questions)", "probe reward (mean@k)", "probe.png")
+    if any(r["runs"] > 1 for r in tables_.get("probe_by_mode", [])):
+        curves(
+            tables_["probe_by_mode"], "mode", "mean_reward", ("min_reward", "max_reward"), by_mode,
+            "Probe reward by mode (mean over seeds; band: min to max)", "probe reward (mean@k)", "probe_by_mode.png",
         )
     if tables_.get("reward"):
-        curves(tables_["reward"], "run", "mean_reward", None, by_run, "Training reward", "mean reward of the rollouts", "reward.png")
+        curves(tables_["reward"], "run", "mean_reward", None, by_run, "Training reward", "mean reward of the rollouts", "reward.png", x="iteration")
     if _has(con, "spans") and _has(con, "scores"):
         rows = _rows(con, "select kind, delta from spans join scores using (run, iteration, rollout_id, span_idx) order by kind")
         kinds = sorted({r["kind"] for r in rows})
@@ -247,6 +369,32 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "weight_by_kind.png"))
     return written
+
+
+def _write_curves(results: dict[str, list[dict]], out: Path) -> None:
+    """curves.parquet (per run) and curves_by_mode.parquet (over seeds): greedy accuracy and the
+    probe reward per evaluated iteration, with the optimizer step and their intervals."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    per_run = [
+        {"run": r["run"], "mode": r["mode"], "seed": r["seed"], "metric": metric, "iteration": r["iteration"], "step": r["step"],
+         "value": r[value], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+        for table, metric, value in (("accuracy", "greedy_accuracy", "accuracy"), ("probe", "probe_reward", "reward"))
+        for r in results.get(table, [])
+    ]
+    by_mode = [
+        {"mode": r["mode"], "metric": metric, "iteration": r["iteration"], "step": float(r["step"]), "runs": r["runs"],
+         "mean": r[mean], "std": r["std"], "min": r[low], "max": r[high]}
+        for table, metric, mean, low, high in (
+            ("accuracy_by_mode", "greedy_accuracy", "mean_accuracy", "min_accuracy", "max_accuracy"),
+            ("probe_by_mode", "probe_reward", "mean_reward", "min_reward", "max_reward"),
+        )
+        for r in results.get(table, [])
+    ]
+    for name, rows in (("curves", per_run), ("curves_by_mode", by_mode)):
+        if rows:
+            pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -314,6 +462,7 @@ def run(runs: list[str], out: str) -> dict[str, list[dict]]:
         raise CfiwError("the runs hold no artifacts to analyze", "run cfiw loop first")
     for name, rows in results.items():
         (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
+    _write_curves(results, out_dir)
     images = _plot(results, con, out_dir)
     markdown = ["# cfiw report", "", f"Runs: {', '.join(r.name for r in run_dirs)}", ""]
     for name, rows in results.items():

@@ -4,6 +4,9 @@
 `pass@k` is the share of questions with at least one correct sample and `maj@k` the share
 whose most frequent extracted answer (ties: the earliest) is correct. Each comes with its 95%
 Wilson interval; for `accuracy` with k > 1 the interval treats all samples as independent.
+`mean@k` is the mean over questions of each question's share of correct samples (the sampled
+reward), with its standard error over questions and the normal 95% interval from it: samples
+of one question are not independent, so this is the interval to quote for a sampled reward.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class EvalConfig:
 
 
 def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
-    from cfiw_cli.stats import wilson_interval
+    from cfiw_cli.stats import Z_95, mean_and_standard_error, wilson_interval
     from cfiw_cli.tasks.gsm8k import numbers_equal
 
     by_question: dict[str, list[dict]] = {}
@@ -60,12 +63,16 @@ def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
         for name, hits in ((f"pass@{samples}", passed), (f"maj@{samples}", majority)):
             lo, hi = wilson_interval(hits, n_questions)
             metrics.update({name: hits / n_questions, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
+        shares = [sum(r["correct"] for r in group) / len(group) for group in by_question.values()]
+        mean, se = mean_and_standard_error(shares)
+        name = f"mean@{samples}"
+        metrics.update({name: mean, f"{name}_se": se, f"{name}_ci_low": max(0.0, mean - Z_95 * se), f"{name}_ci_high": min(1.0, mean + Z_95 * se)})
     return metrics
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
     text = f"accuracy {metrics['accuracy']:.3f} (95% CI {metrics['ci_low']:.3f}-{metrics['ci_high']:.3f}, n={metrics['n']})"
-    for key in sorted(k for k in metrics if k.startswith(("pass@", "maj@")) and "_ci_" not in k):
+    for key in sorted(k for k in metrics if k.startswith(("pass@", "maj@", "mean@")) and "_ci_" not in k and not k.endswith("_se")):
         text += f", {key} {metrics[key]:.3f}"
     return text
 

@@ -4,8 +4,16 @@ The model is loaded once and handed from stage to stage (the trained policy of i
 samples iteration i + 1). Every stage writes exactly the files the separate commands write,
 with the same configs, so `cfiw loop --dry-run` prints the equivalent shell commands and
 running them gives identical Parquet contents. Iteration i takes questions
-[i * questions, (i + 1) * questions) of the train split; the current policy is evaluated
-before iterations 0, k, 2k, ... (`eval_every` = k) and after the last one.
+[i * questions, (i + 1) * questions) of the train split, modulo `train_pool` when it is set (a
+finite pool revisited, one epoch every train_pool / questions iterations).
+
+The current policy is measured before iterations 0, k, 2k, ... (`eval_every` = k) and after
+the last one, twice: greedy accuracy on `eval_limit` questions of the eval split
+(`eval/iter-NNNN.parquet`), and the probe, `probe_samples` samples at the rollout temperature
+and top-p on the first `probe_questions` questions of the eval split
+(`probe/iter-NNNN.parquet`). The probe's questions and sampling seed are the same for every
+iteration, weighting mode and loop seed, so its curves differ only by the policy; its mean
+reward sees what greedy accuracy cannot, RL sharpening the sampling distribution.
 
 Resuming: `loop_state.json` counts completed iterations; within an interrupted iteration the
 stages whose outputs are up to date are skipped, and a policy whose manifest shows it was
@@ -23,6 +31,7 @@ from typing import Any
 
 from cfiw_cli.errors import CfiwError
 
+PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "pipelines"
 
 
@@ -87,14 +96,33 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     loop, data = config.get("loop", {}), config.get("data", {})
     iterations, questions = int(loop.get("iterations", 1)), int(loop.get("questions", 8))
     every, seed = int(loop.get("eval_every", 1)), int(loop.get("seed", 0))
+    pool = loop.get("train_pool")
+    if pool is not None and (int(pool) < questions or int(pool) % questions):
+        raise CfiwError(f"loop.train_pool ({pool}) must be a multiple of loop.questions ({questions})", f"e.g. --set loop.train_pool={questions * 8}")
     base, policy = str(config["model"]["id"]), str(run / "policy")
+    sampling = RolloutConfig(model=base, dataset=data["dataset"], out="", **config.get("rollout", {}))
+    probe_questions, probe_samples = int(loop.get("probe_questions", 64)), int(loop.get("probe_samples", 8))
+    train_settings = dict(config.get("train", {}))
+    if float(train_settings.get("beta", 0.0)) > 0:
+        train_settings.setdefault("reference", base)  # the KL term anchors every iteration to the starting policy
 
-    def evaluation(model: str, index: int) -> tuple[int, str, Any]:
-        return index, "eval", EvalConfig(
+    def evaluation(model: str, index: int) -> list[tuple[int, str, Any]]:
+        eval_settings = config.get("eval", {})
+        greedy = EvalConfig(
             model=model, dataset=data["dataset"], out=str(run / "eval" / f"iter-{index:04d}.parquet"),
             split=data.get("eval_split", "test"), limit=loop.get("eval_limit"), seed=seed,
-            **{"max_new_tokens": config.get("rollout", {}).get("max_new_tokens", 512), **config.get("eval", {})},
+            **{"max_new_tokens": sampling.max_new_tokens, **eval_settings},
         )
+        if probe_questions <= 0:
+            return [(index, "eval", greedy)]
+        probe = EvalConfig(
+            model=model, dataset=data["dataset"], out=str(run / "probe" / f"iter-{index:04d}.parquet"),
+            split=data.get("eval_split", "test"), limit=probe_questions, samples=probe_samples,
+            temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+            batch_size=int(eval_settings.get("batch_size", sampling.batch_size)), seed=PROBE_SEED,
+            **{k: v for k, v in eval_settings.items() if k in ("dtype", "prompt_template", "chat_template")},
+        )
+        return [(index, "eval", greedy), (index, "eval", probe)]
 
     steps = []
     for i in range(iterations):
@@ -102,18 +130,19 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         directory = run / f"iter-{i:04d}"
         files = {name: str(directory / f"{name}.parquet") for name in ("rollouts", "spans", "scores")}
         if i % every == 0:
-            steps.append(evaluation(current, i))
+            steps += evaluation(current, i)
+        offset = i * questions % int(pool) if pool is not None else i * questions
         steps.append((i, "rollout", RolloutConfig(
             model=current, dataset=data["dataset"], out=files["rollouts"], split=data.get("train_split", "train"),
-            offset=i * questions, limit=questions, seed=seed, iteration=i, **config.get("rollout", {}),
+            offset=offset, limit=questions, seed=seed, iteration=i, **config.get("rollout", {}),
         )))
         steps.append((i, "segment", SegmentConfig(rollouts=files["rollouts"], model=current, out=files["spans"], **config.get("segment", {}))))
         steps.append((i, "score", ScoreConfig(model=current, rollouts=files["rollouts"], spans=files["spans"], out=files["scores"], **config.get("score", {}))))
         steps.append((i, "train", TrainConfig(
             model=current, rollouts=files["rollouts"], spans=files["spans"], scores=files["scores"], out=policy,
-            weighting=loop.get("weighting", "cfiw"), seed=seed, **config.get("train", {}),
+            weighting=loop.get("weighting", "cfiw"), seed=seed, **train_settings,
         )))
-    steps.append(evaluation(policy if iterations else base, iterations))
+    steps += evaluation(policy if iterations else base, iterations)
     return steps
 
 
@@ -121,7 +150,7 @@ _FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "of
 _SECTIONS = {
     "model": {"id"},
     "data": {"dataset", "train_split", "eval_split"},
-    "loop": {"iterations", "questions", "weighting", "eval_every", "eval_limit", "seed"},
+    "loop": {"iterations", "questions", "weighting", "eval_every", "eval_limit", "seed", "train_pool", "probe_questions", "probe_samples"},
 }
 
 

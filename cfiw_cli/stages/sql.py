@@ -1,8 +1,8 @@
 """`cfiw sql`: DuckDB over every artifact of a run, one view per artifact kind.
 
 Views: `rollouts`, `spans`, `scores`, `weights`, `train_metrics` (all iterations, with an
-`iteration` column taken from the `iter-NNNN` directory), `eval` (from `eval/iter-NNNN.parquet`)
-and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
+`iteration` column taken from the `iter-NNNN` directory), `eval` (from `eval/iter-NNNN.parquet`),
+`probe` (from `probe/iter-NNNN.parquet`) and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ def connect(run: str | Path) -> Any:
         files = sorted(run.glob(f"iter-*/{kind}.parquet"))
         if files:
             con.execute(_view(kind, [str(f) for f in files], "regexp_extract(filename, 'iter-(\\d+)', 1)"))
-    evals = sorted(run.glob("eval/iter-*.parquet"))
-    if evals:
-        con.execute(_view("eval", [str(f) for f in evals], "regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1)"))
+    for kind in ("eval", "probe"):
+        evals = sorted(run.glob(f"{kind}/iter-*.parquet"))
+        if evals:
+            con.execute(_view(kind, [str(f) for f in evals], "regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1)"))
     every = sorted(str(f) for f in run.rglob("*.parquet"))
     if every:
         listing = ", ".join(f"'{f}'" for f in every)

@@ -2,7 +2,10 @@
 
 Writes `<out>/train.jsonl` and `<out>/test.jsonl` (columns `question`, `answer`, `labels`) and
 `<out>/cfiw_manifest.json`. The test split is drawn from its own seed and never repeats a
-train question. See `cfiw_cli.tasks.arith` for the problems and the labels.
+train question. With `teacher_error_rate` > 0 it also writes `<out>/sft.jsonl`: the train
+questions solved by a teacher with a systematic misconception (see `make_problem`), the
+demonstrations of a warm start whose errors RL can find and unlearn; train and test keep the
+correct solutions and answers. See `cfiw_cli.tasks.arith` for the problems and the labels.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from cfiw_cli.artifacts import build_manifest, prepare_directory, settings_of, staged_directory, write_directory_manifest
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.tasks.arith import NAMES
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class SynthConfig:
     max_steps: int = 3
     max_number: int = 20
     filler_rate: float = 0.3
+    distractors: int = 0
+    teacher_error_rate: float = 0.0
 
 
 def _check(config: SynthConfig) -> None:
@@ -36,19 +42,26 @@ def _check(config: SynthConfig) -> None:
         raise CfiwError("--max-steps must be at least 1", "e.g. --max-steps 3")
     if config.max_number < 4:
         raise CfiwError("--max-number must be at least 4", "e.g. --max-number 20")
+    if not 0 <= config.distractors < len(NAMES):
+        raise CfiwError(f"--distractors must lie in [0, {len(NAMES) - 1}]", "e.g. --distractors 2")
+    if not 0 <= config.teacher_error_rate <= 1:
+        raise CfiwError("--teacher-error-rate must lie in [0, 1]", "e.g. --teacher-error-rate 0.5")
     if not 0 <= config.filler_rate <= 1:
         raise CfiwError("--filler-rate must lie in [0, 1]", "e.g. --filler-rate 0.3")
 
 
 def generate(config: SynthConfig) -> dict[str, list[dict]]:
-    """{"train": rows, "test": rows}; test questions that also occur in train are redrawn."""
+    """{"train": rows, "test": rows} (and "sft": the teacher's solutions of the train questions);
+    test questions that also occur in train are redrawn."""
     import random
 
     from cfiw_cli.tasks.arith import make_problem
 
-    shape = dict(max_steps=config.max_steps, max_number=config.max_number, filler_rate=config.filler_rate)
+    shape = dict(max_steps=config.max_steps, max_number=config.max_number, filler_rate=config.filler_rate, distractors=config.distractors)
     train_rng, test_rng = random.Random(config.seed), random.Random(config.seed + 1_000_003)
-    train = [make_problem(train_rng, **shape) for _ in range(config.n_train)]
+    teacher = random.Random(config.seed + 2_000_003) if config.teacher_error_rate > 0 else None
+    train = [make_problem(train_rng, teacher=teacher, teacher_error_rate=config.teacher_error_rate, **shape) for _ in range(config.n_train)]
+    sft = [{"question": r["question"], "answer": r.pop("teacher_answer"), "labels": r.pop("teacher_labels")} for r in train] if teacher else []
     seen, test = {row["question"] for row in train}, []
     for _ in range(100 * config.n_test):
         if len(test) == config.n_test:
@@ -62,7 +75,7 @@ def generate(config: SynthConfig) -> dict[str, list[dict]]:
             f"only {len(test)} distinct test problems exist beside {config.n_train} train problems at --max-number {config.max_number}",
             "raise --max-number or --max-steps, or lower --n-test",
         )
-    return {"train": train, "test": test}
+    return {"train": train, "test": test, **({"sft": sft} if sft else {})}
 
 
 def run(config: SynthConfig, force: bool = False) -> Path:
@@ -80,8 +93,18 @@ def run(config: SynthConfig, force: bool = False) -> Path:
         labels = Counter(sentence["label"] for row in splits["train"] for sentence in row["labels"])
         manifest = build_manifest(
             "synth", settings, {}, rows=sum(counts.values()), seconds=time.perf_counter() - started,
-            seed=config.seed, metrics={"rows": counts, "train_sentences_by_label": dict(labels)},
+            seed=config.seed, metrics={"rows": counts, "train_sentences_by_label": dict(labels), **_teacher_metrics(splits)},
         )
         write_directory_manifest(tmp, manifest)
-    info(f"wrote {counts['train']} train and {counts['test']} test problems to {out}")
+    info(f"wrote {counts['train']} train and {counts['test']} test problems{' and the teacher' + chr(39) + 's solutions' if 'sft' in counts else ''} to {out}")
     return out
+
+
+def _teacher_metrics(splits: dict[str, list[dict]]) -> dict:
+    """How wrong the teacher is: the share of its train solutions whose answer differs."""
+    if "sft" not in splits:
+        return {}
+    from cfiw_cli.tasks.gsm8k import parse_gold
+
+    wrong = sum(parse_gold(t["answer"]) != parse_gold(r["answer"]) for t, r in zip(splits["sft"], splits["train"], strict=True))
+    return {"teacher_wrong_share": wrong / len(splits["train"])}

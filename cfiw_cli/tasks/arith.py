@@ -8,6 +8,11 @@ has one sentence per line, each labelled by what the final answer depends on:
 - `calculation`: "7 + 5 = <<7+5=12>>12." (one event; the answer depends on each of them)
 - `filler`: "Let me think about this." (no digits; the answer does not depend on it), inserted
   before a calculation with probability `filler_rate`
+- `distractor` (with `distractors` > 0): "Ben's 4 apples do not count." Each of `distractors`
+  sentences of the question states a number of the same item that belongs to someone else
+  ("Ben has 4 apples."), at a random place among the events; the solution acknowledges each
+  where the question states it. It carries digits and the item's name, but the answer does
+  not depend on it, and folding its number into the running total is the error to unlearn.
 - `answer`: "#### 12"
 
 Each label is a function of the sentence's text, so a span of a generated solution whose text
@@ -28,11 +33,11 @@ FILLERS = [
     "This is straightforward.",
     "Let us keep track of the total.",
 ]
-LABELS = ("restatement", "calculation", "filler", "answer")
+LABELS = ("restatement", "calculation", "filler", "distractor", "answer")
 
 
 def _step(rng: random.Random, total: int, item: str, max_number: int) -> tuple[str, str, int]:
-    """One event that changes the running total: (question sentence, solution line, new total)."""
+    """One event that changes the running total: (question sentence, operator, operand)."""
     kinds = []
     if total < max_number:
         kinds.append("gain")
@@ -43,32 +48,69 @@ def _step(rng: random.Random, total: int, item: str, max_number: int) -> tuple[s
     kind = rng.choice(kinds)
     if kind == "lose":
         amount = rng.randint(1, total - 1)
-        new = total - amount
-        return f"Then gives away {amount} {item}.", f"{total} - {amount} = <<{total}-{amount}={new}>>{new}.", new
+        return f"Then gives away {amount} {item}.", "-", amount
     if kind == "times":
         factor = rng.randint(2, max(2, min(4, max_number // total)))
-        new = total * factor
-        return f"Then the number of {item} grows {factor} times.", f"{total} * {factor} = <<{total}*{factor}={new}>>{new}.", new
+        return f"Then the number of {item} grows {factor} times.", "*", factor
     amount = rng.randint(1, max_number - total)
-    new = total + amount
-    return f"Then gets {amount} more {item}.", f"{total} + {amount} = <<{total}+{amount}={new}>>{new}.", new
+    return f"Then gets {amount} more {item}.", "+", amount
 
 
-def make_problem(rng: random.Random, max_steps: int = 3, max_number: int = 50, filler_rate: float = 0.3) -> dict:
-    """{"question", "answer" (GSM8K format), "labels": [{"text", "label"}, ...] one per solution line}."""
+def _calculation(total: int, op: str, operand: int) -> tuple[str, int]:
+    new = {"+": total + operand, "-": total - operand, "*": total * operand}[op]
+    return f"{total} {op} {operand} = <<{total}{op}{operand}={new}>>{new}.", new
+
+
+def make_problem(
+    rng: random.Random, max_steps: int = 3, max_number: int = 50, filler_rate: float = 0.3, distractors: int = 0,
+    teacher: random.Random | None = None, teacher_error_rate: float = 0.0,
+) -> dict:
+    """{"question", "answer" (GSM8K format), "labels": [{"text", "label"}, ...] one per solution line}.
+
+    With `teacher`, the row also has "teacher_answer" and "teacher_labels": the same problem
+    solved by a teacher with a systematic misconception, which at each error site errs with
+    probability `teacher_error_rate` (drawn from `teacher`, so `rng`'s problems are unchanged):
+    a given-away amount is added instead of subtracted, and a distractor's count is added to
+    the total instead of being set aside. Its later lines continue from its wrong total."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     total = rng.randint(2, max(2, max_number // 2))
     question = [f"{name} has {total} {item}."]
     labels = [{"text": f"{name} starts with {total} {item}.", "label": "restatement"}]
-    for _ in range(rng.randint(1, max_steps)):
-        sentence, line, total = _step(rng, total, item, max_number)
+    taught, taught_labels = total, list(labels)
+    errs = lambda: teacher is not None and teacher.random() < teacher_error_rate  # noqa: E731
+    events = rng.randint(1, max_steps)
+    others = rng.sample([n for n in NAMES if n != name], distractors) if distractors else []
+    # where each distractor goes: before event j (j = events: after the last one)
+    slots = sorted(rng.randint(0, events) for _ in others)
+    for j in range(events + 1):
+        while others and slots[0] == j:
+            slots.pop(0)
+            other, count = others.pop(0), rng.randint(1, max_number)
+            question.append(f"{other} has {count} {item}.")
+            labels.append({"text": f"{other}'s {count} {item} do not count.", "label": "distractor"})
+            if errs():
+                line, taught = _calculation(taught, "+", count)
+                taught_labels.append({"text": line, "label": "calculation"})
+            else:
+                taught_labels.append(labels[-1])
+        if j == events:
+            break
+        sentence, op, operand = _step(rng, total, item, max_number)
         question.append(sentence)
         if rng.random() < filler_rate:
             labels.append({"text": rng.choice(FILLERS), "label": "filler"})
+            taught_labels.append(labels[-1])
+        line, total = _calculation(total, op, operand)
         labels.append({"text": line, "label": "calculation"})
+        line, taught = _calculation(taught, "+" if op == "-" and errs() else op, operand)
+        taught_labels.append({"text": line, "label": "calculation"})
     question.append(f"How many {item} does {name} have now?")
     labels.append({"text": f"#### {total}", "label": "answer"})
-    return {"question": " ".join(question), "answer": "\n".join(s["text"] for s in labels), "labels": labels}
+    row = {"question": " ".join(question), "answer": "\n".join(s["text"] for s in labels), "labels": labels}
+    if teacher is not None:
+        taught_labels.append({"text": f"#### {taught}", "label": "answer"})
+        row.update(teacher_answer="\n".join(s["text"] for s in taught_labels), teacher_labels=taught_labels)
+    return row
 
 
 def make_problems(n: int, seed: int = 0, **kwargs) -> list[dict]:
