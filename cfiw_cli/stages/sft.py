@@ -102,11 +102,6 @@ def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) ->
 
 
 def run(config: SftConfig, force: bool = False) -> Path:
-    import datasets
-    import torch
-    from transformers import PrinterCallback
-    from trl import SFTTrainer
-
     from cfiw_cli import modeling
     from cfiw_cli.tasks.gsm8k import load_questions
 
@@ -118,6 +113,11 @@ def run(config: SftConfig, force: bool = False) -> Path:
     inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
     if not prepare_directory(out, "sft", settings, inputs, force):
         return out
+
+    import datasets  # only now: an up-to-date warm start needs neither datasets nor TRL
+    import torch
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
 
     started = time.perf_counter()
     modeling.quiet_libraries()
