@@ -17,6 +17,7 @@ ITERATION_FILES = {"rollouts.parquet", "spans.parquet", "scores.parquet", "weigh
 REPORT_TABLES = {
     "accuracy", "accuracy_by_mode", "final_accuracy_by_mode", "iterations_to_uniform", "reward",
     "delta_by_kind", "delta_by_label", "importance_auroc", "weight_by_kind",
+    "probe", "probe_by_mode", "probe_runs", "mode_comparison", "paired_differences",
 }
 
 
@@ -47,11 +48,11 @@ def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_pat
     sft_manifest = json.loads((sft / "cfiw_manifest.json").read_text())
     assert sft_manifest["stage"] == "sft" and sft_manifest["config"]["steps"] == 150
     report = {f"report/{name}.json" for name in REPORT_TABLES} | {
-        "report/report.md", "report/report.html", "report/accuracy.png", "report/reward.png",
-        "report/delta_by_kind.png", "report/weight_by_kind.png",
+        "report/report.md", "report/report.html", "report/accuracy.png", "report/reward.png", "report/probe.png",
+        "report/delta_by_kind.png", "report/weight_by_kind.png", "report/curves.parquet", "report/curves_by_mode.parquet",
     }
     expected = (
-        {"config.toml", "loop_state.json", "eval/iter-0000.parquet", "eval/iter-0002.parquet"}
+        {"config.toml", "loop_state.json", "eval/iter-0000.parquet", "eval/iter-0002.parquet", "probe/iter-0000.parquet", "probe/iter-0002.parquet"}
         | {f"iter-{i:04d}/{name}" for i in range(2) for name in ITERATION_FILES}
         | {f"policy/{name}" for name in MODEL_FILES | {"optimizer.pt", "scheduler.pt", "trainer_state.json"}}
         | report
@@ -66,7 +67,12 @@ def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_pat
     labels = {row["label"]: row for row in json.loads((run / "report/delta_by_label.json").read_text())}
     assert labels["calculation"]["mean_delta"] > labels["filler"]["mean_delta"]
     accuracy = json.loads((run / "report/accuracy.json").read_text())
-    assert [row["iteration"] for row in accuracy] == [0, 2] and all(row["n"] == 200 for row in accuracy)
+    assert [row["iteration"] for row in accuracy] == [0, 2] and all(row["n"] == 100 for row in accuracy)
+    probe = json.loads((run / "report/probe.json").read_text())
+    import pyarrow.parquet as pq
+
+    steps = sum(pq.read_metadata(run / f"iter-{i:04d}/train_metrics.parquet").num_rows for i in range(2))
+    assert [(row["iteration"], row["step"], row["questions"], row["samples"]) for row in probe] == [(0, 0, 64, 8), (2, steps, 64, 8)]
 
     before = {name: sha256_of(run / name) for name in expected if not name.startswith("report/")}
     again = full_run(run, sft)
