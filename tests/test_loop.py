@@ -153,6 +153,8 @@ def test_the_probe_samples_fixed_questions_at_the_rollout_temperature():
     assert [(s.seed, s.limit, s.temperature) for _, s in probes] == [(s.seed, s.limit, s.temperature) for s in other_probes]
     greedy = [s for _, c, s in steps if c == "eval" and "/eval/" in s.out]
     assert all(s.samples == 1 and s.temperature == 0.0 for s in greedy) and len(greedy) == 3
+    templated = plan(apply_overrides(config, {"rollout.prompt_template": "Q: {question}\nA:"}), Path("runs/x"))
+    assert {s.prompt_template for _, c, s in templated if c == "eval" and "/probe/" in s.out} == {"Q: {question}\nA:"}
     off = plan(apply_overrides(config, {"loop.probe_questions": 0}), Path("runs/x"))
     assert not [s for _, c, s in off if c == "eval" and "/probe/" in s.out]
 

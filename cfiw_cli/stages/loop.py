@@ -120,8 +120,8 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
             split=data.get("eval_split", "test"), limit=probe_questions, samples=probe_samples,
             temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
             batch_size=int(eval_settings.get("batch_size", sampling.batch_size)), seed=PROBE_SEED,
-            **{k: v for k, v in eval_settings.items() if k in ("dtype", "prompt_template", "chat_template")},
-        )
+            dtype=sampling.dtype, prompt_template=sampling.prompt_template, chat_template=sampling.chat_template,
+        )  # the rollouts' prompts, dtype and sampling: the probe samples as training does
         return [(index, "eval", greedy), (index, "eval", probe)]
 
     steps = []
