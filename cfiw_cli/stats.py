@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 
 Z_95 = 1.959963984540054
 
@@ -22,16 +24,13 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
     """Mean and its standard error (sample standard deviation / sqrt(n)); 0 for n < 2."""
-    n = len(values)
-    if n == 0:
+    if not values:
         return (math.nan, math.nan)
-    mean = sum(values) / n
-    if n < 2:
-        return (mean, 0.0)
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return (mean, math.sqrt(variance / n))
+    mean = statistics.fmean(values)
+    return (mean, statistics.stdev(values, mean) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
+@functools.lru_cache(maxsize=None)  # a report asks for the same few degrees of freedom many times
 def t_quantile(probability: float, df: int) -> float:
     """Quantile of Student's t with `df` degrees of freedom (probability > 0.5), by bisection
     on its distribution function, which is integrated with Simpson's rule (error < 1e-6)."""

@@ -147,12 +147,14 @@ AUROC = """
     order by run, iteration"""
 
 
+# Each question's share of correct samples per run and evaluation: the unit of every probe interval.
+PROBE_QUESTIONS = "select run, iteration, prompt_id, avg(correct::int) as share, count(*) as k from probe group by all"
+
 PROBE_BY_RUN = f"""
-    with per_question as (select run, iteration, prompt_id, avg(correct::int) as share, count(*) as k from probe group by all),
-    per_iteration as (
+    with per_iteration as (
         select run, iteration, count(*) as questions, max(k) as samples, avg(share) as reward,
                coalesce(stddev_samp(share) / sqrt(count(*)), 0) as se
-        from per_question group by all)
+        from probe_questions group by all)
     select run, mode, seed, iteration, step, questions, samples, reward,
            greatest(0, reward - {Z} * se) as ci_low, least(1, reward + {Z} * se) as ci_high, se
     from per_iteration join modes using (run) join steps using (run, iteration)"""
@@ -181,17 +183,17 @@ def probe_tables(con: Any) -> dict[str, list[dict]]:
     interval over seeds."""
     from cfiw_cli.stats import t_quantile
 
+    con.execute(f"create temp table probe_questions as {PROBE_QUESTIONS}")
     con.execute(f"create temp table probe_by_run as {PROBE_BY_RUN}")
     con.execute(f"create temp table run_summary as {RUN_SUMMARY}")
     # The gain over the first probe with its standard error paired by question (each question's
     # share of correct samples at the last evaluation minus at the first).
     con.execute(
         """create temp table gains as
-        with q as (select run, iteration, prompt_id, avg(correct::int) as share from probe group by all),
-             ends as (select run, min(iteration) as first, max(iteration) as last from q group by run)
+        with ends as (select run, min(iteration) as first, max(iteration) as last from probe_questions group by run)
         select a.run, avg(b.share - a.share) as gain, coalesce(stddev_samp(b.share - a.share) / sqrt(count(*)), 0) as gain_se
-        from q a join ends e on a.run = e.run and a.iteration = e.first
-        join q b on b.run = a.run and b.iteration = e.last and b.prompt_id = a.prompt_id group by a.run"""
+        from probe_questions a join ends e on a.run = e.run and a.iteration = e.first
+        join probe_questions b on b.run = a.run and b.iteration = e.last and b.prompt_id = a.prompt_id group by a.run"""
     )
     con.execute("create temp table run_summary_with_gain as select * from run_summary join gains using (run)")
     out = {"probe": _rows(con, "select * from probe_by_run order by run, iteration")}

@@ -96,7 +96,8 @@ def run(config: SynthConfig, force: bool = False) -> Path:
             seed=config.seed, metrics={"rows": counts, "train_sentences_by_label": dict(labels), **_teacher_metrics(splits)},
         )
         write_directory_manifest(tmp, manifest)
-    info(f"wrote {counts['train']} train and {counts['test']} test problems{' and the teacher' + chr(39) + 's solutions' if 'sft' in counts else ''} to {out}")
+    teacher = " and the teacher's solutions" if "sft" in counts else ""
+    info(f"wrote {counts['train']} train and {counts['test']} test problems{teacher} to {out}")
     return out
 
 

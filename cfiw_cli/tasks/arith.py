@@ -77,7 +77,10 @@ def make_problem(
     question = [f"{name} has {total} {item}."]
     labels = [{"text": f"{name} starts with {total} {item}.", "label": "restatement"}]
     taught, taught_labels = total, list(labels)
-    errs = lambda: teacher is not None and teacher.random() < teacher_error_rate  # noqa: E731
+
+    def errs() -> bool:  # draws from the teacher's generator only, and only when there is one
+        return teacher is not None and teacher.random() < teacher_error_rate
+
     events = rng.randint(1, max_steps)
     others = rng.sample([n for n in NAMES if n != name], distractors) if distractors else []
     # where each distractor goes: before event j (j = events: after the last one)
