@@ -49,6 +49,9 @@ def test_the_readme_query_works(cli, tmp_path):
 
 def test_bad_queries_and_runs(cli, tmp_path):
     run = make_run(tmp_path / "run")
-    assert_clean_error(cli("sql", run, "select * from nope"), "query failed")
+    unknown = cli("sql", run, "select * from nope")
+    assert_clean_error(unknown, "query failed")
+    # the hint names the views this run has, probe included, and no others
+    assert "Hint: this run's views: eval, manifests, probe, scores, spans" in unknown.stderr
     assert_clean_error(cli("sql", tmp_path / "missing", "select 1"), "run directory not found")
     assert_clean_error(cli("sql", run, "select 1", "--format", "xml"), "--format")

@@ -64,7 +64,8 @@ def query(run: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
         result = con.execute(sql)
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CfiwError(f"query failed: {first}", "views: rollouts, spans, scores, weights, train_metrics, eval, manifests") from exc
+        views = [row[0] for row in con.execute("select view_name from duckdb_views() where not internal order by 1").fetchall()]
+        raise CfiwError(f"query failed: {first}", f"this run's views: {', '.join(views) or 'none'}") from exc
     columns = [d[0] for d in result.description or []]
     return columns, result.fetchall()
 
