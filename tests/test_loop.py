@@ -166,3 +166,13 @@ def test_a_finite_train_pool_is_revisited_and_the_kl_anchor_is_the_start():
     assert {s.reference for _, c, s in steps if c == "train"} == {"warm"}
     with pytest.raises(Exception, match="multiple of loop.questions"):
         plan(apply_overrides(config, {"loop.train_pool": 12}), Path("runs/x"))
+
+
+def test_a_cosine_schedule_spans_the_whole_run():
+    config = apply_overrides(load_config("tiny", None), {"loop.iterations": 6, "train.minibatches": 2, "train.epochs": 1, "train.lr_schedule": "cosine"})
+    # 6 iterations x 1 epoch x 2 minibatches: the horizon follows --iterations
+    assert {s.total_steps for _, c, s in plan(config, Path("runs/x")) if c == "train"} == {12}
+    explicit = apply_overrides(config, {"train.total_steps": 50})
+    assert {s.total_steps for _, c, s in plan(explicit, Path("runs/x")) if c == "train"} == {50}
+    constant = apply_overrides(config, {"train.lr_schedule": "constant"})
+    assert {s.total_steps for _, c, s in plan(constant, Path("runs/x")) if c == "train"} == {None}

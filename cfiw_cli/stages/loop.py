@@ -15,6 +15,9 @@ and top-p on the first `probe_questions` questions of the eval split
 iteration, weighting mode and loop seed, so its curves differ only by the policy; its mean
 reward sees what greedy accuracy cannot, RL sharpening the sampling distribution.
 
+A cosine schedule (`train.lr_schedule`) spans the whole run: unless `train.total_steps` is set,
+its horizon is iterations x epochs x minibatches optimizer steps.
+
 Resuming: `loop_state.json` counts completed iterations; within an interrupted iteration the
 stages whose outputs are up to date are skipped, and a policy whose manifest shows it was
 trained on this iteration's rollouts is not trained again.
@@ -105,6 +108,10 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     train_settings = dict(config.get("train", {}))
     if float(train_settings.get("beta", 0.0)) > 0:
         train_settings.setdefault("reference", base)  # the KL term anchors every iteration to the starting policy
+    if train_settings.get("lr_schedule", "constant") != "constant" or train_settings.get("warmup_steps"):
+        # one schedule over the whole run (the step count carries over from iteration to iteration)
+        steps_per_iteration = int(train_settings.get("epochs", 1)) * int(train_settings.get("minibatches", 1))
+        train_settings.setdefault("total_steps", iterations * steps_per_iteration)
 
     def evaluation(model: str, index: int) -> list[tuple[int, str, Any]]:
         eval_settings = config.get("eval", {})
