@@ -72,15 +72,16 @@ staged-run *args:
     echo "run written to ${run:-runs/$model-$mode-staged}"
 
 # the paper's experiment: uniform, cfiw, inverted, shuffled, random for each seed from one warm start, then one report over all runs
-# (jobs=N runs N loops at once, each with nproc/N threads; each loop's log is beside its run directory)
+# (jobs=N runs N loops at once, each with nproc/N threads; each loop's log is beside its run directory;
+#  modes=uniform,cfiw runs a subset; out=DIR instead of runs/compare-MODEL)
 compare *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny seeds=1 iters= sft= sft_steps=1000 jobs=1 modes="uniform cfiw inverted shuffled random"
-    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*|jobs=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps= jobs=)" >&2; exit 2 ;; esac; done
+    model=tiny seeds=1 iters= sft= sft_steps=1000 jobs=1 modes=uniform,cfiw,inverted,shuffled,random out=
+    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*|jobs=*|modes=*|out=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps= jobs= modes= out=)" >&2; exit 2 ;; esac; done
     extra=()
     if [[ "$model" == tiny* ]]; then sft="${sft:-runs/$model-sft}"; {{just_executable()}} --justfile {{justfile()}} _warm "$model" "$sft" "$sft_steps"; extra=(--model "$sft"); fi
-    out="runs/compare-$model"
+    out="${out:-runs/compare-$model}" modes="${modes//,/ }"
     mkdir -p "$out"
     runs=() commands=()
     for seed in $(seq 0 $((seeds - 1))); do

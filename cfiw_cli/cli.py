@@ -313,8 +313,8 @@ def train(
     profile: Annotated[
         str, typer.Option(help="cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion).")
     ] = "cfiw",
-    metrics_out: Annotated[Optional[Path], typer.Option(help="train_metrics.parquet (default: beside the rollouts).")] = None,
-    weights_out: Annotated[Optional[Path], typer.Option(help="weights.parquet (default: beside the rollouts).")] = None,
+    metrics_out: Annotated[Optional[Path], typer.Option(help="train_metrics.parquet (default: inside --out).")] = None,
+    weights_out: Annotated[Optional[Path], typer.Option(help="weights.parquet (default: inside --out).")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
     lr_schedule: Annotated[str, typer.Option(help="constant or cosine (over --total-steps).")] = "constant",

@@ -84,7 +84,21 @@ def test_equal_rewards_give_a_message_and_no_update(cli, tiny_model, tmp_path):
     result = cli("train", "--model", tiny_model, "--rollouts", rollouts, "--weighting", "uniform", "--out", out, "--lr", "1e-3")
     assert result.exit_code == 0 and "equal rewards" in result.stderr and "no update" in result.stderr
     assert max_change(parameters(out), parameters(tiny_model)) == 0.0
-    assert pq.read_table(tmp_path / "iter-0000" / "train_metrics.parquet").num_rows == 0
+    assert pq.read_table(out / "train_metrics.parquet").num_rows == 0  # by default inside the checkpoint
+
+
+def test_two_modes_on_one_batch_keep_their_own_files(cli, batch, tiny_model, tmp_path):
+    """Without --metrics-out/--weights-out each update's files go inside its own checkpoint, so
+    replaying one batch in two modes overwrites nothing (nothing lands beside the rollouts)."""
+    before = set(batch["rollouts"].parent.iterdir())
+    for mode in ("cfiw", "uniform"):
+        args = ["train", "--model", tiny_model, "--rollouts", batch["rollouts"], "--spans", batch["spans"], "--scores", batch["scores"], "--out", tmp_path / mode, "--lr", "1e-3", "--weighting", mode]
+        assert cli(*args).exit_code == 0
+    assert set(batch["rollouts"].parent.iterdir()) == before
+    for mode in ("cfiw", "uniform"):
+        assert {row["weighting"] for row in pq.read_table(tmp_path / mode / "weights.parquet").to_pylist()} == {mode}
+        assert pq.read_table(tmp_path / mode / "train_metrics.parquet").num_rows == 1
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_second_iteration_resumes_optimizer_state(cli, batch, tiny_model, tmp_path):

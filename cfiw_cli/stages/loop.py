@@ -147,13 +147,14 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         steps.append((i, "score", ScoreConfig(model=current, rollouts=files["rollouts"], spans=files["spans"], out=files["scores"], **config.get("score", {}))))
         steps.append((i, "train", TrainConfig(
             model=current, rollouts=files["rollouts"], spans=files["spans"], scores=files["scores"], out=policy,
+            metrics_out=str(directory / "train_metrics.parquet"), weights_out=str(directory / "weights.parquet"),
             weighting=loop.get("weighting", "cfiw"), seed=seed, **train_settings,
         )))
     steps += evaluation(policy if iterations else base, iterations)
     return steps
 
 
-_FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration", "weighting", "seed"}
+_FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration", "weighting", "seed", "metrics_out", "weights_out"}
 _SECTIONS = {
     "model": {"id"},
     "data": {"dataset", "train_split", "eval_split"},

@@ -44,8 +44,8 @@ class TrainConfig:
     scores: str | None = None
     weighting: str = "cfiw"
     profile: str = "cfiw"  # cfiw, or authors (the rules of the authors' trainer)
-    metrics_out: str | None = None  # default: train_metrics.parquet beside the rollouts
-    weights_out: str | None = None  # default: weights.parquet beside the rollouts
+    metrics_out: str | None = None  # default: train_metrics.parquet inside the checkpoint `out`
+    weights_out: str | None = None  # default: weights.parquet inside the checkpoint `out`
     lr: float = 1e-6
     warmup_steps: int = 0
     lr_schedule: str = "constant"
@@ -250,16 +250,24 @@ def _plan(sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int
     return plan
 
 
-def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict, manifest: dict) -> None:
+def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict, manifest: dict, tables: dict[Path, tuple]) -> None:
+    """The checkpoint, and each of `tables` (path -> (table, manifest)): those inside `out` are
+    written with it into the staged directory, the others after it."""
     import torch
 
+    inside = {path: value for path, value in tables.items() if path.parent == out}
     with staged_directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        for path, (table, table_manifest) in inside.items():
+            write_table(table, tmp / path.name, table_manifest)
         write_directory_manifest(tmp, manifest)
+    for path, (table, table_manifest) in tables.items():
+        if path not in inside:
+            write_table(table, path, table_manifest)
 
 
 def _forward(model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False):
@@ -332,9 +340,10 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
 
     _check(config)
     out = Path(config.out)
-    rollouts_dir = Path(config.rollouts).parent
-    metrics_out = prepare_output(config.metrics_out or rollouts_dir / "train_metrics.parquet")
-    weights_out = prepare_output(config.weights_out or rollouts_dir / "weights.parquet")
+    # by default the step metrics and token weights go inside the checkpoint, written with it
+    # atomically, so updates of one batch in several modes (to several --out) never collide
+    metrics_out = prepare_output(config.metrics_out) if config.metrics_out else out / "train_metrics.parquet"
+    weights_out = prepare_output(config.weights_out) if config.weights_out else out / "weights.parquet"
     modeling.check_model_ref(config.model)
     rollouts = read_artifact(config.rollouts, "rollouts")
     if rollouts.num_rows == 0:
@@ -443,14 +452,16 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     manifest = build_manifest("train", settings, inputs, rows=len(step_rows), seconds=seconds, device=modeling.describe_device(device), seed=config.seed, metrics=metrics)
     state = {"global_step": start_step + len(step_rows)}
     unwrapped = accelerator.unwrap_model(model)
-    _save_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, state, manifest)
     metric_schema = schemas.TRAIN_METRICS
     for name in ("ratio_mean", "weight_mean", "weight_std", "rollout_logprob_diff"):
         metric_schema = metric_schema.append(pa.field(name, pa.float32()))
     metric_schema = metric_schema.append(pa.field("epoch", pa.int32())).append(pa.field("sequences", pa.int32()))
-    write_table(pa.Table.from_pylist(step_rows, schema=metric_schema), metrics_out, {**manifest, "stage": "train"})
     weight_schema = schemas.WEIGHTS.append(pa.field("kept", pa.bool_())).append(pa.field("truncated", pa.bool_()))
-    write_table(pa.Table.from_pylist(weight_rows, schema=weight_schema), weights_out, {**manifest, "stage": "train"})
+    tables = {
+        metrics_out: (pa.Table.from_pylist(step_rows, schema=metric_schema), {**manifest, "stage": "train"}),
+        weights_out: (pa.Table.from_pylist(weight_rows, schema=weight_schema), {**manifest, "stage": "train"}),
+    }
+    _save_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, state, manifest, tables)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if step_rows:
