@@ -447,6 +447,33 @@ def loop(
         typer.echo("\n".join(commands))
 
 
+@command("replay", "cfiw replay runs/tiny-cfiw --iterations 0-11 --modes uniform,cfiw,inverted")
+def replay(
+    run: Annotated[Path, typer.Argument(help="Run directory written by cfiw loop with kept policies (loop.keep_policies).")],
+    iterations: Annotated[Optional[str], typer.Option(help="Iterations to replay, e.g. 0-11 or 0,4,8 (default: every kept one).")] = None,
+    modes: Annotated[str, typer.Option(help="Weighting modes to apply, comma-separated.")] = "uniform,cfiw,inverted,shuffled,random",
+    optimizer: Annotated[str, typer.Option(help="kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new AdamW and schedule.")] = "kept",
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the minibatch order (default: the loop's).")] = None,
+    probe_questions: Annotated[Optional[int], typer.Option(min=1, help="Probe questions (default: the loop's probe).")] = None,
+    probe_samples: Annotated[Optional[int], typer.Option(min=1, help="Samples per probe question (default: the loop's probe).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="replay.parquet to write (default: RUN/replay/replay.parquet).")] = None,
+) -> None:
+    """Replay each kept iteration's update in every weighting mode, from the same policy on the same rollouts.
+
+    For each iteration k and mode: load the policy iteration k started from, train on
+    iteration k's rollouts, spans and scores with the run's settings in that mode, and measure
+    the result on the loop's probe (sampled reward, and the likelihood of the reference
+    solutions per token and of the answer line). Writes RUN/replay/MODE/iter-NNNN/ and one row
+    per iteration x mode to replay.parquet; a killed replay resumes.
+    """
+    from cfiw_cli.stages import replay as stage
+
+    stage.run(stage.ReplayConfig(
+        run=str(run), iterations=iterations, modes=modes, optimizer=optimizer, seed=seed,
+        probe_questions=probe_questions, probe_samples=probe_samples, out=str(out) if out else None,
+    ))
+
+
 @command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")
 def validate(
     path: Annotated[Path, typer.Argument(help="Parquet artifact to check.")],

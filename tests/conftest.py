@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +107,35 @@ COMPLETIONS = [
     "Janet’s ducks lay 16 eggs per day — she eats 3, so 16 − 3 = 13 remain 🦆.\nThus 13 × 2 = 26.\n#### 26",
     "We can solve this step by step. Now we put it together. The total number of coins in the jar is 40 and then 2 more, so 42",
 ]
+
+
+SHARPENING_QUESTION = "Pick two numbers and add them."
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="session")
+def sharpening_task(tmp_path_factory, cli) -> tuple[Path, Path]:
+    """(a warm policy, its task directory): the policy writes "a + b = d.\\n#### d" with d
+    uniform over 2..8 (a tiny model learns the format, not the arithmetic), so it earns
+    reward about one time in seven on the task, whose every gold answer is 3; groups of
+    samples then have rewards that differ, and RL can sharpen the policy towards 3."""
+    root = tmp_path_factory.mktemp("sharpening")
+    rng = random.Random(0)
+    solutions = []
+    for _ in range(400):
+        total = rng.randint(2, 8)
+        first = rng.randint(1, total - 1)
+        solutions.append({"question": SHARPENING_QUESTION, "answer": f"{first} + {total - first} = {total}.\n#### {total}"})
+    write_jsonl(root / "warm" / "train.jsonl", solutions)
+    for split in ("train", "test"):
+        write_jsonl(root / "task" / f"{split}.jsonl", [{"question": SHARPENING_QUESTION, "answer": "1 + 2 = 3.\n#### 3"}] * 400)
+    base, policy = root / "base", root / "policy"
+    result = cli("tiny-model", "--out", base, "--dataset", root / "warm" / "train.jsonl", "--layers", "2", "--hidden", "64", "--vocab-size", "300")
+    assert result.exit_code == 0, result.stderr
+    result = cli("sft", "--model", base, "--dataset", root / "warm", "--out", policy, "--steps", "150", "--lr", "3e-3", "--batch-size", "16")
+    assert result.exit_code == 0, result.stderr
+    return policy, root / "task"

@@ -216,3 +216,45 @@ def test_probe_curves_and_the_mode_comparison_by_hand(tmp_path):
     assert (cfiw_last["runs"], cfiw_last["mean"], cfiw_last["min"], cfiw_last["max"]) == (2, 0.75, 0.75, 0.75)
     for name in ("probe.png", "probe_by_mode.png"):
         assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def replay_run(root, seed, after):
+    """A run with a replay.parquet: `after[mode]` is the reward after each replayed iteration's
+    update (the likelihood columns are the reward x -1 and x -2, so their differences are too)."""
+    root.mkdir(parents=True)
+    (root / "config.toml").write_text(f'[loop]\nweighting = "cfiw"\nseed = {seed}\n')
+    rows = {"iteration": [], "mode": [], "optimizer": [], "reward_after": [], "loglik_per_token_after": [], "answer_loglik_after": []}
+    for mode, values in after.items():
+        for iteration, value in enumerate(values):
+            for key, item in (("iteration", iteration), ("mode", mode), ("optimizer", "kept"), ("reward_after", value),
+                              ("loglik_per_token_after", -value), ("answer_loglik_after", -2 * value)):
+                rows[key].append(item)
+    write(root / "replay" / "replay.parquet", rows)
+    return root
+
+
+def test_paired_replay_differences_by_hand(tmp_path):
+    runs = [
+        replay_run(tmp_path / "s0", 0, {"uniform": [0.50, 0.50], "cfiw": [0.75, 0.50], "inverted": [0.25, 0.50]}),
+        replay_run(tmp_path / "s1", 1, {"uniform": [0.25, 0.50], "cfiw": [0.50, 0.75], "inverted": [0.25, 0.25]}),
+    ]
+    tables = analyze([str(r) for r in runs], str(tmp_path / "report"))
+    per_iteration = {(r["difference"], r["metric"], r["iteration"]): r for r in tables["replay_differences"]}
+    # cfiw - uniform, iteration 0: s0 .75 - .5 = .25, s1 .5 - .25 = .25 -> mean .25, std 0
+    assert per_iteration[("cfiw - uniform", "reward", 0)]["mean_difference"] == 0.25
+    assert per_iteration[("cfiw - uniform", "reward", 0)]["runs"] == 2 and per_iteration[("cfiw - uniform", "reward", 0)]["std"] == 0
+    # iteration 1: s0 0, s1 .25 -> mean .125; the likelihoods carry the same differences x -1 and x -2
+    assert per_iteration[("cfiw - uniform", "reward", 1)]["mean_difference"] == 0.125
+    assert per_iteration[("cfiw - uniform", "loglik_per_token", 1)]["mean_difference"] == -0.125
+    assert per_iteration[("cfiw - uniform", "answer_loglik", 1)]["mean_difference"] == -0.25
+    summary = {(r["difference"], r["metric"]): r for r in tables["replay_summary"]}
+    # cfiw - uniform over the 4 pairs (.25, 0, .25, .25): mean .1875, sample std .125,
+    # 95% t interval with 3 degrees of freedom: .1875 -/+ 3.1824 * .125 / 2
+    cfiw = summary[("cfiw - uniform", "reward")]
+    assert (cfiw["pairs"], cfiw["runs"], cfiw["mean_difference"]) == (4, 2, 0.1875)
+    assert cfiw["std"] == pytest.approx(0.125)
+    assert (cfiw["ci_low"], cfiw["ci_high"]) == pytest.approx((0.1875 - 3.182446 * 0.0625, 0.1875 + 3.182446 * 0.0625), abs=1e-5)
+    # inverted - uniform: (-.25, 0, 0, -.25): mean -.125
+    assert summary[("inverted - uniform", "reward")]["mean_difference"] == -0.125
+    assert {r["mode"] for r in tables["replay"]} == {"uniform", "cfiw", "inverted"} and {r["loop_seed"] for r in tables["replay"]} == {0, 1}
+    assert (tmp_path / "report" / "replay_differences.png").exists()

@@ -9,40 +9,19 @@ spans with real deltas to weight.
 """
 
 import json
-import random
 
 import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.slow
-QUESTION = "Pick two numbers and add them."
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 @pytest.fixture(scope="module")
-def warm_policy(tmp_path_factory, cli):
-    root = tmp_path_factory.mktemp("learning")
-    rng = random.Random(0)
-    solutions = []
-    for _ in range(400):
-        total = rng.randint(2, 8)
-        first = rng.randint(1, total - 1)
-        solutions.append({"question": QUESTION, "answer": f"{first} + {total - first} = {total}.\n#### {total}"})
-    write_jsonl(root / "warm" / "train.jsonl", solutions)
-    for split in ("train", "test"):
-        write_jsonl(root / "task" / f"{split}.jsonl", [{"question": QUESTION, "answer": "1 + 2 = 3.\n#### 3"}] * 400)
-    base, policy = root / "base", root / "policy"
-    result = cli("tiny-model", "--out", base, "--dataset", root / "warm" / "train.jsonl", "--layers", "2", "--hidden", "64", "--vocab-size", "300")
-    assert result.exit_code == 0, result.stderr
-    result = cli("sft", "--model", base, "--dataset", root / "warm", "--out", policy, "--steps", "150", "--lr", "3e-3", "--batch-size", "16")
-    assert result.exit_code == 0, result.stderr
-    config = root / "task.toml"
+def warm_policy(tmp_path_factory, sharpening_task):
+    policy, task = sharpening_task
+    config = tmp_path_factory.mktemp("learning") / "task.toml"
     config.write_text(
-        f'[model]\nid = "{policy}"\n[data]\ndataset = "{root / "task"}"\n'
+        f'[model]\nid = "{policy}"\n[data]\ndataset = "{task}"\n'
         "[loop]\niterations = 20\nquestions = 16\neval_every = 100\neval_limit = 4\nprobe_questions = 16\nprobe_samples = 8\nseed = 0\n"
         "[rollout]\ngroup_size = 8\nmax_new_tokens = 16\nbatch_size = 128\n"
         "[train]\nlr = 1e-3\nminibatches = 2\n"

@@ -27,8 +27,22 @@ def tables(run: Path) -> dict[str, object]:
 
 SMALL = [
     "--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48",
-    "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2",
+    "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2", "--set", "loop.keep_policies=1",
 ]
+
+
+def kept_files(run: Path) -> dict[str, object]:
+    """The kept policies, byte for byte (a manifest by its config: it also holds times and paths)."""
+    import json
+
+    def content(path: Path) -> object:
+        if path.name == "cfiw_manifest.json":
+            manifest = json.loads(path.read_text())
+            paths = ("model", "rollouts", "spans", "scores", "reference")  # under each run's own directory
+            return {k: v for k, v in manifest["config"].items() if k not in paths}, sorted(manifest["inputs"])
+        return path.read_bytes()
+
+    return {str(p.relative_to(run)): content(p) for p in sorted((run / "policies").rglob("*")) if p.is_file()}
 
 
 def loop_argv(model, run):
@@ -53,6 +67,10 @@ def test_loop_writes_the_run_layout(uninterrupted):
         "iter-0000/rollouts.parquet", "iter-0000/scores.parquet", "iter-0000/spans.parquet", "iter-0000/train_metrics.parquet", "iter-0000/weights.parquet",
         "iter-0001/rollouts.parquet", "iter-0001/scores.parquet", "iter-0001/spans.parquet", "iter-0001/train_metrics.parquet", "iter-0001/weights.parquet",
         "loop_state.json",
+        "policies/chat_template.jinja", "policies/config.json", "policies/generation_config.json",
+        "policies/iter-0001/cfiw_manifest.json", "policies/iter-0001/model.safetensors", "policies/iter-0001/optimizer.pt",
+        "policies/iter-0001/scheduler.pt", "policies/iter-0001/trainer_state.json",
+        "policies/tokenizer.json", "policies/tokenizer_config.json",
         "probe/iter-0000.parquet", "probe/iter-0001.parquet", "probe/iter-0002.parquet",
     ]
     probe = pq.read_table(uninterrupted / "probe" / "iter-0002.parquet").to_pylist()
@@ -73,6 +91,7 @@ def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_pa
     assert sorted(got) == sorted(expected)
     for name, table in expected.items():
         assert got[name].equals(table), name
+    assert kept_files(run) == kept_files(uninterrupted)  # the shell's copy of the starting policy is the loop's
 
 
 @pytest.mark.slow
@@ -94,6 +113,7 @@ def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_pa
     assert sorted(got) == sorted(expected)
     for name, table in expected.items():
         assert got[name].equals(table), name
+    assert kept_files(run) == kept_files(uninterrupted)
 
 
 def test_every_preset_parses_and_plans():

@@ -55,3 +55,12 @@ def test_bad_queries_and_runs(cli, tmp_path):
     assert "Hint: this run's views: eval, manifests, probe, scores, spans" in unknown.stderr
     assert_clean_error(cli("sql", tmp_path / "missing", "select 1"), "run directory not found")
     assert_clean_error(cli("sql", run, "select 1", "--format", "xml"), "--format")
+
+
+def test_replay_view(cli, tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "replay").mkdir()
+    rows = pa.table({"iteration": [0, 0], "mode": ["uniform", "cfiw"], "reward_gain": [0.25, 0.5]})
+    write_table(rows, run / "replay" / "replay.parquet", build_manifest("replay", {}, {}, rows=2, seconds=0))
+    result = cli("sql", run, "select mode, reward_gain from replay order by mode", "--format", "csv")
+    assert result.stdout.splitlines() == ["mode,reward_gain", "cfiw,0.5", "uniform,0.25"]

@@ -12,6 +12,10 @@ median, share of negative deltas); share of the total token weight per span kind
 iteration at which each run reaches the final accuracy of the `uniform` run(s); with several
 runs per weighting mode (seeds), accuracy per mode and iteration with its spread over runs.
 
+Paired replays (`cfiw replay`, `RUN/replay/replay.parquet`): each mode's update minus
+uniform's from the same policy on the same rollouts, per iteration and over all pairs with a
+95% t interval (see `replay_tables`).
+
 Ground truth: when the rollouts carry the `labels` column of a `cfiw synth` dataset, a span
 that has the form of a reference solution sentence (the same words; any numbers, so a wrong
 calculation is still a calculation; whitespace and outer full stops ignored) takes that
@@ -67,6 +71,12 @@ def connect(runs: list[Path]) -> Any:
                 f"cast(regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1) as integer) as iteration "
                 f"from read_parquet({files}, filename = true, union_by_name = true)"
             )
+    replays = _files(runs, "replay/replay.parquet")
+    if replays:
+        con.execute(
+            f"create view replay as select * exclude (filename), regexp_extract(filename, '([^/]+)/replay/replay\\.parquet', 1) as run "
+            f"from read_parquet({replays}, filename = true, union_by_name = true)"
+        )
     if _has(con, "spans") and _has(con, "rollouts") and _has_column(con, "rollouts", "labels"):
         # A label is a function of the sentence's form, so one run-wide lookup serves every span.
         con.execute(
@@ -232,6 +242,45 @@ def probe_tables(con: Any) -> dict[str, list[dict]]:
     return out
 
 
+REPLAY_METRICS = ("reward", "loglik_per_token", "answer_loglik")
+
+
+def replay_tables(con: Any) -> dict[str, list[dict]]:
+    """Paired replays (`cfiw replay`): each mode's update minus uniform's from the same policy on
+    the same rollouts, per iteration (mean over runs) and over all iteration x run pairs with a
+    95% t interval. The pairs of one run share a trajectory, so they are not fully independent:
+    the interval treats them as if they were."""
+    from cfiw_cli.stats import t_quantile
+
+    unions = " union all ".join(
+        f"select r.run, r.iteration, r.mode, '{m}' as metric, r.{m}_after - u.{m}_after as difference "
+        f"from replay r join replay u on u.run = r.run and u.iteration = r.iteration and u.optimizer = r.optimizer and u.mode = 'uniform' "
+        f"where r.mode <> 'uniform'"
+        for m in REPLAY_METRICS
+    )
+    con.execute(f"create temp table replay_pairs as {unions}")
+    out = {
+        "replay": _rows(con, "select r.*, m.mode as loop_mode, m.seed as loop_seed from replay r join modes m using (run) order by run, iteration, r.mode"),
+        "replay_differences": _rows(
+            con,
+            """select mode || ' - uniform' as difference, metric, iteration, count(*) as runs, avg(difference) as mean_difference,
+                      coalesce(stddev_samp(difference), 0) as std
+               from replay_pairs group by all order by metric, difference, iteration""",
+        ),
+    }
+    summary = _rows(
+        con,
+        """select mode || ' - uniform' as difference, metric, count(*) as pairs, count(distinct run) as runs,
+                  avg(difference) as mean_difference, coalesce(stddev_samp(difference), 0) as std
+           from replay_pairs group by all order by metric, difference""",
+    )
+    for row in summary:
+        half = t_quantile(0.975, row["pairs"] - 1) * row["std"] / math.sqrt(row["pairs"]) if row["pairs"] > 1 else math.nan
+        row.update({"ci_low": row["mean_difference"] - half, "ci_high": row["mean_difference"] + half})
+    out["replay_summary"] = summary
+    return out
+
+
 def tables(con: Any) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     if _has(con, "eval"):
@@ -269,6 +318,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
         )
     if _has(con, "probe"):
         out.update(probe_tables(con))
+    if _has(con, "replay"):
+        out.update(replay_tables(con))
     if _has(con, "rollouts"):
         out["reward"] = _rows(
             con, "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward from rollouts join modes using (run) group by all order by run, iteration"
@@ -347,6 +398,18 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             tables_["probe_by_mode"], "mode", "mean_reward", ("min_reward", "max_reward"), by_mode,
             "Probe reward by mode (mean over seeds; band: min to max)", "probe reward (mean@k)", "probe_by_mode.png",
         )
+    if tables_.get("replay_differences"):
+        fig, axes = plt.subplots(1, len(REPLAY_METRICS), figsize=(12, 3.6))
+        for ax, metric in zip(axes, REPLAY_METRICS):
+            mine = [r for r in tables_["replay_differences"] if r["metric"] == metric]
+            for difference in sorted({r["difference"] for r in mine}):
+                points = [r for r in mine if r["difference"] == difference]
+                ax.plot([r["iteration"] for r in points], [r["mean_difference"] for r in points], marker="o", markersize=3, label=difference)
+            ax.axhline(0, color="grey", linewidth=0.5)
+            ax.set(xlabel="iteration replayed", ylabel=f"{metric} after the update, minus uniform's", title=metric)
+            ax.legend(fontsize=7)
+        fig.suptitle("Paired replay: each mode's update minus uniform's (mean over runs)", fontsize=9)
+        written.append(_save(fig, out / "replay_differences.png"))
     if tables_.get("reward"):
         curves(tables_["reward"], "run", "mean_reward", None, by_run, "Training reward", "mean reward of the rollouts", "reward.png", x="iteration")
     if _has(con, "spans") and _has(con, "scores"):

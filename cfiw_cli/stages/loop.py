@@ -15,6 +15,9 @@ and top-p on the first `probe_questions` questions of the eval split
 iteration, weighting mode and loop seed, so its curves differ only by the policy; its mean
 reward sees what greedy accuracy cannot, RL sharpening the sampling distribution.
 
+With `loop.keep_policies = k` the policy that iterations k, 2k, ... started from is kept under
+`RUN/policies/` (see `cfiw_cli.policies`) for `cfiw replay`.
+
 A cosine schedule (`train.lr_schedule`) spans the whole run: unless `train.total_steps` is set,
 its horizon is iterations x epochs x minibatches optimizer steps.
 
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.policies import KeepConfig, keep, keep_command
 
 PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "pipelines"
@@ -131,11 +135,14 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         )  # the rollouts' prompts, dtype and sampling: the probe samples as training does
         return [(index, "eval", greedy), (index, "eval", probe)]
 
+    keep_every = int(loop.get("keep_policies", 0))
     steps = []
     for i in range(iterations):
         current = base if i == 0 else policy
         directory = run / f"iter-{i:04d}"
         files = {name: str(directory / f"{name}.parquet") for name in ("rollouts", "spans", "scores")}
+        if keep_every > 0 and i > 0 and i % keep_every == 0:
+            steps.append((i, "keep", KeepConfig(policy=policy, out=str(run / "policies" / f"iter-{i:04d}"))))
         if i % every == 0:
             steps += evaluation(current, i)
         offset = i * questions % int(pool) if pool is not None else i * questions
@@ -158,7 +165,7 @@ _FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "of
 _SECTIONS = {
     "model": {"id"},
     "data": {"dataset", "train_split", "eval_split"},
-    "loop": {"iterations", "questions", "weighting", "eval_every", "eval_limit", "seed", "train_pool", "probe_questions", "probe_samples"},
+    "loop": {"iterations", "questions", "weighting", "eval_every", "eval_limit", "seed", "train_pool", "probe_questions", "probe_samples", "keep_policies"},
 }
 
 
@@ -177,6 +184,8 @@ def _check_keys(config: dict[str, Any], stages: dict[str, Any]) -> None:
 
 def command_line(command: str, stage_config: Any) -> str:
     """The `cfiw` command that runs one planned stage with exactly this config."""
+    if command == "keep":
+        return keep_command(stage_config)
     words = ["cfiw", command]
     for field in fields(stage_config):
         value = getattr(stage_config, field.name)
@@ -219,7 +228,9 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
         if iteration < completed:
             continue
         info(f"[loop] iteration {iteration}: {command}")
-        if command == "eval":
+        if command == "keep":
+            keep(stage_config)
+        elif command == "eval":
             eval_stage.run(stage_config, model=model, tokenizer=tokenizer)
         elif command == "rollout":
             rollout.run(stage_config, model=model, tokenizer=tokenizer)

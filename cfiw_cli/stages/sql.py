@@ -2,7 +2,7 @@
 
 Views: `rollouts`, `spans`, `scores`, `weights`, `train_metrics` (all iterations, with an
 `iteration` column taken from the `iter-NNNN` directory), `eval` (from `eval/iter-NNNN.parquet`),
-`probe` (from `probe/iter-NNNN.parquet`) and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
+`probe` (from `probe/iter-NNNN.parquet`), `replay` (`replay/replay.parquet` of `cfiw replay`) and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def connect(run: str | Path) -> Any:
         evals = sorted(run.glob(f"{kind}/iter-*.parquet"))
         if evals:
             con.execute(_view(kind, [str(f) for f in evals], "regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1)"))
+    if (run / "replay" / "replay.parquet").exists():
+        con.execute(f"create view replay as select * from read_parquet('{run / 'replay' / 'replay.parquet'}')")
     every = sorted(str(f) for f in run.rglob("*.parquet"))
     if every:
         listing = ", ".join(f"'{f}'" for f in every)

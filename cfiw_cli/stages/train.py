@@ -329,8 +329,9 @@ def _load_optimizer(model: Any, config: TrainConfig, steps_here: int) -> tuple[A
     return optimizer, scheduler, start_step
 
 
-def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> TrainResult:
-    """`model`/`tokenizer`: an already loaded policy (float32), e.g. from `cfiw loop`."""
+def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None, finish: bool = True) -> TrainResult:
+    """`model`/`tokenizer`: an already loaded policy (float32), e.g. from `cfiw loop`. Without
+    `finish` the process group stays up for a caller that trains again (`cfiw replay`)."""
     import pyarrow as pa
     import torch
     from accelerate import Accelerator
@@ -438,7 +439,8 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
                     advance(status=f"loss {step_rows[-1]['loss']:.4f}")
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        if finish:
+            accelerator.end_training()
         return TrainResult(out, bool(step_rows), {})
     seconds = time.perf_counter() - started
     tokens = sum(r["tokens"] for r in step_rows)
@@ -463,7 +465,8 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     }
     _save_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, state, manifest, tables)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if finish:
+        accelerator.end_training()
     if step_rows:
         info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}, T = {temperature:g}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
     return TrainResult(out, bool(step_rows), metrics, unwrapped)

@@ -1,0 +1,217 @@
+"""`cfiw replay`: every weighting mode's update from the same policy on the same rollouts.
+
+For each kept iteration k of a loop run (policy_k, the policy iteration k started from; see
+`cfiw_cli.policies`) and each mode, replay runs `cfiw train` on iteration k's rollouts, spans
+and scores with the run's own train settings in that mode, starting from policy_k with its
+optimizer state (`--optimizer kept`; in the loop's mode this is the loop's own update,
+exactly) or a fresh AdamW and schedule (`fresh`). The minibatch order depends only on the
+seed and on which groups are kept, and neither depends on the mode, so the modes differ only
+in the token weights. Each updated policy, and policy_k itself, is measured on the loop's
+probe: the sampled reward (the same questions, samples, temperature and seed as the loop's
+probe) and the teacher-forced likelihood of the reference solutions (`cfiw_cli.likelihood`),
+which has no sampling noise.
+
+Layout, under RUN/replay/:
+
+    start/iter-NNNN/   probe.parquet, result.parquet          policy_k itself
+    MODE/iter-NNNN/    train_metrics.parquet, weights.parquet, probe.parquet, result.parquet
+    replay.parquet     one row per iteration x mode: policy_k's and the update's measures
+
+An updated policy is on disk only while it is measured (`.updated/`); policy_k is rebuilt from
+links to the kept files (`.policy/`), one at a time. A cell is done when its `result.parquet`
+records the same settings and input hashes, so a killed replay resumes where it stopped.
+Under `accelerate launch` the updates run on every process (`train` shards each minibatch);
+the measurements run on the main process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cfiw_cli.artifacts import build_manifest, input_record, up_to_date, write_table
+from cfiw_cli.console import info
+from cfiw_cli.errors import CfiwError
+
+OPTIMIZER_CHOICES = ("kept", "fresh")
+START = "start"  # the cell of policy_k itself
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    run: str
+    iterations: str | None = None  # "0-11", "0,4,8" (default: every iteration with a kept policy)
+    modes: str = "uniform,cfiw,inverted,shuffled,random"
+    optimizer: str = "kept"
+    seed: int | None = None  # default: the loop's seed (the minibatch order)
+    probe_questions: int | None = None  # default: the loop's
+    probe_samples: int | None = None  # default: the loop's
+    out: str | None = None  # default: RUN/replay/replay.parquet
+
+
+def parse_iterations(text: str) -> list[int]:
+    """"0-3,8" -> [0, 1, 2, 3, 8]."""
+    chosen: set[int] = set()
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        first, sep, last = part.partition("-")
+        try:
+            low, high = int(first), int(last) if sep else int(first)
+        except ValueError:
+            raise CfiwError(f"--iterations {text!r} is not a list of numbers and ranges", "e.g. --iterations 0-11 or --iterations 0,4,8") from None
+        if low < 0 or high < low:
+            raise CfiwError(f"--iterations range {part!r} is empty or negative", "e.g. --iterations 0-11")
+        chosen.update(range(low, high + 1))
+    return sorted(chosen)
+
+
+def _loop_plan(run: Path) -> tuple[dict[str, Any], list]:
+    from cfiw_cli.stages.loop import plan
+
+    path = run / "config.toml"
+    if not path.exists():
+        raise CfiwError(f"{run} is not a loop run (no config.toml)", "pass a directory written by cfiw loop")
+    config = tomllib.loads(path.read_text())
+    return config, plan(config, run)
+
+
+def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], list[str], dict[int, Any], Any]:
+    """The iterations and modes to replay, each iteration's planned train stage, and the probe."""
+    from cfiw_cli.algo.weights import MODES
+    from cfiw_cli.policies import kept_iterations
+
+    modes = [m.strip() for m in config.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise CfiwError(f"unknown mode {unknown[0] if unknown else config.modes!r} in --modes", f"choose from {', '.join(MODES)}")
+    if config.optimizer not in OPTIMIZER_CHOICES:
+        raise CfiwError(f"unknown --optimizer {config.optimizer!r}", "choose kept or fresh")
+    kept = kept_iterations(run)
+    trains = {i: s for i, c, s in steps if c == "train"}
+    completed = [i for i in kept if i in trains and Path(trains[i].rollouts).exists() and Path(trains[i].scores).exists()]
+    iterations = parse_iterations(config.iterations) if config.iterations else completed
+    missing = [i for i in iterations if i not in completed]
+    if missing:
+        raise CfiwError(
+            f"iteration {missing[0]} of {run} has no kept policy or no scored rollouts",
+            f"iterations that can be replayed: {', '.join(map(str, completed)) or 'none'} (run the loop with --set loop.keep_policies=1)",
+        )
+    probes = [s for _, c, s in steps if c == "eval" and "/probe/" in s.out]
+    if not probes:
+        raise CfiwError(f"{run} has no probe to copy the sampling settings from", "run the loop with loop.probe_questions > 0")
+    probe = replace(probes[0], limit=config.probe_questions or probes[0].limit, samples=config.probe_samples or probes[0].samples)
+    return iterations, modes, trains, probe
+
+
+def weights_sha256(model_dir: str) -> str | None:
+    """sha256 of a checkpoint's weights file (None for a hub id or sharded weights): two
+    updates with the same hash have bit-identical parameters."""
+    from cfiw_cli.artifacts import sha256_of
+
+    path = Path(model_dir) / "model.safetensors"
+    return sha256_of(path) if path.exists() else None
+
+
+def _measure(model: Any, tokenizer: Any, probe: Any, directory: Path, references: list, settings: dict, inputs: dict, started: float, weights: str | None) -> dict[str, Any]:
+    """Probe a policy: the sampled reward (probe.parquet) and the likelihoods (result.parquet)."""
+    import pyarrow as pa
+
+    from cfiw_cli import modeling
+    from cfiw_cli.likelihood import reference_likelihood
+    from cfiw_cli.stages import eval as eval_stage
+
+    sampled = eval_stage.run(replace(probe, out=str(directory / "probe.parquet")), force=True, model=model, tokenizer=tokenizer).metrics
+    likelihood = reference_likelihood(model, tokenizer, references)
+    key = f"mean@{probe.samples}" if probe.samples > 1 else "accuracy"
+    result = {
+        "reward": sampled[key], "reward_se": sampled.get(f"{key}_se"),
+        "loglik_per_token": likelihood["loglik_per_token"], "answer_loglik": likelihood["answer_loglik"],
+        "reference_tokens": likelihood["tokens"], "questions": likelihood["questions"], "weights_sha256": weights,
+    }
+    table = pa.Table.from_pylist([result])
+    manifest = build_manifest("replay", settings, inputs, rows=1, seconds=time.perf_counter() - started, device=modeling.describe_device(next(model.parameters()).device), metrics=result)
+    write_table(table, directory / "result.parquet", manifest)
+    return result
+
+
+def run(config: ReplayConfig) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cfiw_cli import distributed, modeling
+    from cfiw_cli.likelihood import reference_sequences
+    from cfiw_cli.policies import policy_at
+    from cfiw_cli.stages import train
+    from cfiw_cli.tasks.gsm8k import load_questions
+
+    run_dir = Path(config.run)
+    if not run_dir.is_dir():
+        raise CfiwError(f"run directory not found: {run_dir}", "pass a directory written by cfiw loop")
+    loop_config, steps = _loop_plan(run_dir)
+    iterations, modes, trains, probe = _cells(config, run_dir, steps)
+    seed = int(loop_config.get("loop", {}).get("seed", 0)) if config.seed is None else config.seed
+    base = str(loop_config["model"]["id"])
+    root = run_dir / "replay"
+    out = Path(config.out) if config.out else root / "replay.parquet"
+    rows_of_questions = load_questions(probe.dataset, probe.split, probe.offset, probe.limit)
+    keep_optimizer = config.optimizer == "kept"
+    main = distributed.is_main()
+    results: dict[tuple[int, str], dict] = {}
+    for iteration in iterations:
+        # one process rebuilds policy_k's links; the others wait for it
+        policy_dir = policy_at(run_dir, iteration, base, keep_optimizer, root / ".policy", build=main)
+        distributed.state().wait_for_everyone()
+        step = trains[iteration]
+        inputs = {"policy": input_record(policy_dir), **{k: input_record(getattr(step, k)) for k in ("rollouts", "spans", "scores")}}
+        tokenizer = modeling.load_tokenizer(policy_dir)
+        references = reference_sequences(tokenizer, rows_of_questions, probe.prompt_template, probe.chat_template)
+        probe_settings = {k: v for k, v in vars(probe).items() if k not in ("model", "out")}
+        for mode in [START, *modes]:
+            directory = root / mode / f"iter-{iteration:04d}"
+            settings = {"mode": mode, "optimizer": config.optimizer, "seed": seed, "probe": probe_settings}
+            if mode != START:
+                settings["train"] = {k: v for k, v in vars(step).items() if k not in ("model", "out", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed")}
+            result_path = directory / "result.parquet"
+            if up_to_date(result_path, "replay", settings, inputs):
+                results[(iteration, mode)] = pq.read_table(result_path).to_pylist()[0]
+                continue
+            info(f"[replay] iteration {iteration}: {mode}")
+            started = time.perf_counter()
+            if mode == START:
+                model = modeling.load_model(policy_dir, "float32") if main else None
+                weights = weights_sha256(policy_dir)
+            else:
+                updated = root / ".updated"
+                trained = train.run(replace(
+                    step, model=policy_dir, out=str(updated), weighting=mode, seed=seed,
+                    metrics_out=str(directory / "train_metrics.parquet"), weights_out=str(directory / "weights.parquet"),
+                ), force=True, finish=False)
+                model, weights = trained.model, weights_sha256(str(updated)) if main else None
+            if main:
+                measured_model = str(root / ".updated") if mode != START else policy_dir
+                results[(iteration, mode)] = _measure(model, tokenizer, replace(probe, model=measured_model), directory, references, settings, inputs, started, weights)
+                shutil.rmtree(root / ".updated", ignore_errors=True)
+            del model
+            distributed.state().wait_for_everyone()
+    if main:
+        shutil.rmtree(root / ".policy", ignore_errors=True)
+        rows = []
+        for iteration in iterations:
+            start = results[(iteration, START)]
+            for mode in modes:
+                after = results[(iteration, mode)]
+                row = {"iteration": iteration, "mode": mode, "optimizer": config.optimizer, "seed": seed}
+                for name in ("reward", "loglik_per_token", "answer_loglik"):
+                    row[f"{name}_before"], row[f"{name}_after"] = start[name], after[name]
+                    row[f"{name}_gain"] = after[name] - start[name]
+                row["reward_se_after"] = after["reward_se"]
+                row["weights_sha256_before"], row["weights_sha256_after"] = start["weights_sha256"], after["weights_sha256"]
+                rows.append(row)
+        manifest = build_manifest("replay", {"modes": modes, "iterations": iterations, "optimizer": config.optimizer, "seed": seed}, {}, rows=len(rows), seconds=0.0)
+        write_table(pa.Table.from_pylist(rows), out, manifest)
+        info(f"wrote {len(rows)} replays ({len(iterations)} iterations x {len(modes)} modes) to {out}")
+    distributed.finish()
+    return out
