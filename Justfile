@@ -73,7 +73,7 @@ staged-run *args:
 
 # the paper's experiment: uniform, cfiw, inverted, shuffled, random for each seed from one warm start, then one report over all runs
 # (jobs=N runs N loops at once, each with nproc/N threads; each loop's log is beside its run directory;
-#  modes=uniform,cfiw runs a subset; out=DIR instead of runs/compare-MODEL)
+#  modes=uniform,cfiw runs a subset; out=DIR instead of runs/compare-MODEL; no policies are kept)
 compare *args:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -88,8 +88,33 @@ compare *args:
       for mode in $modes; do
         run="$out/$mode-seed$seed"
         runs+=("$run")
-        commands+=("$(printf '%q ' {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" ${iters:+--iterations "$iters"} "${extra[@]}")> $(printf '%q' "$run.log") 2>&1 && echo done: $(printf '%q' "$run")")
+        commands+=("$(printf '%q ' {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" --set loop.keep_policies=0 ${iters:+--iterations "$iters"} "${extra[@]}")> $(printf '%q' "$run.log") 2>&1 && echo done: $(printf '%q' "$run")")
       done
+    done
+    threads=$(( $(nproc) / jobs )); threads=$(( threads > 0 ? threads : 1 ))
+    printf '%s\0' "${commands[@]}" | OMP_NUM_THREADS=$threads xargs -0 -P "$jobs" -n 1 bash -c
+    {{bin}}/cfiw analyze "${runs[@]}" --out "$out/report"
+    echo "report: $out/report/report.html (tables and plots: $out/report/report.md)"
+
+# Per seed, a loop that keeps the policy every keep-th iteration started from, then every mode's update
+# replayed from each kept policy on that iteration's rollouts (mode= is the loop's own weighting; jobs=N
+# runs N seeds at once; logs beside the run directories).
+# paired replay of every weighting mode over seeds, then one report
+paired *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    model=tiny seeds=1 iters= sft= sft_steps=1000 jobs=1 mode=cfiw modes=uniform,cfiw,inverted,shuffled,random keep=4 out=
+    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*|jobs=*|mode=*|modes=*|keep=*|out=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps= jobs= mode= modes= keep= out=)" >&2; exit 2 ;; esac; done
+    extra=()
+    if [[ "$model" == tiny* ]]; then sft="${sft:-runs/$model-sft}"; {{just_executable()}} --justfile {{justfile()}} _warm "$model" "$sft" "$sft_steps"; extra=(--model "$sft"); fi
+    out="${out:-runs/paired-$model}"
+    mkdir -p "$out"
+    runs=() commands=()
+    for seed in $(seq 0 $((seeds - 1))); do
+      run="$out/$mode-seed$seed"
+      runs+=("$run")
+      loop="$(printf '%q ' {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" --set "loop.keep_policies=$keep" ${iters:+--iterations "$iters"} "${extra[@]}")"
+      commands+=("($loop && $(printf '%q ' {{bin}}/cfiw replay "$run" --modes "$modes")) > $(printf '%q' "$run.log") 2>&1 && echo done: $(printf '%q' "$run")")
     done
     threads=$(( $(nproc) / jobs )); threads=$(( threads > 0 ? threads : 1 ))
     printf '%s\0' "${commands[@]}" | OMP_NUM_THREADS=$threads xargs -0 -P "$jobs" -n 1 bash -c

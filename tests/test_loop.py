@@ -124,7 +124,10 @@ def test_every_preset_parses_and_plans():
         steps = plan(config, Path("runs/x"))
         assert [c for _, c, _ in steps][:6] == ["eval", "eval", "rollout", "segment", "score", "train"]
         for _, command, stage_config in steps:
-            assert command_line(command, stage_config).startswith(f"cfiw {command} ")
+            expected = "test -d " if command == "keep" else f"cfiw {command} "  # keeping a policy is a shell copy
+            assert command_line(command, stage_config).startswith(expected)
+        kept = [s.out for _, c, s in steps if c == "keep"]
+        assert kept == ([f"runs/x/policies/iter-{i:04d}" for i in range(4, config["loop"]["iterations"], 4)] if name.startswith("tiny") else [])
     assert load_config("qwen", None)["train"]["lr"] == 1e-6
 
 
