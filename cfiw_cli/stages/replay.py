@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, up_to_date, write_table
+from cfiw_cli.artifacts import build_manifest, input_record, settings_of, up_to_date, write_table
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
@@ -168,12 +168,12 @@ def run(config: ReplayConfig) -> Path:
         inputs = {"policy": input_record(policy_dir), **{k: input_record(getattr(step, k)) for k in ("rollouts", "spans", "scores")}}
         tokenizer = modeling.load_tokenizer(policy_dir)
         references = reference_sequences(tokenizer, rows_of_questions, probe.prompt_template, probe.chat_template)
-        probe_settings = {k: v for k, v in vars(probe).items() if k not in ("model", "out")}
+        probe_settings = settings_of(probe, "model")
         for mode in [START, *modes]:
             directory = root / mode / f"iter-{iteration:04d}"
             settings = {"mode": mode, "optimizer": config.optimizer, "seed": seed, "probe": probe_settings}
             if mode != START:
-                settings["train"] = {k: v for k, v in vars(step).items() if k not in ("model", "out", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed")}
+                settings["train"] = settings_of(step, "model", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed")
             result_path = directory / "result.parquet"
             if up_to_date(result_path, "replay", settings, inputs):
                 results[(iteration, mode)] = pq.read_table(result_path).to_pylist()[0]
