@@ -143,5 +143,5 @@ bench-train *args:
 
 # regenerate the synthetic problems in data/arith and data/arith-distractors (the committed copies)
 data:
-    {{bin}}/cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --filler-rate 0.3 --teacher-error-rate 0.5 --seed 0 --force
+    {{bin}}/cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 10 --filler-rate 0.3 --teacher-error-rate 0.5 --seed 0 --force
     {{bin}}/cfiw synth --out data/arith-distractors --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --filler-rate 0.3 --distractors 2 --teacher-error-rate 0.15 --seed 0 --force
