@@ -61,11 +61,9 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
     import sys
     from pathlib import Path
 
-    from cfiw_cli.stages.loop import PRESETS_DIR
-
     run = tmp_path / "run"
     cfiw = str(Path(sys.executable).parent / "cfiw")
-    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2"], capture_output=True, text=True, cwd=PRESETS_DIR.parent, timeout=600)
+    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = tmp_path / "report"
     done = subprocess.run([cfiw, "analyze", str(run), "--out", str(report)], capture_output=True, text=True, timeout=300)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cfiw_cli.stages.loop import PRESETS_DIR, apply_overrides, command_line, load_config, plan
+from cfiw_cli.stages.loop import apply_overrides, command_line, load_config, plan, presets
 from test_errors import assert_clean_error
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]  # where the presets' relative paths (data/arith, runs/...) resolve
 
 
 def tables(run: Path) -> dict[str, object]:
@@ -53,7 +54,7 @@ def loop_argv(model, run):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, tmp_path_factory):
     run = tmp_path_factory.mktemp("loop") / "run"
-    done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=PRESETS_DIR.parent)
+    done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     return run
 
@@ -83,9 +84,9 @@ def test_loop_writes_the_run_layout(uninterrupted):
 @pytest.mark.slow
 def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_path):
     run = tmp_path / "staged"
-    commands = subprocess.run(loop_argv(tiny_model, run) + ["--dry-run"], capture_output=True, text=True, check=True, cwd=PRESETS_DIR.parent).stdout
+    commands = subprocess.run(loop_argv(tiny_model, run) + ["--dry-run"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", "-e"], input=commands, capture_output=True, text=True, timeout=900, env=env, cwd=PRESETS_DIR.parent)
+    done = subprocess.run(["bash", "-e"], input=commands, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     expected, got = tables(uninterrupted), tables(run)
     assert sorted(got) == sorted(expected)
@@ -97,7 +98,7 @@ def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_pa
 @pytest.mark.slow
 def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(loop_argv(tiny_model, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=PRESETS_DIR.parent)
+    process = subprocess.Popen(loop_argv(tiny_model, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     marker = run / "iter-0001" / "rollouts.parquet"  # iteration 2 of 2 has started
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -107,7 +108,7 @@ def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_pa
     assert not (run / "iter-0001" / "train_metrics.parquet").exists()  # it really was interrupted
     for path in run.rglob("*.parquet"):  # nothing half-written under a final name
         pq.read_table(path)
-    done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=PRESETS_DIR.parent)
+    done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     expected, got = tables(uninterrupted), tables(run)
     assert sorted(got) == sorted(expected)
@@ -117,9 +118,9 @@ def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_pa
 
 
 def test_every_preset_parses_and_plans():
-    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
-    assert presets == ["llama", "qwen", "qwen-0.5b", "tiny", "tiny-distractors"]
-    for name in presets:
+    names = sorted(presets())
+    assert names == ["llama", "qwen", "qwen-0.5b", "tiny", "tiny-distractors"]
+    for name in names:
         config = load_config(name, None)
         steps = plan(config, Path("runs/x"))
         assert [c for _, c, _ in steps][:6] == ["eval", "eval", "rollout", "segment", "score", "train"]

@@ -32,6 +32,8 @@ import json
 import shlex
 import tomllib
 from dataclasses import fields
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +41,26 @@ from cfiw_cli.errors import CfiwError
 from cfiw_cli.policies import KeepConfig, keep, keep_command
 
 PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "pipelines"
+
+
+def presets() -> dict[str, Traversable]:
+    """The presets shipped inside the package (`pipelines/` in a checkout links to them), by name."""
+    folder = resources.files("cfiw_cli").joinpath("presets")
+    return {entry.name.removesuffix(".toml"): entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
 
 
 def load_config(preset: str | None, config_file: str | None) -> dict[str, Any]:
+    shipped = presets()
+    hint = f"presets: {', '.join(sorted(shipped))}"
     if bool(preset) == bool(config_file):
-        raise CfiwError("pass exactly one of --preset and --config", f"presets: {', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.toml')))}")
-    path = Path(config_file) if config_file else PRESETS_DIR / f"{preset}.toml"
-    if not path.exists():
-        raise CfiwError(f"no such {'config file' if config_file else 'preset'}: {config_file or preset}", f"presets: {', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.toml')))}")
+        raise CfiwError("pass exactly one of --preset and --config", hint)
+    source: Path | Traversable | None = Path(config_file) if config_file else shipped.get(preset)
+    if source is None or not source.is_file():
+        raise CfiwError(f"no such {'config file' if config_file else 'preset'}: {config_file or preset}", hint)
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(source.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise CfiwError(f"{path} is not valid TOML: {exc}", "fix the file") from exc
+        raise CfiwError(f"{config_file or f'preset {preset}'} is not valid TOML: {exc}", "fix the file") from exc
 
 
 def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
