@@ -156,7 +156,7 @@ def sft(
             model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset, steps=steps,
             lr=lr, batch_size=batch_size, max_length=max_length, warmup_steps=warmup_steps,
             lr_schedule=lr_schedule, weight_decay=weight_decay, gradient_checkpointing=gradient_checkpointing,
-            seed=seed, dtype=dtype, prompt_template=prompt_template, chat_template=chat_template,
+            seed=seed, dtype=dtype.value, prompt_template=prompt_template, chat_template=chat_template,
         ),
         force=force,
     )
@@ -197,7 +197,7 @@ def rollout(
         stage.RolloutConfig(
             model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset,
             group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            batch_size=batch_size, seed=seed, iteration=iteration, dtype=dtype,
+            batch_size=batch_size, seed=seed, iteration=iteration, dtype=dtype.value,
             prompt_template=prompt_template, chat_template=chat_template,
         ),
         force=force,
@@ -230,7 +230,7 @@ def evaluate(
         stage.EvalConfig(
             model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset,
             samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, seed=seed, dtype=dtype, prompt_template=prompt_template,
+            batch_size=batch_size, seed=seed, dtype=dtype.value, prompt_template=prompt_template,
             chat_template=chat_template,
         ),
         force=force,
@@ -273,8 +273,8 @@ def score(
     rollouts: opt.Rollouts,
     spans: opt.Spans,
     out: Annotated[Path, typer.Option(help="scores.parquet to write.")],
-    mask: Annotated[str, typer.Option(help="pad (span -> pad tokens), delete (span removed), knockout (span hidden from later tokens).")] = "pad",
-    target: Annotated[str, typer.Option(help="own: the rollout's own answer tokens; gold: the gold answer in their place.")] = "own",
+    mask: Annotated[opt.MaskChoice, typer.Option(help="pad (span -> pad tokens), delete (span removed), knockout (span hidden from later tokens).")] = "pad",
+    target: Annotated[opt.TargetChoice, typer.Option(help="own: the rollout's own answer tokens; gold: the gold answer in their place.")] = "own",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward call (memory bound).")] = 8192,
     dtype: opt.Dtype = "auto",
     force: opt.Force = False,
@@ -290,8 +290,8 @@ def score(
 
     stage.run(
         stage.ScoreConfig(
-            model=model, rollouts=str(rollouts), spans=str(spans), out=str(out), mask=mask, target=target,
-            batch_tokens=batch_tokens, dtype=dtype,
+            model=model, rollouts=str(rollouts), spans=str(spans), out=str(out), mask=mask.value, target=target.value,
+            batch_tokens=batch_tokens, dtype=dtype.value,
         ),
         force=force,
     )
@@ -308,10 +308,10 @@ def train(
     spans: Annotated[Optional[Path], typer.Option("--spans", "-s", help="spans.parquet (needed unless --weighting uniform).")] = None,
     scores: Annotated[Optional[Path], typer.Option(help="scores.parquet (needed unless --weighting uniform).")] = None,
     weighting: Annotated[
-        str, typer.Option(help="cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) or random (i.i.d. U(0,1) importance).")
+        opt.WeightingChoice, typer.Option(help="cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) or random (i.i.d. U(0,1) importance).")
     ] = "cfiw",
     profile: Annotated[
-        str, typer.Option(help="cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion).")
+        opt.ProfileChoice, typer.Option(help="cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion).")
     ] = "cfiw",
     metrics_out: Annotated[Optional[Path], typer.Option(help="train_metrics.parquet (default: inside --out).")] = None,
     weights_out: Annotated[Optional[Path], typer.Option(help="weights.parquet (default: inside --out).")] = None,
@@ -324,10 +324,10 @@ def train(
     minibatches: Annotated[int, typer.Option(help="Optimizer steps per pass.")] = 1,
     micro_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward/backward (gradient accumulation).")] = 8192,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
-    scale_rewards: Annotated[str, typer.Option(help="Advantage scaling: group, batch or none.")] = "group",
+    scale_rewards: Annotated[opt.RewardScalingChoice, typer.Option(help="Advantage scaling: group, batch or none.")] = "group",
     dynamic_sampling: Annotated[bool, typer.Option("--dynamic-sampling/--no-dynamic-sampling", help="Drop groups whose rewards are all equal.")] = True,
     mask_truncated: Annotated[bool, typer.Option("--mask-truncated/--no-mask-truncated", help="Leave completions that hit the length limit out of the loss.")] = True,
-    loss_type: Annotated[str, typer.Option(help="dapo (token mean over the batch), grpo (sequence mean) or dr_grpo.")] = "dapo",
+    loss_type: Annotated[opt.LossTypeChoice, typer.Option(help="dapo (token mean over the batch), grpo (sequence mean) or dr_grpo.")] = "dapo",
     eps_low: Annotated[float, typer.Option(help="Lower clip range of the ratio.")] = 0.2,
     eps_high: Annotated[float, typer.Option(help="Upper clip range of the ratio.")] = 0.28,
     beta: Annotated[float, typer.Option(help="KL coefficient (k3, to --reference); the reference is loaded only when > 0.")] = 0.0,
@@ -363,12 +363,12 @@ def train(
     stage.run(
         stage.TrainConfig(
             model=model, rollouts=str(rollouts), out=str(out), spans=str(spans) if spans else None,
-            scores=str(scores) if scores else None, weighting=weighting, profile=profile,
+            scores=str(scores) if scores else None, weighting=weighting.value, profile=profile.value,
             metrics_out=str(metrics_out) if metrics_out else None, weights_out=str(weights_out) if weights_out else None,
             lr=lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, total_steps=total_steps, weight_decay=weight_decay,
             epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens, grad_clip=grad_clip,
-            scale_rewards=scale_rewards, dynamic_sampling=dynamic_sampling, mask_truncated=mask_truncated,
-            loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, beta=beta, reference=reference, floor=floor,
+            scale_rewards=scale_rewards.value, dynamic_sampling=dynamic_sampling, mask_truncated=mask_truncated,
+            loss_type=loss_type.value, eps_low=eps_low, eps_high=eps_high, beta=beta, reference=reference, floor=floor,
             boost=boost, min_weight=min_weight, answer_weight=answer_weight, conserve=conserve, min_spread=min_spread,
             temperature=temperature, max_new_tokens=max_new_tokens, gradient_checkpointing=gradient_checkpointing, seed=seed,
         ),
@@ -417,7 +417,7 @@ def loop(
     config: Annotated[Optional[Path], typer.Option(help="A TOML file laid out like the presets (instead of --preset).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Override the number of iterations.")] = None,
-    weighting: Annotated[Optional[str], typer.Option(help="Override the weighting: cfiw, uniform, inverted, shuffled, random.")] = None,
+    weighting: Annotated[Optional[opt.WeightingChoice], typer.Option(help="Override the weighting.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate before every k-th iteration (and after the last).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override the seed.")] = None,
     set_: Annotated[
@@ -439,7 +439,7 @@ def loop(
         settings,
         {
             **stage.parse_assignments(set_ or []),
-            "model.id": model, "loop.iterations": iterations, "loop.weighting": weighting, "loop.eval_every": eval_every, "loop.seed": seed,
+            "model.id": model, "loop.iterations": iterations, "loop.weighting": weighting.value if weighting else None, "loop.eval_every": eval_every, "loop.seed": seed,
         },
     )
     commands = stage.run(settings, str(run), dry_run=dry_run)

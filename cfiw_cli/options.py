@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from cfiw_cli.algo.importance import MASK_MODES, TARGETS
+from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
+from cfiw_cli.algo.weights import MODES, PROFILES
+from cfiw_cli.modeling import DTYPES
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """A choice flag from the tuple the code checks against: a bad value exits 2 listing them."""
+    return StrEnum(name, [(value, value) for value in values])
+
+
+DtypeChoice = _choices("DtypeChoice", DTYPES)
+MaskChoice = _choices("MaskChoice", MASK_MODES)
+TargetChoice = _choices("TargetChoice", TARGETS)
+WeightingChoice = _choices("WeightingChoice", MODES)
+ProfileChoice = _choices("ProfileChoice", PROFILES)
+LossTypeChoice = _choices("LossTypeChoice", LOSS_TYPES)
+RewardScalingChoice = _choices("RewardScalingChoice", REWARD_SCALINGS)
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub id or local model directory.")]
 Dataset = Annotated[
@@ -25,7 +45,7 @@ MaxNewTokens = Annotated[int, typer.Option(min=1, help="Longest completion, in t
 TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1.0 = off).")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per generate call.")]
 Dtype = Annotated[
-    str, typer.Option(help="Model dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16, float16.")
+    DtypeChoice, typer.Option(help="Model dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16, float16.")
 ]
 PromptTemplate = Annotated[
     Optional[str],

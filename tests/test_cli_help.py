@@ -56,3 +56,34 @@ def test_help_does_not_import_torch():
 
 def test_bad_flag_value_exits_2(cli):
     assert cli("rollout", "--model", "m", "--dataset", "d", "--out", "o.parquet", "--group-size", "0").exit_code == 2
+
+
+# Each choice flag and the tuple its stage checks against (the flag is built from it).
+CHOICE_FLAGS = {
+    ("score", "--mask"): "cfiw_cli.algo.importance:MASK_MODES",
+    ("score", "--target"): "cfiw_cli.algo.importance:TARGETS",
+    ("score", "--dtype"): "cfiw_cli.modeling:DTYPES",
+    ("rollout", "--dtype"): "cfiw_cli.modeling:DTYPES",
+    ("eval", "--dtype"): "cfiw_cli.modeling:DTYPES",
+    ("train", "--weighting"): "cfiw_cli.algo.weights:MODES",
+    ("train", "--profile"): "cfiw_cli.algo.weights:PROFILES",
+    ("train", "--loss-type"): "cfiw_cli.algo.loss:LOSS_TYPES",
+    ("train", "--scale-rewards"): "cfiw_cli.algo.loss:REWARD_SCALINGS",
+    ("loop", "--weighting"): "cfiw_cli.algo.weights:MODES",
+}
+
+
+@pytest.mark.parametrize(("name", "flag"), sorted(CHOICE_FLAGS))
+def test_choice_flags_list_their_choices_and_reject_others_with_exit_2(cli, name, flag):
+    import importlib
+
+    import typer.main
+
+    module, attribute = CHOICE_FLAGS[name, flag].split(":")
+    choices = list(getattr(importlib.import_module(module), attribute))
+    option = next(p for p in typer.main.get_command(app).commands[name].params if flag in p.opts)
+    assert [member.value for member in option.type_descriptor.annotation] == choices
+    result = cli(name, flag, "not-a-choice")  # parsing fails before any required option is checked
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    assert "not-a-choice" in result.stderr and all(f"'{choice}'" in result.stderr for choice in choices)
+    assert "Traceback" not in result.stderr + result.stdout

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 MASK_MODES = ("pad", "delete", "knockout")
+TARGETS = ("own", "gold")  # whose answer tokens a span's delta is measured on: the rollout's own, or the gold answer
 
 
 @dataclass(frozen=True)

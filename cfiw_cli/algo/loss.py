@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+REWARD_SCALINGS = ("group", "batch", "none")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def group_advantages(rewards: list[float], groups: list[str], scale: str = "grou
     (`batch`), or no scaling (`none`). Standard deviations are unbiased, as in TRL and verl."""
     import statistics
 
-    if scale not in ("group", "batch", "none"):
+    if scale not in REWARD_SCALINGS:
         raise ValueError(f"unknown reward scaling {scale!r}")
     members: dict[str, list[float]] = {}
     for reward, group in zip(rewards, groups):

@@ -7,11 +7,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cfiw_cli.algo.importance import TARGETS
 from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, read_manifest, settings_of, skip_if_done, write_table
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
-
-TARGETS = ("own", "gold")
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class _Sequence:
 
 
 def _check(config: TrainConfig) -> None:
-    from cfiw_cli.algo.loss import LOSS_TYPES
+    from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
     from cfiw_cli.algo.weights import MODES, PROFILES
 
     if config.weighting not in MODES:
@@ -109,8 +109,8 @@ def _check(config: TrainConfig) -> None:
         raise CfiwError(f"unknown --loss-type {config.loss_type!r}", f"choose one of {', '.join(LOSS_TYPES)}")
     if config.lr_schedule not in ("constant", "cosine"):
         raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", "choose constant or cosine")
-    if config.scale_rewards not in ("group", "batch", "none"):
-        raise CfiwError(f"unknown --scale-rewards {config.scale_rewards!r}", "choose group, batch or none")
+    if config.scale_rewards not in REWARD_SCALINGS:
+        raise CfiwError(f"unknown --scale-rewards {config.scale_rewards!r}", f"choose one of {', '.join(REWARD_SCALINGS)}")
     if min(config.epochs, config.minibatches, config.micro_batch_tokens) < 1 or config.lr < 0:
         raise CfiwError("--epochs, --minibatches and --micro-batch-tokens must be >= 1 and --lr >= 0", "pass positive values")
     if config.temperature is not None and not config.temperature > 0:
