@@ -82,7 +82,7 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
 
     from cfiw_cli import modeling, schemas
     from cfiw_cli.generation import sample_questions
-    from cfiw_cli.stages.rollout import check_sampling
+    from cfiw_cli.checks import check_sampling
     from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
 
     check_sampling(config.temperature, config.top_p, config.samples, config.max_new_tokens, config.batch_size)

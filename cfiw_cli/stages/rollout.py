@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, settings_of, skip_if_done, write_table
+from cfiw_cli.checks import check_sampling
 from cfiw_cli.console import info
-from cfiw_cli.errors import CfiwError
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,6 @@ class RolloutConfig:
     dtype: str = "auto"
     prompt_template: str | None = None
     chat_template: bool = True
-
-
-def check_sampling(temperature: float, top_p: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise CfiwError("--temperature must be >= 0 and --top-p in (0, 1]", "e.g. --temperature 1.0 --top-p 1.0")
-    if min(samples, max_new_tokens, batch_size) < 1:
-        raise CfiwError("group size, --max-new-tokens and --batch-size must be >= 1", "pass positive values")
 
 
 def sampling_seed(seed: int, iteration: int) -> int:

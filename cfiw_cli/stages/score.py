@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cfiw_cli.algo.importance import TARGETS
-from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, read_manifest, settings_of, skip_if_done, write_table
+from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, settings_of, skip_if_done, write_table
+from cfiw_cli.checks import check_spans_match
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
@@ -23,22 +24,6 @@ class ScoreConfig:
     target: str = "own"
     batch_tokens: int = 8192
     dtype: str = "auto"
-
-
-def check_spans_match(rollouts: Any, spans: Any, rollouts_path: str, spans_path: str) -> None:
-    """Spans must come from these rollouts: same file hash when the manifest says, and in any
-    case known rollout ids and token ranges inside each completion."""
-    manifest = read_manifest(spans_path) or {}
-    recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
-    hint = f"run `cfiw segment --rollouts {rollouts_path}` again, or pass the rollouts the spans were made from"
-    if recorded and recorded != input_record(rollouts_path)["sha256"]:
-        raise CfiwError(f"{spans_path} was computed from a different rollouts file than {rollouts_path}", hint)
-    lengths = dict(zip(rollouts.column("rollout_id").to_pylist(), (len(c) for c in rollouts.column("completion_ids").to_pylist())))
-    for rollout_id, start, end in zip(*(spans.column(c).to_pylist() for c in ("rollout_id", "tok_start", "tok_end"))):
-        if rollout_id not in lengths:
-            raise CfiwError(f"{spans_path} has spans of rollout {rollout_id!r}, which is not in {rollouts_path}", hint)
-        if not 0 <= start < end <= lengths[rollout_id]:
-            raise CfiwError(f"span [{start}, {end}) of rollout {rollout_id!r} lies outside its completion", hint)
 
 
 def gold_target(answer_text: str, gold: str, tokenizer: Any) -> list[int]:

@@ -352,7 +352,7 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     spans = read_artifact(config.spans, "spans") if config.spans else None
     scores = read_artifact(config.scores, "scores") if config.scores else None
     if spans is not None:
-        from cfiw_cli.stages.score import check_spans_match
+        from cfiw_cli.checks import check_spans_match
 
         check_spans_match(rollouts, spans, config.rollouts, config.spans)
     sampling = sampling_settings(config, rollouts)

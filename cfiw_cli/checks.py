@@ -1,0 +1,32 @@
+"""Input checks that more than one stage makes, kept below the stages so that no stage imports
+a sibling: sampling settings (rollout, eval) and spans that belong to their rollouts (score, train)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cfiw_cli.artifacts import input_record, read_manifest
+from cfiw_cli.errors import CfiwError
+
+
+def check_sampling(temperature: float, top_p: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise CfiwError("--temperature must be >= 0 and --top-p in (0, 1]", "e.g. --temperature 1.0 --top-p 1.0")
+    if min(samples, max_new_tokens, batch_size) < 1:
+        raise CfiwError("group size, --max-new-tokens and --batch-size must be >= 1", "pass positive values")
+
+
+def check_spans_match(rollouts: Any, spans: Any, rollouts_path: str, spans_path: str) -> None:
+    """Spans must come from these rollouts: same file hash when the manifest says, and in any
+    case known rollout ids and token ranges inside each completion."""
+    manifest = read_manifest(spans_path) or {}
+    recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
+    hint = f"run `cfiw segment --rollouts {rollouts_path}` again, or pass the rollouts the spans were made from"
+    if recorded and recorded != input_record(rollouts_path)["sha256"]:
+        raise CfiwError(f"{spans_path} was computed from a different rollouts file than {rollouts_path}", hint)
+    lengths = dict(zip(rollouts.column("rollout_id").to_pylist(), (len(c) for c in rollouts.column("completion_ids").to_pylist())))
+    for rollout_id, start, end in zip(*(spans.column(c).to_pylist() for c in ("rollout_id", "tok_start", "tok_end"))):
+        if rollout_id not in lengths:
+            raise CfiwError(f"{spans_path} has spans of rollout {rollout_id!r}, which is not in {rollouts_path}", hint)
+        if not 0 <= start < end <= lengths[rollout_id]:
+            raise CfiwError(f"span [{start}, {end}) of rollout {rollout_id!r} lies outside its completion", hint)
