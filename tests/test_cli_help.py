@@ -87,3 +87,18 @@ def test_choice_flags_list_their_choices_and_reject_others_with_exit_2(cli, name
     assert result.exit_code == 2, (result.exit_code, result.stderr)
     assert "not-a-choice" in result.stderr and all(f"'{choice}'" in result.stderr for choice in choices)
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_top_level_help_imports_no_heavy_library():
+    # torch, transformers, trl and datasets load inside command bodies, so `cfiw --help` is instant;
+    # a module-level import of any of them would add seconds. Measured by what is imported, and by
+    # the clock with a generous bound (a cold start on a busy 2-core machine).
+    import time
+
+    probe = "import sys; from cfiw_cli.cli import app; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'pyarrow', 'duckdb') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cfiw_cli", "--help"], capture_output=True, check=True, timeout=60)
+    assert time.perf_counter() - started < 1.0
