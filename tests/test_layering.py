@@ -25,5 +25,5 @@ def imported_stages(path: Path) -> set[str]:
 def test_no_stage_imports_a_sibling():
     stages = sorted(p for p in STAGES.glob("*.py") if p.stem != "__init__" and p.stem not in ORCHESTRATORS)
     assert len(stages) >= 10
-    offenders = {p.stem: imported_stages(p) for p in stages if imported_stages(p)}
+    offenders = {p.stem: found for p in stages if (found := imported_stages(p))}
     assert offenders == {}
