@@ -26,8 +26,8 @@ def main() -> None:
     if args.quick:
         args.iterations = 1
 
-    from cfiw_cli.stages import tiny_model
-    from cfiw_cli.stages.sql import query
+    from cfiw_cli.tools import tiny_model
+    from cfiw_cli.report.sql import query
 
     work = Path(tempfile.mkdtemp(prefix="cfiw-loop-bench-"))
     model = tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "model"), dataset=str(ROOT / "data/arith/train.jsonl")))

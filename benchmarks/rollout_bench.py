@@ -1,6 +1,6 @@
 """Batched `cfiw rollout` against one sequence per `generate` call, on the same tiny model.
 
-Both go through `cfiw_cli.stages.rollout.run` with the model already loaded, so the ratio is
+Both go through `cfiw_cli.pipeline.rollout.run` with the model already loaded, so the ratio is
 the gain of batching alone. Prints the median of --repeats runs for each batch size and the
 speed-up of each over one-at-a-time.
 
@@ -36,7 +36,8 @@ def main() -> None:
     import torch
 
     from cfiw_cli.modeling import describe_device, device, load_model, load_tokenizer
-    from cfiw_cli.stages import rollout, tiny_model
+    from cfiw_cli.pipeline import rollout
+from cfiw_cli.tools import tiny_model
     from cfiw_cli.tasks.arith import make_problems
 
     work = Path(tempfile.mkdtemp(prefix="cfiw-rollout-bench-"))

@@ -11,7 +11,7 @@ Peak memory is that of the tensors alive during the step above what was alive be
 dispatch-mode tracker on CPU; torch.cuda.max_memory_allocated on a GPU). Both ways must give
 the same loss (|diff| < 1e-5), entropy and gradients.
 
-Part 2, time: `cfiw_cli.stages.train.run` in `uniform` and `cfiw` mode on the same batch of a
+Part 2, time: `cfiw_cli.pipeline.train.run` in `uniform` and `cfiw` mode on the same batch of a
 tiny model (the cost of the weights).
 
     python benchmarks/train_bench.py                 # numbers quoted in the README
@@ -136,7 +136,7 @@ def memory_part(args, work: Path) -> None:
     from cfiw_cli.algo.loss import LossConfig, loss_normalizer, policy_loss
     from cfiw_cli.logprobs import completion_logprobs
     from cfiw_cli.modeling import load_tokenizer
-    from cfiw_cli.stages import tiny_model
+    from cfiw_cli.tools import tiny_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = device.type == "cuda"
@@ -195,7 +195,8 @@ def timing_part(args, work: Path) -> None:
     import torch
 
     from cfiw_cli.modeling import load_tokenizer
-    from cfiw_cli.stages import score, segment, tiny_model, train
+    from cfiw_cli.pipeline import score, segment, train
+    from cfiw_cli.tools import tiny_model
 
     model = tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "model"), layers=args.timing_layers, hidden=args.timing_hidden))
     tokenizer = load_tokenizer(str(model))

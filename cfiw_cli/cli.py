@@ -73,7 +73,7 @@ def tiny_model(
     template; the model is saved with save_pretrained, so it loads with AutoModelForCausalLM
     from the path. The same arguments and seed give identical files.
     """
-    from cfiw_cli.stages import tiny_model as stage
+    from cfiw_cli.tools import tiny_model as stage
 
     stage.run(
         stage.TinyModelConfig(
@@ -110,7 +110,7 @@ def synth(
     solved by a teacher with a systematic misconception, for a warm start (cfiw sft --split sft)
     whose errors RL can unlearn. Deterministic for a seed.
     """
-    from cfiw_cli.stages import synth as stage
+    from cfiw_cli.tools import synth as stage
 
     stage.run(
         stage.SynthConfig(
@@ -149,7 +149,7 @@ def sft(
     solution and its EOS token only. Writes the model and tokenizer (no optimizer state) and a
     manifest with the loss curve. Use it before RL when the base model earns no reward.
     """
-    from cfiw_cli.stages import sft as stage
+    from cfiw_cli.tools import sft as stage
 
     stage.run(
         stage.SftConfig(
@@ -191,7 +191,7 @@ def rollout(
     sampled tokens under the distribution they were drawn from (temperature and top-p applied).
     Writes one row per completion (schema in the README).
     """
-    from cfiw_cli.stages import rollout as stage
+    from cfiw_cli.pipeline import rollout as stage
 
     stage.run(
         stage.RolloutConfig(
@@ -224,7 +224,7 @@ def evaluate(
     force: opt.Force = False,
 ) -> None:
     """Evaluate a model: accuracy with its 95% Wilson interval (printed and in the manifest)."""
-    from cfiw_cli.stages import eval as stage
+    from cfiw_cli.pipeline import eval as stage
 
     result = stage.run(
         stage.EvalConfig(
@@ -256,7 +256,7 @@ def segment(
     get no rows. Calculations (12 + 24 = 36, <<3*4=12>>12) win overlaps; other sentences are
     numeric when they hold a digit, else scaffolding.
     """
-    from cfiw_cli.stages import segment as stage
+    from cfiw_cli.pipeline import segment as stage
 
     stage.run(
         stage.SegmentConfig(rollouts=str(rollouts), model=model, out=str(out), max_spans=max_spans, min_tokens=min_tokens, max_tokens=max_tokens),
@@ -286,7 +286,7 @@ def score(
     variants of many rollouts share a forward call, and logits are computed only at answer
     positions. Under accelerate launch each process scores its share of the rollouts.
     """
-    from cfiw_cli.stages import score as stage
+    from cfiw_cli.pipeline import score as stage
 
     stage.run(
         stage.ScoreConfig(
@@ -358,7 +358,7 @@ def train(
     with the checkpoint and resumed when --model holds them. Runs under accelerate launch
     (DDP; FSDP/DeepSpeed through the accelerate config), the batch split across processes.
     """
-    from cfiw_cli.stages import train as stage
+    from cfiw_cli.pipeline import train as stage
 
     stage.run(
         stage.TrainConfig(
@@ -387,7 +387,7 @@ def analyze(
     share of token weight by kind, iterations to reach the final uniform accuracy; report.html
     is self-contained and shows rollouts coloured by token weight.
     """
-    from cfiw_cli.stages import analyze as stage
+    from cfiw_cli.report import analyze as stage
 
     stage.run([str(r) for r in runs], str(out))
     typer.echo(f"report written to {out / 'report.html'} and {out / 'report.md'}")
@@ -404,7 +404,7 @@ def sql(
     Each artifact kind is a view over all iterations with an iteration column; manifests lists
     the manifest of every Parquet file (file, stage, manifest JSON).
     """
-    from cfiw_cli.stages import sql as stage
+    from cfiw_cli.report import sql as stage
 
     columns, rows = stage.query(run, query)
     typer.echo(stage.render(columns, rows, format), nl=False)
@@ -432,7 +432,7 @@ def loop(
     (--dry-run prints them). Layout: RUN/config.toml, RUN/iter-NNNN/*.parquet, RUN/policy/,
     RUN/eval/iter-NNNN.parquet. Started again after an interruption, it resumes.
     """
-    from cfiw_cli.stages import loop as stage
+    from cfiw_cli.pipeline import loop as stage
 
     settings = stage.load_config(preset, str(config) if config else None)
     settings = stage.apply_overrides(
@@ -466,7 +466,7 @@ def replay(
     solutions per token and of the answer line). Writes RUN/replay/MODE/iter-NNNN/ and one row
     per iteration x mode to replay.parquet; a killed replay resumes.
     """
-    from cfiw_cli.stages import replay as stage
+    from cfiw_cli.pipeline import replay as stage
 
     stage.run(stage.ReplayConfig(
         run=str(run), iterations=iterations, modes=modes, optimizer=optimizer, seed=seed,

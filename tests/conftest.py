@@ -51,14 +51,14 @@ def mini_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from cfiw_cli.stages.tiny_model import TinyModelConfig, run
+    from cfiw_cli.tools.tiny_model import TinyModelConfig, run
 
     return run(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "qwen2")))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from cfiw_cli.stages.tiny_model import TinyModelConfig, run
+    from cfiw_cli.tools.tiny_model import TinyModelConfig, run
 
     return run(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "llama"), arch="llama", seed=1))
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from cfiw_cli.artifacts import build_manifest, write_table
-from cfiw_cli.stages.analyze import run as analyze
+from cfiw_cli.report.analyze import run as analyze
 from test_errors import assert_clean_error
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cfiw_cli.stages.eval import accuracy_metrics
+from cfiw_cli.pipeline.eval import accuracy_metrics
 from cfiw_cli.stats import wilson_interval
 
 

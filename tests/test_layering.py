@@ -5,7 +5,8 @@ a loop's artifacts), call other stages."""
 import ast
 from pathlib import Path
 
-STAGES = Path(__file__).resolve().parents[1] / "cfiw_cli" / "stages"
+PACKAGE = Path(__file__).resolve().parents[1] / "cfiw_cli"
+STAGE_PACKAGES = ("pipeline", "tools", "report")
 ORCHESTRATORS = {"loop", "replay"}
 
 
@@ -13,17 +14,30 @@ def imported_stages(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "cfiw_cli.stages":
+            parts = node.module.split(".")
+            if len(parts) == 2 and parts[1] in STAGE_PACKAGES:
                 found |= {alias.name for alias in node.names}
-            elif node.module.startswith("cfiw_cli.stages."):
-                found.add(node.module.split(".")[2])
+            elif len(parts) > 2 and parts[1] in STAGE_PACKAGES:
+                found.add(parts[2])
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[2] for alias in node.names if alias.name.startswith("cfiw_cli.stages.")}
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if len(parts) > 2 and parts[1] in STAGE_PACKAGES:
+                    found.add(parts[2])
     return found - {path.stem}
 
 
 def test_no_stage_imports_a_sibling():
-    stages = sorted(p for p in STAGES.glob("*.py") if p.stem != "__init__" and p.stem not in ORCHESTRATORS)
+    stages = sorted(
+        p for package in STAGE_PACKAGES for p in (PACKAGE / package).glob("*.py")
+        if p.stem != "__init__" and p.stem not in ORCHESTRATORS
+    )
     assert len(stages) >= 10
     offenders = {p.stem: found for p in stages if (found := imported_stages(p))}
     assert offenders == {}
+
+
+def test_the_check_sees_a_sibling_import(tmp_path):
+    module = tmp_path / "score.py"
+    module.write_text("from cfiw_cli.pipeline.train import run\nfrom cfiw_cli.tools import sft\n")
+    assert imported_stages(module) == {"train", "sft"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cfiw_cli.stages.loop import apply_overrides, command_line, load_config, plan, presets
+from cfiw_cli.pipeline.loop import apply_overrides, command_line, load_config, plan, presets
 from test_errors import assert_clean_error
 
 BIN = Path(sys.executable).parent
@@ -140,7 +140,7 @@ def test_flags_override_the_preset():
 
 
 def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
-    from cfiw_cli.stages.loop import parse_assignments
+    from cfiw_cli.pipeline.loop import parse_assignments
 
     assert parse_assignments(["train.lr=3e-4", "rollout.group_size=4", "loop.weighting=uniform", "score.mask=\"delete\""]) == {
         "train.lr": 3e-4, "rollout.group_size": 4, "loop.weighting": "uniform", "score.mask": "delete",

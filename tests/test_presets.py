@@ -34,7 +34,7 @@ def test_an_installed_wheel_finds_its_presets(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
     # From a directory without a checkout, with the installed copy first on the path.
     probe = (
-        "import cfiw_cli, sys; from cfiw_cli.stages.loop import load_config, presets; "
+        "import cfiw_cli, sys; from cfiw_cli.pipeline.loop import load_config, presets; "
         "print(cfiw_cli.__file__); print(sorted(presets())); print(load_config('tiny', None)['model']['id'])"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(site)}, timeout=120)

@@ -115,7 +115,7 @@ def test_rerun_is_up_to_date_force_rewrites_and_seed_is_deterministic(cli, tmp_p
 def test_stop_tokens_end_completions_and_logprobs_stay_exact(tiny_model, mini_dataset, tmp_path):
     """Bias the model towards EOS so both finish reasons occur; also covers top-p and temperature."""
     from cfiw_cli.modeling import load_model, load_tokenizer
-    from cfiw_cli.stages.rollout import RolloutConfig, run
+    from cfiw_cli.pipeline.rollout import RolloutConfig, run
 
     tokenizer = load_tokenizer(str(tiny_model))
     model = load_model(str(tiny_model), "float32")

@@ -12,7 +12,7 @@ import torch
 
 from cfiw_cli.algo.importance import naive_scores
 from cfiw_cli.schemas import SCORES, SPANS
-from cfiw_cli.stages.score import build_items
+from cfiw_cli.pipeline.score import build_items
 from conftest import COMPLETIONS, leftovers, write_rollouts
 from test_errors import assert_clean_error
 

@@ -12,7 +12,7 @@ from test_errors import assert_clean_error
 
 @pytest.fixture(scope="module")
 def two_problems(tmp_path_factory):
-    from cfiw_cli.stages.synth import SynthConfig, run
+    from cfiw_cli.tools.synth import SynthConfig, run
 
     return run(SynthConfig(out=str(tmp_path_factory.mktemp("synth") / "data"), n_train=2, n_test=1, max_steps=1, filler_rate=0.0))
 

@@ -90,7 +90,7 @@ def test_up_to_date_force_and_bad_input(cli, tmp_path):
 @pytest.mark.parametrize("name", ["arith", "arith-distractors"])
 def test_committed_copy_is_what_synth_writes(tmp_path, name):
     """data/arith* are `cfiw synth` output; their manifests' settings regenerate them byte for byte."""
-    from cfiw_cli.stages.synth import SynthConfig, run
+    from cfiw_cli.tools.synth import SynthConfig, run
 
     settings = json.loads((ROOT / "data" / name / "cfiw_manifest.json").read_text())["config"]
     out = run(SynthConfig(out=str(tmp_path / "copy"), **settings))

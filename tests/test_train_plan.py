@@ -7,7 +7,7 @@ import pytest
 
 from cfiw_cli.algo.loss import group_advantages
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.stages.train import TrainConfig, _Sequence, plan_minibatches, sampling_settings
+from cfiw_cli.pipeline.train import TrainConfig, _Sequence, plan_minibatches, sampling_settings
 
 
 def sequences(groups: int, size: int, seed: int = 0) -> list[_Sequence]:

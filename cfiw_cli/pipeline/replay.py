@@ -69,7 +69,7 @@ def parse_iterations(text: str) -> list[int]:
 
 
 def _loop_plan(run: Path) -> tuple[dict[str, Any], list]:
-    from cfiw_cli.stages.loop import plan
+    from cfiw_cli.pipeline.loop import plan
 
     path = run / "config.toml"
     if not path.exists():
@@ -121,7 +121,7 @@ def _measure(model: Any, tokenizer: Any, probe: Any, directory: Path, references
 
     from cfiw_cli import modeling
     from cfiw_cli.likelihood import reference_likelihood
-    from cfiw_cli.stages import eval as eval_stage
+    from cfiw_cli.pipeline import eval as eval_stage
 
     sampled = eval_stage.run(replace(probe, out=str(directory / "probe.parquet")), force=True, model=model, tokenizer=tokenizer).metrics
     likelihood = reference_likelihood(model, tokenizer, references)
@@ -144,7 +144,7 @@ def run(config: ReplayConfig) -> Path:
     from cfiw_cli import distributed, modeling
     from cfiw_cli.likelihood import reference_sequences
     from cfiw_cli.policies import policy_at
-    from cfiw_cli.stages import train
+    from cfiw_cli.pipeline import train
     from cfiw_cli.tasks.gsm8k import load_questions
 
     run_dir = Path(config.run)

@@ -102,11 +102,11 @@ def _to_toml(config: dict[str, Any]) -> str:
 def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     """Every stage of the run, in order, as (iteration, command, stage config); the final
     evaluation has iteration = the number of iterations."""
-    from cfiw_cli.stages.eval import EvalConfig
-    from cfiw_cli.stages.rollout import RolloutConfig
-    from cfiw_cli.stages.score import ScoreConfig
-    from cfiw_cli.stages.segment import SegmentConfig
-    from cfiw_cli.stages.train import TrainConfig
+    from cfiw_cli.pipeline.eval import EvalConfig
+    from cfiw_cli.pipeline.rollout import RolloutConfig
+    from cfiw_cli.pipeline.score import ScoreConfig
+    from cfiw_cli.pipeline.segment import SegmentConfig
+    from cfiw_cli.pipeline.train import TrainConfig
 
     _check_keys(config, {"rollout": RolloutConfig, "segment": SegmentConfig, "score": ScoreConfig, "train": TrainConfig, "eval": EvalConfig})
     loop, data = config.get("loop", {}), config.get("data", {})
@@ -219,8 +219,8 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
     from cfiw_cli import modeling
     from cfiw_cli.artifacts import read_directory_manifest, sha256_of
     from cfiw_cli.console import info
-    from cfiw_cli.stages import eval as eval_stage
-    from cfiw_cli.stages import rollout, score, segment, train
+    from cfiw_cli.pipeline import eval as eval_stage
+    from cfiw_cli.pipeline import rollout, score, segment, train
 
     run.mkdir(parents=True, exist_ok=True)
     resolved = _to_toml(config)
