@@ -26,32 +26,56 @@ def main() -> None:
     if args.quick:
         args.iterations = 1
 
-    from cfiw_cli.tools import tiny_model
     from cfiw_cli.report.sql import query
+    from cfiw_cli.tools import tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="cfiw-loop-bench-"))
-    model = tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "model"), dataset=str(ROOT / "data/arith/train.jsonl")))
+    model = tiny_model.run(
+        tiny_model.TinyModelConfig(out=str(work / "model"), dataset=str(ROOT / "data/arith/train.jsonl"))
+    )
     cfiw = str(Path(sys.executable).parent / "cfiw")
     # The preset's layout at small sizes (a random-init model, 8 questions x G=4, 48 new tokens,
     # 16 evaluation questions), so that the fixed costs this benchmark is about are visible.
-    small = ["--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48", "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2"]
+    small = [
+        "--eval-every",
+        "1",
+        "--set",
+        "loop.questions=8",
+        "--set",
+        "rollout.group_size=4",
+        "--set",
+        "rollout.max_new_tokens=48",
+        "--set",
+        "loop.eval_limit=16",
+        "--set",
+        "loop.probe_questions=4",
+        "--set",
+        "loop.probe_samples=2",
+    ]
     base = [cfiw, "loop", "--preset", "tiny", "--model", str(model), "--iterations", str(args.iterations), *small]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     started = time.perf_counter()
     subprocess.run(base + ["--run", str(work / "loop")], check=True, cwd=ROOT, capture_output=True)
     loop_seconds = time.perf_counter() - started
-    commands = subprocess.run(base + ["--run", str(work / "staged"), "--dry-run"], check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    commands = subprocess.run(
+        base + ["--run", str(work / "staged"), "--dry-run"], check=True, cwd=ROOT, capture_output=True, text=True
+    ).stdout
     started = time.perf_counter()
     subprocess.run(["bash", "-e"], input=commands, check=True, cwd=ROOT, capture_output=True, text=True, env=env)
     staged_seconds = time.perf_counter() - started
 
-    print(f"tiny preset at small sizes, {args.iterations} iterations (each: rollout, segment, score, train, eval), 2-core CPU")
+    print(
+        f"tiny preset at small sizes, {args.iterations} iterations (each: rollout, segment, score, train, eval), 2-core CPU"
+    )
     print(f"{'way':>8} {'total s':>8} {'s / iteration':>14}")
     for name, seconds in (("loop", loop_seconds), ("staged", staged_seconds)):
         print(f"{name:>8} {seconds:>8.1f} {seconds / args.iterations:>14.1f}")
     print(f"ratio staged / loop: {staged_seconds / loop_seconds:.2f}")
-    columns, rows = query(work / "loop", "select stage, sum(cast(json_extract(manifest, '$.wall_seconds') as double)) as s from manifests where file not like '%weights.parquet' group by stage order by s desc")
+    columns, rows = query(
+        work / "loop",
+        "select stage, sum(cast(json_extract(manifest, '$.wall_seconds') as double)) as s from manifests where file not like '%weights.parquet' group by stage order by s desc",
+    )
     total = sum(r[1] for r in rows)
     print("share of the loop's stage time (from the manifests' wall_seconds):")
     for stage, seconds in rows:

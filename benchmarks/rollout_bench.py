@@ -37,12 +37,14 @@ def main() -> None:
 
     from cfiw_cli.modeling import describe_device, device, load_model, load_tokenizer
     from cfiw_cli.pipeline import rollout
-from cfiw_cli.tools import tiny_model
     from cfiw_cli.tasks.arith import make_problems
+    from cfiw_cli.tools import tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="cfiw-rollout-bench-"))
     model_dir = tiny_model.run(
-        tiny_model.TinyModelConfig(out=str(work / "model"), layers=args.layers, hidden=args.hidden, vocab_size=args.vocab_size)
+        tiny_model.TinyModelConfig(
+            out=str(work / "model"), layers=args.layers, hidden=args.hidden, vocab_size=args.vocab_size
+        )
     )
     dataset = work / "questions.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in make_problems(args.questions, seed=0)))
@@ -53,9 +55,14 @@ from cfiw_cli.tools import tiny_model
         times, tokens = [], 0
         for repeat in range(repeats):
             config = rollout.RolloutConfig(
-                model=str(model_dir), dataset=str(dataset), out=str(work / f"r-{batch_size}-{repeat}.parquet"),
-                limit=args.questions, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                batch_size=batch_size, seed=repeat,
+                model=str(model_dir),
+                dataset=str(dataset),
+                out=str(work / f"r-{batch_size}-{repeat}.parquet"),
+                limit=args.questions,
+                group_size=args.group_size,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=batch_size,
+                seed=repeat,
             )
             started = time.perf_counter()
             result = rollout.run(config, force=True, model=model, tokenizer=tokenizer)

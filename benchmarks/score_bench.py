@@ -74,7 +74,9 @@ def padded_batches(model, items, mode, pad_id, batch_size=8):
                     if span is not None:
                         allowed[row, span[1] :, span[0] : span[1]] = False
                     allowed[row, :, len(t) :] = False
-                mask = torch.zeros(len(batch), 1, width, width, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+                mask = torch.zeros(len(batch), 1, width, width, dtype=dtype).masked_fill(
+                    ~allowed[:, None], torch.finfo(dtype).min
+                )
             else:
                 mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, _, _ in batch])  # [B, L]
             logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # [B, L, V]
@@ -120,29 +122,43 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64 or 1, num_key_value_heads=max((args.hidden // 64) // 2, 1), max_position_embeddings=2048,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64 or 1,
+        num_key_value_heads=max((args.hidden // 64) // 2, 1),
+        max_position_embeddings=2048,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     items = make_items(args)
     pad_id = 0
     bound = sum(lower_bound_tokens(item) for item in items)
     naive_tokens = sum(len(item.tokens) * (len(item.spans) + 1) for item in items)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, float32")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, float32"
+    )
     print(
         f"{len(items)} rollouts ({args.prompts} prompts x G={args.group}), ~{args.prompt} prompt + ~{args.reasoning} reasoning "
         f"tokens in {args.spans} spans + ~{args.answer} answer tokens; (b), (c): median of {args.repeats}, (a): median of {args.naive_repeats}"
     )
     ratios = []
-    print(f"{'mask':>9} {'(a) s':>8} {'(b) s':>8} {'(c) s':>8} {'(a)/(c)':>8} {'(b)/(c)':>8} {'(c) tokens':>11} {'bound':>8} {'naive':>8} {'max |diff|':>10}")
+    print(
+        f"{'mask':>9} {'(a) s':>8} {'(b) s':>8} {'(c) s':>8} {'(a)/(c)':>8} {'(b)/(c)':>8} {'(c) tokens':>11} {'bound':>8} {'naive':>8} {'max |diff|':>10}"
+    )
     for mode in args.modes.split(","):
         stats: dict = {}
-        c_seconds, fast = timed(lambda: score_items(model, items, mode, pad_id, batch_tokens=args.batch_tokens), args.repeats)
+        c_seconds, fast = timed(
+            lambda mode=mode: score_items(model, items, mode, pad_id, batch_tokens=args.batch_tokens), args.repeats
+        )
         score_items(model, items, mode, pad_id, batch_tokens=args.batch_tokens, stats=stats)
-        b_seconds, _ = timed(lambda: padded_batches(model, items, mode, pad_id), args.repeats)
-        a_seconds, naive = timed(lambda: [naive_scores(model, item, mode, pad_id) for item in items], args.naive_repeats)
+        b_seconds, _ = timed(lambda mode=mode: padded_batches(model, items, mode, pad_id), args.repeats)
+        a_seconds, naive = timed(
+            lambda mode=mode: [naive_scores(model, item, mode, pad_id) for item in items], args.naive_repeats
+        )
         worst = max(
-            max([abs(f.base - n.base)] + [abs(x - y) for x, y in zip(f.deltas, n.deltas)]) for f, n in zip(fast, naive)
+            max([abs(f.base - n.base)] + [abs(x - y) for x, y in zip(f.deltas, n.deltas, strict=True)])
+            for f, n in zip(fast, naive, strict=True)
         )
         print(
             f"{mode:>9} {a_seconds:>8.2f} {b_seconds:>8.2f} {c_seconds:>8.2f} {a_seconds / c_seconds:>8.2f} "
@@ -151,7 +167,9 @@ def main() -> None:
         assert worst < 1e-4, f"{mode}: fast and naive scores differ by {worst}"
         ratios.append(f"{mode} {a_seconds / c_seconds:.2f} / {b_seconds / c_seconds:.2f}")
     print("ratio (a)/(c) / (b)/(c): " + ", ".join(ratios))
-    print("(c) tokens: tokens run by cfiw (prompts once per group); bound: T + sum_k (T - e_k) per rollout; naive: (a)'s tokens")
+    print(
+        "(c) tokens: tokens run by cfiw (prompts once per group); bound: T + sum_k (T - e_k) per rollout; naive: (a)'s tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ def naive_logprobs(model, sequences, pad_id, temperature, autocast):
     attention = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t, _ in sequences], device=device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=longest + 1).logits
+        logits = model(
+            input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=longest + 1
+        ).logits
     logprobs_all = (logits[:, :-1].float() / temperature).log_softmax(-1)  # [B, C, V]
     targets = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
     for row, (tokens, prompt) in enumerate(sequences):
@@ -142,8 +144,14 @@ def memory_part(args, work: Path) -> None:
     autocast = device.type == "cuda"
     tokenizer = load_tokenizer(str(tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "tokenizer-model")))))
     config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 2, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
@@ -158,22 +166,35 @@ def memory_part(args, work: Path) -> None:
     mask = torch.zeros(len(sequences), longest, device=device)  # [B, C]
     for row, (tokens, prompt) in enumerate(sequences):
         mask[row, longest - (len(tokens) - prompt) :] = 1
-    paths = {"naive": naive_logprobs, "chunked": lambda *a: completion_logprobs(*a[:4], want_entropy=True, autocast=a[4])}
+    paths = {
+        "naive": naive_logprobs,
+        "chunked": lambda *a: completion_logprobs(*a[:4], want_entropy=True, autocast=a[4]),
+    }
     results = {}
     for name, forward in paths.items():
         with torch.no_grad():
-            old = forward(model, sequences, tokenizer.pad_token_id, args.temperature, autocast)[0] + noise  # ratios near 1, some clipped
+            old = (
+                forward(model, sequences, tokenizer.pad_token_id, args.temperature, autocast)[0] + noise
+            )  # ratios near 1, some clipped
         model.zero_grad(set_to_none=True)
         gc.collect()
         started = time.perf_counter()
         with LivePeak(device) as peak:
             logprobs, entropy = forward(model, sequences, tokenizer.pad_token_id, args.temperature, autocast)
-            loss, _ = policy_loss(logprobs, old, advantages, mask, loss_normalizer(mask, "dapo", 0), config=LossConfig())
+            loss, _ = policy_loss(
+                logprobs, old, advantages, mask, loss_normalizer(mask, "dapo", 0), config=LossConfig()
+            )
             loss.backward()
             del logprobs
         seconds = time.perf_counter() - started
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        results[name] = {"peak": peak.peak, "seconds": seconds, "loss": float(loss.detach()), "entropy": float((entropy * mask).sum() / mask.sum()), "grads": grads}
+        results[name] = {
+            "peak": peak.peak,
+            "seconds": seconds,
+            "loss": float(loss.detach()),
+            "entropy": float((entropy * mask).sum() / mask.sum()),
+            "grads": grads,
+        }
         del loss, entropy, old
         model.zero_grad(set_to_none=True)
         gc.collect()
@@ -181,14 +202,24 @@ def memory_part(args, work: Path) -> None:
     grad_diff = max((naive["grads"][n] - chunked["grads"][n]).abs().max().item() for n in naive["grads"])
     grad_scale = max(g.abs().max().item() for g in naive["grads"].values())
     one_copy = completion_tokens * args.vocab * 4 / 2**20
-    print(f"part 1: per-token log-probs, one micro-batch of {len(sequences)} sequences ({completion_tokens} completion tokens of {source} text)")
-    print(f"  random-init Qwen2, vocabulary {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, tied embeddings; LM head {100 * head_share:.0f}% of forward FLOPs; {device}")
+    print(
+        f"part 1: per-token log-probs, one micro-batch of {len(sequences)} sequences ({completion_tokens} completion tokens of {source} text)"
+    )
+    print(
+        f"  random-init Qwen2, vocabulary {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, tied embeddings; LM head {100 * head_share:.0f}% of forward FLOPs; {device}"
+    )
     print(f"  one [tokens, V] fp32 tensor: {one_copy:,.0f} MiB")
     print(f"  {'path':>8} {'peak MiB':>9} {'seconds':>8} {'loss':>12} {'entropy':>9}")
     for name, row in results.items():
-        print(f"  {name:>8} {row['peak'] / 2**20:>9,.0f} {row['seconds']:>8.2f} {row['loss']:>12.7f} {row['entropy']:>9.4f}")
-    print(f"  |loss diff| {abs(naive['loss'] - chunked['loss']):.2e}; max |grad diff| {grad_diff:.2e} (largest gradient {grad_scale:.2e})")
-    print(f"  ratio naive / chunked peak memory: {naive['peak'] / chunked['peak']:.2f}x; time: {chunked['seconds'] / naive['seconds']:.3f} of naive")
+        print(
+            f"  {name:>8} {row['peak'] / 2**20:>9,.0f} {row['seconds']:>8.2f} {row['loss']:>12.7f} {row['entropy']:>9.4f}"
+        )
+    print(
+        f"  |loss diff| {abs(naive['loss'] - chunked['loss']):.2e}; max |grad diff| {grad_diff:.2e} (largest gradient {grad_scale:.2e})"
+    )
+    print(
+        f"  ratio naive / chunked peak memory: {naive['peak'] / chunked['peak']:.2f}x; time: {chunked['seconds'] / naive['seconds']:.3f} of naive"
+    )
 
 
 def timing_part(args, work: Path) -> None:
@@ -198,19 +229,31 @@ def timing_part(args, work: Path) -> None:
     from cfiw_cli.pipeline import score, segment, train
     from cfiw_cli.tools import tiny_model
 
-    model = tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "model"), layers=args.timing_layers, hidden=args.timing_hidden))
+    model = tiny_model.run(
+        tiny_model.TinyModelConfig(out=str(work / "model"), layers=args.timing_layers, hidden=args.timing_hidden)
+    )
     tokenizer = load_tokenizer(str(model))
     files = {name: str(work / "iter-0000" / f"{name}.parquet") for name in ("rollouts", "spans", "scores")}
     write_batch(Path(files["rollouts"]), tokenizer, args.questions, args.group)
     segment.run(segment.SegmentConfig(rollouts=files["rollouts"], model=str(model), out=files["spans"]))
-    score.run(score.ScoreConfig(model=str(model), rollouts=files["rollouts"], spans=files["spans"], out=files["scores"]))
+    score.run(
+        score.ScoreConfig(model=str(model), rollouts=files["rollouts"], spans=files["spans"], out=files["scores"])
+    )
 
     def measure(mode: str) -> tuple[float, dict]:
         times, metrics = [], {}
         for repeat in range(args.repeats):
             config = train.TrainConfig(
-                model=str(model), rollouts=files["rollouts"], spans=files["spans"], scores=files["scores"], weighting=mode,
-                out=str(work / f"policy-{mode}"), lr=1e-5, minibatches=args.minibatches, seed=repeat, temperature=1.0,
+                model=str(model),
+                rollouts=files["rollouts"],
+                spans=files["spans"],
+                scores=files["scores"],
+                weighting=mode,
+                out=str(work / f"policy-{mode}"),
+                lr=1e-5,
+                minibatches=args.minibatches,
+                seed=repeat,
+                temperature=1.0,
             )
             started = time.perf_counter()
             metrics = train.run(config, force=True).metrics
@@ -219,8 +262,12 @@ def timing_part(args, work: Path) -> None:
 
     measure("uniform")  # warm-up
     results = {mode: measure(mode) for mode in ("uniform", "cfiw")}
-    print(f"part 2: cfiw train, torch {torch.__version__}, {torch.get_num_threads()} threads; model: {args.timing_layers} layers, hidden {args.timing_hidden}")
-    print(f"  {args.questions} questions x G={args.group}, {args.minibatches} optimizer steps per run; median of {args.repeats} runs")
+    print(
+        f"part 2: cfiw train, torch {torch.__version__}, {torch.get_num_threads()} threads; model: {args.timing_layers} layers, hidden {args.timing_hidden}"
+    )
+    print(
+        f"  {args.questions} questions x G={args.group}, {args.minibatches} optimizer steps per run; median of {args.repeats} runs"
+    )
     print(f"  {'mode':>8} {'seconds':>8} {'tokens':>7} {'tokens/s':>9}")
     for mode, (seconds, metrics) in results.items():
         print(f"  {mode:>8} {seconds:>8.2f} {metrics['tokens']:>7} {metrics['tokens'] / seconds:>9.1f}")
@@ -245,11 +292,21 @@ def write_batch(path: Path, tokenizer, questions: int, group: int) -> None:
             correct = sample % 2 == 0
             rows.append(
                 {
-                    "rollout_id": f"0:q-{q}:{sample}", "iteration": 0, "prompt_id": f"q-{q}", "sample_idx": sample,
-                    "question": problem["question"], "gold": parse_gold(problem["answer"]), "prompt_text": prompt,
-                    "completion_text": problem["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                    "completion_logprobs": [0.0] * len(completion_ids), "finish_reason": "stop",
-                    "pred": parse_gold(problem["answer"]), "reward": 1.0 if correct else 0.0, "correct": correct,
+                    "rollout_id": f"0:q-{q}:{sample}",
+                    "iteration": 0,
+                    "prompt_id": f"q-{q}",
+                    "sample_idx": sample,
+                    "question": problem["question"],
+                    "gold": parse_gold(problem["answer"]),
+                    "prompt_text": prompt,
+                    "completion_text": problem["answer"],
+                    "prompt_ids": prompt_ids,
+                    "completion_ids": completion_ids,
+                    "completion_logprobs": [0.0] * len(completion_ids),
+                    "finish_reason": "stop",
+                    "pred": parse_gold(problem["answer"]),
+                    "reward": 1.0 if correct else 0.0,
+                    "correct": correct,
                 }
             )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +330,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.vocab, args.tokens, args.hidden = min(args.vocab, 16384), 256, 128
-        args.questions, args.group, args.timing_layers, args.timing_hidden, args.minibatches, args.repeats = 4, 2, 2, 64, 2, 1
+        args.questions, args.group, args.timing_layers, args.timing_hidden, args.minibatches, args.repeats = (
+            4,
+            2,
+            2,
+            64,
+            2,
+            1,
+        )
 
     from cfiw_cli.modeling import quiet_libraries
 

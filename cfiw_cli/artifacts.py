@@ -16,11 +16,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -90,9 +91,7 @@ def git_commit() -> str | None:
     if not (root / ".git").exists():
         return None
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -167,7 +166,9 @@ def staged_directory(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_directory(out: Path, stage: str, settings: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool) -> bool:
+def prepare_directory(
+    out: Path, stage: str, settings: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool
+) -> bool:
     """Whether to (re)build the output directory `out`: False when it is up to date (said
     so); an existing directory from anything else is an error unless `force`."""
     if out.exists() and not force:
@@ -176,7 +177,9 @@ def prepare_directory(out: Path, stage: str, settings: dict[str, Any], inputs: d
 
             info(f"{out} is up to date (use --force to rebuild)")
             return False
-        raise CfiwError(f"{out} already exists and holds something else", "pass --force to replace it or choose another --out")
+        raise CfiwError(
+            f"{out} already exists and holds something else", "pass --force to replace it or choose another --out"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -247,7 +250,9 @@ class StageResult:
     metrics: dict[str, Any]
 
 
-def skip_if_done(path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool) -> StageResult | None:
+def skip_if_done(
+    path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool
+) -> StageResult | None:
     """The result to return when `path` is up to date (and `force` is off), after saying so."""
     if force or not up_to_date(path, stage, config, inputs):
         return None

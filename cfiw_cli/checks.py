@@ -24,8 +24,16 @@ def check_spans_match(rollouts: Any, spans: Any, rollouts_path: str, spans_path:
     hint = f"run `cfiw segment --rollouts {rollouts_path}` again, or pass the rollouts the spans were made from"
     if recorded and recorded != input_record(rollouts_path)["sha256"]:
         raise CfiwError(f"{spans_path} was computed from a different rollouts file than {rollouts_path}", hint)
-    lengths = dict(zip(rollouts.column("rollout_id").to_pylist(), (len(c) for c in rollouts.column("completion_ids").to_pylist())))
-    for rollout_id, start, end in zip(*(spans.column(c).to_pylist() for c in ("rollout_id", "tok_start", "tok_end"))):
+    lengths = dict(
+        zip(
+            rollouts.column("rollout_id").to_pylist(),
+            (len(c) for c in rollouts.column("completion_ids").to_pylist()),
+            strict=True,
+        )
+    )
+    for rollout_id, start, end in zip(
+        *(spans.column(c).to_pylist() for c in ("rollout_id", "tok_start", "tok_end")), strict=True
+    ):
         if rollout_id not in lengths:
             raise CfiwError(f"{spans_path} has spans of rollout {rollout_id!r}, which is not in {rollouts_path}", hint)
         if not 0 <= start < end <= lengths[rollout_id]:

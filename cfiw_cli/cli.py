@@ -7,12 +7,14 @@ answers instantly. Every command body goes through `exits_cleanly`: bad input pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import typer
 
-from cfiw_cli import __version__, options as opt
+from cfiw_cli import __version__
+from cfiw_cli import options as opt
 from cfiw_cli.errors import exits_cleanly
 
 app = typer.Typer(
@@ -46,7 +48,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
 ) -> None:
     pass
@@ -57,7 +59,10 @@ def tiny_model(
     out: Annotated[Path, typer.Option(help="Directory to write the model and tokenizer to.")],
     arch: Annotated[str, typer.Option(help="Architecture: qwen2 or llama.")] = "qwen2",
     dataset: Annotated[
-        Optional[str], typer.Option(help="GSM8K-format file whose text trains the tokenizer (default: generated arithmetic problems).")
+        str | None,
+        typer.Option(
+            help="GSM8K-format file whose text trains the tokenizer (default: generated arithmetic problems)."
+        ),
     ] = None,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size, special tokens included.")] = 1024,
     layers: Annotated[int, typer.Option(min=1, help="Transformer layers.")] = 2,
@@ -77,8 +82,15 @@ def tiny_model(
 
     stage.run(
         stage.TinyModelConfig(
-            out=str(out), arch=arch, dataset=dataset, vocab_size=vocab_size, layers=layers,
-            hidden=hidden, heads=heads, kv_heads=kv_heads, seed=seed,
+            out=str(out),
+            arch=arch,
+            dataset=dataset,
+            vocab_size=vocab_size,
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            seed=seed,
         ),
         force=force,
     )
@@ -88,14 +100,32 @@ def tiny_model(
 def synth(
     out: Annotated[Path, typer.Option(help="Directory to write train.jsonl and test.jsonl to.")],
     n_train: Annotated[int, typer.Option("--n-train", min=1, help="Problems in the train split.")] = 2000,
-    n_test: Annotated[int, typer.Option("--n-test", min=1, help="Problems in the test split (none repeats a train question).")] = 200,
+    n_test: Annotated[
+        int, typer.Option("--n-test", min=1, help="Problems in the test split (none repeats a train question).")
+    ] = 200,
     seed: opt.Seed = 0,
-    max_steps: Annotated[int, typer.Option(min=1, help="Most arithmetic steps per problem (each has 1 to this many).")] = 3,
-    max_number: Annotated[int, typer.Option(min=4, help="Largest number anywhere in a problem, results included.")] = 20,
-    filler_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Chance of a filler sentence before each calculation line.")] = 0.3,
-    distractors: Annotated[int, typer.Option(min=0, help="Sentences per question about someone else's items: numbers the answer does not depend on.")] = 0,
+    max_steps: Annotated[
+        int, typer.Option(min=1, help="Most arithmetic steps per problem (each has 1 to this many).")
+    ] = 3,
+    max_number: Annotated[
+        int, typer.Option(min=4, help="Largest number anywhere in a problem, results included.")
+    ] = 20,
+    filler_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Chance of a filler sentence before each calculation line.")
+    ] = 0.3,
+    distractors: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Sentences per question about someone else's items: numbers the answer does not depend on."
+        ),
+    ] = 0,
     teacher_error_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Also write sft.jsonl, demonstrations by a teacher that adds given-away amounts and distractors with this chance.")
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Also write sft.jsonl, demonstrations by a teacher that adds given-away amounts and distractors with this chance.",
+        ),
     ] = 0.0,
     force: opt.Force = False,
 ) -> None:
@@ -114,8 +144,15 @@ def synth(
 
     stage.run(
         stage.SynthConfig(
-            out=str(out), n_train=n_train, n_test=n_test, seed=seed, max_steps=max_steps,
-            max_number=max_number, filler_rate=filler_rate, distractors=distractors, teacher_error_rate=teacher_error_rate,
+            out=str(out),
+            n_train=n_train,
+            n_test=n_test,
+            seed=seed,
+            max_steps=max_steps,
+            max_number=max_number,
+            filler_rate=filler_rate,
+            distractors=distractors,
+            teacher_error_rate=teacher_error_rate,
         ),
         force=force,
     )
@@ -132,11 +169,15 @@ def sft(
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 500,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-5,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per optimizer step.")] = 16,
-    max_length: Annotated[int, typer.Option(min=1, help="Longest prompt + solution, in tokens (longer ones are cut).")] = 1024,
+    max_length: Annotated[
+        int, typer.Option(min=1, help="Longest prompt + solution, in tokens (longer ones are cut).")
+    ] = 1024,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 0,
     lr_schedule: Annotated[str, typer.Option(help="constant, linear or cosine decay after warm-up.")] = "cosine",
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = 0.0,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass (less memory).")] = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in the backward pass (less memory).")
+    ] = False,
     seed: opt.Seed = 0,
     dtype: opt.Dtype = "auto",
     prompt_template: opt.PromptTemplate = None,
@@ -153,10 +194,24 @@ def sft(
 
     stage.run(
         stage.SftConfig(
-            model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset, steps=steps,
-            lr=lr, batch_size=batch_size, max_length=max_length, warmup_steps=warmup_steps,
-            lr_schedule=lr_schedule, weight_decay=weight_decay, gradient_checkpointing=gradient_checkpointing,
-            seed=seed, dtype=dtype.value, prompt_template=prompt_template, chat_template=chat_template,
+            model=model,
+            dataset=dataset,
+            out=str(out),
+            split=split,
+            limit=limit,
+            offset=offset,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            warmup_steps=warmup_steps,
+            lr_schedule=lr_schedule,
+            weight_decay=weight_decay,
+            gradient_checkpointing=gradient_checkpointing,
+            seed=seed,
+            dtype=dtype.value,
+            prompt_template=prompt_template,
+            chat_template=chat_template,
         ),
         force=force,
     )
@@ -195,16 +250,31 @@ def rollout(
 
     stage.run(
         stage.RolloutConfig(
-            model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset,
-            group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            batch_size=batch_size, seed=seed, iteration=iteration, dtype=dtype.value,
-            prompt_template=prompt_template, chat_template=chat_template,
+            model=model,
+            dataset=dataset,
+            out=str(out),
+            split=split,
+            limit=limit,
+            offset=offset,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            seed=seed,
+            iteration=iteration,
+            dtype=dtype.value,
+            prompt_template=prompt_template,
+            chat_template=chat_template,
         ),
         force=force,
     )
 
 
-@command("eval", "cfiw eval --model runs/x/policy --dataset gsm8k --split test --limit 200 --out runs/x/eval/iter-0000.parquet")
+@command(
+    "eval",
+    "cfiw eval --model runs/x/policy --dataset gsm8k --split test --limit 200 --out runs/x/eval/iter-0000.parquet",
+)
 def evaluate(
     model: opt.Model,
     dataset: opt.Dataset,
@@ -212,8 +282,12 @@ def evaluate(
     split: opt.Split = "test",
     limit: opt.Limit = None,
     offset: opt.Offset = 0,
-    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="Samples per question (k > 1 adds pass@k and maj@k).")] = 1,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy; use e.g. 0.6 with --samples).")] = 0.0,
+    samples: Annotated[
+        int, typer.Option("--samples", "-k", min=1, help="Samples per question (k > 1 adds pass@k and maj@k).")
+    ] = 1,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy; use e.g. 0.6 with --samples).")
+    ] = 0.0,
     top_p: opt.TopP = 1.0,
     max_new_tokens: opt.MaxNewTokens = 512,
     batch_size: opt.BatchSize = 64,
@@ -228,9 +302,20 @@ def evaluate(
 
     result = stage.run(
         stage.EvalConfig(
-            model=model, dataset=dataset, out=str(out), split=split, limit=limit, offset=offset,
-            samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, seed=seed, dtype=dtype.value, prompt_template=prompt_template,
+            model=model,
+            dataset=dataset,
+            out=str(out),
+            split=split,
+            limit=limit,
+            offset=offset,
+            samples=samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            dtype=dtype.value,
+            prompt_template=prompt_template,
             chat_template=chat_template,
         ),
         force=force,
@@ -239,10 +324,15 @@ def evaluate(
         typer.echo(stage.summary_line(result.metrics))
 
 
-@command("segment", "cfiw segment --rollouts runs/x/iter-0000/rollouts.parquet --model runs/tiny-model --out runs/x/iter-0000/spans.parquet")
+@command(
+    "segment",
+    "cfiw segment --rollouts runs/x/iter-0000/rollouts.parquet --model runs/tiny-model --out runs/x/iter-0000/spans.parquet",
+)
 def segment(
     rollouts: opt.Rollouts,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model (hub id or directory) whose tokenizer produced the rollouts.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model (hub id or directory) whose tokenizer produced the rollouts.")
+    ],
     out: Annotated[Path, typer.Option(help="spans.parquet to write.")],
     max_spans: Annotated[int, typer.Option(help="Most reasoning spans kept per rollout (calculations first).")] = 10,
     min_tokens: Annotated[int, typer.Option(help="Sentences shorter than this are merged into a neighbour.")] = 5,
@@ -259,7 +349,14 @@ def segment(
     from cfiw_cli.pipeline import segment as stage
 
     stage.run(
-        stage.SegmentConfig(rollouts=str(rollouts), model=model, out=str(out), max_spans=max_spans, min_tokens=min_tokens, max_tokens=max_tokens),
+        stage.SegmentConfig(
+            rollouts=str(rollouts),
+            model=model,
+            out=str(out),
+            max_spans=max_spans,
+            min_tokens=min_tokens,
+            max_tokens=max_tokens,
+        ),
         force=force,
     )
 
@@ -273,8 +370,14 @@ def score(
     rollouts: opt.Rollouts,
     spans: opt.Spans,
     out: Annotated[Path, typer.Option(help="scores.parquet to write.")],
-    mask: Annotated[opt.MaskChoice, typer.Option(help="pad (span -> pad tokens), delete (span removed), knockout (span hidden from later tokens).")] = "pad",
-    target: Annotated[opt.TargetChoice, typer.Option(help="own: the rollout's own answer tokens; gold: the gold answer in their place.")] = "own",
+    mask: Annotated[
+        opt.MaskChoice,
+        typer.Option(help="pad (span -> pad tokens), delete (span removed), knockout (span hidden from later tokens)."),
+    ] = "pad",
+    target: Annotated[
+        opt.TargetChoice,
+        typer.Option(help="own: the rollout's own answer tokens; gold: the gold answer in their place."),
+    ] = "own",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward call (memory bound).")] = 8192,
     dtype: opt.Dtype = "auto",
     force: opt.Force = False,
@@ -290,8 +393,14 @@ def score(
 
     stage.run(
         stage.ScoreConfig(
-            model=model, rollouts=str(rollouts), spans=str(spans), out=str(out), mask=mask.value, target=target.value,
-            batch_tokens=batch_tokens, dtype=dtype.value,
+            model=model,
+            rollouts=str(rollouts),
+            spans=str(spans),
+            out=str(out),
+            mask=mask.value,
+            target=target.value,
+            batch_tokens=batch_tokens,
+            dtype=dtype.value,
         ),
         force=force,
     )
@@ -304,46 +413,99 @@ def score(
 def train(
     model: opt.Model,
     rollouts: opt.Rollouts,
-    out: Annotated[Path, typer.Option(help="Checkpoint directory to write (may be --model itself; replaced atomically).")],
-    spans: Annotated[Optional[Path], typer.Option("--spans", "-s", help="spans.parquet (needed unless --weighting uniform).")] = None,
-    scores: Annotated[Optional[Path], typer.Option(help="scores.parquet (needed unless --weighting uniform).")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Checkpoint directory to write (may be --model itself; replaced atomically).")
+    ],
+    spans: Annotated[
+        Path | None, typer.Option("--spans", "-s", help="spans.parquet (needed unless --weighting uniform).")
+    ] = None,
+    scores: Annotated[Path | None, typer.Option(help="scores.parquet (needed unless --weighting uniform).")] = None,
     weighting: Annotated[
-        opt.WeightingChoice, typer.Option(help="cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) or random (i.i.d. U(0,1) importance).")
+        opt.WeightingChoice,
+        typer.Option(
+            help="cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) or random (i.i.d. U(0,1) importance)."
+        ),
     ] = "cfiw",
     profile: Annotated[
-        opt.ProfileChoice, typer.Option(help="cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion).")
+        opt.ProfileChoice,
+        typer.Option(
+            help="cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: formatting tokens x0.1, inversion over the whole completion)."
+        ),
     ] = "cfiw",
-    metrics_out: Annotated[Optional[Path], typer.Option(help="train_metrics.parquet (default: inside --out).")] = None,
-    weights_out: Annotated[Optional[Path], typer.Option(help="weights.parquet (default: inside --out).")] = None,
+    metrics_out: Annotated[Path | None, typer.Option(help="train_metrics.parquet (default: inside --out).")] = None,
+    weights_out: Annotated[Path | None, typer.Option(help="weights.parquet (default: inside --out).")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
     lr_schedule: Annotated[str, typer.Option(help="constant or cosine (over --total-steps).")] = "constant",
-    total_steps: Annotated[Optional[int], typer.Option(help="Horizon of the cosine schedule (default: the steps of this call).")] = None,
+    total_steps: Annotated[
+        int | None, typer.Option(help="Horizon of the cosine schedule (default: the steps of this call).")
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     epochs: Annotated[int, typer.Option(help="Passes over the batch.")] = 1,
     minibatches: Annotated[int, typer.Option(help="Optimizer steps per pass.")] = 1,
-    micro_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward/backward (gradient accumulation).")] = 8192,
+    micro_batch_tokens: Annotated[
+        int, typer.Option(help="Padded tokens per forward/backward (gradient accumulation).")
+    ] = 8192,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
-    scale_rewards: Annotated[opt.RewardScalingChoice, typer.Option(help="Advantage scaling: group, batch or none.")] = "group",
-    dynamic_sampling: Annotated[bool, typer.Option("--dynamic-sampling/--no-dynamic-sampling", help="Drop groups whose rewards are all equal.")] = True,
-    mask_truncated: Annotated[bool, typer.Option("--mask-truncated/--no-mask-truncated", help="Leave completions that hit the length limit out of the loss.")] = True,
-    loss_type: Annotated[opt.LossTypeChoice, typer.Option(help="dapo (token mean over the batch), grpo (sequence mean) or dr_grpo.")] = "dapo",
+    scale_rewards: Annotated[
+        opt.RewardScalingChoice, typer.Option(help="Advantage scaling: group, batch or none.")
+    ] = "group",
+    dynamic_sampling: Annotated[
+        bool, typer.Option("--dynamic-sampling/--no-dynamic-sampling", help="Drop groups whose rewards are all equal.")
+    ] = True,
+    mask_truncated: Annotated[
+        bool,
+        typer.Option(
+            "--mask-truncated/--no-mask-truncated", help="Leave completions that hit the length limit out of the loss."
+        ),
+    ] = True,
+    loss_type: Annotated[
+        opt.LossTypeChoice, typer.Option(help="dapo (token mean over the batch), grpo (sequence mean) or dr_grpo.")
+    ] = "dapo",
     eps_low: Annotated[float, typer.Option(help="Lower clip range of the ratio.")] = 0.2,
     eps_high: Annotated[float, typer.Option(help="Upper clip range of the ratio.")] = 0.28,
-    beta: Annotated[float, typer.Option(help="KL coefficient (k3, to --reference); the reference is loaded only when > 0.")] = 0.0,
-    reference: Annotated[Optional[str], typer.Option(help="Reference model for the KL term (default: --model).")] = None,
+    beta: Annotated[
+        float, typer.Option(help="KL coefficient (k3, to --reference); the reference is loaded only when > 0.")
+    ] = 0.0,
+    reference: Annotated[str | None, typer.Option(help="Reference model for the KL term (default: --model).")] = None,
     floor: Annotated[float, typer.Option(help="Importance floor added to every reasoning token.")] = 0.2,
-    boost: Annotated[float, typer.Option(help="Weight of the most important reasoning token (before --conserve).")] = 2.0,
-    min_weight: Annotated[float, typer.Option(help="Weight of the least important reasoning token (before --conserve).")] = 0.5,
+    boost: Annotated[
+        float, typer.Option(help="Weight of the most important reasoning token (before --conserve).")
+    ] = 2.0,
+    min_weight: Annotated[
+        float, typer.Option(help="Weight of the least important reasoning token (before --conserve).")
+    ] = 0.5,
     answer_weight: Annotated[float, typer.Option(help="Weight of answer tokens (before --conserve).")] = 1.5,
-    conserve: Annotated[bool, typer.Option("--conserve/--no-conserve", help="Rescale each rollout's weights to mean 1 (EOS left out, kept at 1).")] = True,
-    min_spread: Annotated[float, typer.Option(help="Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets Î = 0.5.")] = 1e-3,
+    conserve: Annotated[
+        bool,
+        typer.Option(
+            "--conserve/--no-conserve", help="Rescale each rollout's weights to mean 1 (EOS left out, kept at 1)."
+        ),
+    ] = True,
+    min_spread: Annotated[
+        float,
+        typer.Option(
+            help="Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets Î = 0.5."
+        ),
+    ] = 1e-3,
     temperature: Annotated[
-        Optional[float],
-        typer.Option(help="Temperature T of the log-probs, softmax(logits / T) (default: the rollouts' own, from their manifest or a temperature column; top-p is not applied).")
+        float | None,
+        typer.Option(
+            help="Temperature T of the log-probs, softmax(logits / T) (default: the rollouts' own, from their manifest or a temperature column; top-p is not applied)."
+        ),
     ] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="dr_grpo normalizer (default: the rollouts' own --max-new-tokens; required for files that do not record it).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for activation memory.")] = False,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="dr_grpo normalizer (default: the rollouts' own --max-new-tokens; required for files that do not record it)."
+        ),
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for activation memory."
+        ),
+    ] = False,
     seed: opt.Seed = 0,
     force: opt.Force = False,
 ) -> None:
@@ -362,15 +524,42 @@ def train(
 
     stage.run(
         stage.TrainConfig(
-            model=model, rollouts=str(rollouts), out=str(out), spans=str(spans) if spans else None,
-            scores=str(scores) if scores else None, weighting=weighting.value, profile=profile.value,
-            metrics_out=str(metrics_out) if metrics_out else None, weights_out=str(weights_out) if weights_out else None,
-            lr=lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, total_steps=total_steps, weight_decay=weight_decay,
-            epochs=epochs, minibatches=minibatches, micro_batch_tokens=micro_batch_tokens, grad_clip=grad_clip,
-            scale_rewards=scale_rewards.value, dynamic_sampling=dynamic_sampling, mask_truncated=mask_truncated,
-            loss_type=loss_type.value, eps_low=eps_low, eps_high=eps_high, beta=beta, reference=reference, floor=floor,
-            boost=boost, min_weight=min_weight, answer_weight=answer_weight, conserve=conserve, min_spread=min_spread,
-            temperature=temperature, max_new_tokens=max_new_tokens, gradient_checkpointing=gradient_checkpointing, seed=seed,
+            model=model,
+            rollouts=str(rollouts),
+            out=str(out),
+            spans=str(spans) if spans else None,
+            scores=str(scores) if scores else None,
+            weighting=weighting.value,
+            profile=profile.value,
+            metrics_out=str(metrics_out) if metrics_out else None,
+            weights_out=str(weights_out) if weights_out else None,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            lr_schedule=lr_schedule,
+            total_steps=total_steps,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            minibatches=minibatches,
+            micro_batch_tokens=micro_batch_tokens,
+            grad_clip=grad_clip,
+            scale_rewards=scale_rewards.value,
+            dynamic_sampling=dynamic_sampling,
+            mask_truncated=mask_truncated,
+            loss_type=loss_type.value,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            beta=beta,
+            reference=reference,
+            floor=floor,
+            boost=boost,
+            min_weight=min_weight,
+            answer_weight=answer_weight,
+            conserve=conserve,
+            min_spread=min_spread,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            gradient_checkpointing=gradient_checkpointing,
+            seed=seed,
         ),
         force=force,
     )
@@ -393,10 +582,14 @@ def analyze(
     typer.echo(f"report written to {out / 'report.html'} and {out / 'report.md'}")
 
 
-@command("sql", 'cfiw sql runs/x "select kind, avg(delta) from spans join scores using (rollout_id, span_idx) group by kind"')
+@command(
+    "sql", 'cfiw sql runs/x "select kind, avg(delta) from spans join scores using (rollout_id, span_idx) group by kind"'
+)
 def sql(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/NAME).")],
-    query: Annotated[str, typer.Argument(help="SQL over the views rollouts, spans, scores, weights, train_metrics, eval, manifests.")],
+    query: Annotated[
+        str, typer.Argument(help="SQL over the views rollouts, spans, scores, weights, train_metrics, eval, manifests.")
+    ],
     format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Query every artifact of a run with DuckDB.
@@ -413,18 +606,29 @@ def sql(
 @command("loop", "cfiw loop --preset tiny --run runs/tiny-cfiw --iterations 3 --weighting cfiw")
 def loop(
     run: Annotated[Path, typer.Option(help="Run directory to write (runs/NAME); an interrupted run resumes.")],
-    preset: Annotated[Optional[str], typer.Option(help="A preset in pipelines/: tiny, qwen, qwen-0.5b, llama.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="A TOML file laid out like the presets (instead of --preset).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="Override the number of iterations.")] = None,
-    weighting: Annotated[Optional[opt.WeightingChoice], typer.Option(help="Override the weighting.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate before every k-th iteration (and after the last).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override the seed.")] = None,
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", help="Override any preset value, SECTION.KEY=VALUE (TOML value), e.g. --set train.lr=1e-3; repeatable."),
+    preset: Annotated[str | None, typer.Option(help="A preset in pipelines/: tiny, qwen, qwen-0.5b, llama.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A TOML file laid out like the presets (instead of --preset).")
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the equivalent cfiw commands instead of running.")] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(help="Override the number of iterations.")] = None,
+    weighting: Annotated[opt.WeightingChoice | None, typer.Option(help="Override the weighting.")] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate before every k-th iteration (and after the last).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override any preset value, SECTION.KEY=VALUE (TOML value), e.g. --set train.lr=1e-3; repeatable.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the equivalent cfiw commands instead of running.")
+    ] = False,
 ) -> None:
     """Run the research loop: rollout -> segment -> score -> train, with evaluations.
 
@@ -439,7 +643,11 @@ def loop(
         settings,
         {
             **stage.parse_assignments(set_ or []),
-            "model.id": model, "loop.iterations": iterations, "loop.weighting": weighting.value if weighting else None, "loop.eval_every": eval_every, "loop.seed": seed,
+            "model.id": model,
+            "loop.iterations": iterations,
+            "loop.weighting": weighting.value if weighting else None,
+            "loop.eval_every": eval_every,
+            "loop.seed": seed,
         },
     )
     commands = stage.run(settings, str(run), dry_run=dry_run)
@@ -449,14 +657,31 @@ def loop(
 
 @command("replay", "cfiw replay runs/tiny-cfiw --iterations 0-11 --modes uniform,cfiw,inverted")
 def replay(
-    run: Annotated[Path, typer.Argument(help="Run directory written by cfiw loop with kept policies (loop.keep_policies).")],
-    iterations: Annotated[Optional[str], typer.Option(help="Iterations to replay, e.g. 0-11 or 0,4,8 (default: every kept one).")] = None,
-    modes: Annotated[str, typer.Option(help="Weighting modes to apply, comma-separated.")] = "uniform,cfiw,inverted,shuffled,random",
-    optimizer: Annotated[str, typer.Option(help="kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new AdamW and schedule.")] = "kept",
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the minibatch order (default: the loop's).")] = None,
-    probe_questions: Annotated[Optional[int], typer.Option(min=1, help="Probe questions (default: the loop's probe).")] = None,
-    probe_samples: Annotated[Optional[int], typer.Option(min=1, help="Samples per probe question (default: the loop's probe).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="replay.parquet to write (default: RUN/replay/replay.parquet).")] = None,
+    run: Annotated[
+        Path, typer.Argument(help="Run directory written by cfiw loop with kept policies (loop.keep_policies).")
+    ],
+    iterations: Annotated[
+        str | None, typer.Option(help="Iterations to replay, e.g. 0-11 or 0,4,8 (default: every kept one).")
+    ] = None,
+    modes: Annotated[
+        str, typer.Option(help="Weighting modes to apply, comma-separated.")
+    ] = "uniform,cfiw,inverted,shuffled,random",
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            help="kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new AdamW and schedule."
+        ),
+    ] = "kept",
+    seed: Annotated[int | None, typer.Option(help="Seed of the minibatch order (default: the loop's).")] = None,
+    probe_questions: Annotated[
+        int | None, typer.Option(min=1, help="Probe questions (default: the loop's probe).")
+    ] = None,
+    probe_samples: Annotated[
+        int | None, typer.Option(min=1, help="Samples per probe question (default: the loop's probe).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="replay.parquet to write (default: RUN/replay/replay.parquet).")
+    ] = None,
 ) -> None:
     """Replay each kept iteration's update in every weighting mode, from the same policy on the same rollouts.
 
@@ -468,17 +693,28 @@ def replay(
     """
     from cfiw_cli.pipeline import replay as stage
 
-    stage.run(stage.ReplayConfig(
-        run=str(run), iterations=iterations, modes=modes, optimizer=optimizer, seed=seed,
-        probe_questions=probe_questions, probe_samples=probe_samples, out=str(out) if out else None,
-    ))
+    stage.run(
+        stage.ReplayConfig(
+            run=str(run),
+            iterations=iterations,
+            modes=modes,
+            optimizer=optimizer,
+            seed=seed,
+            probe_questions=probe_questions,
+            probe_samples=probe_samples,
+            out=str(out) if out else None,
+        )
+    )
 
 
 @command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")
 def validate(
     path: Annotated[Path, typer.Argument(help="Parquet artifact to check.")],
     kind: Annotated[
-        Optional[str], typer.Option(help="rollouts, spans, scores, weights, train_metrics or eval (default: from the manifest or file name).")
+        str | None,
+        typer.Option(
+            help="rollouts, spans, scores, weights, train_metrics or eval (default: from the manifest or file name)."
+        ),
     ] = None,
     manifest: Annotated[bool, typer.Option("--manifest", help="Also print the manifest as JSON.")] = False,
 ) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -68,11 +69,11 @@ def exits_cleanly(func: F) -> F:
             raise
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps all errors
             if debug_enabled():
                 raise
             print_error(exc)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -11,8 +11,9 @@ Greedy decoding (temperature 0) records the log-probabilities at temperature 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,16 @@ def generate(
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         for start in range(0, len(prompt_ids), batch_size):
-            batch = _complete_batch(model, tokenizer, prompt_ids[start : start + batch_size], config, set(stop_ids), temperature, top_p, seed + start)
+            batch = _complete_batch(
+                model,
+                tokenizer,
+                prompt_ids[start : start + batch_size],
+                config,
+                set(stop_ids),
+                temperature,
+                top_p,
+                seed + start,
+            )
             results.extend(batch)
             if on_batch:
                 on_batch(len(batch), sum(len(c.ids) for c in batch))
@@ -137,7 +147,7 @@ def _complete_batch(model, tokenizer, batch, config, stop_ids, temperature, top_
     new_tokens = sequences[:, width:]  # [B, N]
     processor.record(new_tokens[:, -1])
     logprobs = torch.stack(processor.chosen_logprobs, dim=1)  # [B, N]
-    return [cut_at_stop(ids, lps, stop_ids) for ids, lps in zip(new_tokens.tolist(), logprobs.tolist())]
+    return [cut_at_stop(ids, lps, stop_ids) for ids, lps in zip(new_tokens.tolist(), logprobs.tolist(), strict=True)]
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,7 @@ def sample_questions(
             on_batch=on_batch,
         )
     out = []
-    for (i, s), completion in zip(jobs, completions):
+    for (i, s), completion in zip(jobs, completions, strict=True):
         body = completion.ids[:-1] if completion.finish_reason == "stop" else completion.ids
         text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         out.append(QuestionSample(rows[i], s, prompts[i], list(encoded[i]), completion, text))

@@ -24,7 +24,8 @@ first minibatch is exactly 1.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 LOGIT_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32 (441 tokens at V = 151,936)
 
@@ -82,7 +83,9 @@ def completion_logprobs(
     device = next(model.parameters()).device
     width = max(len(tokens) for tokens, _ in sequences)
     longest = max(len(tokens) - prompt for tokens, prompt in sequences)
-    ids = torch.tensor([[pad_id] * (width - len(t)) + list(t) for t, _ in sequences], device=device)  # [B, W] left-padded
+    ids = torch.tensor(
+        [[pad_id] * (width - len(t)) + list(t) for t, _ in sequences], device=device
+    )  # [B, W] left-padded
     attention = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t, _ in sequences], device=device)  # [B, W]
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # [B, W]
     with _captured_hidden(model) as captured, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -101,7 +104,13 @@ def completion_logprobs(
     pieces = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for start in range(0, flat_targets.numel(), chunk):
-            args = (lm_head, flat_hidden[start : start + chunk], flat_targets[start : start + chunk], temperature, want_entropy)
+            args = (
+                lm_head,
+                flat_hidden[start : start + chunk],
+                flat_targets[start : start + chunk],
+                temperature,
+                want_entropy,
+            )
             if torch.is_grad_enabled() and flat_targets.numel() > chunk:
                 pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
             else:

@@ -16,11 +16,15 @@ def check_model_ref(ref: str) -> None:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise CfiwError(f"{ref} holds no model (no config.json)", "pass a directory written by save_pretrained or a hub id")
+            raise CfiwError(
+                f"{ref} holds no model (no config.json)", "pass a directory written by save_pretrained or a hub id"
+            )
         return
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(os.sep)
     if looks_local:
-        raise CfiwError(f"model path does not exist: {ref}", "build one with `cfiw tiny-model --out DIR` or pass a hub id")
+        raise CfiwError(
+            f"model path does not exist: {ref}", "build one with `cfiw tiny-model --out DIR` or pass a hub id"
+        )
 
 
 def device() -> Any:
@@ -51,7 +55,9 @@ def resolve_dtype(name: str, dev: Any) -> Any:
 
 def _hub_error(ref: str, exc: Exception) -> CfiwError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CfiwError(f"could not load {ref!r}: {first}", "check the hub id and network access, or pass a local model directory")
+    return CfiwError(
+        f"could not load {ref!r}: {first}", "check the hub id and network access, or pass a local model directory"
+    )
 
 
 def load_tokenizer(ref: str) -> Any:

@@ -61,8 +61,8 @@ def keep_command(config: KeepConfig) -> str:
     tmp, shared = shlex.quote(config.out + ".tmp"), shlex.quote(str(Path(config.out).parent))
     patterns = "|".join(PER_ITERATION)
     return (
-        f"test -d {out} || (set -e; rm -rf {tmp}; mkdir -p {tmp}; for f in {source}/*; do case \"${{f##*/}}\" in "
-        f"{patterns}) cp \"$f\" {tmp}/ ;; *) if test -f \"$f\" && ! test -e {shared}/\"${{f##*/}}\"; then cp \"$f\" {shared}/; fi ;; esac; done; mv {tmp} {out})"
+        f'test -d {out} || (set -e; rm -rf {tmp}; mkdir -p {tmp}; for f in {source}/*; do case "${{f##*/}}" in '
+        f'{patterns}) cp "$f" {tmp}/ ;; *) if test -f "$f" && ! test -e {shared}/"${{f##*/}}"; then cp "$f" {shared}/; fi ;; esac; done; mv {tmp} {out})'
     )
 
 
@@ -87,7 +87,10 @@ def policy_at(run: Path, iteration: int, base: str, optimizer: bool, work: Path,
     else:
         kept = run / "policies" / f"iter-{iteration:04d}"
         if not kept.is_dir():
-            raise CfiwError(f"{run} kept no policy for iteration {iteration}", f"kept iterations: {', '.join(map(str, kept_iterations(run)))}")
+            raise CfiwError(
+                f"{run} kept no policy for iteration {iteration}",
+                f"kept iterations: {', '.join(map(str, kept_iterations(run)))}",
+            )
         shared_dir = kept.parent
         files = [p for p in kept.iterdir() if p.is_file()]
         files += [p for p in shared_dir.iterdir() if p.is_file() and not _per_iteration(p)]

@@ -30,7 +30,7 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
     return (mean, statistics.stdev(values, mean) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-@functools.lru_cache(maxsize=None)  # a report asks for the same few degrees of freedom many times
+@functools.cache  # a report asks for the same few degrees of freedom many times
 def t_quantile(probability: float, df: int) -> float:
     """Quantile of Student's t with `df` degrees of freedom (probability > 0.5), by bisection
     on its distribution function, which is integrated with Simpson's rule (error < 1e-6)."""

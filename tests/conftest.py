@@ -68,7 +68,9 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-def write_rollouts(path: Path, tokenizer, completions: list[str], golds: list[str] | None = None, iteration: int = 0) -> Path:
+def write_rollouts(
+    path: Path, tokenizer, completions: list[str], golds: list[str] | None = None, iteration: int = 0
+) -> Path:
     """A rollouts file as another tool might write it: completions given as text."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -84,12 +86,20 @@ def write_rollouts(path: Path, tokenizer, completions: list[str], golds: list[st
         completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(
             {
-                "rollout_id": f"{iteration}:q-{index // 2}:{index % 2}", "iteration": iteration,
-                "prompt_id": f"q-{index // 2}", "sample_idx": index % 2, "question": question, "gold": gold,
-                "prompt_text": prompt, "completion_text": text,
+                "rollout_id": f"{iteration}:q-{index // 2}:{index % 2}",
+                "iteration": iteration,
+                "prompt_id": f"q-{index // 2}",
+                "sample_idx": index % 2,
+                "question": question,
+                "gold": gold,
+                "prompt_text": prompt,
+                "completion_text": text,
                 "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                "completion_ids": completion_ids, "completion_logprobs": [0.0] * len(completion_ids),
-                "finish_reason": "stop", "pred": extract_answer(text), "reward": reward(text, gold),
+                "completion_ids": completion_ids,
+                "completion_logprobs": [0.0] * len(completion_ids),
+                "finish_reason": "stop",
+                "pred": extract_answer(text),
+                "reward": reward(text, gold),
                 "correct": reward(text, gold) == 1.0,
             }
         )
@@ -129,13 +139,43 @@ def sharpening_task(tmp_path_factory, cli) -> tuple[Path, Path]:
     for _ in range(400):
         total = rng.randint(2, 8)
         first = rng.randint(1, total - 1)
-        solutions.append({"question": SHARPENING_QUESTION, "answer": f"{first} + {total - first} = {total}.\n#### {total}"})
+        solutions.append(
+            {"question": SHARPENING_QUESTION, "answer": f"{first} + {total - first} = {total}.\n#### {total}"}
+        )
     write_jsonl(root / "warm" / "train.jsonl", solutions)
     for split in ("train", "test"):
-        write_jsonl(root / "task" / f"{split}.jsonl", [{"question": SHARPENING_QUESTION, "answer": "1 + 2 = 3.\n#### 3"}] * 400)
+        write_jsonl(
+            root / "task" / f"{split}.jsonl", [{"question": SHARPENING_QUESTION, "answer": "1 + 2 = 3.\n#### 3"}] * 400
+        )
     base, policy = root / "base", root / "policy"
-    result = cli("tiny-model", "--out", base, "--dataset", root / "warm" / "train.jsonl", "--layers", "2", "--hidden", "64", "--vocab-size", "300")
+    result = cli(
+        "tiny-model",
+        "--out",
+        base,
+        "--dataset",
+        root / "warm" / "train.jsonl",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--vocab-size",
+        "300",
+    )
     assert result.exit_code == 0, result.stderr
-    result = cli("sft", "--model", base, "--dataset", root / "warm", "--out", policy, "--steps", "150", "--lr", "3e-3", "--batch-size", "16")
+    result = cli(
+        "sft",
+        "--model",
+        base,
+        "--dataset",
+        root / "warm",
+        "--out",
+        policy,
+        "--steps",
+        "150",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+    )
     assert result.exit_code == 0, result.stderr
     return policy, root / "task"

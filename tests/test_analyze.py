@@ -4,10 +4,10 @@ import json
 
 import pyarrow as pa
 import pytest
+from test_errors import assert_clean_error
 
 from cfiw_cli.artifacts import build_manifest, write_table
 from cfiw_cli.report.analyze import run as analyze
-from test_errors import assert_clean_error
 
 
 def write(path, columns, stage="x"):
@@ -20,23 +20,68 @@ def make_run(root, mode, accuracies, deltas):
     (root).mkdir(parents=True)
     (root / "config.toml").write_text(f'[loop]\nweighting = "{mode}"\n')
     for iteration, correct in enumerate(accuracies):
-        write(root / "eval" / f"iter-{iteration:04d}.parquet", {"prompt_id": [f"p{i}" for i in range(len(correct))], "correct": correct})
+        write(
+            root / "eval" / f"iter-{iteration:04d}.parquet",
+            {"prompt_id": [f"p{i}" for i in range(len(correct))], "correct": correct},
+        )
     d = root / "iter-0000"
-    write(d / "rollouts.parquet", {"rollout_id": ["0:p:0", "0:p:1"], "iteration": pa.array([0, 0], pa.int32()), "reward": pa.array([1.0, 0.0], pa.float32()), "completion_ids": [[1, 2, 3, 4], [5, 6, 7, 8]]})
-    write(d / "spans.parquet", {"rollout_id": ["0:p:0"] * 3, "span_idx": pa.array([0, 1, 2], pa.int32()), "kind": ["calculation", "scaffolding", "answer"], "tok_start": pa.array([0, 1, 2], pa.int32()), "tok_end": pa.array([1, 2, 4], pa.int32())})
-    write(d / "scores.parquet", {"rollout_id": ["0:p:0"] * 2, "span_idx": pa.array([0, 1], pa.int32()), "delta": pa.array(deltas, pa.float32())})
-    write(d / "weights.parquet", {"rollout_id": ["0:p:0", "0:p:1"], "weighting": [mode] * 2, "token_weights": [[2.0, 1.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]], "advantage": pa.array([1.0, -1.0], pa.float32()), "kept": [True, True]})
+    write(
+        d / "rollouts.parquet",
+        {
+            "rollout_id": ["0:p:0", "0:p:1"],
+            "iteration": pa.array([0, 0], pa.int32()),
+            "reward": pa.array([1.0, 0.0], pa.float32()),
+            "completion_ids": [[1, 2, 3, 4], [5, 6, 7, 8]],
+        },
+    )
+    write(
+        d / "spans.parquet",
+        {
+            "rollout_id": ["0:p:0"] * 3,
+            "span_idx": pa.array([0, 1, 2], pa.int32()),
+            "kind": ["calculation", "scaffolding", "answer"],
+            "tok_start": pa.array([0, 1, 2], pa.int32()),
+            "tok_end": pa.array([1, 2, 4], pa.int32()),
+        },
+    )
+    write(
+        d / "scores.parquet",
+        {
+            "rollout_id": ["0:p:0"] * 2,
+            "span_idx": pa.array([0, 1], pa.int32()),
+            "delta": pa.array(deltas, pa.float32()),
+        },
+    )
+    write(
+        d / "weights.parquet",
+        {
+            "rollout_id": ["0:p:0", "0:p:1"],
+            "weighting": [mode] * 2,
+            "token_weights": [[2.0, 1.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]],
+            "advantage": pa.array([1.0, -1.0], pa.float32()),
+            "kept": [True, True],
+        },
+    )
     return root
 
 
 def test_tables_by_hand(tmp_path):
-    uniform = make_run(tmp_path / "u", "uniform", [[True, False, False, False], [True, True, False, False]], [1.0, -1.0])
-    cfiw = make_run(tmp_path / "c", "cfiw", [[True, False, False, False], [True, True, True, False], [True, True, True, True]], [3.0, 1.0])
+    uniform = make_run(
+        tmp_path / "u", "uniform", [[True, False, False, False], [True, True, False, False]], [1.0, -1.0]
+    )
+    cfiw = make_run(
+        tmp_path / "c",
+        "cfiw",
+        [[True, False, False, False], [True, True, True, False], [True, True, True, True]],
+        [3.0, 1.0],
+    )
     tables = analyze([str(uniform), str(cfiw)], str(tmp_path / "report"))
     accuracy = {(r["run"], r["iteration"]): r for r in tables["accuracy"]}
     assert accuracy[("u", 1)]["accuracy"] == 0.5 and accuracy[("c", 2)]["accuracy"] == 1.0
     # Wilson 95% for 2 of 4: (0.1500, 0.8500)
-    assert accuracy[("u", 1)]["ci_low"] == pytest.approx(0.1500, abs=1e-4) and accuracy[("u", 1)]["ci_high"] == pytest.approx(0.8500, abs=1e-4)
+    assert accuracy[("u", 1)]["ci_low"] == pytest.approx(0.1500, abs=1e-4) and accuracy[("u", 1)][
+        "ci_high"
+    ] == pytest.approx(0.8500, abs=1e-4)
     assert accuracy[("c", 2)]["ci_high"] == 1.0 and accuracy[("c", 0)]["mode"] == "cfiw"
     reach = {r["run"]: r for r in tables["iterations_to_uniform"]}
     assert reach["u"]["uniform_final_accuracy"] == 0.5
@@ -63,10 +108,39 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
 
     run = tmp_path / "run"
     cfiw = str(Path(sys.executable).parent / "cfiw")
-    done = subprocess.run([cfiw, "loop", "--preset", "tiny", "--run", str(run), "--model", str(tiny_model), "--iterations", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    done = subprocess.run(
+        [
+            cfiw,
+            "loop",
+            "--preset",
+            "tiny",
+            "--run",
+            str(run),
+            "--model",
+            str(tiny_model),
+            "--iterations",
+            "1",
+            "--set",
+            "loop.questions=8",
+            "--set",
+            "rollout.group_size=4",
+            "--set",
+            "loop.eval_limit=16",
+            "--set",
+            "loop.probe_questions=4",
+            "--set",
+            "loop.probe_samples=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = tmp_path / "report"
-    done = subprocess.run([cfiw, "analyze", str(run), "--out", str(report)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [cfiw, "analyze", str(run), "--out", str(report)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("accuracy.png", "probe.png", "delta_by_kind.png", "weight_by_kind.png"):
         from PIL import Image
@@ -99,22 +173,47 @@ def labelled_run(root, span_texts, deltas):
     (root / "config.toml").write_text('[loop]\nweighting = "cfiw"\n')
     d = root / "iter-0000"
     n = len(span_texts)
-    write(d / "rollouts.parquet", {"rollout_id": ["0:p:0"], "iteration": pa.array([0], pa.int32()), "reward": pa.array([1.0], pa.float32()), "labels": [reference]})
-    write(d / "spans.parquet", {"rollout_id": ["0:p:0"] * n, "span_idx": pa.array(range(n), pa.int32()), "kind": ["numeric"] * n, "text": span_texts})
-    write(d / "scores.parquet", {"rollout_id": ["0:p:0"] * n, "span_idx": pa.array(range(n), pa.int32()), "delta": pa.array(deltas, pa.float32())})
+    write(
+        d / "rollouts.parquet",
+        {
+            "rollout_id": ["0:p:0"],
+            "iteration": pa.array([0], pa.int32()),
+            "reward": pa.array([1.0], pa.float32()),
+            "labels": [reference],
+        },
+    )
+    write(
+        d / "spans.parquet",
+        {
+            "rollout_id": ["0:p:0"] * n,
+            "span_idx": pa.array(range(n), pa.int32()),
+            "kind": ["numeric"] * n,
+            "text": span_texts,
+        },
+    )
+    write(
+        d / "scores.parquet",
+        {
+            "rollout_id": ["0:p:0"] * n,
+            "span_idx": pa.array(range(n), pa.int32()),
+            "delta": pa.array(deltas, pa.float32()),
+        },
+    )
     return root
 
 
 def test_ground_truth_labels_and_auroc_by_hand(tmp_path):
     texts = [
-        "7 + 5 = <<7+5=12>>12",          # calculation (the reference line without its full stop)
-        "3 + 4 = <<3+4=9>>9.",           # calculation: same form, other (even wrong) numbers
-        "Let me think about this.",      # filler
+        "7 + 5 = <<7+5=12>>12",  # calculation (the reference line without its full stop)
+        "3 + 4 = <<3+4=9>>9.",  # calculation: same form, other (even wrong) numbers
+        "Let me think about this.",  # filler
         "\n  Let me think about  this.",  # filler: whitespace does not matter
-        "Bob starts with 3 pencils.",    # no reference has this form: unmatched
-        "Let me think. 7 + 5",           # merged text: unmatched
+        "Bob starts with 3 pencils.",  # no reference has this form: unmatched
+        "Let me think. 7 + 5",  # merged text: unmatched
     ]
-    tables = analyze([str(labelled_run(tmp_path / "r", texts, [2.0, 0.5, 0.5, -1.0, 9.0, 9.0]))], str(tmp_path / "report"))
+    tables = analyze(
+        [str(labelled_run(tmp_path / "r", texts, [2.0, 0.5, 0.5, -1.0, 9.0, 9.0]))], str(tmp_path / "report")
+    )
     by_label = {r["label"]: r for r in tables["delta_by_label"]}
     assert {k: v["spans"] for k, v in by_label.items()} == {"calculation": 2, "filler": 2, "unmatched": 2}
     assert by_label["calculation"]["mean_delta"] == 1.25 and by_label["filler"]["mean_delta"] == -0.25
@@ -146,7 +245,7 @@ def test_accuracy_by_mode_over_seeds(tmp_path):
     by_mode = {(r["mode"], r["iteration"]): r for r in tables["accuracy_by_mode"]}
     # cfiw, final iteration: accuracies 0.5 and 1.0 -> mean 0.75, sample std sqrt(0.125) = 0.3536
     assert by_mode[("cfiw", 1)]["runs"] == 2 and by_mode[("cfiw", 1)]["mean_accuracy"] == 0.75
-    assert by_mode[("cfiw", 1)]["std"] == pytest.approx(0.125 ** 0.5)
+    assert by_mode[("cfiw", 1)]["std"] == pytest.approx(0.125**0.5)
     assert (by_mode[("cfiw", 0)]["min_accuracy"], by_mode[("cfiw", 0)]["max_accuracy"]) == (0.0, 0.5)
     assert by_mode[("uniform", 1)]["std"] == 0 and by_mode[("uniform", 1)]["mean_accuracy"] == 0.0
     final = {r["mode"]: r for r in tables["final_accuracy_by_mode"]}
@@ -162,7 +261,10 @@ def probe_run(root, mode, seed, rewards, steps_per_iteration=2):
     for iteration, reward in enumerate(rewards):
         hits = round(reward * 4)
         correct = [hits >= 1, hits >= 3, hits >= 2, hits >= 4]  # question p0: first two, p1: last two
-        write(root / "probe" / f"iter-{iteration:04d}.parquet", {"prompt_id": ["p0", "p0", "p1", "p1"], "correct": correct})
+        write(
+            root / "probe" / f"iter-{iteration:04d}.parquet",
+            {"prompt_id": ["p0", "p0", "p1", "p1"], "correct": correct},
+        )
         if iteration < len(rewards) - 1:
             write(root / f"iter-{iteration:04d}" / "train_metrics.parquet", {"step": list(range(steps_per_iteration))})
     return root
@@ -184,15 +286,23 @@ def test_probe_curves_and_the_mode_comparison_by_hand(tmp_path):
     # u0 at iteration 0: question shares (1/2, 0), mean 1/4, sample std 0.3536, SE = 0.3536 / sqrt(2) = 1/4
     first = probe[("u0", 0)]
     assert (first["reward"], first["questions"], first["samples"]) == (0.25, 2, 2)
-    assert first["se"] == pytest.approx(0.25) and first["ci_low"] == 0.0 and first["ci_high"] == pytest.approx(0.25 + 1.959964 * 0.25)
+    assert (
+        first["se"] == pytest.approx(0.25)
+        and first["ci_low"] == 0.0
+        and first["ci_high"] == pytest.approx(0.25 + 1.959964 * 0.25)
+    )
     runs_ = {r["run"]: r for r in tables["probe_runs"]}
     # area under the curve / steps, trapezoids over steps 0-2-4: u0 ((.25+.5) + (.5+.75)) / 4 = .5
-    assert {k: v["auc"] for k, v in runs_.items()} == pytest.approx({"u0": 0.5, "u1": 0.3125, "c0": 0.625, "c1": 0.6875})
+    assert {k: v["auc"] for k, v in runs_.items()} == pytest.approx(
+        {"u0": 0.5, "u1": 0.3125, "c0": 0.625, "c1": 0.6875}
+    )
     # threshold: uniform's mean final reward (.75 + .5) / 2 = .625; u1 never reaches it
     assert {k: v["steps_to_threshold"] for k, v in runs_.items()} == {"u0": 4, "u1": None, "c0": 2, "c1": 2}
     # u0's gain paired by question: p0 goes 1/2 -> 1, p1 0 -> 1/2: gains (1/2, 1/2), mean 1/2, SE 0
     # c1's: p0 1/2 -> 1, p1 1/2 -> 1/2: gains (1/2, 0), mean 1/4, SE = 0.3536 / sqrt(2) = 1/4
-    assert (runs_["u0"]["gain"], runs_["u0"]["gain_se"], runs_["c1"]["gain"]) == (0.5, 0.0, 0.25) and runs_["c1"]["gain_se"] == pytest.approx(0.25)
+    assert (runs_["u0"]["gain"], runs_["u0"]["gain_se"], runs_["c1"]["gain"]) == (0.5, 0.0, 0.25) and runs_["c1"][
+        "gain_se"
+    ] == pytest.approx(0.25)
     assert runs_["c1"]["gain_in_se"] == pytest.approx(1.0) and runs_["u0"]["gain_in_se"] is None
     modes = {r["mode"]: r for r in tables["mode_comparison"]}
     assert modes["uniform"]["final_reward"] == 0.625 and modes["cfiw"]["final_reward"] == 0.75
@@ -208,7 +318,9 @@ def test_probe_curves_and_the_mode_comparison_by_hand(tmp_path):
     auc = differences[("cfiw - uniform", "auc")]
     assert auc["mean_difference"] == pytest.approx(0.25)  # (.625 - .5 + .6875 - .3125) / 2
     curves = pq.read_table(tmp_path / "report" / "curves.parquet").to_pylist()
-    assert {(r["run"], r["metric"], r["step"], r["value"]) for r in curves if r["iteration"] == 2} >= {("c1", "probe_reward", 4, 0.75)}
+    assert {(r["run"], r["metric"], r["step"], r["value"]) for r in curves if r["iteration"] == 2} >= {
+        ("c1", "probe_reward", 4, 0.75)
+    }
     by_mode = pq.read_table(tmp_path / "report" / "curves_by_mode.parquet").to_pylist()
     cfiw_last = next(r for r in by_mode if r["mode"] == "cfiw" and r["iteration"] == 2)
     assert (cfiw_last["runs"], cfiw_last["mean"], cfiw_last["min"], cfiw_last["max"]) == (2, 0.75, 0.75, 0.75)
@@ -221,11 +333,24 @@ def replay_run(root, seed, after):
     update (the likelihood columns are the reward x -1 and x -2, so their differences are too)."""
     root.mkdir(parents=True)
     (root / "config.toml").write_text(f'[loop]\nweighting = "cfiw"\nseed = {seed}\n')
-    rows = {"iteration": [], "mode": [], "optimizer": [], "reward_after": [], "loglik_per_token_after": [], "answer_loglik_after": []}
+    rows = {
+        "iteration": [],
+        "mode": [],
+        "optimizer": [],
+        "reward_after": [],
+        "loglik_per_token_after": [],
+        "answer_loglik_after": [],
+    }
     for mode, values in after.items():
         for iteration, value in enumerate(values):
-            for key, item in (("iteration", iteration), ("mode", mode), ("optimizer", "kept"), ("reward_after", value),
-                              ("loglik_per_token_after", -value), ("answer_loglik_after", -2 * value)):
+            for key, item in (
+                ("iteration", iteration),
+                ("mode", mode),
+                ("optimizer", "kept"),
+                ("reward_after", value),
+                ("loglik_per_token_after", -value),
+                ("answer_loglik_after", -2 * value),
+            ):
                 rows[key].append(item)
     write(root / "replay" / "replay.parquet", rows)
     return root
@@ -240,7 +365,10 @@ def test_paired_replay_differences_by_hand(tmp_path):
     per_iteration = {(r["difference"], r["metric"], r["iteration"]): r for r in tables["replay_differences"]}
     # cfiw - uniform, iteration 0: s0 .75 - .5 = .25, s1 .5 - .25 = .25 -> mean .25, std 0
     assert per_iteration[("cfiw - uniform", "reward", 0)]["mean_difference"] == 0.25
-    assert per_iteration[("cfiw - uniform", "reward", 0)]["runs"] == 2 and per_iteration[("cfiw - uniform", "reward", 0)]["std"] == 0
+    assert (
+        per_iteration[("cfiw - uniform", "reward", 0)]["runs"] == 2
+        and per_iteration[("cfiw - uniform", "reward", 0)]["std"] == 0
+    )
     # iteration 1: s0 0, s1 .25 -> mean .125; the likelihoods carry the same differences x -1 and x -2
     assert per_iteration[("cfiw - uniform", "reward", 1)]["mean_difference"] == 0.125
     assert per_iteration[("cfiw - uniform", "loglik_per_token", 1)]["mean_difference"] == -0.125
@@ -251,8 +379,12 @@ def test_paired_replay_differences_by_hand(tmp_path):
     cfiw = summary[("cfiw - uniform", "reward")]
     assert (cfiw["pairs"], cfiw["runs"], cfiw["mean_difference"]) == (4, 2, 0.1875)
     assert cfiw["std"] == pytest.approx(0.125)
-    assert (cfiw["ci_low"], cfiw["ci_high"]) == pytest.approx((0.1875 - 3.182446 * 0.0625, 0.1875 + 3.182446 * 0.0625), abs=1e-5)
+    assert (cfiw["ci_low"], cfiw["ci_high"]) == pytest.approx(
+        (0.1875 - 3.182446 * 0.0625, 0.1875 + 3.182446 * 0.0625), abs=1e-5
+    )
     # inverted - uniform: (-.25, 0, 0, -.25): mean -.125
     assert summary[("inverted - uniform", "reward")]["mean_difference"] == -0.125
-    assert {r["mode"] for r in tables["replay"]} == {"uniform", "cfiw", "inverted"} and {r["loop_seed"] for r in tables["replay"]} == {0, 1}
+    assert {r["mode"] for r in tables["replay"]} == {"uniform", "cfiw", "inverted"} and {
+        r["loop_seed"] for r in tables["replay"]
+    } == {0, 1}
     assert (tmp_path / "report" / "replay_differences.png").exists()

@@ -6,7 +6,16 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_output, read_artifact, read_manifest, sha256_of, up_to_date, write_table
+from cfiw_cli.artifacts import (
+    build_manifest,
+    input_record,
+    prepare_output,
+    read_artifact,
+    read_manifest,
+    sha256_of,
+    up_to_date,
+    write_table,
+)
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.schemas import SCHEMAS, validate
 
@@ -26,10 +35,23 @@ def scores_table(n=3):
 
 def test_manifest_round_trip_and_duckdb(tmp_path):
     path = tmp_path / "scores.parquet"
-    manifest = build_manifest("score", {"mask": "pad"}, {"rollouts": {"path": "r", "sha256": "abc"}}, rows=3, seconds=0.5, seed=7)
+    manifest = build_manifest(
+        "score", {"mask": "pad"}, {"rollouts": {"path": "r", "sha256": "abc"}}, rows=3, seconds=0.5, seed=7
+    )
     write_table(scores_table(), path, manifest)
     assert read_manifest(path) == json.loads(json.dumps(manifest))
-    for key in ("stage", "version", "git_commit", "config", "seed", "inputs", "rows", "wall_seconds", "libraries", "device"):
+    for key in (
+        "stage",
+        "version",
+        "git_commit",
+        "config",
+        "seed",
+        "inputs",
+        "rows",
+        "wall_seconds",
+        "libraries",
+        "device",
+    ):
         assert key in manifest
     raw = duckdb.sql(f"select value from parquet_kv_metadata('{path}') where key = 'cfiw'").fetchall()[0][0]
     assert json.loads(raw)["stage"] == "score"
@@ -76,7 +98,11 @@ def test_mistyped_column_is_named():
 
 
 def test_safe_casts_and_extra_columns_are_kept():
-    table = scores_table().set_column(1, "span_idx", pa.array([0, 1, 2], pa.int64())).append_column("note", pa.array(["x"] * 3))
+    table = (
+        scores_table()
+        .set_column(1, "span_idx", pa.array([0, 1, 2], pa.int64()))
+        .append_column("note", pa.array(["x"] * 3))
+    )
     checked = validate(table, "scores")
     assert checked.schema.field("span_idx").type == pa.int32()
     assert "note" in checked.column_names

@@ -5,7 +5,6 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import leftovers
 
 
@@ -102,7 +101,18 @@ def test_debug_mode_shows_the_traceback(tmp_path, mini_dataset):
     import subprocess
     import sys
 
-    argv = [sys.executable, "-m", "cfiw_cli", "rollout", "--model", str(tmp_path / "none"), "--dataset", str(mini_dataset), "--out", str(tmp_path / "r.parquet")]
+    argv = [
+        sys.executable,
+        "-m",
+        "cfiw_cli",
+        "rollout",
+        "--model",
+        str(tmp_path / "none"),
+        "--dataset",
+        str(mini_dataset),
+        "--out",
+        str(tmp_path / "r.parquet"),
+    ]
     plain = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 1 and plain.stderr.startswith("Error: ") and "Traceback" not in plain.stderr
     debug = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "CFIW_DEBUG": "1"})

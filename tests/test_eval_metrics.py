@@ -19,9 +19,15 @@ def record(prompt, pred, gold="5"):
 
 def test_pass_and_majority_at_k():
     records = [
-        record("a", "5"), record("a", "4"), record("a", "4"),  # pass yes, majority 4 -> wrong
-        record("b", "5"), record("b", "5"), record("b", None),  # pass yes, majority 5 -> right
-        record("c", "1"), record("c", "2"), record("c", "3"),  # pass no, tie -> earliest "1" -> wrong
+        record("a", "5"),
+        record("a", "4"),
+        record("a", "4"),  # pass yes, majority 4 -> wrong
+        record("b", "5"),
+        record("b", "5"),
+        record("b", None),  # pass yes, majority 5 -> right
+        record("c", "1"),
+        record("c", "2"),
+        record("c", "3"),  # pass no, tie -> earliest "1" -> wrong
     ]
     metrics = accuracy_metrics(records)
     assert metrics["accuracy"] == pytest.approx(3 / 9)
@@ -37,7 +43,14 @@ def test_greedy_has_no_pass_at_k():
 
 def test_mean_at_k_interval_is_over_questions():
     # per-question shares 2/3, 1/3, 0: mean 1/3; their sample std is 1/3, so SE = (1/3) / sqrt(3)
-    records = [record("a", "5"), record("a", "5"), record("a", "4"), record("b", "5"), record("b", "1"), record("b", None)]
+    records = [
+        record("a", "5"),
+        record("a", "5"),
+        record("a", "4"),
+        record("b", "5"),
+        record("b", "1"),
+        record("b", None),
+    ]
     records += [record("c", "1"), record("c", "2"), record("c", "3")]
     metrics = accuracy_metrics(records)
     se = (1 / 3) / 3**0.5

@@ -13,7 +13,9 @@ def test_matches_transformers_warpers(temperature, top_p):
     torch.manual_seed(0)
     scores = torch.randn(4, 50) * 3  # [B, V]
     ours = _SamplingDistribution(temperature, top_p)(None, scores.clone())
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    )
     reference = warpers(None, scores.clone())
     assert torch.equal(torch.isinf(ours), torch.isinf(reference))
     finite = torch.isfinite(reference)

@@ -78,7 +78,14 @@ def test_parse_gold_rejects_non_gsm8k(answer):
 
 @pytest.mark.parametrize(
     "a, b, equal",
-    [("1,234", "1234", True), ("5.0", "5", True), ("$5", "5", True), ("0.50", ".5", True), ("5", "6", False), (None, "5", False)],
+    [
+        ("1,234", "1234", True),
+        ("5.0", "5", True),
+        ("$5", "5", True),
+        ("0.50", ".5", True),
+        ("5", "6", False),
+        (None, "5", False),
+    ],
 )
 def test_numbers_equal(a, b, equal):
     assert numbers_equal(a, b) is equal

@@ -43,11 +43,11 @@ def model(request, tiny_model, tiny_llama):
 def test_every_delta_equals_the_naive_forward(model, mode, batch_tokens):
     items = make_items(model.config.vocab_size)
     fast = score_items(model, items, mode, pad_id=3, batch_tokens=batch_tokens, cache_tokens=batch_tokens * 4)
-    for item, result in zip(items, fast):
+    for item, result in zip(items, fast, strict=True):
         reference = naive_scores(model, item, mode, pad_id=3)
         assert abs(result.base - reference.base) < TOLERANCE
         assert len(result.masked) == len(item.spans)
-        for got, want in zip(result.deltas, reference.deltas):
+        for got, want in zip(result.deltas, reference.deltas, strict=True):
             assert abs(got - want) < TOLERANCE, (mode, item.spans, got, want)
     # masking changes something: not every delta is zero
     assert any(abs(d) > 1e-3 for result in fast for d in result.deltas)

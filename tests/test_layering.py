@@ -29,7 +29,9 @@ def imported_stages(path: Path) -> set[str]:
 
 def test_no_stage_imports_a_sibling():
     stages = sorted(
-        p for package in STAGE_PACKAGES for p in (PACKAGE / package).glob("*.py")
+        p
+        for package in STAGE_PACKAGES
+        for p in (PACKAGE / package).glob("*.py")
         if p.stem != "__init__" and p.stem not in ORCHESTRATORS
     )
     assert len(stages) >= 10

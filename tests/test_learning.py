@@ -31,7 +31,9 @@ def warm_policy(tmp_path_factory, sharpening_task):
 
 def sampled_reward(run, index):
     """The loop's probe: mean@8 at the rollout temperature on 16 fixed test questions."""
-    return json.loads(pq.read_schema(run / "probe" / f"iter-{index:04d}.parquet").metadata[b"cfiw"])["metrics"]["mean@8"]
+    return json.loads(pq.read_schema(run / "probe" / f"iter-{index:04d}.parquet").metadata[b"cfiw"])["metrics"][
+        "mean@8"
+    ]
 
 
 @pytest.mark.parametrize("mode", ["uniform", "cfiw"])

@@ -51,7 +51,9 @@ def test_values_entropies_and_gradients_equal_the_naive_way(model, temperature, 
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    logprobs, entropy = completion_logprobs(model, SEQUENCES, 0, temperature, want_entropy=True, chunk_elements=chunk_elements)
+    logprobs, entropy = completion_logprobs(
+        model, SEQUENCES, 0, temperature, want_entropy=True, chunk_elements=chunk_elements
+    )
     assert logprobs.shape == expected.shape == (3, 5)
     assert torch.allclose(logprobs, expected, atol=1e-5)
     assert torch.allclose(entropy, expected_entropy, atol=1e-5)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_errors import assert_clean_error
 
 from cfiw_cli.pipeline.loop import apply_overrides, command_line, load_config, plan, presets
-from test_errors import assert_clean_error
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]  # where the presets' relative paths (data/arith, runs/...) resolve
@@ -27,8 +27,22 @@ def tables(run: Path) -> dict[str, object]:
 
 
 SMALL = [
-    "--eval-every", "1", "--set", "loop.questions=8", "--set", "rollout.group_size=4", "--set", "rollout.max_new_tokens=48",
-    "--set", "loop.eval_limit=16", "--set", "loop.probe_questions=4", "--set", "loop.probe_samples=2", "--set", "loop.keep_policies=1",
+    "--eval-every",
+    "1",
+    "--set",
+    "loop.questions=8",
+    "--set",
+    "rollout.group_size=4",
+    "--set",
+    "rollout.max_new_tokens=48",
+    "--set",
+    "loop.eval_limit=16",
+    "--set",
+    "loop.probe_questions=4",
+    "--set",
+    "loop.probe_samples=2",
+    "--set",
+    "loop.keep_policies=1",
 ]
 
 
@@ -48,7 +62,19 @@ def kept_files(run: Path) -> dict[str, object]:
 
 def loop_argv(model, run):
     """The tiny preset at test sizes (the --set values must reach the dry-run commands too)."""
-    return [str(BIN / "cfiw"), "loop", "--preset", "tiny", "--run", str(run), "--model", str(model), "--iterations", "2", *SMALL]
+    return [
+        str(BIN / "cfiw"),
+        "loop",
+        "--preset",
+        "tiny",
+        "--run",
+        str(run),
+        "--model",
+        str(model),
+        "--iterations",
+        "2",
+        *SMALL,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,32 +87,62 @@ def uninterrupted(tiny_model, tmp_path_factory):
 
 @pytest.mark.slow
 def test_loop_writes_the_run_layout(uninterrupted):
-    names = sorted(str(p.relative_to(uninterrupted)) for p in uninterrupted.rglob("*") if p.is_file() and "policy" not in p.parts)
+    names = sorted(
+        str(p.relative_to(uninterrupted)) for p in uninterrupted.rglob("*") if p.is_file() and "policy" not in p.parts
+    )
     assert names == [
         "config.toml",
-        "eval/iter-0000.parquet", "eval/iter-0001.parquet", "eval/iter-0002.parquet",
-        "iter-0000/rollouts.parquet", "iter-0000/scores.parquet", "iter-0000/spans.parquet", "iter-0000/train_metrics.parquet", "iter-0000/weights.parquet",
-        "iter-0001/rollouts.parquet", "iter-0001/scores.parquet", "iter-0001/spans.parquet", "iter-0001/train_metrics.parquet", "iter-0001/weights.parquet",
+        "eval/iter-0000.parquet",
+        "eval/iter-0001.parquet",
+        "eval/iter-0002.parquet",
+        "iter-0000/rollouts.parquet",
+        "iter-0000/scores.parquet",
+        "iter-0000/spans.parquet",
+        "iter-0000/train_metrics.parquet",
+        "iter-0000/weights.parquet",
+        "iter-0001/rollouts.parquet",
+        "iter-0001/scores.parquet",
+        "iter-0001/spans.parquet",
+        "iter-0001/train_metrics.parquet",
+        "iter-0001/weights.parquet",
         "loop_state.json",
-        "policies/chat_template.jinja", "policies/config.json", "policies/generation_config.json",
-        "policies/iter-0001/cfiw_manifest.json", "policies/iter-0001/model.safetensors", "policies/iter-0001/optimizer.pt",
-        "policies/iter-0001/scheduler.pt", "policies/iter-0001/trainer_state.json",
-        "policies/tokenizer.json", "policies/tokenizer_config.json",
-        "probe/iter-0000.parquet", "probe/iter-0001.parquet", "probe/iter-0002.parquet",
+        "policies/chat_template.jinja",
+        "policies/config.json",
+        "policies/generation_config.json",
+        "policies/iter-0001/cfiw_manifest.json",
+        "policies/iter-0001/model.safetensors",
+        "policies/iter-0001/optimizer.pt",
+        "policies/iter-0001/scheduler.pt",
+        "policies/iter-0001/trainer_state.json",
+        "policies/tokenizer.json",
+        "policies/tokenizer_config.json",
+        "probe/iter-0000.parquet",
+        "probe/iter-0001.parquet",
+        "probe/iter-0002.parquet",
     ]
     probe = pq.read_table(uninterrupted / "probe" / "iter-0002.parquet").to_pylist()
-    assert sorted((r["prompt_id"], r["sample_idx"]) for r in probe) == [(f"test-{q}", s) for q in range(4) for s in range(2)]
-    assert (uninterrupted / "policy" / "model.safetensors").exists() and (uninterrupted / "policy" / "optimizer.pt").exists()
+    assert sorted((r["prompt_id"], r["sample_idx"]) for r in probe) == [
+        (f"test-{q}", s) for q in range(4) for s in range(2)
+    ]
+    assert (uninterrupted / "policy" / "model.safetensors").exists() and (
+        uninterrupted / "policy" / "optimizer.pt"
+    ).exists()
     rollouts = pq.read_table(uninterrupted / "iter-0001" / "rollouts.parquet").to_pylist()
-    assert {r["iteration"] for r in rollouts} == {1} and {r["prompt_id"] for r in rollouts} == {f"train-{i}" for i in range(8, 16)}
+    assert {r["iteration"] for r in rollouts} == {1} and {r["prompt_id"] for r in rollouts} == {
+        f"train-{i}" for i in range(8, 16)
+    }
 
 
 @pytest.mark.slow
 def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_path):
     run = tmp_path / "staged"
-    commands = subprocess.run(loop_argv(tiny_model, run) + ["--dry-run"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    commands = subprocess.run(
+        loop_argv(tiny_model, run) + ["--dry-run"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", "-e"], input=commands, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    done = subprocess.run(
+        ["bash", "-e"], input=commands, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     expected, got = tables(uninterrupted), tables(run)
     assert sorted(got) == sorted(expected)
@@ -98,7 +154,9 @@ def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_pa
 @pytest.mark.slow
 def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(loop_argv(tiny_model, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    process = subprocess.Popen(
+        loop_argv(tiny_model, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
     marker = run / "iter-0001" / "rollouts.parquet"  # iteration 2 of 2 has started
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -128,7 +186,11 @@ def test_every_preset_parses_and_plans():
             expected = "test -d " if command == "keep" else f"cfiw {command} "  # keeping a policy is a shell copy
             assert command_line(command, stage_config).startswith(expected)
         kept = [s.out for _, c, s in steps if c == "keep"]
-        assert kept == ([f"runs/x/policies/iter-{i:04d}" for i in range(4, config["loop"]["iterations"], 4)] if name.startswith("tiny") else [])
+        assert kept == (
+            [f"runs/x/policies/iter-{i:04d}" for i in range(4, config["loop"]["iterations"], 4)]
+            if name.startswith("tiny")
+            else []
+        )
     assert load_config("qwen", None)["train"]["lr"] == 1e-6
 
 
@@ -142,20 +204,55 @@ def test_flags_override_the_preset():
 def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
     from cfiw_cli.pipeline.loop import parse_assignments
 
-    assert parse_assignments(["train.lr=3e-4", "rollout.group_size=4", "loop.weighting=uniform", "score.mask=\"delete\""]) == {
-        "train.lr": 3e-4, "rollout.group_size": 4, "loop.weighting": "uniform", "score.mask": "delete",
+    assert parse_assignments(
+        ["train.lr=3e-4", "rollout.group_size=4", "loop.weighting=uniform", 'score.mask="delete"']
+    ) == {
+        "train.lr": 3e-4,
+        "rollout.group_size": 4,
+        "loop.weighting": "uniform",
+        "score.mask": "delete",
     }
-    done = cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.lr=3e-4", "--set", "rollout.group_size=4")
+    done = cli(
+        "loop",
+        "--preset",
+        "tiny",
+        "--run",
+        tmp_path / "r",
+        "--dry-run",
+        "--set",
+        "train.lr=3e-4",
+        "--set",
+        "rollout.group_size=4",
+    )
     assert done.exit_code == 0, done.stderr
     assert all("--lr 0.0003" in line for line in done.stdout.splitlines() if line.startswith("cfiw train"))
     assert all("--group-size 4" in line for line in done.stdout.splitlines() if line.startswith("cfiw rollout"))
-    evals = cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "eval.max_new_tokens=200", "--set", "eval.samples=4")
+    evals = cli(
+        "loop",
+        "--preset",
+        "tiny",
+        "--run",
+        tmp_path / "r",
+        "--dry-run",
+        "--set",
+        "eval.max_new_tokens=200",
+        "--set",
+        "eval.samples=4",
+    )
     assert evals.exit_code == 0, evals.stderr
     greedy = [line for line in evals.stdout.splitlines() if line.startswith("cfiw eval") and "/eval/" in line]
     assert greedy and all("--max-new-tokens 200 " in line and "--samples 4 " in line for line in greedy)
-    assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.lrr=1"), "unknown key train.lrr")
-    assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "lr=1"), "SECTION.KEY=VALUE")
-    assert_clean_error(cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "optim.lr=1"), "unknown config section")
+    assert_clean_error(
+        cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.lrr=1"),
+        "unknown key train.lrr",
+    )
+    assert_clean_error(
+        cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "lr=1"), "SECTION.KEY=VALUE"
+    )
+    assert_clean_error(
+        cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "optim.lr=1"),
+        "unknown config section",
+    )
 
 
 def test_unknown_preset(cli, tmp_path):
@@ -164,17 +261,26 @@ def test_unknown_preset(cli, tmp_path):
 
 
 def test_the_probe_samples_fixed_questions_at_the_rollout_temperature():
-    config = apply_overrides(load_config("tiny", None), {"loop.iterations": 4, "loop.eval_every": 2, "loop.seed": 3, "loop.weighting": "uniform"})
+    config = apply_overrides(
+        load_config("tiny", None),
+        {"loop.iterations": 4, "loop.eval_every": 2, "loop.seed": 3, "loop.weighting": "uniform"},
+    )
     steps = plan(config, Path("runs/x"))
     probes = [(i, s) for i, c, s in steps if c == "eval" and "/probe/" in s.out]
     assert [i for i, _ in probes] == [0, 2, 4]
     for _, probe in probes:
         assert (probe.split, probe.offset, probe.limit, probe.samples) == ("test", 0, 64, 8)
-        assert (probe.temperature, probe.top_p, probe.max_new_tokens) == (config["rollout"]["temperature"], 1.0, config["rollout"]["max_new_tokens"])
+        assert (probe.temperature, probe.top_p, probe.max_new_tokens) == (
+            config["rollout"]["temperature"],
+            1.0,
+            config["rollout"]["max_new_tokens"],
+        )
     # the same questions and sampling seed whatever the run's seed and mode: only the policy differs
     other = plan(apply_overrides(config, {"loop.seed": 0, "loop.weighting": "cfiw"}), Path("runs/y"))
     other_probes = [s for _, c, s in other if c == "eval" and "/probe/" in s.out]
-    assert [(s.seed, s.limit, s.temperature) for _, s in probes] == [(s.seed, s.limit, s.temperature) for s in other_probes]
+    assert [(s.seed, s.limit, s.temperature) for _, s in probes] == [
+        (s.seed, s.limit, s.temperature) for s in other_probes
+    ]
     greedy = [s for _, c, s in steps if c == "eval" and "/eval/" in s.out]
     assert all(s.samples == 1 and s.temperature == 0.0 for s in greedy) and len(greedy) == 3
     templated = plan(apply_overrides(config, {"rollout.prompt_template": "Q: {question}\nA:"}), Path("runs/x"))
@@ -184,7 +290,10 @@ def test_the_probe_samples_fixed_questions_at_the_rollout_temperature():
 
 
 def test_a_finite_train_pool_is_revisited_and_the_kl_anchor_is_the_start():
-    config = apply_overrides(load_config("tiny", None), {"loop.iterations": 5, "loop.questions": 8, "loop.train_pool": 16, "train.beta": 0.1, "model.id": "warm"})
+    config = apply_overrides(
+        load_config("tiny", None),
+        {"loop.iterations": 5, "loop.questions": 8, "loop.train_pool": 16, "train.beta": 0.1, "model.id": "warm"},
+    )
     steps = plan(config, Path("runs/x"))
     assert [s.offset for _, c, s in steps if c == "rollout"] == [0, 8, 0, 8, 0]
     assert {s.reference for _, c, s in steps if c == "train"} == {"warm"}
@@ -193,7 +302,10 @@ def test_a_finite_train_pool_is_revisited_and_the_kl_anchor_is_the_start():
 
 
 def test_a_cosine_schedule_spans_the_whole_run():
-    config = apply_overrides(load_config("tiny", None), {"loop.iterations": 6, "train.minibatches": 2, "train.epochs": 1, "train.lr_schedule": "cosine"})
+    config = apply_overrides(
+        load_config("tiny", None),
+        {"loop.iterations": 6, "train.minibatches": 2, "train.epochs": 1, "train.lr_schedule": "cosine"},
+    )
     # 6 iterations x 1 epoch x 2 minibatches: the horizon follows --iterations
     assert {s.total_steps for _, c, s in plan(config, Path("runs/x")) if c == "train"} == {12}
     explicit = apply_overrides(config, {"train.total_steps": 50})

@@ -13,7 +13,9 @@ def one_token(ratio, advantage, eps_high=0.28, weight=None):
     old = torch.zeros(1, 1)
     mask = torch.ones(1, 1)
     weights = None if weight is None else torch.tensor([[weight]])
-    loss, metrics = policy_loss(logprobs, old, torch.tensor([advantage]), mask, 1.0, weights, config=LossConfig(eps_high=eps_high))
+    loss, metrics = policy_loss(
+        logprobs, old, torch.tensor([advantage]), mask, 1.0, weights, config=LossConfig(eps_high=eps_high)
+    )
     return float(loss), metrics
 
 
@@ -50,7 +52,9 @@ def test_weights_scale_each_token_term():
 def test_kl_term_k3():
     # ref - logp = d: k3 = e^d - d - 1; with d = 0.5 and beta 0.1, rho = 1, A = 0: loss = 0.1 * (e^.5 - 1.5)
     logprobs, ref = torch.tensor([[0.0]]), torch.tensor([[0.5]])
-    loss, metrics = policy_loss(logprobs, logprobs, torch.tensor([0.0]), torch.ones(1, 1), 1.0, ref_logprobs=ref, config=LossConfig(beta=0.1))
+    loss, metrics = policy_loss(
+        logprobs, logprobs, torch.tensor([0.0]), torch.ones(1, 1), 1.0, ref_logprobs=ref, config=LossConfig(beta=0.1)
+    )
     assert float(loss) == pytest.approx(0.1 * (math.exp(0.5) - 1.5))
     assert metrics["kl_sum"] == pytest.approx(math.exp(0.5) - 1.5)
 
@@ -72,7 +76,15 @@ def test_aggregations_equal_trl_formulas(loss_type):
         "grpo": ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean(),  # sequence mean, then mean
         "dr_grpo": (per_token * mask).sum() / (batch * max_new),  # global constant
     }[loss_type]
-    ours, _ = policy_loss(logprobs, old, advantages, mask, loss_normalizer(mask, loss_type, max_new), torch.ones(batch, length), config=LossConfig(loss_type=loss_type))
+    ours, _ = policy_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        loss_normalizer(mask, loss_type, max_new),
+        torch.ones(batch, length),
+        config=LossConfig(loss_type=loss_type),
+    )
     assert float(ours) == pytest.approx(float(trl), abs=1e-6)
 
 
@@ -84,7 +96,14 @@ def test_split_micro_batches_sum_to_the_full_batch_loss():
         norm = loss_normalizer(mask, loss_type, 8)
         config = LossConfig(loss_type=loss_type)
         full, _ = policy_loss(logprobs, old, advantages, mask, norm, config=config)
-        parts = sum(float(policy_loss(logprobs[i : i + 2], old[i : i + 2], advantages[i : i + 2], mask[i : i + 2], norm, config=config)[0]) for i in range(0, 6, 2))
+        parts = sum(
+            float(
+                policy_loss(
+                    logprobs[i : i + 2], old[i : i + 2], advantages[i : i + 2], mask[i : i + 2], norm, config=config
+                )[0]
+            )
+            for i in range(0, 6, 2)
+        )
         assert parts == pytest.approx(float(full), abs=1e-6)
 
 

@@ -25,7 +25,11 @@ def test_an_installed_wheel_finds_its_presets(tmp_path):
     shutil.copy(ROOT / "README.md", source)
     shutil.copytree(ROOT / "cfiw_cli", source / "cfiw_cli", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+        check=True,
+        timeout=300,
+    )
     wheel = next((tmp_path / "dist").glob("cfiw-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"cfiw_cli/presets/{p.name}" for p in (ROOT / "pipelines").glob("*.toml")} <= names
@@ -37,7 +41,14 @@ def test_an_installed_wheel_finds_its_presets(tmp_path):
         "import cfiw_cli, sys; from cfiw_cli.pipeline.loop import load_config, presets; "
         "print(cfiw_cli.__file__); print(sorted(presets())); print(load_config('tiny', None)['model']['id'])"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(site)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     location, names, model = done.stdout.splitlines()
     assert location.startswith(str(site))

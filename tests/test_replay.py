@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_errors import assert_clean_error
 
 from cfiw_cli.artifacts import sha256_of
-from test_errors import assert_clean_error
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -53,7 +53,13 @@ def test_kept_policies_share_config_and_tokenizer(looped):
     policies = looped / "policies"
     assert sorted(p.name for p in policies.iterdir() if p.is_dir()) == ["iter-0001", "iter-0002"]
     for kept in ("iter-0001", "iter-0002"):
-        assert {p.name for p in (policies / kept).iterdir()} == {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "cfiw_manifest.json"}
+        assert {p.name for p in (policies / kept).iterdir()} == {
+            "model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "trainer_state.json",
+            "cfiw_manifest.json",
+        }
     assert (policies / "config.json").exists() and (policies / "tokenizer.json").exists()
     assert "keep_policies = 1" in (looped / "config.toml").read_text()
 
@@ -67,7 +73,10 @@ def test_replay_in_the_loops_mode_is_the_loops_update(replayed):
         assert rows[(iteration, "cfiw")]["weights_sha256_after"] == sha256_of(after / "model.safetensors")
         assert rows[(iteration, "uniform")]["weights_sha256_after"] != rows[(iteration, "cfiw")]["weights_sha256_after"]
     for iteration in range(2):
-        assert rows[(iteration, "cfiw")]["loglik_per_token_after"] == rows[(iteration + 1, "cfiw")]["loglik_per_token_before"]
+        assert (
+            rows[(iteration, "cfiw")]["loglik_per_token_after"]
+            == rows[(iteration + 1, "cfiw")]["loglik_per_token_before"]
+        )
     assert all(r["reward_before"] == rows[(r["iteration"], "cfiw")]["reward_before"] for r in rows.values())
     for row in rows.values():
         assert row["reward_gain"] == pytest.approx(row["reward_after"] - row["reward_before"])
@@ -81,8 +90,23 @@ def test_modes_differ_only_in_the_weights(replayed, cli, tmp_path):
     iteration = replayed / "iter-0001"
     out = tmp_path / "uniform"
     result = cli(
-        "train", "--model", policy_1, "--rollouts", iteration / "rollouts.parquet", "--spans", iteration / "spans.parquet",
-        "--scores", iteration / "scores.parquet", "--out", out, "--weighting", "uniform", "--lr", "1e-3", "--minibatches", "2",
+        "train",
+        "--model",
+        policy_1,
+        "--rollouts",
+        iteration / "rollouts.parquet",
+        "--spans",
+        iteration / "spans.parquet",
+        "--scores",
+        iteration / "scores.parquet",
+        "--out",
+        out,
+        "--weighting",
+        "uniform",
+        "--lr",
+        "1e-3",
+        "--minibatches",
+        "2",
     )
     assert result.exit_code == 0, result.stderr
     rows = {(r["iteration"], r["mode"]): r for r in table(replayed / "replay" / "replay.parquet")}
@@ -92,9 +116,14 @@ def test_modes_differ_only_in_the_weights(replayed, cli, tmp_path):
     assert table(out / "train_metrics.parquet") == table(replay / "uniform" / "iter-0001" / "train_metrics.parquet")
     # across modes: the same rollouts kept, the same advantages, the same minibatches; other weights
     by_mode = {m: table(replay / m / "iter-0001" / "weights.parquet") for m in ("uniform", "cfiw")}
-    assert [(r["rollout_id"], r["advantage"], r["kept"]) for r in by_mode["uniform"]] == [(r["rollout_id"], r["advantage"], r["kept"]) for r in by_mode["cfiw"]]
+    assert [(r["rollout_id"], r["advantage"], r["kept"]) for r in by_mode["uniform"]] == [
+        (r["rollout_id"], r["advantage"], r["kept"]) for r in by_mode["cfiw"]
+    ]
     assert [r["token_weights"] for r in by_mode["uniform"]] != [r["token_weights"] for r in by_mode["cfiw"]]
-    steps = {m: [(r["step"], r["sequences"], r["tokens"]) for r in table(replay / m / "iter-0001" / "train_metrics.parquet")] for m in ("uniform", "cfiw")}
+    steps = {
+        m: [(r["step"], r["sequences"], r["tokens"]) for r in table(replay / m / "iter-0001" / "train_metrics.parquet")]
+        for m in ("uniform", "cfiw")
+    }
     assert steps["uniform"] == steps["cfiw"]
 
 
@@ -131,7 +160,7 @@ def test_the_likelihood_probe_matches_a_plain_forward(sharpening_task):
     rows = load_questions(str(task), "test", limit=3)
     rows[1] = {**rows[1], "answer": "2 + 2 = 4.\n#### 4"}  # a different solution too
     measured = reference_likelihood(model, tokenizer, reference_sequences(tokenizer, rows), batch_size=2)
-    for row, got in zip(rows, measured["per_question"]):
+    for row, got in zip(rows, measured["per_question"], strict=True):
         prompt = tokenizer(build_prompt(row["question"], tokenizer), add_special_tokens=False)["input_ids"]
         solution = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = torch.tensor([prompt + solution])
@@ -165,12 +194,33 @@ def test_two_processes_replay_as_one(looped, replayed, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(looped, run, ignore=shutil.ignore_patterns("replay"))
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    argv = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29561", "-m", "cfiw_cli", "replay", str(run), "--modes", "uniform,cfiw", "--iterations", "0-1"]
+    argv = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29561",
+        "-m",
+        "cfiw_cli",
+        "replay",
+        str(run),
+        "--modes",
+        "uniform,cfiw",
+        "--iterations",
+        "0-1",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one = {(r["iteration"], r["mode"]): r for r in table(replayed / "replay" / "replay.parquet")}
     two = table(run / "replay" / "replay.parquet")
-    assert sorted((r["iteration"], r["mode"]) for r in two) == [(0, "cfiw"), (0, "uniform"), (1, "cfiw"), (1, "uniform")]
+    assert sorted((r["iteration"], r["mode"]) for r in two) == [
+        (0, "cfiw"),
+        (0, "uniform"),
+        (1, "cfiw"),
+        (1, "uniform"),
+    ]
     for row in two:
         expected = one[(row["iteration"], row["mode"])]
         assert row["loglik_per_token_before"] == expected["loglik_per_token_before"]  # policy_k, unchanged

@@ -36,9 +36,26 @@ def cli_model(cli, tmp_path_factory, mini_dataset):
 def rollout_args(cli_model, mini_dataset):
     def args(out, *extra):
         return [
-            "rollout", "--model", cli_model, "--dataset", mini_dataset, "--limit", "8", "--group-size", "4",
-            "--max-new-tokens", str(MAX_NEW), "--batch-size", "12", "--seed", "3", "--dtype", "float32",
-            "--out", out, *extra,
+            "rollout",
+            "--model",
+            cli_model,
+            "--dataset",
+            mini_dataset,
+            "--limit",
+            "8",
+            "--group-size",
+            "4",
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--batch-size",
+            "12",
+            "--seed",
+            "3",
+            "--dtype",
+            "float32",
+            "--out",
+            out,
+            *extra,
         ]
 
     return args
@@ -83,7 +100,9 @@ def test_rollout_writes_every_column_consistently(cli, tmp_path, rollout_args, c
     # DuckDB reads the rows and the manifest
     count = duckdb.connect().execute(f"select count(*), count(distinct prompt_id) from '{out}'").fetchall()[0]
     assert count == (32, 8)
-    raw = duckdb.connect().execute(f"select value from parquet_kv_metadata('{out}') where key = 'cfiw'").fetchall()[0][0]
+    raw = (
+        duckdb.connect().execute(f"select value from parquet_kv_metadata('{out}') where key = 'cfiw'").fetchall()[0][0]
+    )
     manifest = json.loads(raw)
     assert manifest["stage"] == "rollout" and manifest["rows"] == 32 and manifest["seed"] == 3
     assert manifest["config"]["group_size"] == 4 and manifest["inputs"]["model"]["sha256"]
@@ -124,8 +143,16 @@ def test_stop_tokens_end_completions_and_logprobs_stay_exact(tiny_model, mini_da
     handle = model.lm_head.register_forward_hook(lambda module, args, output: output + eos_bias)
     try:
         config = RolloutConfig(
-            model=str(tiny_model), dataset=str(mini_dataset), out=str(tmp_path / "r.parquet"), limit=8,
-            group_size=4, max_new_tokens=16, temperature=0.8, top_p=0.95, batch_size=32, seed=0,
+            model=str(tiny_model),
+            dataset=str(mini_dataset),
+            out=str(tmp_path / "r.parquet"),
+            limit=8,
+            group_size=4,
+            max_new_tokens=16,
+            temperature=0.8,
+            top_p=0.95,
+            batch_size=32,
+            seed=0,
         )
         run(config, model=model, tokenizer=tokenizer)
         rows = pq.read_table(config.out).to_pylist()
@@ -151,7 +178,9 @@ def test_stop_tokens_end_completions_and_logprobs_stay_exact(tiny_model, mini_da
 
 def test_eval_writes_accuracy_with_interval(cli, tmp_path, cli_model, mini_dataset):
     out = tmp_path / "eval" / "iter-0000.parquet"
-    result = cli("eval", "--model", cli_model, "--dataset", mini_dataset, "--limit", "6", "--max-new-tokens", "12", "--out", out)
+    result = cli(
+        "eval", "--model", cli_model, "--dataset", mini_dataset, "--limit", "6", "--max-new-tokens", "12", "--out", out
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("accuracy 0.")
     rows = pq.read_table(out).to_pylist()
@@ -160,8 +189,21 @@ def test_eval_writes_accuracy_with_interval(cli, tmp_path, cli_model, mini_datas
     assert metrics["accuracy"] == sum(r["correct"] for r in rows) / 6
     assert 0.0 <= metrics["ci_low"] <= metrics["accuracy"] <= metrics["ci_high"] <= 1.0
     sampled = cli(
-        "eval", "--model", cli_model, "--dataset", mini_dataset, "--limit", "4", "--max-new-tokens", "8",
-        "--samples", "3", "--temperature", "1.0", "--out", tmp_path / "k.parquet",
+        "eval",
+        "--model",
+        cli_model,
+        "--dataset",
+        mini_dataset,
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--samples",
+        "3",
+        "--temperature",
+        "1.0",
+        "--out",
+        tmp_path / "k.parquet",
     )
     assert sampled.exit_code == 0 and "pass@3" in sampled.stdout and "maj@3" in sampled.stdout
     assert pq.read_table(tmp_path / "k.parquet").num_rows == 12

@@ -10,12 +10,12 @@ byte for byte; manifests match on everything but what a clock or a checkout deci
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-import io
 from pathlib import Path
 
 import pytest
@@ -35,20 +35,117 @@ SKIPPED_SUFFIXES = (".png", ".html")
 
 COMMANDS = [
     ["tiny-model", "--out", "model", "--layers", "2", "--hidden", "64", "--dataset", "data/train.jsonl"],
-    ["sft", "--model", "model", "--dataset", "data", "--split", "sft", "--out", "sft", "--steps", "20", "--lr", "3e-3",
-     "--batch-size", "8", "--limit", "64"],
-    ["rollout", "--model", "sft", "--dataset", "data", "--limit", "6", "--group-size", "4", "--max-new-tokens", "48",
-     "--temperature", "0.9", "--out", "solo/rollouts.parquet"],
+    [
+        "sft",
+        "--model",
+        "model",
+        "--dataset",
+        "data",
+        "--split",
+        "sft",
+        "--out",
+        "sft",
+        "--steps",
+        "20",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--limit",
+        "64",
+    ],
+    [
+        "rollout",
+        "--model",
+        "sft",
+        "--dataset",
+        "data",
+        "--limit",
+        "6",
+        "--group-size",
+        "4",
+        "--max-new-tokens",
+        "48",
+        "--temperature",
+        "0.9",
+        "--out",
+        "solo/rollouts.parquet",
+    ],
     ["segment", "--model", "sft", "--rollouts", "solo/rollouts.parquet", "--out", "solo/spans.parquet"],
-    ["score", "--model", "sft", "--rollouts", "solo/rollouts.parquet", "--spans", "solo/spans.parquet",
-     "--out", "solo/scores.parquet", "--mask", "knockout"],
-    ["train", "--model", "sft", "--rollouts", "solo/rollouts.parquet", "--spans", "solo/spans.parquet",
-     "--scores", "solo/scores.parquet", "--out", "solo/policy", "--lr", "1e-3", "--minibatches", "2", "--beta", "0.01"],
-    ["train", "--model", "solo/policy", "--rollouts", "solo/rollouts.parquet", "--spans", "solo/spans.parquet",
-     "--scores", "solo/scores.parquet", "--out", "solo/policy-authors", "--profile", "authors", "--weighting", "shuffled",
-     "--metrics-out", "solo/metrics.parquet", "--lr-schedule", "cosine", "--total-steps", "4", "--loss-type", "dr_grpo"],
-    ["eval", "--model", "solo/policy", "--dataset", "data", "--limit", "6", "--samples", "2", "--temperature", "0.6",
-     "--max-new-tokens", "48", "--out", "solo/eval.parquet"],
+    [
+        "score",
+        "--model",
+        "sft",
+        "--rollouts",
+        "solo/rollouts.parquet",
+        "--spans",
+        "solo/spans.parquet",
+        "--out",
+        "solo/scores.parquet",
+        "--mask",
+        "knockout",
+    ],
+    [
+        "train",
+        "--model",
+        "sft",
+        "--rollouts",
+        "solo/rollouts.parquet",
+        "--spans",
+        "solo/spans.parquet",
+        "--scores",
+        "solo/scores.parquet",
+        "--out",
+        "solo/policy",
+        "--lr",
+        "1e-3",
+        "--minibatches",
+        "2",
+        "--beta",
+        "0.01",
+    ],
+    [
+        "train",
+        "--model",
+        "solo/policy",
+        "--rollouts",
+        "solo/rollouts.parquet",
+        "--spans",
+        "solo/spans.parquet",
+        "--scores",
+        "solo/scores.parquet",
+        "--out",
+        "solo/policy-authors",
+        "--profile",
+        "authors",
+        "--weighting",
+        "shuffled",
+        "--metrics-out",
+        "solo/metrics.parquet",
+        "--lr-schedule",
+        "cosine",
+        "--total-steps",
+        "4",
+        "--loss-type",
+        "dr_grpo",
+    ],
+    [
+        "eval",
+        "--model",
+        "solo/policy",
+        "--dataset",
+        "data",
+        "--limit",
+        "6",
+        "--samples",
+        "2",
+        "--temperature",
+        "0.6",
+        "--max-new-tokens",
+        "48",
+        "--out",
+        "solo/eval.parquet",
+    ],
     ["loop", "--config", "loop.toml", "--run", "run"],
     ["replay", "run", "--modes", "uniform,cfiw", "--probe-questions", "4", "--probe-samples", "2"],
     ["analyze", "run", "--out", "report"],
@@ -89,8 +186,23 @@ def _cfiw(package_root: Path, work: Path, *args: str) -> str:
 def _make_run(package_root: Path, work: Path) -> dict[str, str]:
     """Every command once; returns what the text-only commands printed."""
     work.mkdir(parents=True)
-    _cfiw(package_root, work, "synth", "--out", "data", "--n-train", "200", "--n-test", "20", "--max-number", "10",
-          "--teacher-error-rate", "0.3", "--seed", "3")
+    _cfiw(
+        package_root,
+        work,
+        "synth",
+        "--out",
+        "data",
+        "--n-train",
+        "200",
+        "--n-test",
+        "20",
+        "--max-number",
+        "10",
+        "--teacher-error-rate",
+        "0.3",
+        "--seed",
+        "3",
+    )
     (work / "loop.toml").write_text(LOOP_CONFIG)
     for command in COMMANDS:
         _cfiw(package_root, work, *command)
@@ -103,7 +215,9 @@ def _make_run(package_root: Path, work: Path) -> dict[str, str]:
 
 def _baseline_package(destination: Path) -> Path:
     try:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", BASELINE, "cfiw_cli"], capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", BASELINE, "cfiw_cli"], capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:  # pragma: no cover - a checkout without history
         pytest.fail(f"cannot read commit {BASELINE} from the repository's history ({exc}); clone with history")
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from cfiw_cli.algo.importance import naive_scores
-from cfiw_cli.schemas import SCORES, SPANS
-from cfiw_cli.pipeline.score import build_items
 from conftest import COMPLETIONS, leftovers, write_rollouts
 from test_errors import assert_clean_error
+
+from cfiw_cli.algo.importance import naive_scores
+from cfiw_cli.pipeline.score import build_items
+from cfiw_cli.schemas import SCORES, SPANS
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,15 @@ def run_dir(tmp_path_factory, tiny_model, cli):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     golds = ["19", "6", "22.5", "5", "0", "27", "42"]  # the 6th rollout's own answer (26) is wrong
     write_rollouts(directory / "rollouts.parquet", tokenizer, COMPLETIONS, golds)
-    result = cli("segment", "--rollouts", directory / "rollouts.parquet", "--model", tiny_model, "--out", directory / "spans.parquet")
+    result = cli(
+        "segment",
+        "--rollouts",
+        directory / "rollouts.parquet",
+        "--model",
+        tiny_model,
+        "--out",
+        directory / "spans.parquet",
+    )
     assert result.exit_code == 0, result.stderr
     return directory
 
@@ -52,8 +60,21 @@ def test_score_matches_naive_forward_per_variant(cli, run_dir, tiny_model, mask,
 
     out = run_dir / f"scores-{mask}-{target}.parquet"
     result = cli(
-        "score", "--model", tiny_model, "--rollouts", run_dir / "rollouts.parquet", "--spans", run_dir / "spans.parquet",
-        "--out", out, "--mask", mask, "--target", target, "--batch-tokens", "256",
+        "score",
+        "--model",
+        tiny_model,
+        "--rollouts",
+        run_dir / "rollouts.parquet",
+        "--spans",
+        run_dir / "spans.parquet",
+        "--out",
+        out,
+        "--mask",
+        mask,
+        "--target",
+        target,
+        "--batch-tokens",
+        "256",
     )
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
@@ -62,11 +83,13 @@ def test_score_matches_naive_forward_per_variant(cli, run_dir, tiny_model, mask,
     scores = table.to_pylist()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    ids, span_indices, items = build_items(pq.read_table(run_dir / "rollouts.parquet"), pq.read_table(run_dir / "spans.parquet"), target, tokenizer)
+    ids, span_indices, items = build_items(
+        pq.read_table(run_dir / "rollouts.parquet"), pq.read_table(run_dir / "spans.parquet"), target, tokenizer
+    )
     expected = {}
-    for rollout_id, indices, item in zip(ids, span_indices, items):
+    for rollout_id, indices, item in zip(ids, span_indices, items, strict=True):
         reference = naive_scores(model, item, mask, tokenizer.pad_token_id)
-        for span_idx, delta in zip(indices, reference.deltas):
+        for span_idx, delta in zip(indices, reference.deltas, strict=True):
             expected[(rollout_id, span_idx)] = (reference.base, delta)
     assert {(r["rollout_id"], r["span_idx"]) for r in scores} == set(expected)
     for row in scores:
@@ -77,8 +100,14 @@ def test_score_matches_naive_forward_per_variant(cli, run_dir, tiny_model, mask,
 
 
 def test_gold_target_differs_only_where_the_answer_is_wrong(run_dir):
-    own = {(r["rollout_id"], r["span_idx"]): r["base_logp"] for r in pq.read_table(run_dir / "scores-pad-own.parquet").to_pylist()}
-    gold = {(r["rollout_id"], r["span_idx"]): r["base_logp"] for r in pq.read_table(run_dir / "scores-pad-gold.parquet").to_pylist()}
+    own = {
+        (r["rollout_id"], r["span_idx"]): r["base_logp"]
+        for r in pq.read_table(run_dir / "scores-pad-own.parquet").to_pylist()
+    }
+    gold = {
+        (r["rollout_id"], r["span_idx"]): r["base_logp"]
+        for r in pq.read_table(run_dir / "scores-pad-gold.parquet").to_pylist()
+    }
     wrong = "0:q-2:1"  # "... = 26 / #### 26" with gold 27
     for key in own:
         if key[0] == wrong:
@@ -88,7 +117,17 @@ def test_gold_target_differs_only_where_the_answer_is_wrong(run_dir):
 
 
 def test_rerun_is_up_to_date_and_force_recomputes(cli, run_dir, tiny_model):
-    args = ["score", "--model", tiny_model, "--rollouts", run_dir / "rollouts.parquet", "--spans", run_dir / "spans.parquet", "--out", run_dir / "scores-rerun.parquet"]
+    args = [
+        "score",
+        "--model",
+        tiny_model,
+        "--rollouts",
+        run_dir / "rollouts.parquet",
+        "--spans",
+        run_dir / "spans.parquet",
+        "--out",
+        run_dir / "scores-rerun.parquet",
+    ]
     assert cli(*args).exit_code == 0
     again = cli(*args)
     assert again.exit_code == 0 and "up to date" in again.stderr
@@ -99,9 +138,13 @@ def test_rerun_is_up_to_date_and_force_recomputes(cli, run_dir, tiny_model):
 def test_spans_from_another_rollouts_file(cli, run_dir, tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    other = write_rollouts(tmp_path / "other.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS[:2], iteration=1)
+    other = write_rollouts(
+        tmp_path / "other.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS[:2], iteration=1
+    )
     out = tmp_path / "scores.parquet"
-    result = cli("score", "--model", tiny_model, "--rollouts", other, "--spans", run_dir / "spans.parquet", "--out", out)
+    result = cli(
+        "score", "--model", tiny_model, "--rollouts", other, "--spans", run_dir / "spans.parquet", "--out", out
+    )
     assert_clean_error(result, "different rollouts file")
     # without a manifest the rollout ids give it away
     stripped = tmp_path / "spans-no-manifest.parquet"
@@ -115,7 +158,17 @@ def test_model_vocabulary_too_small(cli, run_dir, tmp_path):
     small = tmp_path / "small-model"
     assert cli("tiny-model", "--out", small, "--vocab-size", "300").exit_code == 0
     out = tmp_path / "scores.parquet"
-    result = cli("score", "--model", small, "--rollouts", run_dir / "rollouts.parquet", "--spans", run_dir / "spans.parquet", "--out", out)
+    result = cli(
+        "score",
+        "--model",
+        small,
+        "--rollouts",
+        run_dir / "rollouts.parquet",
+        "--spans",
+        run_dir / "spans.parquet",
+        "--out",
+        out,
+    )
     assert_clean_error(result, "vocabulary")
     assert not out.exists()
 
@@ -129,7 +182,9 @@ def test_nothing_to_score_writes_an_empty_file(cli, run_dir, tiny_model, tmp_pat
         spans = tmp_path / name
         pq.write_table(pa.Table.from_pylist(rows, schema=SPANS), spans)
         out = tmp_path / f"scores-{name}"
-        result = cli("score", "--model", tiny_model, "--rollouts", run_dir / "rollouts.parquet", "--spans", spans, "--out", out)
+        result = cli(
+            "score", "--model", tiny_model, "--rollouts", run_dir / "rollouts.parquet", "--spans", spans, "--out", out
+        )
         assert result.exit_code == 0, result.stderr
         assert "nothing to score" in result.stderr
         assert pq.read_table(out).num_rows == 0
@@ -138,14 +193,40 @@ def test_nothing_to_score_writes_an_empty_file(cli, run_dir, tiny_model, tmp_pat
 def test_two_processes_give_the_single_process_file(cli, run_dir, tiny_model, tmp_path):
     """`accelerate launch` with two CPU workers: each scores its share, the main one writes."""
     single_out = tmp_path / "single" / "scores.parquet"
-    inputs = ["--model", tiny_model, "--rollouts", run_dir / "rollouts.parquet", "--spans", run_dir / "spans.parquet", "--batch-tokens", "256"]
+    inputs = [
+        "--model",
+        tiny_model,
+        "--rollouts",
+        run_dir / "rollouts.parquet",
+        "--spans",
+        run_dir / "spans.parquet",
+        "--batch-tokens",
+        "256",
+    ]
     assert cli("score", *inputs, "--out", single_out).exit_code == 0
     out = tmp_path / "scores.parquet"
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     argv = [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29533", "-m", "cfiw_cli", "score",
-        "--model", str(tiny_model), "--rollouts", str(run_dir / "rollouts.parquet"), "--spans", str(run_dir / "spans.parquet"),
-        "--out", str(out), "--batch-tokens", "256",
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "cfiw_cli",
+        "score",
+        "--model",
+        str(tiny_model),
+        "--rollouts",
+        str(run_dir / "rollouts.parquet"),
+        "--spans",
+        str(run_dir / "spans.parquet"),
+        "--out",
+        str(out),
+        "--batch-tokens",
+        "256",
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -155,6 +236,6 @@ def test_two_processes_give_the_single_process_file(cli, run_dir, tiny_model, tm
     for column in ("rollout_id", "span_idx", "mask"):
         assert sharded.column(column).to_pylist() == single.column(column).to_pylist()
     for column in ("base_logp", "masked_logp", "delta"):
-        for a, b in zip(sharded.column(column).to_pylist(), single.column(column).to_pylist()):
+        for a, b in zip(sharded.column(column).to_pylist(), single.column(column).to_pylist(), strict=True):
             assert abs(a - b) < 1e-5
     assert leftovers(tmp_path) == ["scores.parquet", "single"]

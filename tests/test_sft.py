@@ -4,17 +4,21 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
-from cfiw_cli.artifacts import sha256_of
 from conftest import leftovers
 from test_errors import assert_clean_error
+
+from cfiw_cli.artifacts import sha256_of
 
 
 @pytest.fixture(scope="module")
 def two_problems(tmp_path_factory):
     from cfiw_cli.tools.synth import SynthConfig, run
 
-    return run(SynthConfig(out=str(tmp_path_factory.mktemp("synth") / "data"), n_train=2, n_test=1, max_steps=1, filler_rate=0.0))
+    return run(
+        SynthConfig(
+            out=str(tmp_path_factory.mktemp("synth") / "data"), n_train=2, n_test=1, max_steps=1, filler_rate=0.0
+        )
+    )
 
 
 def sft(cli, model, dataset, out, *extra):
@@ -29,12 +33,32 @@ def test_memorizes_two_solutions_word_for_word_and_stops(cli, tiny_model, two_pr
     result = sft(cli, tiny_model, two_problems, out, "--steps", "150", "--lr", "1e-2", "--lr-schedule", "constant")
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["cfiw_manifest.json", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+        [
+            "cfiw_manifest.json",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+        ]
     )
     manifest = json.loads((out / "cfiw_manifest.json").read_text())
     curve = manifest["metrics"]["loss_curve"]
     assert manifest["stage"] == "sft" and curve[-1]["loss"] < 0.05 < curve[0]["loss"]
-    evaluated = cli("eval", "--model", out, "--dataset", two_problems, "--split", "train", "--max-new-tokens", "64", "--out", tmp_path / "eval.parquet")
+    evaluated = cli(
+        "eval",
+        "--model",
+        out,
+        "--dataset",
+        two_problems,
+        "--split",
+        "train",
+        "--max-new-tokens",
+        "64",
+        "--out",
+        tmp_path / "eval.parquet",
+    )
     assert evaluated.exit_code == 0, evaluated.stderr
     rows = pq.read_table(tmp_path / "eval.parquet").to_pylist()
     answers = [json.loads(line)["answer"] for line in (two_problems / "train.jsonl").read_text().splitlines()]

@@ -5,9 +5,9 @@ import random
 import re
 
 import pytest
+from conftest import COMPLETIONS
 
 from cfiw_cli.algo.spans import _Alignment, decode_with_offsets, find_spans
-from conftest import COMPLETIONS
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,9 @@ def check_invariants(tokenizer, ids, spans):
         previous_end = span.tok_end
         assert tokenizer.decode(body[span.tok_start : span.tok_end]) == span.text
         assert text[span.char_start : span.char_end] == span.text
-    assert spans[-1].tok_end == len(body) or spans[-1].text.strip().replace(",", "").lstrip("$").replace(".", "").isdigit()
+    assert (
+        spans[-1].tok_end == len(body) or spans[-1].text.strip().replace(",", "").lstrip("$").replace(".", "").isdigit()
+    )
 
 
 @pytest.mark.parametrize("text", COMPLETIONS)
@@ -127,13 +129,21 @@ def test_token_straddling_a_calculation_edge():
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     raw.train_from_iterator(["so 12 + 7 = 19.\nok"] * 50, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
     text = "Ava has many apples today.\nso 12 + 7 = 19.\nok then the total is clear.\n#### 19"
     ids, spans = spans_of(tokenizer, text, min_tokens=1)
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    assert any(len(tokenizer.convert_tokens_to_string([p])) > 1 and "." in tokenizer.convert_tokens_to_string([p]) for p in pieces)
+    assert any(
+        len(tokenizer.convert_tokens_to_string([p])) > 1 and "." in tokenizer.convert_tokens_to_string([p])
+        for p in pieces
+    )
     check_invariants(tokenizer, ids, spans)
     calc = next(s for s in spans if s.kind == "calculation")
     assert "12 + 7 = 19" in calc.text

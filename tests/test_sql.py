@@ -3,23 +3,43 @@
 import json
 
 import pyarrow as pa
+from test_errors import assert_clean_error
 
 from cfiw_cli.artifacts import build_manifest, write_table
-from test_errors import assert_clean_error
 
 
 def make_run(root):
     for iteration, deltas in ((0, [1.0, 3.0]), (1, [5.0, 7.0])):
         directory = root / f"iter-{iteration:04d}"
         directory.mkdir(parents=True)
-        spans = pa.table({"rollout_id": [f"{iteration}:p:0"] * 2, "span_idx": pa.array([0, 1], pa.int32()), "kind": ["calculation", "scaffolding"]})
-        scores = pa.table({"rollout_id": [f"{iteration}:p:0"] * 2, "span_idx": pa.array([0, 1], pa.int32()), "delta": pa.array(deltas, pa.float32())})
+        spans = pa.table(
+            {
+                "rollout_id": [f"{iteration}:p:0"] * 2,
+                "span_idx": pa.array([0, 1], pa.int32()),
+                "kind": ["calculation", "scaffolding"],
+            }
+        )
+        scores = pa.table(
+            {
+                "rollout_id": [f"{iteration}:p:0"] * 2,
+                "span_idx": pa.array([0, 1], pa.int32()),
+                "delta": pa.array(deltas, pa.float32()),
+            }
+        )
         write_table(spans, directory / "spans.parquet", build_manifest("segment", {}, {}, rows=2, seconds=0))
         write_table(scores, directory / "scores.parquet", build_manifest("score", {}, {}, rows=2, seconds=0))
     (root / "eval").mkdir()
-    write_table(pa.table({"prompt_id": ["a", "b"], "correct": [True, False]}), root / "eval" / "iter-0002.parquet", build_manifest("eval", {}, {}, rows=2, seconds=0))
+    write_table(
+        pa.table({"prompt_id": ["a", "b"], "correct": [True, False]}),
+        root / "eval" / "iter-0002.parquet",
+        build_manifest("eval", {}, {}, rows=2, seconds=0),
+    )
     (root / "probe").mkdir()
-    write_table(pa.table({"prompt_id": ["a", "a", "b", "b"], "correct": [True, True, True, False]}), root / "probe" / "iter-0004.parquet", build_manifest("eval", {}, {}, rows=4, seconds=0))
+    write_table(
+        pa.table({"prompt_id": ["a", "a", "b", "b"], "correct": [True, True, True, False]}),
+        root / "probe" / "iter-0004.parquet",
+        build_manifest("eval", {}, {}, rows=4, seconds=0),
+    )
     return root
 
 
@@ -43,7 +63,9 @@ def test_views_join_across_iterations(cli, tmp_path):
 
 def test_the_readme_query_works(cli, tmp_path):
     run = make_run(tmp_path / "run")
-    result = cli("sql", run, "select kind, avg(delta) from spans join scores using (rollout_id, span_idx) group by kind")
+    result = cli(
+        "sql", run, "select kind, avg(delta) from spans join scores using (rollout_id, span_idx) group by kind"
+    )
     assert result.exit_code == 0 and "calculation" in result.stdout
 
 

@@ -5,11 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
+from test_errors import assert_clean_error
 
 from cfiw_cli.artifacts import sha256_of
 from cfiw_cli.tasks.arith import FILLERS, LABELS
 from cfiw_cli.tasks.gsm8k import load_questions, parse_gold
-from test_errors import assert_clean_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,9 @@ def test_same_seed_same_files_other_seed_other_files(cli, tmp_path):
 def test_labels_describe_the_solution_and_the_arithmetic_is_right(cli, tmp_path):
     out = synth(cli, tmp_path / "d", "--max-number", "30", "--max-steps", "3", "--filler-rate", "0.5")
     train, test = read(out / "train.jsonl"), read(out / "test.jsonl")
-    assert not {r["question"] for r in train} & {r["question"] for r in test}, "a test question repeats a train question"
+    assert not {r["question"] for r in train} & {r["question"] for r in test}, (
+        "a test question repeats a train question"
+    )
     seen = set()
     for row in train + test:
         labels = row["labels"]
@@ -82,7 +84,9 @@ def test_up_to_date_force_and_bad_input(cli, tmp_path):
     assert cli("synth", "--out", out, "--n-train", "301", "--n-test", "60", "--force").exit_code == 0
     assert sha256_of(out / "train.jsonl") != before
     assert cli("synth", "--out", tmp_path / "h", "--filler-rate", "1.5").exit_code == 2
-    too_many = cli("synth", "--out", tmp_path / "i", "--n-train", "10", "--n-test", "3000", "--max-number", "4", "--max-steps", "1")
+    too_many = cli(
+        "synth", "--out", tmp_path / "i", "--n-train", "10", "--n-test", "3000", "--max-number", "4", "--max-steps", "1"
+    )
     assert_clean_error(too_many, "distinct test problems")
     assert not (tmp_path / "i").exists()
 
@@ -104,19 +108,21 @@ def test_the_teacher_errs_only_by_its_misconception(cli, tmp_path):
     assert [r["question"] for r in train] == [r["question"] for r in taught]
     assert "teacher_answer" not in train[0] and not (synth(cli, tmp_path / "none") / "sft.jsonl").exists()
     errors = chances = wrong = 0
-    for row, teacher in zip(train, taught):
+    for row, teacher in zip(train, taught, strict=True):
         lines = [s["text"] for s in teacher["labels"]]
         assert teacher["answer"] == "\n".join(lines)
         total = int(re.search(r"\d+", lines[0]).group())
         events = re.findall(r"(gives away|gets|grows|has) (\d+)", row["question"])[1:]  # the first "has" is the start
         body = [line for line in lines[1:-1] if line not in FILLERS]
         assert len(body) == len(events)
-        for (kind, number), line in zip(events, body):
+        for (kind, number), line in zip(events, body, strict=True):
             chances += kind in ("gives away", "has")
             if kind == "has" and line.endswith("do not count."):
                 continue
             a, op, b, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = <<\1\2\3=(\d+)>>\4\.", line).groups()
-            assert int(a) == total and b == number, "the teacher continues from its own total with the question's number"
+            assert int(a) == total and b == number, (
+                "the teacher continues from its own total with the question's number"
+            )
             right = {"gives away": "-", "gets": "+", "grows": "*", "has": None}[kind]
             errors += op != right
             assert op == right or (op == "+" and kind in ("gives away", "has")), "the only error is adding"
@@ -147,8 +153,16 @@ def test_distractors_carry_numbers_the_answer_does_not_depend_on(cli, tmp_path):
             assert int(a) == total
             total = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
         assert parse_gold(row["answer"]) == str(total)
-    assert {s["label"] for row in rows for s in row["labels"]} == {"restatement", "calculation", "filler", "distractor", "answer"}
+    assert {s["label"] for row in rows for s in row["labels"]} == {
+        "restatement",
+        "calculation",
+        "filler",
+        "distractor",
+        "answer",
+    }
     assert all("distractor" not in {s["label"] for s in row["labels"]} for row in plain)
     manifest = json.loads((out / "cfiw_manifest.json").read_text())
-    assert manifest["config"]["distractors"] == 2 and manifest["metrics"]["train_sentences_by_label"]["distractor"] == 600
+    assert (
+        manifest["config"]["distractors"] == 2 and manifest["metrics"]["train_sentences_by_label"]["distractor"] == 600
+    )
     assert_clean_error(cli("synth", "--out", tmp_path / "bad", "--distractors", "14"), "--distractors")

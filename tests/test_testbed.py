@@ -12,12 +12,31 @@ import pytest
 from cfiw_cli.artifacts import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "cfiw_manifest.json"}
+MODEL_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "cfiw_manifest.json",
+}
 ITERATION_FILES = {"rollouts.parquet", "spans.parquet", "scores.parquet", "weights.parquet", "train_metrics.parquet"}
 REPORT_TABLES = {
-    "accuracy", "accuracy_by_mode", "final_accuracy_by_mode", "iterations_to_uniform", "reward",
-    "delta_by_kind", "delta_by_label", "importance_auroc", "weight_by_kind",
-    "probe", "probe_by_mode", "probe_runs", "mode_comparison", "paired_differences",
+    "accuracy",
+    "accuracy_by_mode",
+    "final_accuracy_by_mode",
+    "iterations_to_uniform",
+    "reward",
+    "delta_by_kind",
+    "delta_by_label",
+    "importance_auroc",
+    "weight_by_kind",
+    "probe",
+    "probe_by_mode",
+    "probe_runs",
+    "mode_comparison",
+    "paired_differences",
 }
 
 
@@ -32,7 +51,17 @@ def files(directory: Path) -> set[str]:
 
 
 def full_run(run: Path, sft: Path) -> subprocess.CompletedProcess:
-    command = [just(), "--justfile", str(ROOT / "Justfile"), "full-run", "model=tiny", "iters=2", "sft_steps=150", f"run={run}", f"sft={sft}"]
+    command = [
+        just(),
+        "--justfile",
+        str(ROOT / "Justfile"),
+        "full-run",
+        "model=tiny",
+        "iters=2",
+        "sft_steps=150",
+        f"run={run}",
+        f"sft={sft}",
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=1500)
 
 
@@ -48,11 +77,25 @@ def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_pat
     sft_manifest = json.loads((sft / "cfiw_manifest.json").read_text())
     assert sft_manifest["stage"] == "sft" and sft_manifest["config"]["steps"] == 150
     report = {f"report/{name}.json" for name in REPORT_TABLES} | {
-        "report/report.md", "report/report.html", "report/accuracy.png", "report/reward.png", "report/probe.png",
-        "report/delta_by_kind.png", "report/weight_by_kind.png", "report/curves.parquet", "report/curves_by_mode.parquet",
+        "report/report.md",
+        "report/report.html",
+        "report/accuracy.png",
+        "report/reward.png",
+        "report/probe.png",
+        "report/delta_by_kind.png",
+        "report/weight_by_kind.png",
+        "report/curves.parquet",
+        "report/curves_by_mode.parquet",
     }
     expected = (
-        {"config.toml", "loop_state.json", "eval/iter-0000.parquet", "eval/iter-0002.parquet", "probe/iter-0000.parquet", "probe/iter-0002.parquet"}
+        {
+            "config.toml",
+            "loop_state.json",
+            "eval/iter-0000.parquet",
+            "eval/iter-0002.parquet",
+            "probe/iter-0000.parquet",
+            "probe/iter-0002.parquet",
+        }
         | {f"iter-{i:04d}/{name}" for i in range(2) for name in ITERATION_FILES}
         | {f"policy/{name}" for name in MODEL_FILES | {"optimizer.pt", "scheduler.pt", "trainer_state.json"}}
         | report
@@ -73,7 +116,10 @@ def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_pat
     import pyarrow.parquet as pq
 
     steps = sum(pq.read_metadata(run / f"iter-{i:04d}/train_metrics.parquet").num_rows for i in range(2))
-    assert [(row["iteration"], row["step"], row["questions"], row["samples"]) for row in probe] == [(0, 0, 64, 8), (2, steps, 64, 8)]
+    assert [(row["iteration"], row["step"], row["questions"], row["samples"]) for row in probe] == [
+        (0, 0, 64, 8),
+        (2, steps, 64, 8),
+    ]
 
     before = {name: sha256_of(run / name) for name in expected if not name.startswith("report/")}
     again = full_run(run, sft)

@@ -8,7 +8,6 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import COMPLETIONS, write_rollouts
 from test_errors import assert_clean_error
 
@@ -31,18 +30,52 @@ def batch(tmp_path_factory, tiny_model, cli):
     from transformers import AutoTokenizer
 
     directory = tmp_path_factory.mktemp("train") / "iter-0000"
-    write_rollouts(directory / "rollouts.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS + ["#### 1"], GOLDS)
+    write_rollouts(
+        directory / "rollouts.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS + ["#### 1"], GOLDS
+    )
     files = {name: directory / f"{name}.parquet" for name in ("rollouts", "spans", "scores")}
-    assert cli("segment", "--rollouts", files["rollouts"], "--model", tiny_model, "--out", files["spans"]).exit_code == 0
-    assert cli("score", "--rollouts", files["rollouts"], "--spans", files["spans"], "--model", tiny_model, "--out", files["scores"]).exit_code == 0
+    assert (
+        cli("segment", "--rollouts", files["rollouts"], "--model", tiny_model, "--out", files["spans"]).exit_code == 0
+    )
+    assert (
+        cli(
+            "score",
+            "--rollouts",
+            files["rollouts"],
+            "--spans",
+            files["spans"],
+            "--model",
+            tiny_model,
+            "--out",
+            files["scores"],
+        ).exit_code
+        == 0
+    )
     return files
 
 
 def train_args(batch, model, out, *extra):
     return [
-        "train", "--model", model, "--rollouts", batch["rollouts"], "--spans", batch["spans"], "--scores", batch["scores"],
-        "--out", out, "--metrics-out", out.parent / f"{out.name}-metrics.parquet", "--weights-out", out.parent / f"{out.name}-weights.parquet",
-        "--lr", "1e-3", "--minibatches", "2", *extra,
+        "train",
+        "--model",
+        model,
+        "--rollouts",
+        batch["rollouts"],
+        "--spans",
+        batch["spans"],
+        "--scores",
+        batch["scores"],
+        "--out",
+        out,
+        "--metrics-out",
+        out.parent / f"{out.name}-metrics.parquet",
+        "--weights-out",
+        out.parent / f"{out.name}-weights.parquet",
+        "--lr",
+        "1e-3",
+        "--minibatches",
+        "2",
+        *extra,
     ]
 
 
@@ -52,7 +85,15 @@ def test_each_mode_updates_the_policy(cli, batch, tiny_model, tmp_path, mode):
     result = cli(*train_args(batch, tiny_model, out, "--weighting", mode))
     assert result.exit_code == 0, result.stderr
     assert max_change(parameters(out), parameters(tiny_model)) > 1e-4
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt", "trainer_state.json", "cfiw_manifest.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "cfiw_manifest.json",
+    ):
         assert (out / name).exists(), name
     assert not (tmp_path / "policy.tmp").exists()
     metrics = pq.read_table(tmp_path / "policy-metrics.parquet").to_pylist()
@@ -79,9 +120,16 @@ def test_zero_learning_rate_changes_nothing(cli, batch, tiny_model, tmp_path):
 def test_equal_rewards_give_a_message_and_no_update(cli, tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    rollouts = write_rollouts(tmp_path / "iter-0000" / "rollouts.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS[:4], ["19", "6", "22.5", "5"])
+    rollouts = write_rollouts(
+        tmp_path / "iter-0000" / "rollouts.parquet",
+        AutoTokenizer.from_pretrained(tiny_model),
+        COMPLETIONS[:4],
+        ["19", "6", "22.5", "5"],
+    )
     out = tmp_path / "policy"
-    result = cli("train", "--model", tiny_model, "--rollouts", rollouts, "--weighting", "uniform", "--out", out, "--lr", "1e-3")
+    result = cli(
+        "train", "--model", tiny_model, "--rollouts", rollouts, "--weighting", "uniform", "--out", out, "--lr", "1e-3"
+    )
     assert result.exit_code == 0 and "equal rewards" in result.stderr and "no update" in result.stderr
     assert max_change(parameters(out), parameters(tiny_model)) == 0.0
     assert pq.read_table(out / "train_metrics.parquet").num_rows == 0  # by default inside the checkpoint
@@ -92,7 +140,23 @@ def test_two_modes_on_one_batch_keep_their_own_files(cli, batch, tiny_model, tmp
     replaying one batch in two modes overwrites nothing (nothing lands beside the rollouts)."""
     before = set(batch["rollouts"].parent.iterdir())
     for mode in ("cfiw", "uniform"):
-        args = ["train", "--model", tiny_model, "--rollouts", batch["rollouts"], "--spans", batch["spans"], "--scores", batch["scores"], "--out", tmp_path / mode, "--lr", "1e-3", "--weighting", mode]
+        args = [
+            "train",
+            "--model",
+            tiny_model,
+            "--rollouts",
+            batch["rollouts"],
+            "--spans",
+            batch["spans"],
+            "--scores",
+            batch["scores"],
+            "--out",
+            tmp_path / mode,
+            "--lr",
+            "1e-3",
+            "--weighting",
+            mode,
+        ]
         assert cli(*args).exit_code == 0
     assert set(batch["rollouts"].parent.iterdir()) == before
     for mode in ("cfiw", "uniform"):
@@ -113,7 +177,9 @@ def test_second_iteration_resumes_optimizer_state(cli, batch, tiny_model, tmp_pa
 
 
 def test_weighting_needs_scores(cli, batch, tiny_model, tmp_path):
-    result = cli("train", "--model", tiny_model, "--rollouts", batch["rollouts"], "--out", tmp_path / "p", "--weighting", "cfiw")
+    result = cli(
+        "train", "--model", tiny_model, "--rollouts", batch["rollouts"], "--out", tmp_path / "p", "--weighting", "cfiw"
+    )
     assert_clean_error(result, "--spans and --scores")
     assert not (tmp_path / "p").exists()
 
@@ -123,14 +189,26 @@ def test_two_processes_end_with_the_same_parameters(cli, batch, tiny_model, tmp_
     assert cli(*train_args(batch, tiny_model, single)).exit_code == 0
     double = tmp_path / "double"
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    argv = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29547", "-m", "cfiw_cli"]
-    done = subprocess.run(argv + [str(a) for a in train_args(batch, tiny_model, double)], capture_output=True, text=True, timeout=300)
+    argv = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29547",
+        "-m",
+        "cfiw_cli",
+    ]
+    done = subprocess.run(
+        argv + [str(a) for a in train_args(batch, tiny_model, double)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     # The loss and the all-reduced gradient norm of every step agree to float precision, so the
     # step's gradient is the single-process one, scale included.
     one, two = (pq.read_table(tmp_path / f"{name}-metrics.parquet").to_pylist() for name in ("single", "double"))
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     # Adam moves every parameter by about lr (1e-3) per step whatever its gradient's size, so
@@ -146,8 +224,23 @@ def sampled(tmp_path_factory, tiny_model, mini_dataset, cli):
     """Rollouts sampled by `cfiw rollout` at T = 0.7, top-p 1 (CPU, float32)."""
     path = tmp_path_factory.mktemp("sampled") / "rollouts.parquet"
     result = cli(
-        "rollout", "--model", tiny_model, "--dataset", mini_dataset, "--limit", "4", "--group-size", "4",
-        "--max-new-tokens", "24", "--temperature", "0.7", "--top-p", "1.0", "--out", path,
+        "rollout",
+        "--model",
+        tiny_model,
+        "--dataset",
+        mini_dataset,
+        "--limit",
+        "4",
+        "--group-size",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "1.0",
+        "--out",
+        path,
     )
     assert result.exit_code == 0, result.stderr
     return path
@@ -157,9 +250,26 @@ def train_uniform(cli, model, rollouts, out, *extra):
     # a random-init model earns no reward: keep the equal-reward groups (advantage 0) and the
     # truncated completions so that every token is compared with what the sampler recorded
     return cli(
-        "train", "--model", model, "--rollouts", rollouts, "--weighting", "uniform", "--out", out,
-        "--metrics-out", out.parent / f"{out.name}-metrics.parquet", "--weights-out", out.parent / f"{out.name}-weights.parquet",
-        "--no-dynamic-sampling", "--no-mask-truncated", "--minibatches", "2", "--lr", "1e-3", *extra,
+        "train",
+        "--model",
+        model,
+        "--rollouts",
+        rollouts,
+        "--weighting",
+        "uniform",
+        "--out",
+        out,
+        "--metrics-out",
+        out.parent / f"{out.name}-metrics.parquet",
+        "--weights-out",
+        out.parent / f"{out.name}-weights.parquet",
+        "--no-dynamic-sampling",
+        "--no-mask-truncated",
+        "--minibatches",
+        "2",
+        "--lr",
+        "1e-3",
+        *extra,
     )
 
 
@@ -193,12 +303,39 @@ def test_dr_grpo_normalizes_by_the_rollouts_max_new_tokens(cli, sampled, batch, 
     assert train_uniform(cli, tiny_model, sampled, out, "--loss-type", "dr_grpo").exit_code == 0
     assert json.loads((out / "cfiw_manifest.json").read_text())["metrics"]["max_new_tokens"] == 24
     # rollouts written by another tool without the limit: a clear error, and the flag fixes it
-    result = cli("train", "--model", tiny_model, "--rollouts", batch["rollouts"], "--weighting", "uniform", "--loss-type", "dr_grpo", "--out", tmp_path / "p2")
+    result = cli(
+        "train",
+        "--model",
+        tiny_model,
+        "--rollouts",
+        batch["rollouts"],
+        "--weighting",
+        "uniform",
+        "--loss-type",
+        "dr_grpo",
+        "--out",
+        tmp_path / "p2",
+    )
     assert_clean_error(result, "dr_grpo needs the length limit")
     assert "--max-new-tokens" in result.stderr and not (tmp_path / "p2").exists()
     result = cli(
-        "train", "--model", tiny_model, "--rollouts", batch["rollouts"], "--weighting", "uniform", "--loss-type", "dr_grpo",
-        "--max-new-tokens", "64", "--out", tmp_path / "p3", "--metrics-out", tmp_path / "p3.parquet", "--weights-out", tmp_path / "w3.parquet",
+        "train",
+        "--model",
+        tiny_model,
+        "--rollouts",
+        batch["rollouts"],
+        "--weighting",
+        "uniform",
+        "--loss-type",
+        "dr_grpo",
+        "--max-new-tokens",
+        "64",
+        "--out",
+        tmp_path / "p3",
+        "--metrics-out",
+        tmp_path / "p3.parquet",
+        "--weights-out",
+        tmp_path / "w3.parquet",
     )
     assert result.exit_code == 0, result.stderr
     assert "does not record its sampling temperature" in result.stderr
@@ -228,5 +365,7 @@ def test_profiles_and_random_mode(cli, batch, tiny_model, tmp_path, profile, mod
 
 
 def test_bad_temperature(cli, batch, tiny_model, tmp_path):  # a bad --profile exits 2 at parsing (test_cli_help)
-    assert_clean_error(cli(*train_args(batch, tiny_model, tmp_path / "p", "--temperature", "0")), "--temperature must be > 0")
+    assert_clean_error(
+        cli(*train_args(batch, tiny_model, tmp_path / "p", "--temperature", "0")), "--temperature must be > 0"
+    )
     assert not (tmp_path / "p").exists()

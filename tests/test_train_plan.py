@@ -19,7 +19,10 @@ def sequences(groups: int, size: int, seed: int = 0) -> list[_Sequence]:
         rewards[g * size], rewards[g * size + 1] = 1.0, 0.0
     names = [f"q-{i // size}" for i in range(groups * size)]
     advantages = group_advantages(rewards, names)
-    return [_Sequence(f"0:{names[i]}:{i % size}", names[i], [1, 2, 3], 1, a, [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]) for i, a in enumerate(advantages)]
+    return [
+        _Sequence(f"0:{names[i]}:{i % size}", names[i], [1, 2, 3], 1, a, [1.0, 1.0], [1.0, 1.0], [0.0, 0.0])
+        for i, a in enumerate(advantages)
+    ]
 
 
 @pytest.mark.parametrize("groups, size, minibatches", [(8, 4, 2), (7, 8, 3), (5, 2, 4), (3, 4, 8), (16, 8, 4)])
@@ -56,10 +59,16 @@ def test_sampling_settings_from_columns_flags_and_defaults(tmp_path, capsys):
     path = str(tmp_path / "missing.parquet")  # no manifest can be read: settings come from columns or flags
     config = TrainConfig(model="m", rollouts=path, out="o")
     assert sampling_settings(config, rollouts_table(temperature=[0.7, 0.7], max_new_tokens=[64, 64])) == {
-        "temperature": 0.7, "temperature_source": "rollouts", "max_new_tokens": 64,
+        "temperature": 0.7,
+        "temperature_source": "rollouts",
+        "max_new_tokens": 64,
     }
     overridden = TrainConfig(model="m", rollouts=path, out="o", temperature=0.6, max_new_tokens=32)
-    assert sampling_settings(overridden, rollouts_table(temperature=[0.7, 0.7])) == {"temperature": 0.6, "temperature_source": "--temperature", "max_new_tokens": 32}
+    assert sampling_settings(overridden, rollouts_table(temperature=[0.7, 0.7])) == {
+        "temperature": 0.6,
+        "temperature_source": "--temperature",
+        "max_new_tokens": 32,
+    }
     # greedy rollouts record their log-probs at T = 1
     assert sampling_settings(config, rollouts_table(temperature=[0.0, 0.0]))["temperature"] == 1.0
     unknown = sampling_settings(config, rollouts_table())
@@ -72,5 +81,7 @@ def test_sampling_settings_errors(tmp_path):
     with pytest.raises(CfiwError, match="several values"):
         sampling_settings(TrainConfig(model="m", rollouts=path, out="o"), rollouts_table(temperature=[0.7, 1.0]))
     with pytest.raises(CfiwError, match="dr_grpo needs the length limit") as caught:
-        sampling_settings(TrainConfig(model="m", rollouts=path, out="o", loss_type="dr_grpo"), rollouts_table(temperature=[1.0, 1.0]))
+        sampling_settings(
+            TrainConfig(model="m", rollouts=path, out="o", loss_type="dr_grpo"), rollouts_table(temperature=[1.0, 1.0])
+        )
     assert "--max-new-tokens" in caught.value.hint

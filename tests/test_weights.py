@@ -104,13 +104,17 @@ def test_a_spread_below_min_spread_is_noise_not_signal():
     signal = [ScoredSpan("numeric", 0, 2, 14.0), ScoredSpan("numeric", 2, 5, 0.0), ScoredSpan("answer", 5, 7)]
     assert token_weights(7, signal, "cfiw", RAW) == approx([2.0, 2.0, 1.25, 1.25, 1.25, 1.5, 1.5])
     # min_spread is a parameter: at 0 the 1e-6 spread is scaled like the 7-nat one
-    assert token_weights(7, noise, "cfiw", WeightConfig(conserve=False, min_spread=0.0)) == approx([2.0, 2.0, 1.25, 1.25, 1.25, 1.5, 1.5])
+    assert token_weights(7, noise, "cfiw", WeightConfig(conserve=False, min_spread=0.0)) == approx(
+        [2.0, 2.0, 1.25, 1.25, 1.25, 1.5, 1.5]
+    )
 
 
 def test_every_constant_is_a_parameter():
     config = WeightConfig(floor=0.0, boost=3.0, min_weight=1.0, answer_weight=2.0, conserve=False)
     # I = [.5, .5, .1, .1, 0] -> Î = 0.5 + 0.5 I / 0.5 = [1, 1, .6, .6, .5]; w = 1 + 2 Î
-    assert token_weights(8, SPANS, "cfiw", config, ends_with_stop=True) == approx([3.0, 3.0, 2.2, 2.2, 2.0, 2.0, 2.0, 1.0])
+    assert token_weights(8, SPANS, "cfiw", config, ends_with_stop=True) == approx(
+        [3.0, 3.0, 2.2, 2.2, 2.0, 2.0, 2.0, 1.0]
+    )
 
 
 # The authors' trainer, worked by hand. Completion "3 = 3. ok #### 3<eos>" as 8 tokens:
@@ -126,9 +130,13 @@ def test_authors_profile_by_hand():
     expected = [2.0, 0.65, 2.0, 1.25, 1.25, 1.5, 1.5, 1.0]
     assert token_weights(8, AUTHOR_SPANS, "cfiw", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(expected)
     # the cfiw profile has no formatting rule
-    assert token_weights(8, AUTHOR_SPANS, "cfiw", RAW, ends_with_stop=True) == approx([2.0, 2.0, 2.0, 1.25, 1.25, 1.5, 1.5, 1.0])
+    assert token_weights(8, AUTHOR_SPANS, "cfiw", RAW, ends_with_stop=True) == approx(
+        [2.0, 2.0, 2.0, 1.25, 1.25, 1.5, 1.5, 1.0]
+    )
     # conservation: the seven tokens before EOS sum to 10.15, mean 1.45
-    conserved = token_weights(8, AUTHOR_SPANS, "cfiw", WeightConfig(profile="authors"), ends_with_stop=True, token_texts=TEXTS)
+    conserved = token_weights(
+        8, AUTHOR_SPANS, "cfiw", WeightConfig(profile="authors"), ends_with_stop=True, token_texts=TEXTS
+    )
     assert conserved == approx([w / 1.45 for w in expected[:7]] + [1.0])
 
 
@@ -137,17 +145,25 @@ def test_authors_inversion_spans_the_whole_completion():
     # = [0, 0, 0, .5, .5, 1, 1]; " =" now has Î' = 0, so the 0.1 rule leaves it; the answer is
     # overridden by answer_weight. Reasoning lands in [0.5, 1.25], never above the answer.
     expected = [0.5, 0.5, 0.5, 1.25, 1.25, 1.5, 1.5, 1.0]
-    assert token_weights(8, AUTHOR_SPANS, "inverted", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(expected)
+    assert token_weights(8, AUTHOR_SPANS, "inverted", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(
+        expected
+    )
     # the cfiw profile flips within the reasoning region: 1.5 - [1, 1, 1, .5, .5] = [.5, .5, .5, 1, 1]
-    assert token_weights(8, AUTHOR_SPANS, "inverted", RAW, ends_with_stop=True) == approx([1.25, 1.25, 1.25, 2.0, 2.0, 1.5, 1.5, 1.0])
+    assert token_weights(8, AUTHOR_SPANS, "inverted", RAW, ends_with_stop=True) == approx(
+        [1.25, 1.25, 1.25, 2.0, 2.0, 1.5, 1.5, 1.0]
+    )
 
 
 def test_authors_rollouts_without_scored_spans():
     answer_only = [ScoredSpan("answer", 5, 7)]
     # cfiw: Î = 0.5 on the reasoning region (" =" -> 0.05 -> w 0.575), answer 1.5
-    assert token_weights(8, answer_only, "cfiw", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx([1.25, 0.575, 1.25, 1.25, 1.25, 1.5, 1.5, 1.0])
+    assert token_weights(8, answer_only, "cfiw", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(
+        [1.25, 0.575, 1.25, 1.25, 1.25, 1.5, 1.5, 1.0]
+    )
     # inverted returns before inverting, with Î = 1 on the reasoning region (" =" -> 0.1 -> 0.65)
-    assert token_weights(8, answer_only, "inverted", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx([2.0, 0.65, 2.0, 2.0, 2.0, 1.5, 1.5, 1.0])
+    assert token_weights(8, answer_only, "inverted", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(
+        [2.0, 0.65, 2.0, 2.0, 2.0, 1.5, 1.5, 1.0]
+    )
 
 
 def test_authors_random_draws_over_the_whole_completion():
@@ -155,7 +171,9 @@ def test_authors_random_draws_over_the_whole_completion():
     expected = [0.5 + 1.5 * d for d in draws]
     expected[1] = 0.5 + 1.5 * 0.1 * draws[1]  # " =" is a formatting token
     expected[5:7] = [1.5, 1.5]
-    weights = token_weights(8, AUTHOR_SPANS, "random", AUTHORS, ends_with_stop=True, rng=random.Random(3), token_texts=TEXTS)
+    weights = token_weights(
+        8, AUTHOR_SPANS, "random", AUTHORS, ends_with_stop=True, rng=random.Random(3), token_texts=TEXTS
+    )
     assert weights == approx(expected + [1.0])
 
 

@@ -39,8 +39,9 @@ too), less the shared prompts. Not done: sharing work between the variants thems
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 MASK_MODES = ("pad", "delete", "knockout")
 TARGETS = ("own", "gold")  # whose answer tokens a span's delta is measured on: the rollout's own, or the gold answer
@@ -114,7 +115,14 @@ def _cache_from(layers: list[tuple[Any, Any]]) -> Any:
         return DynamicCache.from_legacy_cache(tuple(layers))
 
 
-def _run_suffixes(model: Any, jobs: list[_Suffix], kv: list[tuple[Any, Any]] | None, pad_id: int, keep_cache: bool = False, stats: dict | None = None):
+def _run_suffixes(
+    model: Any,
+    jobs: list[_Suffix],
+    kv: list[tuple[Any, Any]] | None,
+    pad_id: int,
+    keep_cache: bool = False,
+    stats: dict | None = None,
+):
     """One forward call: each job's suffix on top of its cached prefix (`kv`: per layer
     `[rows, H, L, d]`, position j in slot j). Returns the target log-probs of each job and,
     with `keep_cache`, the suffix KV per layer `[B, H, S, d]` (left-padded like the input)."""
@@ -132,7 +140,9 @@ def _run_suffixes(model: Any, jobs: list[_Suffix], kv: list[tuple[Any, Any]] | N
     kwargs = {}
     if past:
         rows = torch.tensor([j.row for j in jobs], device=dev)  # [B]
-        layers = [(k[:, :, :past].index_select(0, rows), v[:, :, :past].index_select(0, rows)) for k, v in kv]  # [B, H, P, d]
+        layers = [
+            (k[:, :, :past].index_select(0, rows), v[:, :, :past].index_select(0, rows)) for k, v in kv
+        ]  # [B, H, P, d]
         kwargs[_cache_argument(model)] = _cache_from(layers)
     out = model(
         input_ids=torch.tensor(suffix, device=dev),  # [B, S]
@@ -146,7 +156,9 @@ def _run_suffixes(model: Any, jobs: list[_Suffix], kv: list[tuple[Any, Any]] | N
     picked = []
     for row, job in enumerate(jobs):
         wanted = torch.tensor(job.targets, device=dev, dtype=torch.long)  # [n]
-        picked.append(logprobs[row, logprobs.shape[1] - len(job.targets) :].gather(1, wanted[:, None]).squeeze(1))  # [n]
+        picked.append(
+            logprobs[row, logprobs.shape[1] - len(job.targets) :].gather(1, wanted[:, None]).squeeze(1)
+        )  # [n]
     if not keep_cache:
         return picked, None
     cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
@@ -191,9 +203,9 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
 
 def _store(cache: list[tuple[Any, Any]], rows: list[int], suffix_kv, lengths: list[int], starts: list[int]) -> None:
     """Copy each row's (left-padded) suffix KV into slots [start, start + length) of `cache`."""
-    for (keys, values), (new_keys, new_values) in zip(cache, suffix_kv):
+    for (keys, values), (new_keys, new_values) in zip(cache, suffix_kv, strict=True):
         width = new_keys.shape[2]
-        for b, (row, length, start) in enumerate(zip(rows, lengths, starts)):
+        for b, (row, length, start) in enumerate(zip(rows, lengths, starts, strict=True)):
             keys[row, :, start : start + length] = new_keys[b, :, width - length :]
             values[row, :, start : start + length] = new_values[b, :, width - length :]
 
@@ -204,7 +216,7 @@ def _run_unmasked(model: Any, items: list[ScoringItem], pad_id: int, batch_token
     # The prompt's last token stays with the item so its prediction is always in the item run.
     shared = [max(item.prompt_length - 1, 0) for item in items]
     prompts: dict[tuple[int, ...], int] = {}
-    for item, n in zip(items, shared):
+    for item, n in zip(items, shared, strict=True):
         if n:
             prompts.setdefault(tuple(item.tokens[:n]), len(prompts))
     prompt_list = list(prompts)
@@ -216,27 +228,34 @@ def _run_unmasked(model: Any, items: list[ScoringItem], pad_id: int, batch_token
             _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, keep_cache=True, stats=stats)
             if not prompt_kv:
                 longest = max(len(p) for p in prompt_list)
-                prompt_kv = [tuple(t.new_zeros(len(prompt_list), t.shape[1], longest, t.shape[3]) for t in layer) for layer in suffix_kv]
+                prompt_kv = [
+                    tuple(t.new_zeros(len(prompt_list), t.shape[1], longest, t.shape[3]) for t in layer)
+                    for layer in suffix_kv
+                ]
             _store(prompt_kv, batch, suffix_kv, [len(prompt_list[i]) for i in batch], [0] * len(batch))
 
     longest = max(len(item.tokens) - 1 for item in items)
     item_kv, per_token = None, [[] for _ in items]
     jobs = []
-    for index, (item, n) in enumerate(zip(items, shared)):
+    for index, (item, n) in enumerate(zip(items, shared, strict=True)):
         end = len(item.tokens) - 1
         row = prompts[tuple(item.tokens[:n])] if n else 0
-        jobs.append(_Suffix(row, n, item.tokens[n:end], list(range(n, end)), item.tokens[item.target_start :], span=index))
+        jobs.append(
+            _Suffix(row, n, item.tokens[n:end], list(range(n, end)), item.tokens[item.target_start :], span=index)
+        )
     for batch in _batches([len(j.tokens) for j in jobs], batch_tokens):
         batch_jobs = [jobs[i] for i in batch]
         logprobs, suffix_kv = _run_suffixes(model, batch_jobs, prompt_kv, pad_id, keep_cache=True, stats=stats)
         if item_kv is None:
-            item_kv = [tuple(t.new_zeros(len(items), t.shape[1], longest, t.shape[3]) for t in layer) for layer in suffix_kv]
-        for job, values in zip(batch_jobs, logprobs):
+            item_kv = [
+                tuple(t.new_zeros(len(items), t.shape[1], longest, t.shape[3]) for t in layer) for layer in suffix_kv
+            ]
+        for job, values in zip(batch_jobs, logprobs, strict=True):
             per_token[job.span] = values.tolist()
         _store(item_kv, batch, suffix_kv, [len(j.tokens) for j in batch_jobs], [j.past for j in batch_jobs])
-        for i, job in zip(batch, batch_jobs):  # the shared prompt part
+        for i, job in zip(batch, batch_jobs, strict=True):  # the shared prompt part
             if job.past:
-                for (keys, values), (p_keys, p_values) in zip(item_kv, prompt_kv):
+                for (keys, values), (p_keys, p_values) in zip(item_kv, prompt_kv, strict=True):
                     keys[i, :, : job.past] = p_keys[job.row, :, : job.past]
                     values[i, :, : job.past] = p_values[job.row, :, : job.past]
     return per_token, item_kv
@@ -280,7 +299,7 @@ def score_items(
             for batch in _batches([len(v.tokens) for v in runnable], batch_tokens, [v.past for v in runnable]):
                 jobs = [runnable[i] for i in batch]
                 logprobs, _ = _run_suffixes(model, jobs, kv, pad_id, stats=stats)
-                for job, values in zip(jobs, logprobs):
+                for job, values in zip(jobs, logprobs, strict=True):
                     masked[job.row][job.span] += float(values.sum())
             for row, i in enumerate(chunk):
                 results[i] = ItemScores(base=float(sum(per_token[row])), masked=masked[row])

@@ -106,13 +106,13 @@ def group_advantages(rewards: list[float], groups: list[str], scale: str = "grou
     if scale not in REWARD_SCALINGS:
         raise ValueError(f"unknown reward scaling {scale!r}")
     members: dict[str, list[float]] = {}
-    for reward, group in zip(rewards, groups):
+    for reward, group in zip(rewards, groups, strict=True):
         members.setdefault(group, []).append(reward)
     means = {g: statistics.fmean(v) for g, v in members.items()}
     stds = {g: statistics.stdev(v) if len(v) > 1 else 0.0 for g, v in members.items()}
     batch_std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
     out = []
-    for reward, group in zip(rewards, groups):
+    for reward, group in zip(rewards, groups, strict=True):
         centered = reward - means[group]
         if scale == "group":
             out.append(centered / (stds[group] + 1e-4))

@@ -27,11 +27,13 @@ are aligned by decoding each token on its own, which can be off by a character o
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from cfiw_cli.tasks.gsm8k import locate_answer
 
@@ -62,7 +64,9 @@ class Span:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes -> printable unicode table used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -70,7 +74,7 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return {chr(code): byte for byte, code in zip(printable, codes)}
+    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
 
 
 @lru_cache(maxsize=8)
@@ -98,7 +102,7 @@ def token_bytes(ids: Sequence[int], tokenizer: Any) -> list[bytes]:
     table = _byte_decoder()
     pieces = tokenizer.convert_ids_to_tokens(list(ids))
     out = []
-    for token_id, piece in zip(ids, pieces):
+    for token_id, piece in zip(ids, pieces, strict=True):
         if token_id in added:
             out.append(added[token_id].encode())
         else:
@@ -259,7 +263,9 @@ def find_spans(
             tokens = to_tokens(*stripped) if stripped else None
             if tokens:
                 others.append(tokens)
-    candidates = [("calculation", t) for _, t in calcs] + [("text", t) for t in _merge_short(others, calcs, min_tokens, max_tokens)]
+    candidates = [("calculation", t) for _, t in calcs] + [
+        ("text", t) for t in _merge_short(others, calcs, min_tokens, max_tokens)
+    ]
     candidates = _resolve_overlaps(sorted(candidates, key=lambda c: (c[1][0], c[0] != "calculation")))
     if max_spans is not None and len(candidates) > max_spans:
         ranked = sorted(range(len(candidates)), key=lambda i: (candidates[i][0] != "calculation", i))
@@ -323,7 +329,7 @@ def _merge_short(pieces, calcs, min_tokens, max_tokens):
     for start, end in merged:
         parts = -(-(end - start) // max_tokens)
         bounds = [start + round(i * (end - start) / parts) for i in range(parts + 1)]
-        out.extend(zip(bounds[:-1], bounds[1:]))
+        out.extend(itertools.pairwise(bounds))
     return out
 
 

@@ -44,8 +44,8 @@ an answer span gets all ones (they would score the batch's padding as its answer
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 MODES = ("cfiw", "uniform", "inverted", "shuffled", "random")
 PROFILES = ("cfiw", "authors")
@@ -102,7 +102,10 @@ def token_weights(
         if token_texts is None or len(token_texts) < body:
             raise ValueError("the authors profile needs the text of every completion token")
         scaled = _authors_importance(body, reasoning_end, scored, mode, config, rng)
-        scaled = [x * FORMATTING_SCALE if x > 0 and token_texts[t].strip() in FORMATTING_TOKENS else x for t, x in enumerate(scaled)]
+        scaled = [
+            x * FORMATTING_SCALE if x > 0 and token_texts[t].strip() in FORMATTING_TOKENS else x
+            for t, x in enumerate(scaled)
+        ]
     else:
         if not scored:
             return [1.0] * num_tokens
@@ -117,10 +120,12 @@ def token_weights(
     return weights + [1.0] * (num_tokens - body)
 
 
-def span_importance(reasoning_end: int, spans: Sequence[ScoredSpan], deltas: Sequence[float], floor: float) -> list[float]:
+def span_importance(
+    reasoning_end: int, spans: Sequence[ScoredSpan], deltas: Sequence[float], floor: float
+) -> list[float]:
     """I_t over the reasoning region: the floor plus each covering span's delta / length."""
     importance = [floor] * reasoning_end
-    for span, delta in zip(spans, deltas):
+    for span, delta in zip(spans, deltas, strict=True):
         for t in range(max(span.tok_start, 0), min(span.tok_end, reasoning_end)):
             importance[t] += delta / (span.tok_end - span.tok_start)
     return importance
@@ -133,7 +138,9 @@ def _deltas(scored: Sequence[ScoredSpan], mode: str, rng: random.Random) -> list
     return deltas
 
 
-def _cfiw_importance(reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random) -> list[float]:
+def _cfiw_importance(
+    reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random
+) -> list[float]:
     """Î_t over the reasoning region (profile cfiw)."""
     if mode == "random":
         importance = [rng.random() for _ in range(reasoning_end)]
@@ -151,7 +158,9 @@ def _cfiw_importance(reasoning_end: int, scored: Sequence[ScoredSpan], mode: str
     return scaled
 
 
-def _authors_importance(body: int, reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random) -> list[float]:
+def _authors_importance(
+    body: int, reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random
+) -> list[float]:
     """Î_t over every token but EOS, as the authors' trainer computes it (see the module docstring)."""
     if mode == "random":
         return [rng.random() for _ in range(body)]

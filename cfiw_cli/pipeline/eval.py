@@ -16,7 +16,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, settings_of, skip_if_done, write_table
+from cfiw_cli.artifacts import (
+    StageResult,
+    build_manifest,
+    input_record,
+    prepare_output,
+    settings_of,
+    skip_if_done,
+    write_table,
+)
 from cfiw_cli.console import info
 
 
@@ -49,7 +57,13 @@ def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
     n_rows, n_questions = len(records), len(by_question)
     correct = sum(r["correct"] for r in records)
     low, high = wilson_interval(correct, n_rows)
-    metrics: dict[str, Any] = {"n": n_rows, "questions": n_questions, "accuracy": correct / n_rows, "ci_low": low, "ci_high": high}
+    metrics: dict[str, Any] = {
+        "n": n_rows,
+        "questions": n_questions,
+        "accuracy": correct / n_rows,
+        "ci_low": low,
+        "ci_high": high,
+    }
     samples = max(len(v) for v in by_question.values())
     if samples > 1:
         passed = sum(any(r["correct"] for r in group) for group in by_question.values())
@@ -66,13 +80,22 @@ def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
         shares = [sum(r["correct"] for r in group) / len(group) for group in by_question.values()]
         mean, se = mean_and_standard_error(shares)
         name = f"mean@{samples}"
-        metrics.update({name: mean, f"{name}_se": se, f"{name}_ci_low": max(0.0, mean - Z_95 * se), f"{name}_ci_high": min(1.0, mean + Z_95 * se)})
+        metrics.update(
+            {
+                name: mean,
+                f"{name}_se": se,
+                f"{name}_ci_low": max(0.0, mean - Z_95 * se),
+                f"{name}_ci_high": min(1.0, mean + Z_95 * se),
+            }
+        )
     return metrics
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
     text = f"accuracy {metrics['accuracy']:.3f} (95% CI {metrics['ci_low']:.3f}-{metrics['ci_high']:.3f}, n={metrics['n']})"
-    for key in sorted(k for k in metrics if k.startswith(("pass@", "maj@", "mean@")) and "_ci_" not in k and not k.endswith("_se")):
+    for key in sorted(
+        k for k in metrics if k.startswith(("pass@", "maj@", "mean@")) and "_ci_" not in k and not k.endswith("_se")
+    ):
         text += f", {key} {metrics[key]:.3f}"
     return text
 
@@ -81,8 +104,8 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
     import pyarrow as pa
 
     from cfiw_cli import modeling, schemas
-    from cfiw_cli.generation import sample_questions
     from cfiw_cli.checks import check_sampling
+    from cfiw_cli.generation import sample_questions
     from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
 
     check_sampling(config.temperature, config.top_p, config.samples, config.max_new_tokens, config.batch_size)
@@ -128,8 +151,14 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
     metrics = accuracy_metrics(records)
     seconds = time.perf_counter() - started
     manifest = build_manifest(
-        "eval", settings, inputs, rows=len(records), seconds=seconds,
-        device=modeling.describe_device(dev), seed=config.seed, metrics=metrics,
+        "eval",
+        settings,
+        inputs,
+        rows=len(records),
+        seconds=seconds,
+        device=modeling.describe_device(dev),
+        seed=config.seed,
+        metrics=metrics,
     )
     write_table(pa.Table.from_pylist(records, schema=schemas.EVAL), out, manifest)
     info(f"wrote {len(records)} evaluations to {out}")

@@ -81,7 +81,9 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or key.count(".") != 1 or not all(key.split(".")):
-            raise CfiwError(f"--set {assignment!r} is not SECTION.KEY=VALUE", "e.g. --set train.lr=1e-3 --set rollout.group_size=4")
+            raise CfiwError(
+                f"--set {assignment!r} is not SECTION.KEY=VALUE", "e.g. --set train.lr=1e-3 --set rollout.group_size=4"
+            )
         try:
             parsed[key.strip()] = tomllib.loads(f"value = {raw}")["value"]
         except tomllib.TOMLDecodeError:
@@ -108,13 +110,25 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     from cfiw_cli.pipeline.segment import SegmentConfig
     from cfiw_cli.pipeline.train import TrainConfig
 
-    _check_keys(config, {"rollout": RolloutConfig, "segment": SegmentConfig, "score": ScoreConfig, "train": TrainConfig, "eval": EvalConfig})
+    _check_keys(
+        config,
+        {
+            "rollout": RolloutConfig,
+            "segment": SegmentConfig,
+            "score": ScoreConfig,
+            "train": TrainConfig,
+            "eval": EvalConfig,
+        },
+    )
     loop, data = config.get("loop", {}), config.get("data", {})
     iterations, questions = int(loop.get("iterations", 1)), int(loop.get("questions", 8))
     every, seed = int(loop.get("eval_every", 1)), int(loop.get("seed", 0))
     pool = loop.get("train_pool")
     if pool is not None and (int(pool) < questions or int(pool) % questions):
-        raise CfiwError(f"loop.train_pool ({pool}) must be a multiple of loop.questions ({questions})", f"e.g. --set loop.train_pool={questions * 8}")
+        raise CfiwError(
+            f"loop.train_pool ({pool}) must be a multiple of loop.questions ({questions})",
+            f"e.g. --set loop.train_pool={questions * 8}",
+        )
     base, policy = str(config["model"]["id"]), str(run / "policy")
     sampling = RolloutConfig(model=base, dataset=data["dataset"], out="", **config.get("rollout", {}))
     probe_questions, probe_samples = int(loop.get("probe_questions", 64)), int(loop.get("probe_samples", 8))
@@ -129,18 +143,31 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     def evaluation(model: str, index: int) -> list[tuple[int, str, Any]]:
         eval_settings = config.get("eval", {})
         greedy = EvalConfig(
-            model=model, dataset=data["dataset"], out=str(run / "eval" / f"iter-{index:04d}.parquet"),
-            split=data.get("eval_split", "test"), limit=loop.get("eval_limit"), seed=seed,
+            model=model,
+            dataset=data["dataset"],
+            out=str(run / "eval" / f"iter-{index:04d}.parquet"),
+            split=data.get("eval_split", "test"),
+            limit=loop.get("eval_limit"),
+            seed=seed,
             **{"max_new_tokens": sampling.max_new_tokens, **eval_settings},
         )
         if probe_questions <= 0:
             return [(index, "eval", greedy)]
         probe = EvalConfig(
-            model=model, dataset=data["dataset"], out=str(run / "probe" / f"iter-{index:04d}.parquet"),
-            split=data.get("eval_split", "test"), limit=probe_questions, samples=probe_samples,
-            temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-            batch_size=int(eval_settings.get("batch_size", sampling.batch_size)), seed=PROBE_SEED,
-            dtype=sampling.dtype, prompt_template=sampling.prompt_template, chat_template=sampling.chat_template,
+            model=model,
+            dataset=data["dataset"],
+            out=str(run / "probe" / f"iter-{index:04d}.parquet"),
+            split=data.get("eval_split", "test"),
+            limit=probe_questions,
+            samples=probe_samples,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            batch_size=int(eval_settings.get("batch_size", sampling.batch_size)),
+            seed=PROBE_SEED,
+            dtype=sampling.dtype,
+            prompt_template=sampling.prompt_template,
+            chat_template=sampling.chat_template,
         )  # the rollouts' prompts, dtype and sampling: the probe samples as training does
         return [(index, "eval", greedy), (index, "eval", probe)]
 
@@ -155,33 +182,107 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         if i % every == 0:
             steps += evaluation(current, i)
         offset = i * questions % int(pool) if pool is not None else i * questions
-        steps.append((i, "rollout", RolloutConfig(
-            model=current, dataset=data["dataset"], out=files["rollouts"], split=data.get("train_split", "train"),
-            offset=offset, limit=questions, seed=seed, iteration=i, **config.get("rollout", {}),
-        )))
-        steps.append((i, "segment", SegmentConfig(rollouts=files["rollouts"], model=current, out=files["spans"], **config.get("segment", {}))))
-        steps.append((i, "score", ScoreConfig(model=current, rollouts=files["rollouts"], spans=files["spans"], out=files["scores"], **config.get("score", {}))))
-        steps.append((i, "train", TrainConfig(
-            model=current, rollouts=files["rollouts"], spans=files["spans"], scores=files["scores"], out=policy,
-            metrics_out=str(directory / "train_metrics.parquet"), weights_out=str(directory / "weights.parquet"),
-            weighting=loop.get("weighting", "cfiw"), seed=seed, **train_settings,
-        )))
+        steps.append(
+            (
+                i,
+                "rollout",
+                RolloutConfig(
+                    model=current,
+                    dataset=data["dataset"],
+                    out=files["rollouts"],
+                    split=data.get("train_split", "train"),
+                    offset=offset,
+                    limit=questions,
+                    seed=seed,
+                    iteration=i,
+                    **config.get("rollout", {}),
+                ),
+            )
+        )
+        steps.append(
+            (
+                i,
+                "segment",
+                SegmentConfig(
+                    rollouts=files["rollouts"], model=current, out=files["spans"], **config.get("segment", {})
+                ),
+            )
+        )
+        steps.append(
+            (
+                i,
+                "score",
+                ScoreConfig(
+                    model=current,
+                    rollouts=files["rollouts"],
+                    spans=files["spans"],
+                    out=files["scores"],
+                    **config.get("score", {}),
+                ),
+            )
+        )
+        steps.append(
+            (
+                i,
+                "train",
+                TrainConfig(
+                    model=current,
+                    rollouts=files["rollouts"],
+                    spans=files["spans"],
+                    scores=files["scores"],
+                    out=policy,
+                    metrics_out=str(directory / "train_metrics.parquet"),
+                    weights_out=str(directory / "weights.parquet"),
+                    weighting=loop.get("weighting", "cfiw"),
+                    seed=seed,
+                    **train_settings,
+                ),
+            )
+        )
     steps += evaluation(policy if iterations else base, iterations)
     return steps
 
 
-_FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration", "weighting", "seed", "metrics_out", "weights_out"}
+_FIXED = {
+    "model",
+    "dataset",
+    "out",
+    "rollouts",
+    "spans",
+    "scores",
+    "split",
+    "offset",
+    "limit",
+    "iteration",
+    "weighting",
+    "seed",
+    "metrics_out",
+    "weights_out",
+}
 _SECTIONS = {
     "model": {"id"},
     "data": {"dataset", "train_split", "eval_split"},
-    "loop": {"iterations", "questions", "weighting", "eval_every", "eval_limit", "seed", "train_pool", "probe_questions", "probe_samples", "keep_policies"},
+    "loop": {
+        "iterations",
+        "questions",
+        "weighting",
+        "eval_every",
+        "eval_limit",
+        "seed",
+        "train_pool",
+        "probe_questions",
+        "probe_samples",
+        "keep_policies",
+    },
 }
 
 
 def _check_keys(config: dict[str, Any], stages: dict[str, Any]) -> None:
     """A misspelt key in a preset or `--set` is an error, not silently ignored."""
     for section, values in config.items():
-        allowed = _SECTIONS.get(section) or ({f.name for f in fields(stages[section])} - _FIXED if section in stages else None)
+        allowed = _SECTIONS.get(section) or (
+            {f.name for f in fields(stages[section])} - _FIXED if section in stages else None
+        )
         if allowed is None:
             raise CfiwError(f"unknown config section [{section}]", f"sections: {', '.join([*_SECTIONS, *stages])}")
         unknown = sorted(set(values) - allowed)
@@ -226,7 +327,9 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
     resolved = _to_toml(config)
     config_path = run / "config.toml"
     if config_path.exists() and config_path.read_text() != resolved:
-        raise CfiwError(f"{run} was started with another configuration", f"compare {config_path}, or choose another --run")
+        raise CfiwError(
+            f"{run} was started with another configuration", f"compare {config_path}, or choose another --run"
+        )
     config_path.write_text(resolved)
     state_path = run / "loop_state.json"
     completed = json.loads(state_path.read_text())["completed"] if state_path.exists() else 0
@@ -257,4 +360,3 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
             model.eval()
             state_path.write_text(json.dumps({"completed": iteration + 1}))
     return commands
-

@@ -54,14 +54,17 @@ class ReplayConfig:
 
 
 def parse_iterations(text: str) -> list[int]:
-    """"0-3,8" -> [0, 1, 2, 3, 8]."""
+    """ "0-3,8" -> [0, 1, 2, 3, 8]."""
     chosen: set[int] = set()
     for part in (p.strip() for p in text.split(",") if p.strip()):
         first, sep, last = part.partition("-")
         try:
             low, high = int(first), int(last) if sep else int(first)
         except ValueError:
-            raise CfiwError(f"--iterations {text!r} is not a list of numbers and ranges", "e.g. --iterations 0-11 or --iterations 0,4,8") from None
+            raise CfiwError(
+                f"--iterations {text!r} is not a list of numbers and ranges",
+                "e.g. --iterations 0-11 or --iterations 0,4,8",
+            ) from None
         if low < 0 or high < low:
             raise CfiwError(f"--iterations range {part!r} is empty or negative", "e.g. --iterations 0-11")
         chosen.update(range(low, high + 1))
@@ -86,12 +89,16 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
     modes = [m.strip() for m in config.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise CfiwError(f"unknown mode {unknown[0] if unknown else config.modes!r} in --modes", f"choose from {', '.join(MODES)}")
+        raise CfiwError(
+            f"unknown mode {unknown[0] if unknown else config.modes!r} in --modes", f"choose from {', '.join(MODES)}"
+        )
     if config.optimizer not in OPTIMIZER_CHOICES:
         raise CfiwError(f"unknown --optimizer {config.optimizer!r}", "choose kept or fresh")
     kept = kept_iterations(run)
     trains = {i: s for i, c, s in steps if c == "train"}
-    completed = [i for i in kept if i in trains and Path(trains[i].rollouts).exists() and Path(trains[i].scores).exists()]
+    completed = [
+        i for i in kept if i in trains and Path(trains[i].rollouts).exists() and Path(trains[i].scores).exists()
+    ]
     iterations = parse_iterations(config.iterations) if config.iterations else completed
     missing = [i for i in iterations if i not in completed]
     if missing:
@@ -101,8 +108,12 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
         )
     probes = [s for _, c, s in steps if c == "eval" and "/probe/" in s.out]
     if not probes:
-        raise CfiwError(f"{run} has no probe to copy the sampling settings from", "run the loop with loop.probe_questions > 0")
-    probe = replace(probes[0], limit=config.probe_questions or probes[0].limit, samples=config.probe_samples or probes[0].samples)
+        raise CfiwError(
+            f"{run} has no probe to copy the sampling settings from", "run the loop with loop.probe_questions > 0"
+        )
+    probe = replace(
+        probes[0], limit=config.probe_questions or probes[0].limit, samples=config.probe_samples or probes[0].samples
+    )
     return iterations, modes, trains, probe
 
 
@@ -115,7 +126,17 @@ def weights_sha256(model_dir: str) -> str | None:
     return sha256_of(path) if path.exists() else None
 
 
-def _measure(model: Any, tokenizer: Any, probe: Any, directory: Path, references: list, settings: dict, inputs: dict, started: float, weights: str | None) -> dict[str, Any]:
+def _measure(
+    model: Any,
+    tokenizer: Any,
+    probe: Any,
+    directory: Path,
+    references: list,
+    settings: dict,
+    inputs: dict,
+    started: float,
+    weights: str | None,
+) -> dict[str, Any]:
     """Probe a policy: the sampled reward (probe.parquet) and the likelihoods (result.parquet)."""
     import pyarrow as pa
 
@@ -123,16 +144,30 @@ def _measure(model: Any, tokenizer: Any, probe: Any, directory: Path, references
     from cfiw_cli.likelihood import reference_likelihood
     from cfiw_cli.pipeline import eval as eval_stage
 
-    sampled = eval_stage.run(replace(probe, out=str(directory / "probe.parquet")), force=True, model=model, tokenizer=tokenizer).metrics
+    sampled = eval_stage.run(
+        replace(probe, out=str(directory / "probe.parquet")), force=True, model=model, tokenizer=tokenizer
+    ).metrics
     likelihood = reference_likelihood(model, tokenizer, references)
     key = f"mean@{probe.samples}" if probe.samples > 1 else "accuracy"
     result = {
-        "reward": sampled[key], "reward_se": sampled.get(f"{key}_se"),
-        "loglik_per_token": likelihood["loglik_per_token"], "answer_loglik": likelihood["answer_loglik"],
-        "reference_tokens": likelihood["tokens"], "questions": likelihood["questions"], "weights_sha256": weights,
+        "reward": sampled[key],
+        "reward_se": sampled.get(f"{key}_se"),
+        "loglik_per_token": likelihood["loglik_per_token"],
+        "answer_loglik": likelihood["answer_loglik"],
+        "reference_tokens": likelihood["tokens"],
+        "questions": likelihood["questions"],
+        "weights_sha256": weights,
     }
     table = pa.Table.from_pylist([result])
-    manifest = build_manifest("replay", settings, inputs, rows=1, seconds=time.perf_counter() - started, device=modeling.describe_device(next(model.parameters()).device), metrics=result)
+    manifest = build_manifest(
+        "replay",
+        settings,
+        inputs,
+        rows=1,
+        seconds=time.perf_counter() - started,
+        device=modeling.describe_device(next(model.parameters()).device),
+        metrics=result,
+    )
     write_table(table, directory / "result.parquet", manifest)
     return result
 
@@ -143,8 +178,8 @@ def run(config: ReplayConfig) -> Path:
 
     from cfiw_cli import distributed, modeling
     from cfiw_cli.likelihood import reference_sequences
-    from cfiw_cli.policies import policy_at
     from cfiw_cli.pipeline import train
+    from cfiw_cli.policies import policy_at
     from cfiw_cli.tasks.gsm8k import load_questions
 
     run_dir = Path(config.run)
@@ -165,7 +200,10 @@ def run(config: ReplayConfig) -> Path:
         policy_dir = policy_at(run_dir, iteration, base, keep_optimizer, root / ".policy", build=main)
         distributed.state().wait_for_everyone()
         step = trains[iteration]
-        inputs = {"policy": input_record(policy_dir), **{k: input_record(getattr(step, k)) for k in ("rollouts", "spans", "scores")}}
+        inputs = {
+            "policy": input_record(policy_dir),
+            **{k: input_record(getattr(step, k)) for k in ("rollouts", "spans", "scores")},
+        }
         tokenizer = modeling.load_tokenizer(policy_dir)
         references = reference_sequences(tokenizer, rows_of_questions, probe.prompt_template, probe.chat_template)
         probe_settings = settings_of(probe, "model")
@@ -173,7 +211,9 @@ def run(config: ReplayConfig) -> Path:
             directory = root / mode / f"iter-{iteration:04d}"
             settings = {"mode": mode, "optimizer": config.optimizer, "seed": seed, "probe": probe_settings}
             if mode != START:
-                settings["train"] = settings_of(step, "model", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed")
+                settings["train"] = settings_of(
+                    step, "model", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed"
+                )
             result_path = directory / "result.parquet"
             if up_to_date(result_path, "replay", settings, inputs):
                 results[(iteration, mode)] = pq.read_table(result_path).to_pylist()[0]
@@ -185,14 +225,33 @@ def run(config: ReplayConfig) -> Path:
                 weights = weights_sha256(policy_dir)
             else:
                 updated = root / ".updated"
-                trained = train.run(replace(
-                    step, model=policy_dir, out=str(updated), weighting=mode, seed=seed,
-                    metrics_out=str(directory / "train_metrics.parquet"), weights_out=str(directory / "weights.parquet"),
-                ), force=True, finish=False)
+                trained = train.run(
+                    replace(
+                        step,
+                        model=policy_dir,
+                        out=str(updated),
+                        weighting=mode,
+                        seed=seed,
+                        metrics_out=str(directory / "train_metrics.parquet"),
+                        weights_out=str(directory / "weights.parquet"),
+                    ),
+                    force=True,
+                    finish=False,
+                )
                 model, weights = trained.model, weights_sha256(str(updated)) if main else None
             if main:
                 measured_model = str(root / ".updated") if mode != START else policy_dir
-                results[(iteration, mode)] = _measure(model, tokenizer, replace(probe, model=measured_model), directory, references, settings, inputs, started, weights)
+                results[(iteration, mode)] = _measure(
+                    model,
+                    tokenizer,
+                    replace(probe, model=measured_model),
+                    directory,
+                    references,
+                    settings,
+                    inputs,
+                    started,
+                    weights,
+                )
                 shutil.rmtree(root / ".updated", ignore_errors=True)
             del model
             distributed.state().wait_for_everyone()
@@ -208,9 +267,18 @@ def run(config: ReplayConfig) -> Path:
                     row[f"{name}_before"], row[f"{name}_after"] = start[name], after[name]
                     row[f"{name}_gain"] = after[name] - start[name]
                 row["reward_se_after"] = after["reward_se"]
-                row["weights_sha256_before"], row["weights_sha256_after"] = start["weights_sha256"], after["weights_sha256"]
+                row["weights_sha256_before"], row["weights_sha256_after"] = (
+                    start["weights_sha256"],
+                    after["weights_sha256"],
+                )
                 rows.append(row)
-        manifest = build_manifest("replay", {"modes": modes, "iterations": iterations, "optimizer": config.optimizer, "seed": seed}, {}, rows=len(rows), seconds=0.0)
+        manifest = build_manifest(
+            "replay",
+            {"modes": modes, "iterations": iterations, "optimizer": config.optimizer, "seed": seed},
+            {},
+            rows=len(rows),
+            seconds=0.0,
+        )
         write_table(pa.Table.from_pylist(rows), out, manifest)
         info(f"wrote {len(rows)} replays ({len(iterations)} iterations x {len(modes)} modes) to {out}")
     distributed.finish()

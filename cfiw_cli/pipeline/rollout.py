@@ -6,7 +6,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, settings_of, skip_if_done, write_table
+from cfiw_cli.artifacts import (
+    StageResult,
+    build_manifest,
+    input_record,
+    prepare_output,
+    settings_of,
+    skip_if_done,
+    write_table,
+)
 from cfiw_cli.checks import check_sampling
 from cfiw_cli.console import info
 
@@ -116,8 +124,14 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         "stop_fraction": sum(r["finish_reason"] == "stop" for r in records) / len(records),
     }
     manifest = build_manifest(
-        "rollout", settings, inputs, rows=len(records), seconds=seconds,
-        device=modeling.describe_device(dev), seed=config.seed, metrics=metrics,
+        "rollout",
+        settings,
+        inputs,
+        rows=len(records),
+        seconds=seconds,
+        device=modeling.describe_device(dev),
+        seed=config.seed,
+        metrics=metrics,
     )
     write_table(table, out, manifest)
     distributed.finish()

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from cfiw_cli.algo.importance import TARGETS
-from cfiw_cli.artifacts import StageResult, build_manifest, input_record, prepare_output, read_artifact, settings_of, skip_if_done, write_table
+from cfiw_cli.artifacts import (
+    StageResult,
+    build_manifest,
+    input_record,
+    prepare_output,
+    read_artifact,
+    settings_of,
+    skip_if_done,
+    write_table,
+)
 from cfiw_cli.checks import check_spans_match
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
@@ -93,30 +102,48 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
 
     started = time.perf_counter()
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
-    modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
+    modeling.check_vocabulary(
+        model,
+        rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(),
+        config.rollouts,
+    )
     rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer)
     if not items:  # e.g. a policy that has stopped writing reasoning: every rollout will weigh as in uniform
-        info(f"Warning: no rollout in {config.spans} has both reasoning spans and an answer: nothing to score, the scores file is empty")
+        info(
+            f"Warning: no rollout in {config.spans} has both reasoning spans and an answer: nothing to score, the scores file is empty"
+        )
     mine = distributed.my_share(items)
     with progress_bar(f"score ({config.mask})", total=len(mine), unit="rollouts") as advance:
         scores = score_items(
-            model, [items[i] for i in mine], config.mask, tokenizer.pad_token_id,
-            batch_tokens=config.batch_tokens, on_items=advance,
+            model,
+            [items[i] for i in mine],
+            config.mask,
+            tokenizer.pad_token_id,
+            batch_tokens=config.batch_tokens,
+            on_items=advance,
         )
     records = []
-    for i, result in zip(mine, scores):
-        for position, (span_idx, masked) in enumerate(zip(span_indices[i], result.masked)):
+    for i, result in zip(mine, scores, strict=True):
+        for position, (span_idx, masked) in enumerate(zip(span_indices[i], result.masked, strict=True)):
             records.append(
                 {
-                    "rollout_id": rollout_ids[i], "span_idx": span_idx, "mask": config.mask,
-                    "base_logp": result.base, "masked_logp": masked, "delta": result.base - masked,
-                    "target": config.target, "order": (i, position),
+                    "rollout_id": rollout_ids[i],
+                    "span_idx": span_idx,
+                    "mask": config.mask,
+                    "base_logp": result.base,
+                    "masked_logp": masked,
+                    "delta": result.base - masked,
+                    "target": config.target,
+                    "order": (i, position),
                 }
             )
     records = distributed.gather_rows(records, order=lambda r: r["order"])
     bad = [r for r in records if not all(map(math.isfinite, (r["base_logp"], r["masked_logp"])))]
     if bad:
-        raise CfiwError(f"non-finite log-prob for rollout {bad[0]['rollout_id']} span {bad[0]['span_idx']}", "score in float32 (--dtype float32)")
+        raise CfiwError(
+            f"non-finite log-prob for rollout {bad[0]['rollout_id']} span {bad[0]['span_idx']}",
+            "score in float32 (--dtype float32)",
+        )
     if not distributed.is_main():
         distributed.finish()
         return StageResult(out, False, {})
@@ -126,11 +153,24 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     seconds = time.perf_counter() - started
     tokens = sum(len(item.tokens) for item in items)
     metrics = {
-        "rollouts": len(items), "spans": len(records), "tokens": tokens, "processes": distributed.processes(),
+        "rollouts": len(items),
+        "spans": len(records),
+        "tokens": tokens,
+        "processes": distributed.processes(),
         "mean_delta": sum(r["delta"] for r in records) / len(records) if records else None,
     }
-    manifest = build_manifest("score", settings, inputs, rows=len(records), seconds=seconds, device=modeling.describe_device(dev), metrics=metrics)
+    manifest = build_manifest(
+        "score",
+        settings,
+        inputs,
+        rows=len(records),
+        seconds=seconds,
+        device=modeling.describe_device(dev),
+        metrics=metrics,
+    )
     write_table(table, out, manifest)
     distributed.finish()
-    info(f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {out} in {seconds:.1f}s")
+    info(
+        f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {out} in {seconds:.1f}s"
+    )
     return StageResult(out, False, metrics)

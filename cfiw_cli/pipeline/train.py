@@ -26,8 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from cfiw_cli.artifacts import (
-    build_manifest, input_record, prepare_output, read_artifact, read_directory_manifest, read_manifest, settings_of,
-    staged_directory, up_to_date, write_directory_manifest, write_table,
+    build_manifest,
+    input_record,
+    prepare_output,
+    read_artifact,
+    read_directory_manifest,
+    read_manifest,
+    settings_of,
+    staged_directory,
+    up_to_date,
+    write_directory_manifest,
+    write_table,
 )
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
@@ -104,17 +113,26 @@ def _check(config: TrainConfig) -> None:
     if config.profile not in PROFILES:
         raise CfiwError(f"unknown --profile {config.profile!r}", f"choose one of {', '.join(PROFILES)}")
     if config.weighting != "uniform" and not (config.spans and config.scores):
-        raise CfiwError(f"--weighting {config.weighting} needs --spans and --scores", "run cfiw segment and cfiw score first, or use --weighting uniform")
+        raise CfiwError(
+            f"--weighting {config.weighting} needs --spans and --scores",
+            "run cfiw segment and cfiw score first, or use --weighting uniform",
+        )
     if config.loss_type not in LOSS_TYPES:
         raise CfiwError(f"unknown --loss-type {config.loss_type!r}", f"choose one of {', '.join(LOSS_TYPES)}")
     if config.lr_schedule not in ("constant", "cosine"):
         raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", "choose constant or cosine")
     if config.scale_rewards not in REWARD_SCALINGS:
-        raise CfiwError(f"unknown --scale-rewards {config.scale_rewards!r}", f"choose one of {', '.join(REWARD_SCALINGS)}")
+        raise CfiwError(
+            f"unknown --scale-rewards {config.scale_rewards!r}", f"choose one of {', '.join(REWARD_SCALINGS)}"
+        )
     if min(config.epochs, config.minibatches, config.micro_batch_tokens) < 1 or config.lr < 0:
-        raise CfiwError("--epochs, --minibatches and --micro-batch-tokens must be >= 1 and --lr >= 0", "pass positive values")
+        raise CfiwError(
+            "--epochs, --minibatches and --micro-batch-tokens must be >= 1 and --lr >= 0", "pass positive values"
+        )
     if config.temperature is not None and not config.temperature > 0:
-        raise CfiwError(f"--temperature must be > 0, not {config.temperature}", "pass the temperature the rollouts were sampled at")
+        raise CfiwError(
+            f"--temperature must be > 0, not {config.temperature}", "pass the temperature the rollouts were sampled at"
+        )
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise CfiwError("--max-new-tokens must be >= 1", "pass the length limit the rollouts were sampled with")
     if not config.min_spread >= 0:
@@ -129,7 +147,10 @@ def _rollout_setting(rollouts: Any, manifest: dict | None, name: str, path: str)
     if name in rollouts.column_names:
         values = set(rollouts.column(name).to_pylist()) - {None}
         if len(values) > 1:
-            raise CfiwError(f"the {name} column of {path} holds several values ({', '.join(map(str, sorted(values)))})", f"train on rollouts sampled with one {name}, or pass --{name.replace('_', '-')}")
+            raise CfiwError(
+                f"the {name} column of {path} holds several values ({', '.join(map(str, sorted(values)))})",
+                f"train on rollouts sampled with one {name}, or pass --{name.replace('_', '-')}",
+            )
         if values:
             return values.pop()
     return None
@@ -140,7 +161,10 @@ def sampling_settings(config: TrainConfig, rollouts: Any) -> dict[str, Any]:
     manifest = read_manifest(config.rollouts)
     max_new_tokens = config.max_new_tokens or _rollout_setting(rollouts, manifest, "max_new_tokens", config.rollouts)
     if config.loss_type == "dr_grpo" and max_new_tokens is None:
-        raise CfiwError(f"--loss-type dr_grpo needs the length limit of the rollouts, and {config.rollouts} does not record it", "pass --max-new-tokens (the limit they were sampled with)")
+        raise CfiwError(
+            f"--loss-type dr_grpo needs the length limit of the rollouts, and {config.rollouts} does not record it",
+            "pass --max-new-tokens (the limit they were sampled with)",
+        )
     recorded = _rollout_setting(rollouts, manifest, "temperature", config.rollouts)
     if config.temperature is not None:
         temperature, source = float(config.temperature), "--temperature"
@@ -148,19 +172,35 @@ def sampling_settings(config: TrainConfig, rollouts: Any) -> dict[str, Any]:
         temperature, source = float(recorded), "rollouts"
     else:
         temperature, source = 1.0, "default"
-        info(f"Warning: {config.rollouts} does not record its sampling temperature; training at T = 1 (pass --temperature if they were sampled otherwise)")
+        info(
+            f"Warning: {config.rollouts} does not record its sampling temperature; training at T = 1 (pass --temperature if they were sampled otherwise)"
+        )
     if temperature == 0:  # greedy rollouts record their log-probs at T = 1
         temperature = 1.0
-    return {"temperature": temperature, "temperature_source": source, "max_new_tokens": int(max_new_tokens) if max_new_tokens else None}
+    return {
+        "temperature": temperature,
+        "temperature_source": source,
+        "max_new_tokens": int(max_new_tokens) if max_new_tokens else None,
+    }
 
 
-def build_sequences(config: TrainConfig, rollouts: Any, spans: Any, scores: Any, tokenizer: Any = None) -> tuple[list[_Sequence], list[dict], int]:
+def build_sequences(
+    config: TrainConfig, rollouts: Any, spans: Any, scores: Any, tokenizer: Any = None
+) -> tuple[list[_Sequence], list[dict], int]:
     """Kept sequences, one weights.parquet row per rollout, and the number of dropped groups.
     `tokenizer` decodes tokens for the authors profile's formatting-token rule."""
     from cfiw_cli.algo.loss import group_advantages
     from cfiw_cli.algo.weights import ScoredSpan, WeightConfig, token_weights
 
-    columns = ["rollout_id", "prompt_id", "prompt_ids", "completion_ids", "completion_logprobs", "finish_reason", "reward"]
+    columns = [
+        "rollout_id",
+        "prompt_id",
+        "prompt_ids",
+        "completion_ids",
+        "completion_logprobs",
+        "finish_reason",
+        "reward",
+    ]
     rows = rollouts.select(columns).to_pylist()
     advantages = group_advantages([r["reward"] for r in rows], [r["prompt_id"] for r in rows], config.scale_rewards)
     rewards_by_group: dict[str, set] = {}
@@ -169,30 +209,68 @@ def build_sequences(config: TrainConfig, rollouts: Any, spans: Any, scores: Any,
     flat = {g for g, values in rewards_by_group.items() if len(values) == 1}
     spans_by_rollout: dict[str, list[ScoredSpan]] = {}
     if spans is not None and scores is not None:
-        deltas = {(s["rollout_id"], s["span_idx"]): s["delta"] for s in scores.select(["rollout_id", "span_idx", "delta"]).to_pylist()}
+        deltas = {
+            (s["rollout_id"], s["span_idx"]): s["delta"]
+            for s in scores.select(["rollout_id", "span_idx", "delta"]).to_pylist()
+        }
         if any(d is None or not math.isfinite(d) for d in deltas.values()):
             raise CfiwError("the scores file holds a NaN or infinite delta", "rerun cfiw score with --dtype float32")
         for span in spans.select(["rollout_id", "span_idx", "kind", "tok_start", "tok_end"]).to_pylist():
             delta = deltas.get((span["rollout_id"], span["span_idx"]))
-            spans_by_rollout.setdefault(span["rollout_id"], []).append(ScoredSpan(span["kind"], span["tok_start"], span["tok_end"], delta))
-    weight_config = WeightConfig(config.floor, config.boost, config.min_weight, config.answer_weight, config.conserve, config.min_spread, config.profile)
+            spans_by_rollout.setdefault(span["rollout_id"], []).append(
+                ScoredSpan(span["kind"], span["tok_start"], span["tok_end"], delta)
+            )
+    weight_config = WeightConfig(
+        config.floor,
+        config.boost,
+        config.min_weight,
+        config.answer_weight,
+        config.conserve,
+        config.min_spread,
+        config.profile,
+    )
     needs_text = config.profile == "authors" and config.weighting != "uniform"
     token_text = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))  # each id decoded once
     sequences, weight_rows = [], []
-    for row, advantage in zip(rows, advantages):
+    for row, advantage in zip(rows, advantages, strict=True):
         completion = row["completion_ids"]
         rng = random.Random(f"{config.seed}:{row['rollout_id']}")
         texts = [token_text(t) for t in completion] if needs_text else None
         weights = token_weights(
-            len(completion), spans_by_rollout.get(row["rollout_id"], []), config.weighting, weight_config,
-            ends_with_stop=row["finish_reason"] == "stop", rng=rng, token_texts=texts,
+            len(completion),
+            spans_by_rollout.get(row["rollout_id"], []),
+            config.weighting,
+            weight_config,
+            ends_with_stop=row["finish_reason"] == "stop",
+            rng=rng,
+            token_texts=texts,
         )
         kept = not (config.dynamic_sampling and row["prompt_id"] in flat)
         truncated = config.mask_truncated and row["finish_reason"] == "length"
-        weight_rows.append({"rollout_id": row["rollout_id"], "weighting": config.weighting, "token_weights": weights, "advantage": advantage, "kept": kept, "truncated": truncated})
+        weight_rows.append(
+            {
+                "rollout_id": row["rollout_id"],
+                "weighting": config.weighting,
+                "token_weights": weights,
+                "advantage": advantage,
+                "kept": kept,
+                "truncated": truncated,
+            }
+        )
         if kept and completion:
             mask = [0.0 if truncated else 1.0] * len(completion)
-            sequences.append(_Sequence(row["rollout_id"], row["prompt_id"], row["prompt_ids"] + completion, len(row["prompt_ids"]), advantage, weights, mask, row["completion_logprobs"]))
+            sequences.append(
+                _Sequence(
+                    row["rollout_id"],
+                    row["prompt_id"],
+                    row["prompt_ids"] + completion,
+                    len(row["prompt_ids"]),
+                    advantage,
+                    weights,
+                    mask,
+                    row["completion_logprobs"],
+                )
+            )
     return sequences, weight_rows, len(flat) if config.dynamic_sampling else 0
 
 
@@ -242,7 +320,9 @@ def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any):
     return out
 
 
-def _plan(sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int) -> list[tuple[list[list[_Sequence]], list[_Sequence]]]:
+def _plan(
+    sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int
+) -> list[tuple[list[list[_Sequence]], list[_Sequence]]]:
     """Epoch -> (this process's micro-batches, all members) per minibatch (same on every process)."""
     plan = []
     for members in plan_minibatches(sequences, config.minibatches, config.seed, epoch):
@@ -250,7 +330,16 @@ def _plan(sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int
     return plan
 
 
-def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict, manifest: dict, tables: dict[Path, tuple]) -> None:
+def _save_checkpoint(
+    out: Path,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict,
+    manifest: dict,
+    tables: dict[Path, tuple],
+) -> None:
     """The checkpoint, and each of `tables` (path -> (table, manifest)): those inside `out` are
     written with it into the staged directory, the others after it."""
     import torch
@@ -270,14 +359,20 @@ def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, sche
             write_table(table, path, table_manifest)
 
 
-def _forward(model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False):
+def _forward(
+    model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False
+):
     """Log-probs and entropies `[B, C]` of a micro-batch's completion tokens at temperature T."""
     from cfiw_cli.logprobs import completion_logprobs
 
-    return completion_logprobs(model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast)
+    return completion_logprobs(
+        model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast
+    )
 
 
-def _old_logprobs(model: Any, reference: Any, plan: list, pad_id: int, temperature: float, autocast: bool) -> dict[str, tuple]:
+def _old_logprobs(
+    model: Any, reference: Any, plan: list, pad_id: int, temperature: float, autocast: bool
+) -> dict[str, tuple]:
     """Per rollout: (log-probs of the loaded policy, of the reference or None), computed with
     the micro-batches of the first pass so that its ratio is exactly 1."""
     import torch
@@ -291,7 +386,10 @@ def _old_logprobs(model: Any, reference: Any, plan: list, pad_id: int, temperatu
                 ref = _forward(reference, batch, pad_id, temperature, autocast)[0] if reference is not None else None
                 for row, s in enumerate(batch):
                     length = len(s.tokens) - s.prompt_length
-                    old[s.rollout_id] = (logprobs[row, logprobs.shape[1] - length :], None if ref is None else ref[row, ref.shape[1] - length :])
+                    old[s.rollout_id] = (
+                        logprobs[row, logprobs.shape[1] - length :],
+                        None if ref is None else ref[row, ref.shape[1] - length :],
+                    )
     model.train()
     return old
 
@@ -325,11 +423,17 @@ def _load_optimizer(model: Any, config: TrainConfig, steps_here: int) -> tuple[A
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1) if start_step else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = (
+        torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1)
+        if start_step
+        else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    )
     return optimizer, scheduler, start_step
 
 
-def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None, finish: bool = True) -> TrainResult:
+def run(
+    config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None, finish: bool = True
+) -> TrainResult:
     """`model`/`tokenizer`: an already loaded policy (float32), e.g. from `cfiw loop`. Without
     `finish` the process group stays up for a caller that trains again (`cfiw replay`)."""
     import pyarrow as pa
@@ -357,7 +461,9 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
         check_spans_match(rollouts, spans, config.rollouts, config.spans)
     sampling = sampling_settings(config, rollouts)
     settings = settings_of(config, "metrics_out", "weights_out")
-    inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans", "scores") if getattr(config, k)}
+    inputs = {
+        k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans", "scores") if getattr(config, k)
+    }
     if not force and metrics_out.exists() and up_to_date(out, "train", settings, inputs):
         info(f"{out} is up to date (use --force to retrain)")
         return TrainResult(out, False, read_directory_manifest(out).get("metrics", {}), model)
@@ -373,7 +479,11 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     from transformers import AutoModelForCausalLM
 
     model = model if model is not None else AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
-    modeling.check_vocabulary(model, rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(), config.rollouts)
+    modeling.check_vocabulary(
+        model,
+        rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(),
+        config.rollouts,
+    )
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     steps_here = config.epochs * min(config.minibatches, len({s.group for s in sequences}))
@@ -383,14 +493,20 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     autocast = device.type == "cuda"
     reference = None
     if config.beta > 0:
-        reference = AutoModelForCausalLM.from_pretrained(config.reference or config.model, dtype=torch.float32).to(device).eval()
+        reference = (
+            AutoModelForCausalLM.from_pretrained(config.reference or config.model, dtype=torch.float32)
+            .to(device)
+            .eval()
+        )
     loss_config = LossConfig(config.eps_low, config.eps_high, config.beta, config.loss_type)
     temperature, pad_id = sampling["temperature"], tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
 
     step_rows: list[dict] = []
     if not sequences:
-        info(f"Warning: all {dropped} groups have equal rewards, so there is no advantage to learn from: no update; the policy is saved unchanged")
+        info(
+            f"Warning: all {dropped} groups have equal rewards, so there is no advantage to learn from: no update; the policy is saved unchanged"
+        )
     else:
         plans = {0: _plan(sequences, config, 0, rank, world)}
         old_logprobs = _old_logprobs(model, reference, plans[0], pad_id, temperature, autocast)
@@ -402,24 +518,49 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
                     step_started = time.perf_counter()
                     full_mask = _aligned(members, "mask", max(len(s.mask) for s in members), "cpu")  # [N, C]
                     normalizer = max(loss_normalizer(full_mask, config.loss_type, sampling["max_new_tokens"] or 1), 1.0)
-                    sums = dict.fromkeys(("tokens", "pg_sum", "kl_sum", "clip_low_sum", "clip_high_sum", "ratio_sum", "entropy_sum", "loss", "weight_sum", "weight_sq_sum", "rollout_diff_sum"), 0.0)
+                    sums = dict.fromkeys(
+                        (
+                            "tokens",
+                            "pg_sum",
+                            "kl_sum",
+                            "clip_low_sum",
+                            "clip_high_sum",
+                            "ratio_sum",
+                            "entropy_sum",
+                            "loss",
+                            "weight_sum",
+                            "weight_sq_sum",
+                            "rollout_diff_sum",
+                        ),
+                        0.0,
+                    )
                     for index, batch in enumerate(micro_batches or [[]]):
                         sync = index == len(micro_batches or [[]]) - 1
                         with accelerator.no_sync(model) if not sync else _null():
-                            if not batch:  # no rollout for this process in this step: join the all-reduce with a zero loss
+                            if (
+                                not batch
+                            ):  # no rollout for this process in this step: join the all-reduce with a zero loss
                                 dummy = _Sequence("", "", [pad_id] * 2, 1, 0.0, [0.0], [0.0], [0.0])
                                 logprobs, _ = _forward(model, [dummy], pad_id, temperature, autocast)
                                 accelerator.backward(logprobs.sum() * 0.0)
                                 continue
-                            logprobs, entropy = _forward(model, batch, pad_id, temperature, autocast, want_entropy=True)  # [B, C]
+                            logprobs, entropy = _forward(
+                                model, batch, pad_id, temperature, autocast, want_entropy=True
+                            )  # [B, C]
                             longest = logprobs.shape[1]
                             old = _right_pad([old_logprobs[s.rollout_id][0] for s in batch], longest)  # [B, C]
-                            ref = _right_pad([old_logprobs[s.rollout_id][1] for s in batch], longest) if reference is not None else None
+                            ref = (
+                                _right_pad([old_logprobs[s.rollout_id][1] for s in batch], longest)
+                                if reference is not None
+                                else None
+                            )
                             mask = _aligned(batch, "mask", longest, device)  # [B, C]
                             weights = _aligned(batch, "weights", longest, device)  # [B, C]
                             sampled = _aligned(batch, "rollout_logprobs", longest, device)  # [B, C]
                             advantages = torch.tensor([s.advantage for s in batch], device=device)  # [B]
-                            loss, metrics = policy_loss(logprobs, old, advantages, mask, normalizer, weights, ref, loss_config)
+                            loss, metrics = policy_loss(
+                                logprobs, old, advantages, mask, normalizer, weights, ref, loss_config
+                            )
                             # DDP averages gradients over processes; the normalizer is already global.
                             accelerator.backward(loss * world)
                             for key, value in metrics.items():
@@ -429,13 +570,27 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
                             sums["weight_sum"] += float((weights * mask).sum())
                             sums["weight_sq_sum"] += float((weights * weights * mask).sum())
                             sums["rollout_diff_sum"] += float(((old - sampled).abs() * mask).sum())
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else torch.tensor(0.0)
+                    grad_norm = (
+                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                        if config.grad_clip > 0
+                        else torch.tensor(0.0)
+                    )
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
-                    step_rows.append(_step_row(_sum_across(accelerator, sums), global_step, epoch, len(members), float(grad_norm), lr, time.perf_counter() - step_started))
+                    step_rows.append(
+                        _step_row(
+                            _sum_across(accelerator, sums),
+                            global_step,
+                            epoch,
+                            len(members),
+                            float(grad_norm),
+                            lr,
+                            time.perf_counter() - step_started,
+                        )
+                    )
                     advance(status=f"loss {step_rows[-1]['loss']:.4f}")
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
@@ -445,13 +600,27 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     seconds = time.perf_counter() - started
     tokens = sum(r["tokens"] for r in step_rows)
     metrics = {
-        "steps": len(step_rows), "sequences": len(sequences), "dropped_groups": dropped, "tokens": tokens,
-        "tokens_per_second": tokens / seconds, "processes": world, **sampling,
+        "steps": len(step_rows),
+        "sequences": len(sequences),
+        "dropped_groups": dropped,
+        "tokens": tokens,
+        "tokens_per_second": tokens / seconds,
+        "processes": world,
+        **sampling,
         "rollout_logprob_diff": _first_epoch_mean(step_rows, "rollout_logprob_diff"),
     }
     if torch.cuda.is_available():
         metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    manifest = build_manifest("train", settings, inputs, rows=len(step_rows), seconds=seconds, device=modeling.describe_device(device), seed=config.seed, metrics=metrics)
+    manifest = build_manifest(
+        "train",
+        settings,
+        inputs,
+        rows=len(step_rows),
+        seconds=seconds,
+        device=modeling.describe_device(device),
+        seed=config.seed,
+        metrics=metrics,
+    )
     state = {"global_step": start_step + len(step_rows)}
     unwrapped = accelerator.unwrap_model(model)
     metric_schema = schemas.TRAIN_METRICS
@@ -468,7 +637,9 @@ def run(config: TrainConfig, force: bool = False, model: Any = None, tokenizer: 
     if finish:
         accelerator.end_training()
     if step_rows:
-        info(f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}, T = {temperature:g}), final loss {step_rows[-1]['loss']:.4f}; saved {out}")
+        info(
+            f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}, T = {temperature:g}), final loss {step_rows[-1]['loss']:.4f}; saved {out}"
+        )
     return TrainResult(out, bool(step_rows), metrics, unwrapped)
 
 
@@ -479,17 +650,30 @@ def _first_epoch_mean(rows: list[dict], key: str) -> float | None:
     return sum(r[key] * r["tokens"] for r in first) / tokens if tokens else None
 
 
-def _step_row(totals: dict[str, float], step: int, epoch: int, sequences: int, grad_norm: float, lr: float, seconds: float) -> dict[str, Any]:
+def _step_row(
+    totals: dict[str, float], step: int, epoch: int, sequences: int, grad_norm: float, lr: float, seconds: float
+) -> dict[str, Any]:
     """One train_metrics row: per-token means over the step's kept tokens (all processes)."""
     tokens = max(totals["tokens"], 1.0)
     weight_mean = totals["weight_sum"] / tokens
     return {
-        "step": step, "loss": totals["loss"], "pg_loss": totals["pg_sum"] / tokens, "kl": totals["kl_sum"] / tokens,
-        "entropy": totals["entropy_sum"] / tokens, "clip_frac_low": totals["clip_low_sum"] / tokens,
-        "clip_frac_high": totals["clip_high_sum"] / tokens, "grad_norm": grad_norm, "lr": lr, "tokens": int(totals["tokens"]),
-        "seconds": seconds, "ratio_mean": totals["ratio_sum"] / tokens, "weight_mean": weight_mean,
+        "step": step,
+        "loss": totals["loss"],
+        "pg_loss": totals["pg_sum"] / tokens,
+        "kl": totals["kl_sum"] / tokens,
+        "entropy": totals["entropy_sum"] / tokens,
+        "clip_frac_low": totals["clip_low_sum"] / tokens,
+        "clip_frac_high": totals["clip_high_sum"] / tokens,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens": int(totals["tokens"]),
+        "seconds": seconds,
+        "ratio_mean": totals["ratio_sum"] / tokens,
+        "weight_mean": weight_mean,
         "weight_std": math.sqrt(max(totals["weight_sq_sum"] / tokens - weight_mean**2, 0.0)),
-        "rollout_logprob_diff": totals["rollout_diff_sum"] / tokens, "epoch": epoch, "sequences": sequences,
+        "rollout_logprob_diff": totals["rollout_diff_sum"] / tokens,
+        "epoch": epoch,
+        "sequences": sequences,
     }
 
 

@@ -36,9 +36,7 @@ from typing import Any
 from cfiw_cli.errors import CfiwError
 
 Z = 1.959963984540054
-WILSON = (
-    f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} {Z} * sqrt(acc * (1 - acc) / n + {Z}^2 / (4 * n * n)) / (1 + {Z}^2 / n)"
-)
+WILSON = f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} {Z} * sqrt(acc * (1 - acc) / n + {Z}^2 / (4 * n * n)) / (1 + {Z}^2 / n)"
 
 
 # A sentence's form: whitespace collapsed, outer spaces and full stops dropped, every number as N.
@@ -82,10 +80,10 @@ def connect(runs: list[Path]) -> Any:
         con.execute(
             f"""create view span_labels as
             with reference as (
-                select {_NORMALIZED.format(text='l.text')} as sentence, min(l.label) as label
+                select {_NORMALIZED.format(text="l.text")} as sentence, min(l.label) as label
                 from (select unnest(labels) as l from rollouts) group by all having count(distinct l.label) = 1)
             select s.run, s.iteration, s.rollout_id, s.span_idx, r.label
-            from spans s join reference r on {_NORMALIZED.format(text='s.text')} = r.sentence"""
+            from spans s join reference r on {_NORMALIZED.format(text="s.text")} = r.sentence"""
         )
     con.execute("create table modes (run varchar, mode varchar, seed integer)")
     con.executemany("insert into modes values (?, ?, ?)", [(run.name, *_mode_and_seed(run)) for run in runs])
@@ -128,11 +126,13 @@ def _create_steps(con: Any) -> None:
 def _rows(con: Any, sql: str) -> list[dict]:
     result = con.execute(sql)
     columns = [d[0] for d in result.description]
-    return [dict(zip(columns, row)) for row in result.fetchall()]
+    return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
 
 
 def _has(con: Any, view: str) -> bool:
-    return bool(con.execute(f"select count(*) from information_schema.tables where table_name = '{view}'").fetchall()[0][0])
+    return bool(
+        con.execute(f"select count(*) from information_schema.tables where table_name = '{view}'").fetchall()[0][0]
+    )
 
 
 def _has_column(con: Any, view: str, column: str) -> bool:
@@ -213,7 +213,9 @@ def probe_tables(con: Any) -> dict[str, list[dict]]:
                   coalesce(stddev_samp(reward), 0) as std, min(reward) as min_reward, max(reward) as max_reward
            from probe_by_run group by mode, iteration order by mode, iteration""",
     )
-    out["probe_runs"] = _rows(con, "select *, gain / nullif(gain_se, 0) as gain_in_se from run_summary_with_gain order by mode, seed")
+    out["probe_runs"] = _rows(
+        con, "select *, gain / nullif(gain_se, 0) as gain_in_se from run_summary_with_gain order by mode, seed"
+    )
     out["mode_comparison"] = _rows(
         con,
         """with mean_curve as (select mode, iteration, avg(step) as step, avg(reward) as reward from probe_by_run group by all)
@@ -236,8 +238,16 @@ def probe_tables(con: Any) -> dict[str, list[dict]]:
            order by metric desc, mode""",
     )
     for row in differences:
-        half = t_quantile(0.975, row["seeds"] - 1) * row["std"] / math.sqrt(row["seeds"]) if row["seeds"] > 1 else math.nan
-        row.update({"mode": f"{row['mode']} - uniform", "ci_low": row["mean_difference"] - half, "ci_high": row["mean_difference"] + half})
+        half = (
+            t_quantile(0.975, row["seeds"] - 1) * row["std"] / math.sqrt(row["seeds"]) if row["seeds"] > 1 else math.nan
+        )
+        row.update(
+            {
+                "mode": f"{row['mode']} - uniform",
+                "ci_low": row["mean_difference"] - half,
+                "ci_high": row["mean_difference"] + half,
+            }
+        )
     out["paired_differences"] = differences
     return out
 
@@ -260,7 +270,10 @@ def replay_tables(con: Any) -> dict[str, list[dict]]:
     )
     con.execute(f"create temp table replay_pairs as {unions}")
     out = {
-        "replay": _rows(con, "select r.*, m.mode as loop_mode, m.seed as loop_seed from replay r join modes m using (run) order by run, iteration, r.mode"),
+        "replay": _rows(
+            con,
+            "select r.*, m.mode as loop_mode, m.seed as loop_seed from replay r join modes m using (run) order by run, iteration, r.mode",
+        ),
         "replay_differences": _rows(
             con,
             """select mode || ' - uniform' as difference, metric, iteration, count(*) as runs, avg(difference) as mean_difference,
@@ -275,7 +288,9 @@ def replay_tables(con: Any) -> dict[str, list[dict]]:
            from replay_pairs group by all order by metric, difference""",
     )
     for row in summary:
-        half = t_quantile(0.975, row["pairs"] - 1) * row["std"] / math.sqrt(row["pairs"]) if row["pairs"] > 1 else math.nan
+        half = (
+            t_quantile(0.975, row["pairs"] - 1) * row["std"] / math.sqrt(row["pairs"]) if row["pairs"] > 1 else math.nan
+        )
         row.update({"ci_low": row["mean_difference"] - half, "ci_high": row["mean_difference"] + half})
     out["replay_summary"] = summary
     return out
@@ -288,8 +303,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
             con,
             f"""with a as (select run, iteration, count(*) as n, avg(correct::int) as acc from eval group by run, iteration)
             select run, mode, seed, iteration, step, n, acc as accuracy,
-                   case when acc = 0 then 0 else greatest(0, {WILSON.format(sign='-')}) end as ci_low,
-                   case when acc = 1 then 1 else least(1, {WILSON.format(sign='+')}) end as ci_high
+                   case when acc = 0 then 0 else greatest(0, {WILSON.format(sign="-")}) end as ci_low,
+                   case when acc = 1 then 1 else least(1, {WILSON.format(sign="+")}) end as ci_high
             from a join modes using (run) join steps using (run, iteration) order by run, iteration""",
         )
         out["iterations_to_uniform"] = _rows(
@@ -322,7 +337,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
         out.update(replay_tables(con))
     if _has(con, "rollouts"):
         out["reward"] = _rows(
-            con, "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward from rollouts join modes using (run) group by all order by run, iteration"
+            con,
+            "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward from rollouts join modes using (run) group by all order by run, iteration",
         )
     if _has(con, "spans") and _has(con, "scores"):
         out["delta_by_kind"] = _rows(
@@ -367,7 +383,15 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     def curves(
-        rows: list[dict], group: str, y: str, band: tuple[str, str] | None, label: Any, title: str, ylabel: str, name: str, x: str = "step"
+        rows: list[dict],
+        group: str,
+        y: str,
+        band: tuple[str, str] | None,
+        label: Any,
+        title: str,
+        ylabel: str,
+        name: str,
+        x: str = "step",
     ) -> None:
         """One line per `group` value over optimizer steps (or `x`), with an optional shaded band."""
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -384,36 +408,84 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
     written: list[Path] = []
     by_run = lambda run, rows: f"{run} ({rows[0]['mode']})"  # noqa: E731
     if tables_.get("accuracy"):
-        curves(tables_["accuracy"], "run", "accuracy", ("ci_low", "ci_high"), by_run, "Accuracy (95% Wilson interval)", "accuracy", "accuracy.png")
+        curves(
+            tables_["accuracy"],
+            "run",
+            "accuracy",
+            ("ci_low", "ci_high"),
+            by_run,
+            "Accuracy (95% Wilson interval)",
+            "accuracy",
+            "accuracy.png",
+        )
     by_mode = lambda mode, rows: f"{mode} ({max(r['runs'] for r in rows)} runs)"  # noqa: E731
     if any(r["runs"] > 1 for r in tables_.get("accuracy_by_mode", [])):  # several seeds of a mode
         curves(
-            tables_["accuracy_by_mode"], "mode", "mean_accuracy", ("min_accuracy", "max_accuracy"), by_mode,
-            "Greedy accuracy by mode (mean over seeds; band: min to max)", "greedy accuracy", "accuracy_by_mode.png",
+            tables_["accuracy_by_mode"],
+            "mode",
+            "mean_accuracy",
+            ("min_accuracy", "max_accuracy"),
+            by_mode,
+            "Greedy accuracy by mode (mean over seeds; band: min to max)",
+            "greedy accuracy",
+            "accuracy_by_mode.png",
         )
     if tables_.get("probe"):
-        curves(tables_["probe"], "run", "reward", ("ci_low", "ci_high"), by_run, "Probe: sampled reward (95% interval over questions)", "probe reward (mean@k)", "probe.png")
+        curves(
+            tables_["probe"],
+            "run",
+            "reward",
+            ("ci_low", "ci_high"),
+            by_run,
+            "Probe: sampled reward (95% interval over questions)",
+            "probe reward (mean@k)",
+            "probe.png",
+        )
     if any(r["runs"] > 1 for r in tables_.get("probe_by_mode", [])):
         curves(
-            tables_["probe_by_mode"], "mode", "mean_reward", ("min_reward", "max_reward"), by_mode,
-            "Probe reward by mode (mean over seeds; band: min to max)", "probe reward (mean@k)", "probe_by_mode.png",
+            tables_["probe_by_mode"],
+            "mode",
+            "mean_reward",
+            ("min_reward", "max_reward"),
+            by_mode,
+            "Probe reward by mode (mean over seeds; band: min to max)",
+            "probe reward (mean@k)",
+            "probe_by_mode.png",
         )
     if tables_.get("replay_differences"):
         fig, axes = plt.subplots(1, len(REPLAY_METRICS), figsize=(12, 3.6))
-        for ax, metric in zip(axes, REPLAY_METRICS):
+        for ax, metric in zip(axes, REPLAY_METRICS, strict=True):
             mine = [r for r in tables_["replay_differences"] if r["metric"] == metric]
             for difference in sorted({r["difference"] for r in mine}):
                 points = [r for r in mine if r["difference"] == difference]
-                ax.plot([r["iteration"] for r in points], [r["mean_difference"] for r in points], marker="o", markersize=3, label=difference)
+                ax.plot(
+                    [r["iteration"] for r in points],
+                    [r["mean_difference"] for r in points],
+                    marker="o",
+                    markersize=3,
+                    label=difference,
+                )
             ax.axhline(0, color="grey", linewidth=0.5)
             ax.set(xlabel="iteration replayed", ylabel=f"{metric} after the update, minus uniform's", title=metric)
             ax.legend(fontsize=7)
         fig.suptitle("Paired replay: each mode's update minus uniform's (mean over runs)", fontsize=9)
         written.append(_save(fig, out / "replay_differences.png"))
     if tables_.get("reward"):
-        curves(tables_["reward"], "run", "mean_reward", None, by_run, "Training reward", "mean reward of the rollouts", "reward.png", x="iteration")
+        curves(
+            tables_["reward"],
+            "run",
+            "mean_reward",
+            None,
+            by_run,
+            "Training reward",
+            "mean reward of the rollouts",
+            "reward.png",
+            x="iteration",
+        )
     if _has(con, "spans") and _has(con, "scores"):
-        rows = _rows(con, "select kind, delta from spans join scores using (run, iteration, rollout_id, span_idx) order by kind")
+        rows = _rows(
+            con, "select kind, delta from spans join scores using (run, iteration, rollout_id, span_idx) order by kind"
+        )
         kinds = sorted({r["kind"] for r in rows})
         if kinds:
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -443,14 +515,32 @@ def _write_curves(results: dict[str, list[dict]], out: Path) -> None:
     import pyarrow.parquet as pq
 
     per_run = [
-        {"run": r["run"], "mode": r["mode"], "seed": r["seed"], "metric": metric, "iteration": r["iteration"], "step": r["step"],
-         "value": r[value], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+        {
+            "run": r["run"],
+            "mode": r["mode"],
+            "seed": r["seed"],
+            "metric": metric,
+            "iteration": r["iteration"],
+            "step": r["step"],
+            "value": r[value],
+            "ci_low": r["ci_low"],
+            "ci_high": r["ci_high"],
+        }
         for table, metric, value in (("accuracy", "greedy_accuracy", "accuracy"), ("probe", "probe_reward", "reward"))
         for r in results.get(table, [])
     ]
     by_mode = [
-        {"mode": r["mode"], "metric": metric, "iteration": r["iteration"], "step": float(r["step"]), "runs": r["runs"],
-         "mean": r[mean], "std": r["std"], "min": r[low], "max": r[high]}
+        {
+            "mode": r["mode"],
+            "metric": metric,
+            "iteration": r["iteration"],
+            "step": float(r["step"]),
+            "runs": r["runs"],
+            "mean": r[mean],
+            "std": r["std"],
+            "min": r[low],
+            "max": r[high],
+        }
         for table, metric, mean, low, high in (
             ("accuracy_by_mode", "greedy_accuracy", "mean_accuracy", "min_accuracy", "max_accuracy"),
             ("probe_by_mode", "probe_reward", "mean_reward", "min_reward", "max_reward"),
@@ -503,11 +593,15 @@ def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
         tokenizer = tokenizers.setdefault(row["run"], load_tokenizer(str(source)))
         text, offsets = decode_with_offsets(row["completion_ids"], tokenizer)
         spans = []
-        for (start, end), weight in zip(offsets, row["token_weights"]):
+        for (start, end), weight in zip(offsets, row["token_weights"], strict=True):
             strength = max(-1.0, min(1.0, weight - 1.0))
             colour = f"rgba(220, 80, 40, {strength:.2f})" if strength > 0 else f"rgba(40, 100, 220, {-strength:.2f})"
-            spans.append(f'<span title="{weight:.3f}" style="background:{colour}">{html.escape(text[start:end])}</span>')
-        parts.append(f"<h4>{html.escape(row['rollout_id'])} ({html.escape(row['run'])}, reward {row['reward']})</h4><pre class=\"rollout\">{''.join(spans)}</pre>")
+            spans.append(
+                f'<span title="{weight:.3f}" style="background:{colour}">{html.escape(text[start:end])}</span>'
+            )
+        parts.append(
+            f'<h4>{html.escape(row["rollout_id"])} ({html.escape(row["run"])}, reward {row["reward"]})</h4><pre class="rollout">{"".join(spans)}</pre>'
+        )
     return "\n".join(parts) or "<p>(no weighted rollouts)</p>"
 
 
@@ -540,9 +634,13 @@ def run(runs: list[str], out: str) -> dict[str, list[dict]]:
     for path in images:
         data = base64.b64encode(path.read_bytes()).decode()
         body.append(f'<h2>{html.escape(path.stem)}</h2><img alt="{path.stem}" src="data:image/png;base64,{data}">')
-    body.append("<h2>Rollouts coloured by token weight (red: above 1, blue: below 1)</h2>" + _coloured_rollouts(con, run_dirs))
+    body.append(
+        "<h2>Rollouts coloured by token weight (red: above 1, blue: below 1)</h2>" + _coloured_rollouts(con, run_dirs)
+    )
     style = "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:2px 6px} pre.rollout{white-space:pre-wrap}"
-    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>cfiw report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    (out_dir / "report.html").write_text(
+        f'<!doctype html><html><head><meta charset="utf-8"><title>cfiw report</title><style>{style}</style></head><body>{"".join(body)}</body></html>\n'
+    )
     return results
 
 
@@ -550,5 +648,10 @@ def _html_table(rows: list[dict]) -> str:
     if not rows:
         return "<p>(no data)</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>" for v in row.values())
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"

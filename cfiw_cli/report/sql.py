@@ -66,7 +66,10 @@ def query(run: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
         result = con.execute(sql)
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
-        views = [row[0] for row in con.execute("select view_name from duckdb_views() where not internal order by 1").fetchall()]
+        views = [
+            row[0]
+            for row in con.execute("select view_name from duckdb_views() where not internal order by 1").fetchall()
+        ]
         raise CfiwError(f"query failed: {first}", f"this run's views: {', '.join(views) or 'none'}") from exc
     columns = [d[0] for d in result.description or []]
     return columns, result.fetchall()
@@ -82,7 +85,7 @@ def render(columns: list[str], rows: list[tuple], fmt: str) -> str:
         writer.writerows(rows)
         return buffer.getvalue()
     if fmt == "json":
-        return json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2) + "\n"
+        return json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=2) + "\n"
     from rich.console import Console
     from rich.table import Table
 

@@ -62,8 +62,13 @@ def _calculation(total: int, op: str, operand: int) -> tuple[str, int]:
 
 
 def make_problem(
-    rng: random.Random, max_steps: int = 3, max_number: int = 50, filler_rate: float = 0.3, distractors: int = 0,
-    teacher: random.Random | None = None, teacher_error_rate: float = 0.0,
+    rng: random.Random,
+    max_steps: int = 3,
+    max_number: int = 50,
+    filler_rate: float = 0.3,
+    distractors: int = 0,
+    teacher: random.Random | None = None,
+    teacher_error_rate: float = 0.0,
 ) -> dict:
     """{"question", "answer" (GSM8K format), "labels": [{"text", "label"}, ...] one per solution line}.
 
@@ -119,4 +124,3 @@ def make_problem(
 def make_problems(n: int, seed: int = 0, **kwargs) -> list[dict]:
     rng = random.Random(seed)
     return [make_problem(rng, **kwargs) for _ in range(n)]
-

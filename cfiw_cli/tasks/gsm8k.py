@@ -97,7 +97,9 @@ def parse_gold(answer: str) -> str:
     match = NUMBER_RE.search(tail)
     value = normalize_number(match.group(0)) if match else None
     if value is None:
-        raise CfiwError(f"gold answer after '####' is not a number: {tail.strip()!r}", "GSM8K answers end with '#### <number>'")
+        raise CfiwError(
+            f"gold answer after '####' is not a number: {tail.strip()!r}", "GSM8K answers end with '#### <number>'"
+        )
     return value
 
 
@@ -174,11 +176,19 @@ def load_questions(dataset: str, split: str = "train", offset: int = 0, limit: i
         )
     selected = rows.select(range(offset, stop))
     out = []
-    for index, row in zip(range(offset, stop), selected):
+    for index, row in zip(range(offset, stop), selected, strict=True):
         try:
             gold = parse_gold(str(row["answer"]))
         except CfiwError as exc:
             raise CfiwError(f"row {index} of {dataset}: {exc.message}", exc.hint) from None
         extras = {k: v for k, v in row.items() if k not in ("question", "answer")}
-        out.append({"prompt_id": f"{source}-{index}", "question": row["question"], "answer": row["answer"], "gold": gold, **extras})
+        out.append(
+            {
+                "prompt_id": f"{source}-{index}",
+                "question": row["question"],
+                "answer": row["answer"],
+                "gold": gold,
+                **extras,
+            }
+        )
     return out

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_directory, settings_of, staged_directory, write_directory_manifest
+from cfiw_cli.artifacts import (
+    build_manifest,
+    input_record,
+    prepare_directory,
+    settings_of,
+    staged_directory,
+    write_directory_manifest,
+)
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
@@ -58,7 +65,10 @@ def examples(rows: list[dict], tokenizer: Any, template: str | None, chat: bool)
     """Prompt-completion pairs with the prompt `cfiw rollout` would send for each question."""
     from cfiw_cli.tasks.gsm8k import build_prompt
 
-    return [{"prompt": build_prompt(row["question"], tokenizer, template, chat), "completion": row["answer"]} for row in rows]
+    return [
+        {"prompt": build_prompt(row["question"], tokenizer, template, chat), "completion": row["answer"]}
+        for row in rows
+    ]
 
 
 def _progress_callback(advance: Any) -> Any:
@@ -127,11 +137,20 @@ def run(config: SftConfig, force: bool = False) -> Path:
     # Weights stay float32 (the optimizer's master copy); on a bf16 GPU the forward runs in bf16.
     bf16 = modeling.resolve_dtype(config.dtype, dev) == torch.bfloat16
     model = modeling.load_model(config.model, "float32", dev)
-    with tempfile.TemporaryDirectory(prefix="cfiw-sft-") as scratch, progress_bar("sft", total=config.steps, unit="steps") as advance:
+    with (
+        tempfile.TemporaryDirectory(prefix="cfiw-sft-") as scratch,
+        progress_bar("sft", total=config.steps, unit="steps") as advance,
+    ):
         with warnings.catch_warnings():  # TRL still passes the argument transformers renamed
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")
             args = _sft_arguments(config, scratch, bf16, dev.type == "cpu")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer, callbacks=[_progress_callback(advance)])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            processing_class=tokenizer,
+            callbacks=[_progress_callback(advance)],
+        )
         trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; logs stay in the manifest
         result = trainer.train()
     history = [
@@ -149,12 +168,20 @@ def run(config: SftConfig, force: bool = False) -> Path:
         "loss_curve": history,
     }
     manifest = build_manifest(
-        "sft", settings, inputs, rows=len(rows), seconds=seconds,
-        device=modeling.describe_device(dev), seed=config.seed, metrics=metrics,
+        "sft",
+        settings,
+        inputs,
+        rows=len(rows),
+        seconds=seconds,
+        device=modeling.describe_device(dev),
+        seed=config.seed,
+        metrics=metrics,
     )
     with staged_directory(out) as tmp:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_directory_manifest(tmp, manifest)
-    info(f"fine-tuned {config.model} for {config.steps} steps on {len(rows)} solutions in {seconds:.0f}s: final loss {metrics['final_loss']:.4f}; saved {out}")
+    info(
+        f"fine-tuned {config.model} for {config.steps} steps on {len(rows)} solutions in {seconds:.0f}s: final loss {metrics['final_loss']:.4f}; saved {out}"
+    )
     return out

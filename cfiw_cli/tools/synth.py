@@ -16,7 +16,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfiw_cli.artifacts import build_manifest, prepare_directory, settings_of, staged_directory, write_directory_manifest
+from cfiw_cli.artifacts import (
+    build_manifest,
+    prepare_directory,
+    settings_of,
+    staged_directory,
+    write_directory_manifest,
+)
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.tasks.arith import NAMES
@@ -57,11 +63,26 @@ def generate(config: SynthConfig) -> dict[str, list[dict]]:
 
     from cfiw_cli.tasks.arith import make_problem
 
-    shape = dict(max_steps=config.max_steps, max_number=config.max_number, filler_rate=config.filler_rate, distractors=config.distractors)
+    shape = dict(
+        max_steps=config.max_steps,
+        max_number=config.max_number,
+        filler_rate=config.filler_rate,
+        distractors=config.distractors,
+    )
     train_rng, test_rng = random.Random(config.seed), random.Random(config.seed + 1_000_003)
     teacher = random.Random(config.seed + 2_000_003) if config.teacher_error_rate > 0 else None
-    train = [make_problem(train_rng, teacher=teacher, teacher_error_rate=config.teacher_error_rate, **shape) for _ in range(config.n_train)]
-    sft = [{"question": r["question"], "answer": r.pop("teacher_answer"), "labels": r.pop("teacher_labels")} for r in train] if teacher else []
+    train = [
+        make_problem(train_rng, teacher=teacher, teacher_error_rate=config.teacher_error_rate, **shape)
+        for _ in range(config.n_train)
+    ]
+    sft = (
+        [
+            {"question": r["question"], "answer": r.pop("teacher_answer"), "labels": r.pop("teacher_labels")}
+            for r in train
+        ]
+        if teacher
+        else []
+    )
     seen, test = {row["question"] for row in train}, []
     for _ in range(100 * config.n_test):
         if len(test) == config.n_test:
@@ -92,8 +113,13 @@ def run(config: SynthConfig, force: bool = False) -> Path:
         counts = {split: len(rows) for split, rows in splits.items()}
         labels = Counter(sentence["label"] for row in splits["train"] for sentence in row["labels"])
         manifest = build_manifest(
-            "synth", settings, {}, rows=sum(counts.values()), seconds=time.perf_counter() - started,
-            seed=config.seed, metrics={"rows": counts, "train_sentences_by_label": dict(labels), **_teacher_metrics(splits)},
+            "synth",
+            settings,
+            {},
+            rows=sum(counts.values()),
+            seconds=time.perf_counter() - started,
+            seed=config.seed,
+            metrics={"rows": counts, "train_sentences_by_label": dict(labels), **_teacher_metrics(splits)},
         )
         write_directory_manifest(tmp, manifest)
     teacher = " and the teacher's solutions" if "sft" in counts else ""
@@ -107,5 +133,7 @@ def _teacher_metrics(splits: dict[str, list[dict]]) -> dict:
         return {}
     from cfiw_cli.tasks.gsm8k import parse_gold
 
-    wrong = sum(parse_gold(t["answer"]) != parse_gold(r["answer"]) for t, r in zip(splits["sft"], splits["train"], strict=True))
+    wrong = sum(
+        parse_gold(t["answer"]) != parse_gold(r["answer"]) for t, r in zip(splits["sft"], splits["train"], strict=True)
+    )
     return {"teacher_wrong_share": wrong / len(splits["train"])}

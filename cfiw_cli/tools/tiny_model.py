@@ -11,7 +11,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfiw_cli.artifacts import build_manifest, input_record, prepare_directory, settings_of, sha256_of, staged_directory, write_directory_manifest
+from cfiw_cli.artifacts import (
+    build_manifest,
+    input_record,
+    prepare_directory,
+    settings_of,
+    sha256_of,
+    staged_directory,
+    write_directory_manifest,
+)
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
@@ -105,7 +113,9 @@ def run(config: TinyModelConfig, force: bool = False) -> Path:
     if config.arch not in ARCHS:
         raise CfiwError(f"unknown architecture {config.arch!r}", f"choose one of {', '.join(ARCHS)}")
     if config.hidden % config.heads or config.heads % config.kv_heads:
-        raise CfiwError("--hidden must be divisible by --heads, and --heads by --kv-heads", "try --hidden 64 --heads 4 --kv-heads 2")
+        raise CfiwError(
+            "--hidden must be divisible by --heads, and --heads by --kv-heads", "try --hidden 64 --heads 4 --kv-heads 2"
+        )
     if config.vocab_size < 300:
         raise CfiwError("--vocab-size must be at least 300", "the byte alphabet alone takes 256 entries")
     out = Path(config.out)
@@ -126,8 +136,14 @@ def run(config: TinyModelConfig, force: bool = False) -> Path:
         tokenizer.save_pretrained(tmp)
         params = sum(p.numel() for p in model.parameters())
         manifest = build_manifest(
-            "tiny-model", settings, inputs, rows=len(texts), seconds=time.perf_counter() - started,
-            device="cpu", seed=config.seed, metrics={"parameters": params, "vocab_size": len(tokenizer)},
+            "tiny-model",
+            settings,
+            inputs,
+            rows=len(texts),
+            seconds=time.perf_counter() - started,
+            device="cpu",
+            seed=config.seed,
+            metrics={"parameters": params, "vocab_size": len(tokenizer)},
         )
         manifest["weights_sha256"] = sha256_of(tmp / "model.safetensors")
         write_directory_manifest(tmp, manifest)
