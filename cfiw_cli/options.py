@@ -1,69 +1,89 @@
-"""Typer option aliases shared by the commands, so a flag means the same thing everywhere."""
+"""Command-line parameters from the config dataclasses, and the options that belong to no config.
+
+A config field declared with `configs.flag(...)` becomes one Typer parameter: `--field-name`
+(or the names it gives), the field's type and default, its help and limits, and for a choice
+field a `StrEnum` of the allowed values, so a bad value exits 2 listing them and shell
+completion offers them. `build_config` turns the parsed values back into the config.
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
+from dataclasses import MISSING, Field, fields
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cfiw_cli.algo.importance import MASK_MODES, TARGETS
-from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
-from cfiw_cli.algo.weights import MODES, PROFILES
-from cfiw_cli.modeling import DTYPES
+from cfiw_cli.algo.weights import MODES
 
 
-def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+@cache
+def choice_type(name: str, values: tuple[str, ...]) -> type[StrEnum]:
     """A choice flag from the tuple the code checks against: a bad value exits 2 listing them."""
     return StrEnum(name, [(value, value) for value in values])
 
 
-DtypeChoice = _choices("DtypeChoice", DTYPES)
-MaskChoice = _choices("MaskChoice", MASK_MODES)
-TargetChoice = _choices("TargetChoice", TARGETS)
-WeightingChoice = _choices("WeightingChoice", MODES)
-ProfileChoice = _choices("ProfileChoice", PROFILES)
-LossTypeChoice = _choices("LossTypeChoice", LOSS_TYPES)
-RewardScalingChoice = _choices("RewardScalingChoice", REWARD_SCALINGS)
+def _camel(name: str) -> str:
+    return "".join(part.title() for part in name.split("_")) + "Choice"
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub id or local model directory.")]
-Dataset = Annotated[
-    str,
-    typer.Option(
-        "--dataset",
-        "-d",
-        help="'gsm8k' (hub openai/gsm8k, config main), a .jsonl/.parquet file with question and answer "
-        "columns, or a directory holding <split>.jsonl.",
-    ),
-]
-Split = Annotated[str, typer.Option(help="Dataset split (hub datasets, or <split>.jsonl in a directory).")]
-Limit = Annotated[int | None, typer.Option(help="Use at most this many questions (default: all).")]
-Offset = Annotated[int, typer.Option(help="Skip this many questions first.")]
-Seed = Annotated[int, typer.Option(help="Random seed; same seed and inputs give the same results on CPU.")]
+
+def ordered_fields(config_class: type) -> list[Field]:
+    """The fields a command takes, required ones first; the shared groups (model, data,
+    sampling) before the stage's own fields, each in declaration order."""
+    classes = [c for c in config_class.__mro__[1:] if c is not object] + [config_class]
+    declared = [name for c in classes for name in c.__dict__.get("__annotations__", {})]
+    every = sorted(fields(config_class), key=lambda f: declared.index(f.name))
+    return [f for f in every if f.default is MISSING] + [f for f in every if f.default is not MISSING]
+
+
+def _annotation(config_class: type, item: Field) -> Any:
+    meta = item.metadata
+    optional = type(None) in typing.get_args(typing.get_type_hints(config_class)[item.name])
+    base: Any = typing.get_type_hints(config_class)[item.name]
+    if optional:
+        base = next(a for a in typing.get_args(base) if a is not type(None))
+    if meta.get("choices"):
+        base = choice_type(_camel(item.name), meta["choices"])
+    elif meta.get("path"):
+        base = Path
+    if optional:
+        base = base | None
+    limits = {key: meta[key] for key in ("min", "max") if meta.get(key) is not None}
+    if meta.get("argument"):
+        info = typer.Argument(help=meta["help"])
+    else:
+        info = typer.Option(*meta.get("names", ()), help=meta["help"], **limits)
+    return Annotated[base, info]
+
+
+def parameters(config_class: type) -> list[inspect.Parameter]:
+    """One keyword parameter per config field, for a Typer command's signature."""
+    return [
+        inspect.Parameter(
+            item.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=inspect.Parameter.empty if item.default is MISSING else item.default,
+            annotation=_annotation(config_class, item),
+        )
+        for item in ordered_fields(config_class)
+    ]
+
+
+def build_config(config_class: type, values: dict[str, Any]) -> Any:
+    """The config from parsed parameters: choices as their values, paths as strings."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, StrEnum):
+            return value.value
+        return str(value) if isinstance(value, Path) else value
+
+    return config_class(**{name: plain(value) for name, value in values.items()})
+
+
+# Options of commands without a config (loop's overrides, validate, sql, analyze).
 Force = Annotated[bool, typer.Option("--force", "-f", help="Recompute even if the output is up to date.")]
-MaxNewTokens = Annotated[int, typer.Option(min=1, help="Longest completion, in tokens.")]
-TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1.0 = off).")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per generate call.")]
-Dtype = Annotated[
-    DtypeChoice,
-    typer.Option(help="Model dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16, float16."),
-]
-PromptTemplate = Annotated[
-    str | None,
-    typer.Option(
-        help="User message with a {question} placeholder (default: the question plus an instruction to end with '#### <number>')."
-    ),
-]
-ChatTemplate = Annotated[
-    bool,
-    typer.Option(
-        "--chat-template/--no-chat-template", help="Wrap the prompt in the tokenizer's chat template when it has one."
-    ),
-]
-Rollouts = Annotated[
-    Path, typer.Option("--rollouts", "-r", help="rollouts.parquet (from cfiw rollout or another tool).")
-]
-Spans = Annotated[
-    Path, typer.Option("--spans", "-s", help="spans.parquet written by cfiw segment from the same rollouts.")
-]
+WeightingChoice = choice_type("WeightingChoice", MODES)

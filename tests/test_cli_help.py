@@ -1,11 +1,13 @@
 """Every command answers --help with exit 0, and its help ends with an example."""
 
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from cfiw_cli.cli import app
+from tests.conftest import run_cli
 
 COMMANDS = sorted(info.name for info in app.registered_commands)
 
@@ -97,3 +99,64 @@ def test_help_imports_no_heavy_library():
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "cfiw_cli", "--help"], capture_output=True, check=True, timeout=60)
     assert time.perf_counter() - started < 1.0
+
+
+STAGE_COMMANDS = {"tiny-model", "synth", "sft", "rollout", "eval", "segment", "score", "train", "replay"}
+
+
+def test_every_stage_command_is_built_from_its_config():
+    from cfiw_cli.cli import COMMAND_CONFIGS
+
+    assert set(COMMAND_CONFIGS) == STAGE_COMMANDS
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_COMMANDS))
+def test_each_config_field_is_exactly_one_flag_with_the_same_default(name):
+    from dataclasses import MISSING, fields
+    from enum import Enum
+
+    import typer.main
+
+    from cfiw_cli.cli import COMMAND_CONFIGS
+
+    config = COMMAND_CONFIGS[name]
+    params = typer.main.get_command(app).commands[name].params
+    names = [p.name for p in params]
+    for field in fields(config):
+        assert names.count(field.name) == 1, f"{config.__name__}.{field.name} is not exactly one parameter of {name}"
+        param = params[names.index(field.name)]
+        if param.param_type_name == "option":
+            assert f"--{field.name.replace('_', '-')}" in param.opts
+        if field.default is MISSING:
+            assert param.required, f"{name} {field.name} should be required"
+        else:
+            default = param.default.value if isinstance(param.default, Enum) else param.default
+            assert default == field.default, f"{name} {field.name}: flag default {default!r} != {field.default!r}"
+    assert set(names) - {f.name for f in fields(config)} <= {"force"}
+
+
+def test_the_loops_command_lines_parse_back_to_the_same_configs(tmp_path, monkeypatch):
+    """`cfiw loop --dry-run` prints each stage as flags; the CLI must build the very same config."""
+    import importlib
+    from types import SimpleNamespace
+
+    from cfiw_cli.pipeline.loop import command_line, load_config, plan
+
+    modules = {"rollout": "pipeline.rollout", "segment": "pipeline.segment", "score": "pipeline.score"}
+    modules |= {"train": "pipeline.train", "eval": "pipeline.eval"}
+    built = []
+
+    def capture(config, **_):
+        built.append(config)
+        return SimpleNamespace(metrics={})
+
+    for module in modules.values():
+        monkeypatch.setattr(importlib.import_module(f"cfiw_cli.{module}"), "run", capture)
+    config = load_config("tiny", None)
+    config["train"] |= {"beta": 0.01, "lr_schedule": "cosine", "profile": "authors"}
+    steps = [(command, stage) for _, command, stage in plan(config, tmp_path / "run") if command in modules]
+    assert {command for command, _ in steps} == set(modules)
+    for command, stage_config in steps:
+        words = shlex.split(command_line(command, stage_config))[1:]
+        assert run_cli(*words).exit_code == 0
+        assert built.pop() == stage_config, command

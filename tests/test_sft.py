@@ -83,7 +83,8 @@ def test_bad_input(cli, tiny_model, two_problems, tmp_path):
     out = tmp_path / "out"
     assert_clean_error(sft(cli, tmp_path / "no-model", two_problems, out), "model path does not exist")
     assert_clean_error(sft(cli, tiny_model, tmp_path / "none.jsonl", out), "dataset not found")
-    assert_clean_error(sft(cli, tiny_model, two_problems, out, "--lr-schedule", "wavy"), "--lr-schedule")
+    wavy = sft(cli, tiny_model, two_problems, out, "--lr-schedule", "wavy")
+    assert wavy.exit_code == 2 and "cosine" in wavy.stderr
     assert_clean_error(sft(cli, tiny_model, two_problems, out, "--lr", "0"), "--lr")
     assert sft(cli, tiny_model, two_problems, out, "--steps", "0").exit_code == 2
     assert leftovers(tmp_path) == []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from cfiw_cli.artifacts import (
@@ -25,26 +24,8 @@ from cfiw_cli.artifacts import (
     skip_if_done,
     write_table,
 )
+from cfiw_cli.configs import EvalConfig
 from cfiw_cli.console import info
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str
-    dataset: str
-    out: str
-    split: str = "test"
-    limit: int | None = None
-    offset: int = 0
-    samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    batch_size: int = 64
-    seed: int = 0
-    dtype: str = "auto"
-    prompt_template: str | None = None
-    chat_template: bool = True
 
 
 def accuracy_metrics(records: list[dict]) -> dict[str, Any]:

@@ -32,21 +32,16 @@ import json
 import shlex
 import tomllib
 from dataclasses import fields
-from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from cfiw_cli.configs import presets
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.options import ordered_fields
 from cfiw_cli.policies import KeepConfig, keep, keep_command
 
 PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
-
-
-def presets() -> dict[str, Traversable]:
-    """The presets shipped inside the package (`pipelines/` in a checkout links to them), by name."""
-    folder = resources.files("cfiw_cli").joinpath("presets")
-    return {entry.name.removesuffix(".toml"): entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
 
 
 def load_config(preset: str | None, config_file: str | None) -> dict[str, Any]:
@@ -297,7 +292,7 @@ def command_line(command: str, stage_config: Any) -> str:
     if command == "keep":
         return keep_command(stage_config)
     words = ["cfiw", command]
-    for field in fields(stage_config):
+    for field in ordered_fields(type(stage_config)):
         value = getattr(stage_config, field.name)
         flag = "--" + field.name.replace("_", "-")
         if value is None:

@@ -29,28 +29,17 @@ from __future__ import annotations
 import shutil
 import time
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cfiw_cli.artifacts import build_manifest, input_record, settings_of, up_to_date, write_table
+from cfiw_cli.configs import ReplayConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
 OPTIMIZER_CHOICES = ("kept", "fresh")
 START = "start"  # the cell of policy_k itself
-
-
-@dataclass(frozen=True)
-class ReplayConfig:
-    run: str
-    iterations: str | None = None  # "0-11", "0,4,8" (default: every iteration with a kept policy)
-    modes: str = "uniform,cfiw,inverted,shuffled,random"
-    optimizer: str = "kept"
-    seed: int | None = None  # default: the loop's seed (the minibatch order)
-    probe_questions: int | None = None  # default: the loop's
-    probe_samples: int | None = None  # default: the loop's
-    out: str | None = None  # default: RUN/replay/replay.parquet
 
 
 def parse_iterations(text: str) -> list[int]:

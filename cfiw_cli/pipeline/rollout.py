@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from cfiw_cli.artifacts import (
@@ -16,27 +15,8 @@ from cfiw_cli.artifacts import (
     write_table,
 )
 from cfiw_cli.checks import check_sampling
+from cfiw_cli.configs import RolloutConfig
 from cfiw_cli.console import info
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    model: str
-    dataset: str
-    out: str
-    split: str = "train"
-    limit: int | None = None
-    offset: int = 0
-    group_size: int = 8
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 64
-    seed: int = 0
-    iteration: int = 0
-    dtype: str = "auto"
-    prompt_template: str | None = None
-    chat_template: bool = True
 
 
 def sampling_seed(seed: int, iteration: int) -> int:

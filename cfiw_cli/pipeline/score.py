@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from cfiw_cli.algo.importance import TARGETS
@@ -19,20 +18,9 @@ from cfiw_cli.artifacts import (
     write_table,
 )
 from cfiw_cli.checks import check_spans_match
+from cfiw_cli.configs import ScoreConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    model: str
-    rollouts: str
-    spans: str
-    out: str
-    mask: str = "pad"
-    target: str = "own"
-    batch_tokens: int = 8192
-    dtype: str = "auto"
 
 
 def gold_target(answer_text: str, gold: str, tokenizer: Any) -> list[int]:

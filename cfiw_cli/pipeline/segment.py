@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from cfiw_cli.artifacts import (
@@ -16,18 +16,9 @@ from cfiw_cli.artifacts import (
     skip_if_done,
     write_table,
 )
+from cfiw_cli.configs import SegmentConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
-
-
-@dataclass(frozen=True)
-class SegmentConfig:
-    rollouts: str
-    model: str
-    out: str
-    max_spans: int = 10
-    min_tokens: int = 5
-    max_tokens: int = 50
 
 
 def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> StageResult:

@@ -38,50 +38,11 @@ from cfiw_cli.artifacts import (
     write_directory_manifest,
     write_table,
 )
+from cfiw_cli.configs import TrainConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str
-    rollouts: str
-    out: str
-    spans: str | None = None
-    scores: str | None = None
-    weighting: str = "cfiw"
-    profile: str = "cfiw"  # cfiw, or authors (the rules of the authors' trainer)
-    metrics_out: str | None = None  # default: train_metrics.parquet inside the checkpoint `out`
-    weights_out: str | None = None  # default: weights.parquet inside the checkpoint `out`
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    total_steps: int | None = None  # horizon of the cosine schedule (default: this call's steps)
-    weight_decay: float = 0.0
-    epochs: int = 1
-    minibatches: int = 1
-    micro_batch_tokens: int = 8192
-    grad_clip: float = 1.0
-    scale_rewards: str = "group"
-    dynamic_sampling: bool = True
-    mask_truncated: bool = True
-    loss_type: str = "dapo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    beta: float = 0.0
-    reference: str | None = None  # reference model for the KL term (default: --model)
-    floor: float = 0.2
-    boost: float = 2.0
-    min_weight: float = 0.5
-    answer_weight: float = 1.5
-    conserve: bool = True
-    min_spread: float = 1e-3
-    temperature: float | None = None  # default: the rollouts' sampling temperature
-    max_new_tokens: int | None = None  # dr_grpo normalizer (default: the rollouts' max_new_tokens)
-    gradient_checkpointing: bool = False
-    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +23,11 @@ from cfiw_cli.artifacts import (
     staged_directory,
     write_directory_manifest,
 )
+from cfiw_cli.configs import SftConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 
 SCHEDULES = ("constant", "linear", "cosine")
-
-
-@dataclass(frozen=True)
-class SftConfig:
-    model: str
-    dataset: str
-    out: str
-    split: str = "train"
-    limit: int | None = None
-    offset: int = 0
-    steps: int = 500
-    lr: float = 1e-5
-    batch_size: int = 16
-    max_length: int = 1024
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    dtype: str = "auto"
-    prompt_template: str | None = None
-    chat_template: bool = True
 
 
 def _check(config: SftConfig) -> None:

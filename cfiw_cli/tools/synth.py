@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from cfiw_cli.artifacts import (
@@ -23,22 +22,10 @@ from cfiw_cli.artifacts import (
     staged_directory,
     write_directory_manifest,
 )
+from cfiw_cli.configs import SynthConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.tasks.arith import NAMES
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    out: str
-    n_train: int = 2000
-    n_test: int = 200
-    seed: int = 0
-    max_steps: int = 3
-    max_number: int = 20
-    filler_rate: float = 0.3
-    distractors: int = 0
-    teacher_error_rate: float = 0.0
 
 
 def _check(config: SynthConfig) -> None:

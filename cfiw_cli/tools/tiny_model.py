@@ -8,7 +8,6 @@ files.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from cfiw_cli.artifacts import (
@@ -20,6 +19,7 @@ from cfiw_cli.artifacts import (
     staged_directory,
     write_directory_manifest,
 )
+from cfiw_cli.configs import TinyModelConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
@@ -29,20 +29,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    out: str
-    arch: str = "qwen2"
-    dataset: str | None = None
-    vocab_size: int = 1024
-    layers: int = 2
-    hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
-    max_positions: int = 2048
-    seed: int = 0
 
 
 def corpus(dataset: str | None) -> list[str]:

@@ -1,0 +1,285 @@
+"""Every stage's settings, declared once.
+
+Each field of a stage config is one command-line flag: its name (`group_size` is
+`--group-size`), type, default, help and limits live here, in the field's `flag(...)`, and
+`cfiw_cli.options` turns a config class into the command's Typer parameters. The loop builds
+the same configs from a preset, and `cfiw loop --dry-run` prints them back as flags, so a
+setting means one thing everywhere. Shared groups (model, data, sampling) are mixed into the
+stages that take them. Choices are tuples that the code also checks against (a config built in
+Python or from a preset is checked by its stage; the CLI rejects a bad value with exit 2).
+
+This module is light on purpose (no torch, no pyarrow): `cfiw --help` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
+from typing import Any
+
+from cfiw_cli.algo.importance import MASK_MODES, TARGETS
+from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
+from cfiw_cli.algo.weights import MODES, PROFILES
+from cfiw_cli.modeling import DTYPES
+
+
+def presets() -> dict[str, Traversable]:
+    """The presets shipped inside the package (`pipelines/` in a checkout links to them), by name."""
+    folder = resources.files("cfiw_cli").joinpath("presets")
+    return {entry.name.removesuffix(".toml"): entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
+
+
+ARCHS = ("qwen2", "llama")
+SFT_SCHEDULES = ("constant", "linear", "cosine")
+TRAIN_SCHEDULES = ("constant", "cosine")
+REPLAY_OPTIMIZERS = ("kept", "fresh")
+
+
+def flag(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    names: tuple[str, ...] = (),
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    path: bool = False,
+    argument: bool = False,
+) -> Any:
+    """A config field that is also a command-line flag. `names` overrides `--field-name`
+    (e.g. a short alias); `path` shows it as a PATH; `argument` makes it positional."""
+    meta = {
+        "help": help,
+        "names": names,
+        "min": min,
+        "max": max,
+        "choices": choices,
+        "path": path,
+        "argument": argument,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
+    dtype: str = flag(
+        "auto", "Model dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16, float16.", choices=DTYPES
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataOptions:
+    dataset: str = flag(
+        help="'gsm8k' (hub openai/gsm8k, config main), a .jsonl/.parquet file with question and answer columns, "
+        "or a directory holding <split>.jsonl.",
+        names=("--dataset", "-d"),
+    )
+    split: str = flag("train", "Dataset split (hub datasets, or <split>.jsonl in a directory).")
+    limit: int | None = flag(None, "Use at most this many questions (default: all).")
+    offset: int = flag(0, "Skip this many questions first.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptOptions:
+    prompt_template: str | None = flag(
+        None,
+        "User message with a {question} placeholder "
+        "(default: the question plus an instruction to end with '#### <number>').",
+    )
+    chat_template: bool = flag(True, "Wrap the prompt in the tokenizer's chat template when it has one.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions(PromptOptions):
+    max_new_tokens: int = flag(512, "Longest completion, in tokens.", min=1)
+    temperature: float = flag(1.0, "Sampling temperature (0 = greedy).", min=0.0)
+    top_p: float = flag(1.0, "Nucleus sampling mass (1.0 = off).", min=0.0, max=1.0)
+    batch_size: int = flag(64, "Sequences per generate call.", min=1)
+    seed: int = flag(0, "Random seed; same seed and inputs give the same results on CPU.")
+
+
+SEED_HELP = "Random seed; same seed and inputs give the same results on CPU."
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyModelConfig:
+    out: str = flag(help="Directory to write the model and tokenizer to.", path=True)
+    arch: str = flag("qwen2", "Architecture.", choices=ARCHS)
+    dataset: str | None = flag(
+        None, "GSM8K-format file whose text trains the tokenizer (default: generated arithmetic problems)."
+    )
+    vocab_size: int = flag(1024, "Tokenizer vocabulary size, special tokens included.")
+    layers: int = flag(2, "Transformer layers.", min=1)
+    hidden: int = flag(64, "Hidden size.", min=8)
+    heads: int = flag(4, "Attention heads.", min=1)
+    kv_heads: int = flag(2, "Key/value heads (grouped-query attention).", min=1)
+    max_positions: int = flag(2048, "Longest sequence the position embeddings cover.", min=16)
+    seed: int = flag(0, SEED_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    out: str = flag(help="Directory to write train.jsonl and test.jsonl to.", path=True)
+    n_train: int = flag(2000, "Problems in the train split.", min=1)
+    n_test: int = flag(200, "Problems in the test split (none repeats a train question).", min=1)
+    seed: int = flag(0, SEED_HELP)
+    max_steps: int = flag(3, "Most arithmetic steps per problem (each has 1 to this many).", min=1)
+    max_number: int = flag(20, "Largest number anywhere in a problem, results included.", min=4)
+    filler_rate: float = flag(0.3, "Chance of a filler sentence before each calculation line.", min=0.0, max=1.0)
+    distractors: int = flag(
+        0, "Sentences per question about someone else's items: numbers the answer does not depend on.", min=0
+    )
+    teacher_error_rate: float = flag(
+        0.0,
+        "Also write sft.jsonl, demonstrations by a teacher that adds given-away amounts and distractors "
+        "with this chance.",
+        min=0.0,
+        max=1.0,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SftConfig(ModelOptions, DataOptions, PromptOptions):
+    out: str = flag(help="Checkpoint directory to write (model and tokenizer).", path=True)
+    steps: int = flag(500, "Optimizer steps.", min=1)
+    lr: float = flag(1e-5, "Peak learning rate (AdamW).")
+    batch_size: int = flag(16, "Examples per optimizer step.", min=1)
+    max_length: int = flag(1024, "Longest prompt + solution, in tokens (longer ones are cut).", min=1)
+    warmup_steps: int = flag(0, "Linear warm-up steps.", min=0)
+    lr_schedule: str = flag("cosine", "Learning-rate decay after warm-up.", choices=SFT_SCHEDULES)
+    weight_decay: float = flag(0.0, "AdamW weight decay.", min=0.0)
+    gradient_checkpointing: bool = flag(False, "Recompute activations in the backward pass (less memory).")
+    seed: int = flag(0, SEED_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig(ModelOptions, DataOptions, SamplingOptions):
+    out: str = flag(help="rollouts.parquet to write.", path=True)
+    group_size: int = flag(8, "Samples per question (G).", names=("--group-size", "-g"), min=1)
+    iteration: int = flag(0, "Iteration number, part of each rollout_id.", min=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(ModelOptions, DataOptions, SamplingOptions):
+    out: str = flag(help="eval.parquet to write.", path=True)
+    split: str = flag("test", "Dataset split (hub datasets, or <split>.jsonl in a directory).")
+    samples: int = flag(1, "Samples per question (k > 1 adds pass@k and maj@k).", names=("--samples", "-k"), min=1)
+    temperature: float = flag(0.0, "Sampling temperature (0 = greedy; use e.g. 0.6 with --samples).", min=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentConfig:
+    rollouts: str = flag(
+        help="rollouts.parquet (from cfiw rollout or another tool).", names=("--rollouts", "-r"), path=True
+    )
+    model: str = flag(
+        help="Model (hub id or directory) whose tokenizer produced the rollouts.", names=("--model", "-m")
+    )
+    out: str = flag(help="spans.parquet to write.", path=True)
+    max_spans: int = flag(10, "Most reasoning spans kept per rollout (calculations first).")
+    min_tokens: int = flag(5, "Sentences shorter than this are merged into a neighbour.")
+    max_tokens: int = flag(50, "Sentences longer than this are split.")
+
+
+ROLLOUTS_HELP = "rollouts.parquet (from cfiw rollout or another tool)."
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig(ModelOptions):
+    rollouts: str = flag(help=ROLLOUTS_HELP, names=("--rollouts", "-r"), path=True)
+    spans: str = flag(
+        help="spans.parquet written by cfiw segment from the same rollouts.", names=("--spans", "-s"), path=True
+    )
+    out: str = flag(help="scores.parquet to write.", path=True)
+    mask: str = flag(
+        "pad",
+        "pad (span -> pad tokens), delete (span removed), knockout (span hidden from later tokens).",
+        choices=MASK_MODES,
+    )
+    target: str = flag(
+        "own", "own: the rollout's own answer tokens; gold: the gold answer in their place.", choices=TARGETS
+    )
+    batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
+    rollouts: str = flag(help=ROLLOUTS_HELP, names=("--rollouts", "-r"), path=True)
+    out: str = flag(help="Checkpoint directory to write (may be --model itself; replaced atomically).", path=True)
+    spans: str | None = flag(
+        None, "spans.parquet (needed unless --weighting uniform).", names=("--spans", "-s"), path=True
+    )
+    scores: str | None = flag(None, "scores.parquet (needed unless --weighting uniform).", path=True)
+    weighting: str = flag(
+        "cfiw",
+        "cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) "
+        "or random (i.i.d. U(0,1) importance).",
+        choices=MODES,
+    )
+    profile: str = flag(
+        "cfiw",
+        "cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: "
+        "formatting tokens x0.1, inversion over the whole completion).",
+        choices=PROFILES,
+    )
+    metrics_out: str | None = flag(None, "train_metrics.parquet (default: inside --out).", path=True)
+    weights_out: str | None = flag(None, "weights.parquet (default: inside --out).", path=True)
+    lr: float = flag(1e-6, "AdamW learning rate.")
+    warmup_steps: int = flag(0, "Linear warm-up steps.")
+    lr_schedule: str = flag("constant", "constant or cosine (over --total-steps).", choices=TRAIN_SCHEDULES)
+    total_steps: int | None = flag(None, "Horizon of the cosine schedule (default: the steps of this call).")
+    weight_decay: float = flag(0.0, "AdamW weight decay.")
+    epochs: int = flag(1, "Passes over the batch.")
+    minibatches: int = flag(1, "Optimizer steps per pass.")
+    micro_batch_tokens: int = flag(8192, "Padded tokens per forward/backward (gradient accumulation).")
+    grad_clip: float = flag(1.0, "Gradient-norm clip (0: off).")
+    scale_rewards: str = flag("group", "Advantage scaling: group, batch or none.", choices=REWARD_SCALINGS)
+    dynamic_sampling: bool = flag(True, "Drop groups whose rewards are all equal.")
+    mask_truncated: bool = flag(True, "Leave completions that hit the length limit out of the loss.")
+    loss_type: str = flag(
+        "dapo", "dapo (token mean over the batch), grpo (sequence mean) or dr_grpo.", choices=LOSS_TYPES
+    )
+    eps_low: float = flag(0.2, "Lower clip range of the ratio.")
+    eps_high: float = flag(0.28, "Upper clip range of the ratio.")
+    beta: float = flag(0.0, "KL coefficient (k3, to --reference); the reference is loaded only when > 0.")
+    reference: str | None = flag(None, "Reference model for the KL term (default: --model).")
+    floor: float = flag(0.2, "Importance floor added to every reasoning token.")
+    boost: float = flag(2.0, "Weight of the most important reasoning token (before --conserve).")
+    min_weight: float = flag(0.5, "Weight of the least important reasoning token (before --conserve).")
+    answer_weight: float = flag(1.5, "Weight of answer tokens (before --conserve).")
+    conserve: bool = flag(True, "Rescale each rollout's weights to mean 1 (EOS left out, kept at 1).")
+    min_spread: float = flag(
+        1e-3, "Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets 0.5."
+    )
+    temperature: float | None = flag(
+        None,
+        "Temperature T of the log-probs, softmax(logits / T) (default: the rollouts' own, from their manifest "
+        "or a temperature column; top-p is not applied).",
+    )
+    max_new_tokens: int | None = flag(
+        None,
+        "dr_grpo normalizer (default: the rollouts' own --max-new-tokens; required for files that do not record it).",
+    )
+    gradient_checkpointing: bool = flag(False, "Trade compute for activation memory.")
+    seed: int = flag(0, SEED_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplayConfig:
+    run: str = flag(
+        help="Run directory written by cfiw loop with kept policies (loop.keep_policies).", path=True, argument=True
+    )
+    iterations: str | None = flag(None, "Iterations to replay, e.g. 0-11 or 0,4,8 (default: every kept one).")
+    modes: str = flag("uniform,cfiw,inverted,shuffled,random", "Weighting modes to apply, comma-separated.")
+    optimizer: str = flag(
+        "kept",
+        "kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new AdamW and schedule.",
+        choices=REPLAY_OPTIMIZERS,
+    )
+    seed: int | None = flag(None, "Seed of the minibatch order (default: the loop's).")
+    probe_questions: int | None = flag(None, "Probe questions (default: the loop's probe).", min=1)
+    probe_samples: int | None = flag(None, "Samples per probe question (default: the loop's probe).", min=1)
+    out: str | None = flag(None, "replay.parquet to write (default: RUN/replay/replay.parquet).", path=True)
