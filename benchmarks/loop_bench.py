@@ -32,7 +32,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cfiw-loop-bench-"))
     model = tiny_model.run(
         tiny_model.TinyModelConfig(out=str(work / "model"), dataset=str(ROOT / "data/arith/train.jsonl"))
-    )
+    ).path
     cfiw = str(Path(sys.executable).parent / "cfiw")
     # The preset's layout at small sizes (a random-init model, 8 questions x G=4, 48 new tokens,
     # 16 evaluation questions), so that the fixed costs this benchmark is about are visible.

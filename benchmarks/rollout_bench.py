@@ -45,7 +45,7 @@ def main() -> None:
         tiny_model.TinyModelConfig(
             out=str(work / "model"), layers=args.layers, hidden=args.hidden, vocab_size=args.vocab_size
         )
-    )
+    ).path
     dataset = work / "questions.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in make_problems(args.questions, seed=0)))
     tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir), "float32")

@@ -142,7 +142,7 @@ def memory_part(args, work: Path) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = device.type == "cuda"
-    tokenizer = load_tokenizer(str(tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "tokenizer-model")))))
+    tokenizer = load_tokenizer(str(tiny_model.run(tiny_model.TinyModelConfig(out=str(work / "tokenizer-model"))).path))
     config = Qwen2Config(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -231,7 +231,7 @@ def timing_part(args, work: Path) -> None:
 
     model = tiny_model.run(
         tiny_model.TinyModelConfig(out=str(work / "model"), layers=args.timing_layers, hidden=args.timing_hidden)
-    )
+    ).path
     tokenizer = load_tokenizer(str(model))
     files = {name: str(work / "iter-0000" / f"{name}.parquet") for name in ("rollouts", "spans", "scores")}
     write_batch(Path(files["rollouts"]), tokenizer, args.questions, args.group)

@@ -53,14 +53,14 @@ def mini_dataset(tmp_path_factory) -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     from cfiw_cli.tools.tiny_model import TinyModelConfig, run
 
-    return run(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "qwen2")))
+    return run(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "qwen2"))).path
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     from cfiw_cli.tools.tiny_model import TinyModelConfig, run
 
-    return run(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "llama"), arch="llama", seed=1))
+    return run(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "llama"), arch="llama", seed=1)).path
 
 
 def leftovers(directory: Path) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -285,6 +286,12 @@ def test_every_file_holds_the_same_content(two_runs):
     assert not differing, f"files that differ from {BASELINE}'s: {differing}"
 
 
+def _command_words(dry_run: str) -> list[tuple[str, ...]]:
+    """Each printed command as its sorted words: the same flags and values in any order."""
+    return [tuple(sorted(shlex.split(line))) for line in dry_run.splitlines()]
+
+
 def test_the_commands_print_the_same(two_runs):
     _, _, printed_then, printed_now = two_runs
+    assert _command_words(printed_now.pop("dry-run")) == _command_words(printed_then.pop("dry-run"))
     assert printed_now == printed_then

@@ -18,7 +18,7 @@ def two_problems(tmp_path_factory):
         SynthConfig(
             out=str(tmp_path_factory.mktemp("synth") / "data"), n_train=2, n_test=1, max_steps=1, filler_rate=0.0
         )
-    )
+    ).path
 
 
 def sft(cli, model, dataset, out, *extra):

@@ -97,7 +97,7 @@ def test_committed_copy_is_what_synth_writes(tmp_path, name):
     from cfiw_cli.tools.synth import SynthConfig, run
 
     settings = json.loads((ROOT / "data" / name / "cfiw_manifest.json").read_text())["config"]
-    out = run(SynthConfig(out=str(tmp_path / "copy"), **settings))
+    out = run(SynthConfig(out=str(tmp_path / "copy"), **settings)).path
     for split in ("train.jsonl", "test.jsonl", "sft.jsonl"):
         assert (out / split).read_bytes() == (ROOT / "data" / name / split).read_bytes(), split
 

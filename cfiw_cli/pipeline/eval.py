@@ -11,27 +11,22 @@ of one question are not independent, so this is the interval to quote for a samp
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Any
 
-from cfiw_cli.artifacts import (
-    StageResult,
-    build_manifest,
-    input_record,
-    prepare_output,
-    settings_of,
-    skip_if_done,
-    write_table,
-)
+import pyarrow as pa
+
+from cfiw_cli import modeling, schemas
+from cfiw_cli.checks import check_sampling
 from cfiw_cli.configs import EvalConfig
 from cfiw_cli.console import info
+from cfiw_cli.generation import sample_questions
+from cfiw_cli.stage import StageResult, StageRun
+from cfiw_cli.stats import Z_95, mean_and_standard_error, wilson_interval
+from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, numbers_equal, reward
 
 
 def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
-    from cfiw_cli.stats import Z_95, mean_and_standard_error, wilson_interval
-    from cfiw_cli.tasks.gsm8k import numbers_equal
-
     by_question: dict[str, list[dict]] = {}
     for record in records:
         by_question.setdefault(record["prompt_id"], []).append(record)
@@ -82,25 +77,18 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
-    import pyarrow as pa
-
-    from cfiw_cli import modeling, schemas
-    from cfiw_cli.checks import check_sampling
-    from cfiw_cli.generation import sample_questions
-    from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
-
+    """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
     check_sampling(config.temperature, config.top_p, config.samples, config.max_new_tokens, config.batch_size)
-    out = prepare_output(config.out)
     if model is None:
         modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-    settings = settings_of(config)
-    inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
-    done = skip_if_done(out, "eval", settings, inputs, force)
-    if done:
-        return done
+    with StageRun("eval", config, {"model": config.model, "dataset": config.dataset}, force=force) as stage:
+        if stage.up_to_date:
+            return stage.skipped()
+        return _evaluate(config, stage, rows, model, tokenizer)
 
-    started = time.perf_counter()
+
+def _evaluate(config: EvalConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     samples = sample_questions(
         model,
@@ -130,17 +118,9 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
         for s in samples
     ]
     metrics = accuracy_metrics(records)
-    seconds = time.perf_counter() - started
-    manifest = build_manifest(
-        "eval",
-        settings,
-        inputs,
-        rows=len(records),
-        seconds=seconds,
-        device=modeling.describe_device(dev),
-        seed=config.seed,
-        metrics=metrics,
+    manifest = stage.manifest(
+        rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed
     )
-    write_table(pa.Table.from_pylist(records, schema=schemas.EVAL), out, manifest)
-    info(f"wrote {len(records)} evaluations to {out}")
-    return StageResult(out, False, metrics)
+    result = stage.write_table(pa.Table.from_pylist(records, schema=schemas.EVAL), manifest)
+    info(f"wrote {len(records)} evaluations to {stage.out}")
+    return result

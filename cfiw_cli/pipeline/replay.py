@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from cfiw_cli.artifacts import build_manifest, input_record, settings_of, up_to_date, write_table
-from cfiw_cli.configs import ReplayConfig
+from cfiw_cli.configs import REPLAY_OPTIMIZERS, ReplayConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 
-OPTIMIZER_CHOICES = ("kept", "fresh")
+
 START = "start"  # the cell of policy_k itself
 
 
@@ -81,7 +81,7 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
         raise CfiwError(
             f"unknown mode {unknown[0] if unknown else config.modes!r} in --modes", f"choose from {', '.join(MODES)}"
         )
-    if config.optimizer not in OPTIMIZER_CHOICES:
+    if config.optimizer not in REPLAY_OPTIMIZERS:
         raise CfiwError(f"unknown --optimizer {config.optimizer!r}", "choose kept or fresh")
     kept = kept_iterations(run)
     trains = {i: s for i, c, s in steps if c == "train"}

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from cfiw_cli.artifacts import (
-    StageResult,
-    build_manifest,
-    input_record,
-    prepare_output,
-    settings_of,
-    skip_if_done,
-    write_table,
-)
+import pyarrow as pa
+
+from cfiw_cli import distributed, modeling, schemas
 from cfiw_cli.checks import check_sampling
 from cfiw_cli.configs import RolloutConfig
 from cfiw_cli.console import info
+from cfiw_cli.generation import sample_questions
+from cfiw_cli.stage import StageResult, StageRun
+from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
 
 
 def sampling_seed(seed: int, iteration: int) -> int:
@@ -25,24 +21,18 @@ def sampling_seed(seed: int, iteration: int) -> int:
 
 
 def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
-    import pyarrow as pa
-
-    from cfiw_cli import distributed, modeling, schemas
-    from cfiw_cli.generation import sample_questions
-    from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
-
+    """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
     check_sampling(config.temperature, config.top_p, config.group_size, config.max_new_tokens, config.batch_size)
-    out = prepare_output(config.out)
     if model is None:
         modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-    settings = settings_of(config)
-    inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
-    done = skip_if_done(out, "rollout", settings, inputs, force)
-    if done:
-        return done
+    with StageRun("rollout", config, {"model": config.model, "dataset": config.dataset}, force=force) as stage:
+        if stage.up_to_date:
+            return stage.skipped()
+        return _sample(config, stage, rows, model, tokenizer)
 
-    started = time.perf_counter()
+
+def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     mine = distributed.my_share(rows)  # under accelerate launch, each process samples its share
     process_seed = sampling_seed(config.seed, config.iteration) + 7919 * distributed.state().process_index
@@ -89,11 +79,11 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
     records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
     if not distributed.is_main():
         distributed.finish()
-        return StageResult(out, False, {})
+        return StageResult(stage.out, False, {})
     table = pa.Table.from_pylist(records, schema=schemas.ROLLOUTS)
     if "labels" in records[0]:  # ground-truth sentence labels of a `cfiw synth` dataset, for analyze
         table = table.append_column("labels", pa.array([r["labels"] for r in records]))
-    seconds = time.perf_counter() - started
+    seconds = stage.seconds
     tokens = sum(len(r["completion_ids"]) for r in records)
     metrics = {
         "prompts": len(rows),
@@ -103,20 +93,13 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "stop_fraction": sum(r["finish_reason"] == "stop" for r in records) / len(records),
     }
-    manifest = build_manifest(
-        "rollout",
-        settings,
-        inputs,
-        rows=len(records),
-        seconds=seconds,
-        device=modeling.describe_device(dev),
-        seed=config.seed,
-        metrics=metrics,
+    manifest = stage.manifest(
+        rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed
     )
-    write_table(table, out, manifest)
+    result = stage.write_table(table, manifest)
     distributed.finish()
     info(
-        f"wrote {len(records)} rollouts ({len(rows)} questions x {config.group_size}) to {out}: "
+        f"wrote {len(records)} rollouts ({len(rows)} questions x {config.group_size}) to {stage.out}: "
         f"mean reward {metrics['mean_reward']:.3f}, {tokens} tokens in {seconds:.1f}s"
     )
-    return StageResult(out, False, metrics)
+    return result

@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
-from cfiw_cli.algo.importance import TARGETS
-from cfiw_cli.artifacts import (
-    StageResult,
-    build_manifest,
-    input_record,
-    prepare_output,
-    read_artifact,
-    settings_of,
-    skip_if_done,
-    write_table,
-)
+import pyarrow as pa
+
+from cfiw_cli import distributed, modeling, schemas
+from cfiw_cli.algo.importance import MASK_MODES, TARGETS, ScoringItem, score_items
+from cfiw_cli.artifacts import read_artifact
 from cfiw_cli.checks import check_spans_match
 from cfiw_cli.configs import ScoreConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.stage import StageResult, StageRun
+from cfiw_cli.tasks.gsm8k import locate_answer
 
 
 def gold_target(answer_text: str, gold: str, tokenizer: Any) -> list[int]:
     """The answer span's text with its number replaced by the gold number, tokenized."""
-    from cfiw_cli.tasks.gsm8k import locate_answer
-
     match = locate_answer(answer_text)
     text = answer_text[: match.number_start] + gold + answer_text[match.number_end :] if match else answer_text
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -34,8 +27,6 @@ def gold_target(answer_text: str, gold: str, tokenizer: Any) -> list[int]:
 
 def build_items(rollouts: Any, spans: Any, target: str, tokenizer: Any) -> tuple[list[str], list[list[int]], list[Any]]:
     """One scoring item per rollout that has an answer span: (rollout ids, span indices, items)."""
-    from cfiw_cli.algo.importance import ScoringItem
-
     by_rollout: dict[str, list[dict]] = {}
     for span in spans.select(["rollout_id", "span_idx", "kind", "tok_start", "tok_end", "text"]).to_pylist():
         by_rollout.setdefault(span["rollout_id"], []).append(span)
@@ -67,28 +58,26 @@ def build_items(rollouts: Any, spans: Any, target: str, tokenizer: Any) -> tuple
 
 
 def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
-    import pyarrow as pa
-
-    from cfiw_cli import distributed, modeling, schemas
-    from cfiw_cli.algo.importance import MASK_MODES, score_items
-
+    """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
     if config.mask not in MASK_MODES:
         raise CfiwError(f"unknown --mask {config.mask!r}", f"choose one of {', '.join(MASK_MODES)}")
     if config.target not in TARGETS:
         raise CfiwError(f"unknown --target {config.target!r}", "choose own or gold")
     if config.batch_tokens < 16:
         raise CfiwError("--batch-tokens must be at least 16", "e.g. --batch-tokens 8192")
-    out = prepare_output(config.out)
     rollouts = read_artifact(config.rollouts, "rollouts")
     spans = read_artifact(config.spans, "spans")
     check_spans_match(rollouts, spans, config.rollouts, config.spans)
-    settings = settings_of(config)
-    inputs = {k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans")}
-    done = skip_if_done(out, "score", settings, inputs, force)
-    if done:
-        return done
+    inputs = {"model": config.model, "rollouts": config.rollouts, "spans": config.spans}
+    with StageRun("score", config, inputs, force=force) as stage:
+        if stage.up_to_date:
+            return stage.skipped()
+        return _score(config, stage, rollouts, spans, model, tokenizer)
 
-    started = time.perf_counter()
+
+def _score(
+    config: ScoreConfig, stage: StageRun, rollouts: pa.Table, spans: pa.Table, model: Any, tokenizer: Any
+) -> StageResult:
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     modeling.check_vocabulary(
         model,
@@ -134,11 +123,11 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
         )
     if not distributed.is_main():
         distributed.finish()
-        return StageResult(out, False, {})
+        return StageResult(stage.out, False, {})
     for record in records:
         del record["order"]
     table = pa.Table.from_pylist(records, schema=schemas.SCORES.append(pa.field("target", pa.string())))
-    seconds = time.perf_counter() - started
+    seconds = stage.seconds
     tokens = sum(len(item.tokens) for item in items)
     metrics = {
         "rollouts": len(items),
@@ -147,18 +136,10 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
         "processes": distributed.processes(),
         "mean_delta": sum(r["delta"] for r in records) / len(records) if records else None,
     }
-    manifest = build_manifest(
-        "score",
-        settings,
-        inputs,
-        rows=len(records),
-        seconds=seconds,
-        device=modeling.describe_device(dev),
-        metrics=metrics,
-    )
-    write_table(table, out, manifest)
+    manifest = stage.manifest(rows=len(records), metrics=metrics, device=modeling.describe_device(dev))
+    result = stage.write_table(table, manifest)
     distributed.finish()
     info(
-        f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {out} in {seconds:.1f}s"
+        f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {stage.out} in {seconds:.1f}s"
     )
-    return StageResult(out, False, metrics)
+    return result

@@ -2,46 +2,34 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from typing import Any
 
-from cfiw_cli.artifacts import (
-    StageResult,
-    build_manifest,
-    input_record,
-    prepare_output,
-    read_artifact,
-    settings_of,
-    skip_if_done,
-    write_table,
-)
+import pyarrow as pa
+
+from cfiw_cli import modeling, schemas
+from cfiw_cli.algo.spans import find_spans
+from cfiw_cli.artifacts import read_artifact
 from cfiw_cli.configs import SegmentConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.stage import StageResult, StageRun
 
 
 def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> StageResult:
-    import pyarrow as pa
-
-    from cfiw_cli import modeling, schemas
-    from cfiw_cli.algo.spans import find_spans
-
     if config.max_spans < 1 or config.min_tokens < 1 or config.max_tokens < config.min_tokens:
         raise CfiwError(
             "need --max-spans >= 1 and 1 <= --min-tokens <= --max-tokens",
             "e.g. --max-spans 10 --min-tokens 5 --max-tokens 50",
         )
-    out = prepare_output(config.out)
     rollouts = read_artifact(config.rollouts, "rollouts")
-    settings = settings_of(config)
-    inputs = {"rollouts": input_record(config.rollouts), "model": input_record(config.model)}
-    done = skip_if_done(out, "segment", settings, inputs, force)
-    if done:
-        return done
+    with StageRun("segment", config, {"rollouts": config.rollouts, "model": config.model}, force=force) as stage:
+        if stage.up_to_date:
+            return stage.skipped()
+        return _segment(config, stage, rollouts, tokenizer or modeling.load_tokenizer(config.model))
 
-    started = time.perf_counter()
-    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
+
+def _segment(config: SegmentConfig, stage: StageRun, rollouts: pa.Table, tokenizer: Any) -> StageResult:
     ids = rollouts.column("completion_ids").to_pylist()
     largest = max((max(row) for row in ids if row), default=-1)
     if largest >= len(tokenizer):
@@ -74,14 +62,9 @@ def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> St
         "spans": len(records) - with_answer,
         **counts,
     }
-    seconds = time.perf_counter() - started
-    write_table(
-        table,
-        out,
-        build_manifest("segment", settings, inputs, rows=len(records), seconds=seconds, device="cpu", metrics=metrics),
-    )
+    result = stage.write_table(table, stage.manifest(rows=len(records), metrics=metrics, device="cpu"))
     info(
         f"wrote {metrics['spans']} reasoning spans ({counts['calculation']} calculation, {counts['numeric']} numeric, "
-        f"{counts['scaffolding']} scaffolding) for {with_answer} of {rollouts.num_rows} rollouts to {out}"
+        f"{counts['scaffolding']} scaffolding) for {with_answer} of {rollouts.num_rows} rollouts to {stage.out}"
     )
-    return StageResult(out, False, metrics)
+    return result

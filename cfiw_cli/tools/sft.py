@@ -10,24 +10,16 @@ and renamed, and holds no optimizer state: the RL run that follows starts its ow
 from __future__ import annotations
 
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import (
-    build_manifest,
-    input_record,
-    prepare_directory,
-    settings_of,
-    staged_directory,
-    write_directory_manifest,
-)
-from cfiw_cli.configs import SftConfig
+from cfiw_cli import modeling
+from cfiw_cli.configs import SFT_SCHEDULES, SftConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
-
-SCHEDULES = ("constant", "linear", "cosine")
+from cfiw_cli.stage import StageResult, StageRun
+from cfiw_cli.tasks.gsm8k import load_questions
 
 
 def _check(config: SftConfig) -> None:
@@ -35,8 +27,8 @@ def _check(config: SftConfig) -> None:
         raise CfiwError("--steps, --batch-size and --max-length must be at least 1", "e.g. --steps 500 --batch-size 16")
     if config.lr <= 0 or config.warmup_steps < 0:
         raise CfiwError("--lr must be positive and --warmup-steps >= 0", "e.g. --lr 1e-5")
-    if config.lr_schedule not in SCHEDULES:
-        raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", f"choose one of {', '.join(SCHEDULES)}")
+    if config.lr_schedule not in SFT_SCHEDULES:
+        raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", f"choose one of {', '.join(SFT_SCHEDULES)}")
 
 
 def examples(rows: list[dict], tokenizer: Any, template: str | None, chat: bool) -> list[dict[str, str]]:
@@ -89,25 +81,23 @@ def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) ->
     )
 
 
-def run(config: SftConfig, force: bool = False) -> Path:
-    from cfiw_cli import modeling
-    from cfiw_cli.tasks.gsm8k import load_questions
-
+def run(config: SftConfig, force: bool = False) -> StageResult:
     _check(config)
-    out = Path(config.out)
     modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-    settings = settings_of(config)
-    inputs = {"model": input_record(config.model), "dataset": input_record(config.dataset)}
-    if not prepare_directory(out, "sft", settings, inputs, force):
-        return out
+    inputs = {"model": config.model, "dataset": config.dataset}
+    with StageRun("sft", config, inputs, force=force, directory=True) as stage:
+        if stage.up_to_date:
+            return stage.skipped()
+        return _fine_tune(config, stage, rows)
 
+
+def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageResult:
     import datasets  # only now: an up-to-date warm start needs neither datasets nor TRL
     import torch
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    started = time.perf_counter()
     modeling.quiet_libraries()
     dev = modeling.device()
     tokenizer = modeling.load_tokenizer(config.model)
@@ -136,7 +126,7 @@ def run(config: SftConfig, force: bool = False) -> Path:
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    seconds = time.perf_counter() - started
+    seconds = stage.seconds
     metrics = {
         "steps": config.steps,
         "examples": len(rows),
@@ -145,21 +135,14 @@ def run(config: SftConfig, force: bool = False) -> Path:
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": history,
     }
-    manifest = build_manifest(
-        "sft",
-        settings,
-        inputs,
-        rows=len(rows),
-        seconds=seconds,
-        device=modeling.describe_device(dev),
-        seed=config.seed,
-        metrics=metrics,
-    )
-    with staged_directory(out) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_directory_manifest(tmp, manifest)
+    manifest = stage.manifest(rows=len(rows), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed)
+
+    def fill(staging: Path) -> None:
+        trainer.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    result = stage.write_directory(fill, manifest)
     info(
-        f"fine-tuned {config.model} for {config.steps} steps on {len(rows)} solutions in {seconds:.0f}s: final loss {metrics['final_loss']:.4f}; saved {out}"
+        f"fine-tuned {config.model} for {config.steps} steps on {len(rows)} solutions in {seconds:.0f}s: final loss {metrics['final_loss']:.4f}; saved {stage.out}"
     )
-    return out
+    return result

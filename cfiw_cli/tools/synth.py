@@ -11,20 +11,13 @@ correct solutions and answers. See `cfiw_cli.tasks.arith` for the problems and t
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
-from cfiw_cli.artifacts import (
-    build_manifest,
-    prepare_directory,
-    settings_of,
-    staged_directory,
-    write_directory_manifest,
-)
 from cfiw_cli.configs import SynthConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.stage import StageResult, StageRun
 from cfiw_cli.tasks.arith import NAMES
 
 
@@ -86,32 +79,25 @@ def generate(config: SynthConfig) -> dict[str, list[dict]]:
     return {"train": train, "test": test, **({"sft": sft} if sft else {})}
 
 
-def run(config: SynthConfig, force: bool = False) -> Path:
+def run(config: SynthConfig, force: bool = False) -> StageResult:
     _check(config)
-    out = Path(config.out)
-    settings = settings_of(config)
-    if not prepare_directory(out, "synth", settings, {}, force):
-        return out
-    started = time.perf_counter()
-    splits = generate(config)
-    with staged_directory(out) as tmp:
-        for split, rows in splits.items():
-            (tmp / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with StageRun("synth", config, {}, force=force, directory=True) as stage:
+        if stage.up_to_date:
+            return stage.skipped()
+        splits = generate(config)
         counts = {split: len(rows) for split, rows in splits.items()}
         labels = Counter(sentence["label"] for row in splits["train"] for sentence in row["labels"])
-        manifest = build_manifest(
-            "synth",
-            settings,
-            {},
-            rows=sum(counts.values()),
-            seconds=time.perf_counter() - started,
-            seed=config.seed,
-            metrics={"rows": counts, "train_sentences_by_label": dict(labels), **_teacher_metrics(splits)},
-        )
-        write_directory_manifest(tmp, manifest)
+        metrics = {"rows": counts, "train_sentences_by_label": dict(labels), **_teacher_metrics(splits)}
+        manifest = stage.manifest(rows=sum(counts.values()), metrics=metrics, seed=config.seed)
+
+        def fill(staging: Path) -> None:
+            for split, rows in splits.items():
+                (staging / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+        result = stage.write_directory(fill, manifest)
     teacher = " and the teacher's solutions" if "sft" in counts else ""
-    info(f"wrote {counts['train']} train and {counts['test']} test problems{teacher} to {out}")
-    return out
+    info(f"wrote {counts['train']} train and {counts['test']} test problems{teacher} to {stage.out}")
+    return result
 
 
 def _teacher_metrics(splits: dict[str, list[dict]]) -> dict:

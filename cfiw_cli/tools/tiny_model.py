@@ -7,23 +7,16 @@ files.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from cfiw_cli.artifacts import (
-    build_manifest,
-    input_record,
-    prepare_directory,
-    settings_of,
-    sha256_of,
-    staged_directory,
-    write_directory_manifest,
-)
-from cfiw_cli.configs import TinyModelConfig
+from cfiw_cli.artifacts import sha256_of
+from cfiw_cli.configs import ARCHS, TinyModelConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.modeling import quiet_libraries
+from cfiw_cli.stage import StageResult, StageRun
 
-ARCHS = ("qwen2", "llama")
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -95,7 +88,7 @@ def build_model(config: TinyModelConfig, tokenizer):
     return model
 
 
-def run(config: TinyModelConfig, force: bool = False) -> Path:
+def run(config: TinyModelConfig, force: bool = False) -> StageResult:
     if config.arch not in ARCHS:
         raise CfiwError(f"unknown architecture {config.arch!r}", f"choose one of {', '.join(ARCHS)}")
     if config.hidden % config.heads or config.heads % config.kv_heads:
@@ -104,34 +97,26 @@ def run(config: TinyModelConfig, force: bool = False) -> Path:
         )
     if config.vocab_size < 300:
         raise CfiwError("--vocab-size must be at least 300", "the byte alphabet alone takes 256 entries")
-    out = Path(config.out)
-    inputs = {"dataset": input_record(config.dataset)} if config.dataset else {}
-    settings = settings_of(config)
-    if not prepare_directory(out, "tiny-model", settings, inputs, force):
-        return out
-
-    from cfiw_cli.modeling import quiet_libraries
-
-    quiet_libraries()
-    started = time.perf_counter()
-    texts = corpus(config.dataset)
-    tokenizer = train_tokenizer(texts, config.vocab_size)
-    model = build_model(config, tokenizer)
-    with staged_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with StageRun("tiny-model", config, {"dataset": config.dataset}, force=force, directory=True) as stage:
+        if stage.up_to_date:
+            return stage.skipped()
+        quiet_libraries()
+        texts = corpus(config.dataset)
+        tokenizer = train_tokenizer(texts, config.vocab_size)
+        model = build_model(config, tokenizer)
         params = sum(p.numel() for p in model.parameters())
-        manifest = build_manifest(
-            "tiny-model",
-            settings,
-            inputs,
+        manifest = stage.manifest(
             rows=len(texts),
-            seconds=time.perf_counter() - started,
+            metrics={"parameters": params, "vocab_size": len(tokenizer)},
             device="cpu",
             seed=config.seed,
-            metrics={"parameters": params, "vocab_size": len(tokenizer)},
         )
-        manifest["weights_sha256"] = sha256_of(tmp / "model.safetensors")
-        write_directory_manifest(tmp, manifest)
-    info(f"wrote {config.arch} model ({params:,} parameters, vocabulary {len(tokenizer)}) to {out}")
-    return out
+
+        def fill(staging: Path) -> None:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            manifest["weights_sha256"] = sha256_of(staging / "model.safetensors")
+
+        result = stage.write_directory(fill, manifest)
+    info(f"wrote {config.arch} model ({params:,} parameters, vocabulary {len(tokenizer)}) to {stage.out}")
+    return result
