@@ -96,6 +96,22 @@ EVAL = pa.schema(
     ]
 )
 
+# What cfiw itself writes: the required columns above plus diagnostics. Readers need only the
+# required ones, so files from other tools that lack these still validate.
+SCORES_WRITTEN = SCORES.append(pa.field("target", pa.string()))  # own or gold answer tokens
+WEIGHTS_WRITTEN = WEIGHTS.append(pa.field("kept", pa.bool_())).append(pa.field("truncated", pa.bool_()))
+TRAIN_METRICS_WRITTEN = pa.schema(
+    [
+        *TRAIN_METRICS,
+        ("ratio_mean", pa.float32()),
+        ("weight_mean", pa.float32()),
+        ("weight_std", pa.float32()),
+        ("rollout_logprob_diff", pa.float32()),
+        ("epoch", pa.int32()),
+        ("sequences", pa.int32()),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "rollouts": ROLLOUTS,
     "spans": SPANS,

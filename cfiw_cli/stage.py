@@ -48,10 +48,12 @@ class StageResult:
 
 
 class StageRun:
-    """One run of stage `name` with `config` (a dataclass whose `out` is the output unless
-    `out` is given). `inputs` names each input path or hub id; `exclude` lists config fields
-    that only say where other outputs go; `requires` are files that must also exist for the
-    output to count as up to date."""
+    """One run of stage `name` with `config` (a dataclass whose `out` is the output).
+
+    `inputs` names each input path or hub id (hashed into the manifest); `exclude` lists config
+    fields that only say where other outputs go; `requires` are files that must also exist for
+    the output to count as up to date. A `directory` output is refused when something else is
+    already there, unless the stage `replaces` it (a checkpoint updated in place) or `force`."""
 
     def __init__(
         self,
@@ -61,10 +63,11 @@ class StageRun:
         *,
         force: bool = False,
         directory: bool = False,
+        replaces: bool = False,
         exclude: tuple[str, ...] = (),
         requires: tuple[Path, ...] = (),
     ) -> None:
-        self.name, self.force, self.directory = name, force, directory
+        self.name, self.force, self.directory, self.replaces = name, force, directory, replaces
         self.out = Path(config.out)
         self.settings = settings_of(config, *exclude)
         self.inputs = {key: input_record(ref) for key, ref in inputs.items() if ref}
@@ -88,7 +91,7 @@ class StageRun:
         return False
 
     def _prepare_directory(self) -> None:
-        if self.out.exists() and not self.force:
+        if self.out.exists() and not self.force and not self.replaces:
             raise CfiwError(
                 f"{self.out} already exists and holds something else",
                 "pass --force to replace it or choose another --out",
@@ -104,10 +107,10 @@ class StageRun:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
-    def skipped(self) -> StageResult:
+    def skipped(self, model: Any = None) -> StageResult:
         """The result of an up-to-date output: its recorded metrics."""
         manifest = read_directory_manifest(self.out) if self.directory else read_manifest(self.out)
-        return StageResult(self.out, True, (manifest or {}).get("metrics", {}))
+        return StageResult(self.out, True, (manifest or {}).get("metrics", {}), model)
 
     def manifest(
         self, *, rows: int, metrics: dict[str, Any], device: str | None = None, seed: int | None = None

@@ -126,7 +126,7 @@ def _score(
         return StageResult(stage.out, False, {})
     for record in records:
         del record["order"]
-    table = pa.Table.from_pylist(records, schema=schemas.SCORES.append(pa.field("target", pa.string())))
+    table = pa.Table.from_pylist(records, schema=schemas.SCORES_WRITTEN)
     seconds = stage.seconds
     tokens = sum(len(item.tokens) for item in items)
     metrics = {

@@ -16,41 +16,31 @@ are global, so the step equals the single-process one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import (
-    build_manifest,
-    input_record,
-    prepare_output,
-    read_artifact,
-    read_directory_manifest,
-    read_manifest,
-    settings_of,
-    staged_directory,
-    up_to_date,
-    write_directory_manifest,
-    write_table,
-)
-from cfiw_cli.configs import TrainConfig
+import pyarrow as pa
+
+from cfiw_cli import modeling, schemas
+from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS, LossConfig, group_advantages, loss_normalizer, policy_loss
+from cfiw_cli.algo.weights import MODES, PROFILES, ScoredSpan, WeightConfig, token_weights
+from cfiw_cli.artifacts import prepare_output, read_artifact, read_manifest, write_table
+from cfiw_cli.checks import check_spans_match
+from cfiw_cli.configs import TRAIN_SCHEDULES, TrainConfig
 from cfiw_cli.console import info, progress_bar
+from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.logprobs import completion_logprobs
+from cfiw_cli.stage import StageResult, StageRun
 
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    path: Path
-    updated: bool
-    metrics: dict[str, Any]
-    model: Any = None  # the trained policy, in memory (main process)
 
 
 @dataclass
@@ -66,9 +56,6 @@ class _Sequence:
 
 
 def _check(config: TrainConfig) -> None:
-    from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
-    from cfiw_cli.algo.weights import MODES, PROFILES
-
     if config.weighting not in MODES:
         raise CfiwError(f"unknown --weighting {config.weighting!r}", f"choose one of {', '.join(MODES)}")
     if config.profile not in PROFILES:
@@ -80,7 +67,7 @@ def _check(config: TrainConfig) -> None:
         )
     if config.loss_type not in LOSS_TYPES:
         raise CfiwError(f"unknown --loss-type {config.loss_type!r}", f"choose one of {', '.join(LOSS_TYPES)}")
-    if config.lr_schedule not in ("constant", "cosine"):
+    if config.lr_schedule not in TRAIN_SCHEDULES:
         raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", "choose constant or cosine")
     if config.scale_rewards not in REWARD_SCALINGS:
         raise CfiwError(
@@ -150,9 +137,6 @@ def build_sequences(
 ) -> tuple[list[_Sequence], list[dict], int]:
     """Kept sequences, one weights.parquet row per rollout, and the number of dropped groups.
     `tokenizer` decodes tokens for the authors profile's formatting-token rule."""
-    from cfiw_cli.algo.loss import group_advantages
-    from cfiw_cli.algo.weights import ScoredSpan, WeightConfig, token_weights
-
     columns = [
         "rollout_id",
         "prompt_id",
@@ -291,81 +275,156 @@ def _plan(
     return plan
 
 
-def _save_checkpoint(
-    out: Path,
+def run(
+    config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None, finish: bool = True
+) -> StageResult:
+    """One update of `config.model` on the rollouts, saved to `config.out`. `model`/`tokenizer`:
+    an already loaded policy (float32), e.g. the loop's; the trained one comes back in the
+    result. Without `finish` the process group stays up for a caller that trains again (replay)."""
+    _check(config)
+    out = Path(config.out)
+    # by default the step metrics and token weights go inside the checkpoint, written with it
+    # atomically, so updates of one batch in several modes (to several --out) never collide
+    metrics_out = prepare_output(config.metrics_out) if config.metrics_out else out / "train_metrics.parquet"
+    weights_out = prepare_output(config.weights_out) if config.weights_out else out / "weights.parquet"
+    modeling.check_model_ref(config.model)
+    batch = read_batch(config)
+    inputs = {name: getattr(config, name) for name in ("model", "rollouts", "spans", "scores")}
+    with StageRun(
+        "train", config, inputs, force=force, directory=True, replaces=True,
+        exclude=("metrics_out", "weights_out"), requires=(metrics_out,),
+    ) as stage:  # fmt: skip
+        if stage.up_to_date:
+            return stage.skipped(model)
+        return _update(config, stage, batch, model, tokenizer, finish, metrics_out, weights_out)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The update's inputs: the rollouts (and their spans and scores), and how they were sampled."""
+
+    rollouts: pa.Table
+    spans: pa.Table | None
+    scores: pa.Table | None
+    sampling: dict[str, Any]  # temperature, its source, max_new_tokens
+
+
+def read_batch(config: TrainConfig) -> Batch:
+    rollouts = read_artifact(config.rollouts, "rollouts")
+    if rollouts.num_rows == 0:
+        raise CfiwError(f"{config.rollouts} holds no rollouts", "sample some with cfiw rollout")
+    spans = read_artifact(config.spans, "spans") if config.spans else None
+    scores = read_artifact(config.scores, "scores") if config.scores else None
+    if spans is not None:
+        check_spans_match(rollouts, spans, config.rollouts, config.spans)
+    return Batch(rollouts, spans, scores, sampling_settings(config, rollouts))
+
+
+def _update(
+    config: TrainConfig,
+    stage: StageRun,
+    batch: Batch,
     model: Any,
     tokenizer: Any,
-    optimizer: Any,
-    scheduler: Any,
-    state: dict,
-    manifest: dict,
-    tables: dict[Path, tuple],
-) -> None:
-    """The checkpoint, and each of `tables` (path -> (table, manifest)): those inside `out` are
-    written with it into the staged directory, the others after it."""
+    finish: bool,
+    metrics_out: Path,
+    weights_out: Path,
+) -> StageResult:
+    """The RL step, top to bottom: load, weigh, recompute old log-probs, optimize, save."""
     import torch
+    from accelerate import Accelerator
 
-    inside = {path: value for path, value in tables.items() if path.parent == out}
-    with staged_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        for path, (table, table_manifest) in inside.items():
-            write_table(table, tmp / path.name, table_manifest)
-        write_directory_manifest(tmp, manifest)
-    for path, (table, table_manifest) in tables.items():
-        if path not in inside:
-            write_table(table, path, table_manifest)
+    modeling.quiet_libraries()
+    accelerator = Accelerator(cpu=process_state().device.type == "cpu")
+    torch.manual_seed(config.seed)
+    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
+    sequences, weight_rows, dropped = build_sequences(config, batch.rollouts, batch.spans, batch.scores, tokenizer)
+    policy = load_policy(config, model, batch.rollouts)
+    steps_here = config.epochs * min(config.minibatches, len({s.group for s in sequences}))
+    optimizer, scheduler, start_step = build_optimizer(policy, config, steps_here)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    reference = load_reference(config, accelerator.device) if config.beta > 0 else None
+    context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference)
 
-
-def _forward(
-    model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False
-):
-    """Log-probs and entropies `[B, C]` of a micro-batch's completion tokens at temperature T."""
-    from cfiw_cli.logprobs import completion_logprobs
-
-    return completion_logprobs(
-        model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast
-    )
-
-
-def _old_logprobs(
-    model: Any, reference: Any, plan: list, pad_id: int, temperature: float, autocast: bool
-) -> dict[str, tuple]:
-    """Per rollout: (log-probs of the loaded policy, of the reference or None), computed with
-    the micro-batches of the first pass so that its ratio is exactly 1."""
-    import torch
-
-    old: dict[str, tuple] = {}
-    model.eval()
-    with torch.no_grad():
-        for micro_batches, _ in plan:
-            for batch in micro_batches:
-                logprobs, _ = _forward(model, batch, pad_id, temperature, autocast)
-                ref = _forward(reference, batch, pad_id, temperature, autocast)[0] if reference is not None else None
-                for row, s in enumerate(batch):
-                    length = len(s.tokens) - s.prompt_length
-                    old[s.rollout_id] = (
-                        logprobs[row, logprobs.shape[1] - length :],
-                        None if ref is None else ref[row, ref.shape[1] - length :],
+    steps: list[StepMetrics] = []
+    if not sequences:
+        info(
+            f"Warning: all {dropped} groups have equal rewards, so there is no advantage to learn from: "
+            "no update; the policy is saved unchanged"
+        )
+    else:
+        first_pass = _plan(sequences, config, 0, context.rank, context.world)
+        old = old_logprobs(policy, reference, first_pass, context)
+        with progress_bar("train", total=steps_here, unit="steps") as advance:
+            for epoch in range(config.epochs):
+                plan = first_pass if epoch == 0 else _plan(sequences, config, epoch, context.rank, context.world)
+                for micro_batches, members in plan:
+                    step = start_step + len(steps) + 1
+                    steps.append(
+                        train_step(policy, optimizer, scheduler, micro_batches, members, old, context, step, epoch)
                     )
-    model.train()
-    return old
+                    advance(status=f"loss {steps[-1].loss:.4f}")
+
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        if finish:
+            accelerator.end_training()
+        return StageResult(stage.out, False, {})
+    step_rows = [s.row() for s in steps]
+    tokens = sum(r["tokens"] for r in step_rows)
+    metrics = {
+        "steps": len(step_rows),
+        "sequences": len(sequences),
+        "dropped_groups": dropped,
+        "tokens": tokens,
+        "tokens_per_second": tokens / stage.seconds,
+        "processes": context.world,
+        **batch.sampling,
+        "rollout_logprob_diff": _first_epoch_mean(step_rows, "rollout_logprob_diff"),
+    }
+    if torch.cuda.is_available():
+        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    manifest = stage.manifest(
+        rows=len(step_rows), metrics=metrics, device=modeling.describe_device(accelerator.device), seed=config.seed
+    )
+    trained = accelerator.unwrap_model(policy)
+    tables = {
+        metrics_out: pa.Table.from_pylist(step_rows, schema=schemas.TRAIN_METRICS_WRITTEN),
+        weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
+    }
+    result = save(stage, trained, tokenizer, optimizer, scheduler, start_step + len(steps), manifest, tables)
+    accelerator.wait_for_everyone()
+    if finish:
+        accelerator.end_training()
+    if steps:
+        info(
+            f"trained {len(steps)} steps on {len(sequences)} rollouts ({config.weighting}, "
+            f"T = {context.temperature:g}), final loss {steps[-1].loss:.4f}; saved {stage.out}"
+        )
+    return result
 
 
-def _right_pad(rows: list[Any], longest: int):
+def load_policy(config: TrainConfig, model: Any, rollouts: pa.Table) -> Any:
+    """The policy in float32 (the optimizer's master copy): the one given, else `config.model`."""
+    policy = model if model is not None else modeling.load_model(config.model, "float32", "cpu")
+    token_ids = rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist()
+    modeling.check_vocabulary(policy, token_ids, config.rollouts)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    return policy
+
+
+def load_reference(config: TrainConfig, device: Any) -> Any:
+    """The frozen model of the KL term (default: the policy's starting point)."""
+    return modeling.load_model(config.reference or config.model, "float32", device).eval()
+
+
+def build_optimizer(policy: Any, config: TrainConfig, steps_here: int) -> tuple[Any, Any, int]:
+    """AdamW and its schedule, resumed from the checkpoint's state when `--model` holds one;
+    returns (optimizer, scheduler, optimizer steps taken before this call)."""
     import torch
 
-    return torch.stack([torch.nn.functional.pad(r, (longest - len(r), 0)) for r in rows])  # [B, C]
-
-
-def _load_optimizer(model: Any, config: TrainConfig, steps_here: int) -> tuple[Any, Any, int]:
-    """AdamW and its schedule, resumed from the checkpoint's state when `--model` holds one."""
-    import torch
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     resume = Path(config.model)
     start_step = 0
     if (resume / "optimizer.pt").exists():
@@ -384,224 +443,237 @@ def _load_optimizer(model: Any, config: TrainConfig, steps_here: int) -> tuple[A
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1)
-        if start_step
-        else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    )
+    if start_step:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler, start_step
 
 
-def run(
-    config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None, finish: bool = True
-) -> TrainResult:
-    """`model`/`tokenizer`: an already loaded policy (float32), e.g. from `cfiw loop`. Without
-    `finish` the process group stays up for a caller that trains again (`cfiw replay`)."""
-    import pyarrow as pa
+@dataclass(frozen=True)
+class UpdateContext:
+    """What every step of one update shares."""
+
+    accelerator: Any
+    loss: LossConfig
+    temperature: float  # T of softmax(logits / T): the rollouts' sampling temperature
+    pad_id: int
+    max_new_tokens: int  # the dr_grpo normalizer (1 when unused)
+    grad_clip: float
+    has_reference: bool
+    autocast: bool  # bf16 autocast on a GPU; float32 on CPU
+    rank: int
+    world: int
+
+    @classmethod
+    def of(cls, config: TrainConfig, batch: Batch, accelerator: Any, pad_id: int, reference: Any) -> UpdateContext:
+        return cls(
+            accelerator=accelerator,
+            loss=LossConfig(config.eps_low, config.eps_high, config.beta, config.loss_type),
+            temperature=batch.sampling["temperature"],
+            pad_id=pad_id,
+            max_new_tokens=batch.sampling["max_new_tokens"] or 1,
+            grad_clip=config.grad_clip,
+            has_reference=reference is not None,
+            autocast=accelerator.device.type == "cuda",
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
+
+
+def old_logprobs(policy: Any, reference: Any, plan: list, context: UpdateContext) -> dict[str, tuple]:
+    """Per rollout: (log-probs `[C]` of the loaded policy, of the reference or None), computed
+    with the micro-batches of the first pass so that its ratio is exactly 1."""
     import torch
-    from accelerate import Accelerator
 
-    from cfiw_cli import modeling, schemas
-    from cfiw_cli.algo.loss import LossConfig, loss_normalizer, policy_loss
+    old: dict[str, tuple] = {}
+    policy.eval()
+    with torch.no_grad():
+        for micro_batches, _ in plan:
+            for batch in micro_batches:
+                logprobs, _ = _forward(policy, batch, context.pad_id, context.temperature, context.autocast)  # [B, C]
+                ref = None
+                if reference is not None:
+                    ref = _forward(reference, batch, context.pad_id, context.temperature, context.autocast)[0]
+                for row, s in enumerate(batch):
+                    length = len(s.tokens) - s.prompt_length
+                    mine = logprobs[row, logprobs.shape[1] - length :]  # [C_row]
+                    old[s.rollout_id] = (mine, None if ref is None else ref[row, ref.shape[1] - length :])
+    policy.train()
+    return old
 
-    _check(config)
-    out = Path(config.out)
-    # by default the step metrics and token weights go inside the checkpoint, written with it
-    # atomically, so updates of one batch in several modes (to several --out) never collide
-    metrics_out = prepare_output(config.metrics_out) if config.metrics_out else out / "train_metrics.parquet"
-    weights_out = prepare_output(config.weights_out) if config.weights_out else out / "weights.parquet"
-    modeling.check_model_ref(config.model)
-    rollouts = read_artifact(config.rollouts, "rollouts")
-    if rollouts.num_rows == 0:
-        raise CfiwError(f"{config.rollouts} holds no rollouts", "sample some with cfiw rollout")
-    spans = read_artifact(config.spans, "spans") if config.spans else None
-    scores = read_artifact(config.scores, "scores") if config.scores else None
-    if spans is not None:
-        from cfiw_cli.checks import check_spans_match
 
-        check_spans_match(rollouts, spans, config.rollouts, config.spans)
-    sampling = sampling_settings(config, rollouts)
-    settings = settings_of(config, "metrics_out", "weights_out")
-    inputs = {
-        k: input_record(getattr(config, k)) for k in ("model", "rollouts", "spans", "scores") if getattr(config, k)
-    }
-    if not force and metrics_out.exists() and up_to_date(out, "train", settings, inputs):
-        info(f"{out} is up to date (use --force to retrain)")
-        return TrainResult(out, False, read_directory_manifest(out).get("metrics", {}), model)
+SUMS = ("tokens", "pg_sum", "kl_sum", "clip_low_sum", "clip_high_sum", "ratio_sum", "entropy_sum", "loss")
+SUMS += ("weight_sum", "weight_sq_sum", "rollout_diff_sum")
+
+
+@dataclass
+class StepMetrics:
+    """One optimizer step: sums over its kept tokens (all processes), and what the row reports."""
+
+    step: int
+    epoch: int
+    sequences: int
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.sums["loss"]
+
+    def row(self) -> dict[str, Any]:
+        """One train_metrics row: per-token means over the step's kept tokens."""
+        totals = self.sums
+        tokens = max(totals["tokens"], 1.0)
+        weight_mean = totals["weight_sum"] / tokens
+        return {
+            "step": self.step,
+            "loss": totals["loss"],
+            "pg_loss": totals["pg_sum"] / tokens,
+            "kl": totals["kl_sum"] / tokens,
+            "entropy": totals["entropy_sum"] / tokens,
+            "clip_frac_low": totals["clip_low_sum"] / tokens,
+            "clip_frac_high": totals["clip_high_sum"] / tokens,
+            "grad_norm": self.grad_norm,
+            "lr": self.lr,
+            "tokens": int(totals["tokens"]),
+            "seconds": self.seconds,
+            "ratio_mean": totals["ratio_sum"] / tokens,
+            "weight_mean": weight_mean,
+            "weight_std": math.sqrt(max(totals["weight_sq_sum"] / tokens - weight_mean**2, 0.0)),
+            "rollout_logprob_diff": totals["rollout_diff_sum"] / tokens,
+            "epoch": self.epoch,
+            "sequences": self.sequences,
+        }
+
+
+def train_step(
+    policy: Any,
+    optimizer: Any,
+    scheduler: Any,
+    micro_batches: list[list[_Sequence]],
+    members: list[_Sequence],
+    old: dict[str, tuple],
+    context: UpdateContext,
+    step: int,
+    epoch: int,
+) -> StepMetrics:
+    """One optimizer step on a minibatch (`members`, whole groups), accumulating gradients over
+    this process's micro-batches. The normalizer counts the whole minibatch's tokens, so the
+    sum of micro-batch losses is the minibatch loss, on any number of processes."""
+    import torch
 
     started = time.perf_counter()
-    modeling.quiet_libraries()
-    from cfiw_cli.distributed import state as process_state
-
-    accelerator = Accelerator(cpu=process_state().device.type == "cpu")
-    torch.manual_seed(config.seed)
-    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
-    sequences, weight_rows, dropped = build_sequences(config, rollouts, spans, scores, tokenizer)
-    from transformers import AutoModelForCausalLM
-
-    model = model if model is not None else AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
-    modeling.check_vocabulary(
-        model,
-        rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(),
-        config.rollouts,
+    accelerator, device = context.accelerator, context.accelerator.device
+    metrics = StepMetrics(step, epoch, len(members))
+    full_mask = _aligned(members, "mask", max(len(s.mask) for s in members), "cpu")  # [N, C]
+    normalizer = max(loss_normalizer(full_mask, context.loss.loss_type, context.max_new_tokens), 1.0)
+    work = micro_batches or [[]]
+    for index, batch in enumerate(work):
+        last = index == len(work) - 1  # gradients are all-reduced once, after the last micro-batch
+        with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
+            if not batch:  # no rollout for this process in this step: join the all-reduce with a zero loss
+                dummy = _Sequence("", "", [context.pad_id] * 2, 1, 0.0, [0.0], [0.0], [0.0])
+                logprobs, _ = _forward(policy, [dummy], context.pad_id, context.temperature, context.autocast)
+                accelerator.backward(logprobs.sum() * 0.0)
+                continue
+            _accumulate(policy, batch, old, normalizer, context, metrics.sums, device)
+    grad_norm = (
+        accelerator.clip_grad_norm_(policy.parameters(), context.grad_clip)
+        if context.grad_clip > 0
+        else torch.tensor(0.0)
     )
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    steps_here = config.epochs * min(config.minibatches, len({s.group for s in sequences}))
-    optimizer, scheduler, start_step = _load_optimizer(model, config, steps_here)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    autocast = device.type == "cuda"
-    reference = None
-    if config.beta > 0:
-        reference = (
-            AutoModelForCausalLM.from_pretrained(config.reference or config.model, dtype=torch.float32)
-            .to(device)
-            .eval()
-        )
-    loss_config = LossConfig(config.eps_low, config.eps_high, config.beta, config.loss_type)
-    temperature, pad_id = sampling["temperature"], tokenizer.pad_token_id
-    rank, world = accelerator.process_index, accelerator.num_processes
+    metrics.lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics.sums = _sum_across(accelerator, metrics.sums)
+    metrics.grad_norm = float(grad_norm)
+    metrics.seconds = time.perf_counter() - started
+    return metrics
 
-    step_rows: list[dict] = []
-    if not sequences:
-        info(
-            f"Warning: all {dropped} groups have equal rewards, so there is no advantage to learn from: no update; the policy is saved unchanged"
-        )
-    else:
-        plans = {0: _plan(sequences, config, 0, rank, world)}
-        old_logprobs = _old_logprobs(model, reference, plans[0], pad_id, temperature, autocast)
-        global_step = start_step
-        with progress_bar("train", total=steps_here, unit="steps") as advance:
-            for epoch in range(config.epochs):
-                plan = plans.get(epoch) or _plan(sequences, config, epoch, rank, world)
-                for micro_batches, members in plan:
-                    step_started = time.perf_counter()
-                    full_mask = _aligned(members, "mask", max(len(s.mask) for s in members), "cpu")  # [N, C]
-                    normalizer = max(loss_normalizer(full_mask, config.loss_type, sampling["max_new_tokens"] or 1), 1.0)
-                    sums = dict.fromkeys(
-                        (
-                            "tokens",
-                            "pg_sum",
-                            "kl_sum",
-                            "clip_low_sum",
-                            "clip_high_sum",
-                            "ratio_sum",
-                            "entropy_sum",
-                            "loss",
-                            "weight_sum",
-                            "weight_sq_sum",
-                            "rollout_diff_sum",
-                        ),
-                        0.0,
-                    )
-                    for index, batch in enumerate(micro_batches or [[]]):
-                        sync = index == len(micro_batches or [[]]) - 1
-                        with accelerator.no_sync(model) if not sync else _null():
-                            if (
-                                not batch
-                            ):  # no rollout for this process in this step: join the all-reduce with a zero loss
-                                dummy = _Sequence("", "", [pad_id] * 2, 1, 0.0, [0.0], [0.0], [0.0])
-                                logprobs, _ = _forward(model, [dummy], pad_id, temperature, autocast)
-                                accelerator.backward(logprobs.sum() * 0.0)
-                                continue
-                            logprobs, entropy = _forward(
-                                model, batch, pad_id, temperature, autocast, want_entropy=True
-                            )  # [B, C]
-                            longest = logprobs.shape[1]
-                            old = _right_pad([old_logprobs[s.rollout_id][0] for s in batch], longest)  # [B, C]
-                            ref = (
-                                _right_pad([old_logprobs[s.rollout_id][1] for s in batch], longest)
-                                if reference is not None
-                                else None
-                            )
-                            mask = _aligned(batch, "mask", longest, device)  # [B, C]
-                            weights = _aligned(batch, "weights", longest, device)  # [B, C]
-                            sampled = _aligned(batch, "rollout_logprobs", longest, device)  # [B, C]
-                            advantages = torch.tensor([s.advantage for s in batch], device=device)  # [B]
-                            loss, metrics = policy_loss(
-                                logprobs, old, advantages, mask, normalizer, weights, ref, loss_config
-                            )
-                            # DDP averages gradients over processes; the normalizer is already global.
-                            accelerator.backward(loss * world)
-                            for key, value in metrics.items():
-                                sums[key] += value
-                            sums["entropy_sum"] += float((entropy * mask).sum())
-                            sums["loss"] += float(loss.detach())
-                            sums["weight_sum"] += float((weights * mask).sum())
-                            sums["weight_sq_sum"] += float((weights * weights * mask).sum())
-                            sums["rollout_diff_sum"] += float(((old - sampled).abs() * mask).sum())
-                    grad_norm = (
-                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                        if config.grad_clip > 0
-                        else torch.tensor(0.0)
-                    )
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                    step_rows.append(
-                        _step_row(
-                            _sum_across(accelerator, sums),
-                            global_step,
-                            epoch,
-                            len(members),
-                            float(grad_norm),
-                            lr,
-                            time.perf_counter() - step_started,
-                        )
-                    )
-                    advance(status=f"loss {step_rows[-1]['loss']:.4f}")
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        if finish:
-            accelerator.end_training()
-        return TrainResult(out, bool(step_rows), {})
-    seconds = time.perf_counter() - started
-    tokens = sum(r["tokens"] for r in step_rows)
-    metrics = {
-        "steps": len(step_rows),
-        "sequences": len(sequences),
-        "dropped_groups": dropped,
-        "tokens": tokens,
-        "tokens_per_second": tokens / seconds,
-        "processes": world,
-        **sampling,
-        "rollout_logprob_diff": _first_epoch_mean(step_rows, "rollout_logprob_diff"),
-    }
-    if torch.cuda.is_available():
-        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    manifest = build_manifest(
-        "train",
-        settings,
-        inputs,
-        rows=len(step_rows),
-        seconds=seconds,
-        device=modeling.describe_device(device),
-        seed=config.seed,
-        metrics=metrics,
+
+def _accumulate(
+    policy: Any,
+    batch: list[_Sequence],
+    old: dict[str, tuple],
+    normalizer: float,
+    context: UpdateContext,
+    sums: dict[str, float],
+    device: Any,
+) -> None:
+    """Forward and backward of one micro-batch; its loss is its share of the minibatch loss."""
+    import torch
+
+    logprobs, entropy = _forward(
+        policy, batch, context.pad_id, context.temperature, context.autocast, want_entropy=True
+    )  # [B, C] each
+    longest = logprobs.shape[1]
+    old_lp = _right_pad([old[s.rollout_id][0] for s in batch], longest)  # [B, C]
+    ref = _right_pad([old[s.rollout_id][1] for s in batch], longest) if context.has_reference else None  # [B, C]
+    mask = _aligned(batch, "mask", longest, device)  # [B, C]
+    weights = _aligned(batch, "weights", longest, device)  # [B, C]
+    sampled = _aligned(batch, "rollout_logprobs", longest, device)  # [B, C]
+    advantages = torch.tensor([s.advantage for s in batch], device=device)  # [B]
+    loss, metrics = policy_loss(logprobs, old_lp, advantages, mask, normalizer, weights, ref, context.loss)
+    # DDP averages gradients over processes; the normalizer is already global.
+    context.accelerator.backward(loss * context.world)
+    for key, value in metrics.items():
+        sums[key] += value
+    sums["entropy_sum"] += float((entropy * mask).sum())
+    sums["loss"] += float(loss.detach())
+    sums["weight_sum"] += float((weights * mask).sum())
+    sums["weight_sq_sum"] += float((weights * weights * mask).sum())
+    sums["rollout_diff_sum"] += float(((old_lp - sampled).abs() * mask).sum())
+
+
+def save(
+    stage: StageRun,
+    policy: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    global_step: int,
+    manifest: dict[str, Any],
+    tables: dict[Path, pa.Table],
+) -> StageResult:
+    """The checkpoint (weights, tokenizer, optimizer and scheduler state) and each of `tables`:
+    those inside the checkpoint are written with it into the staged directory, the others after."""
+    import torch
+
+    inside = {path: table for path, table in tables.items() if path.parent == stage.out}
+
+    def fill(staging: Path) -> None:
+        policy.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        (staging / "trainer_state.json").write_text(json.dumps({"global_step": global_step}, indent=2))
+        for path, table in inside.items():
+            write_table(table, staging / path.name, manifest)
+
+    result = stage.write_directory(fill, manifest, model=policy)
+    for path, table in tables.items():
+        if path not in inside:
+            write_table(table, path, manifest)
+    return result
+
+
+def _forward(
+    model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False
+):
+    """Log-probs and entropies `[B, C]` of a micro-batch's completion tokens at temperature T."""
+    return completion_logprobs(
+        model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast
     )
-    state = {"global_step": start_step + len(step_rows)}
-    unwrapped = accelerator.unwrap_model(model)
-    metric_schema = schemas.TRAIN_METRICS
-    for name in ("ratio_mean", "weight_mean", "weight_std", "rollout_logprob_diff"):
-        metric_schema = metric_schema.append(pa.field(name, pa.float32()))
-    metric_schema = metric_schema.append(pa.field("epoch", pa.int32())).append(pa.field("sequences", pa.int32()))
-    weight_schema = schemas.WEIGHTS.append(pa.field("kept", pa.bool_())).append(pa.field("truncated", pa.bool_()))
-    tables = {
-        metrics_out: (pa.Table.from_pylist(step_rows, schema=metric_schema), {**manifest, "stage": "train"}),
-        weights_out: (pa.Table.from_pylist(weight_rows, schema=weight_schema), {**manifest, "stage": "train"}),
-    }
-    _save_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, state, manifest, tables)
-    accelerator.wait_for_everyone()
-    if finish:
-        accelerator.end_training()
-    if step_rows:
-        info(
-            f"trained {len(step_rows)} steps on {len(sequences)} rollouts ({config.weighting}, T = {temperature:g}), final loss {step_rows[-1]['loss']:.4f}; saved {out}"
-        )
-    return TrainResult(out, bool(step_rows), metrics, unwrapped)
+
+
+def _right_pad(rows: list[Any], longest: int):
+    import torch
+
+    return torch.stack([torch.nn.functional.pad(r, (longest - len(r), 0)) for r in rows])  # [B, C]
 
 
 def _first_epoch_mean(rows: list[dict], key: str) -> float | None:
@@ -609,41 +681,6 @@ def _first_epoch_mean(rows: list[dict], key: str) -> float | None:
     first = [r for r in rows if r["epoch"] == 0]
     tokens = sum(r["tokens"] for r in first)
     return sum(r[key] * r["tokens"] for r in first) / tokens if tokens else None
-
-
-def _step_row(
-    totals: dict[str, float], step: int, epoch: int, sequences: int, grad_norm: float, lr: float, seconds: float
-) -> dict[str, Any]:
-    """One train_metrics row: per-token means over the step's kept tokens (all processes)."""
-    tokens = max(totals["tokens"], 1.0)
-    weight_mean = totals["weight_sum"] / tokens
-    return {
-        "step": step,
-        "loss": totals["loss"],
-        "pg_loss": totals["pg_sum"] / tokens,
-        "kl": totals["kl_sum"] / tokens,
-        "entropy": totals["entropy_sum"] / tokens,
-        "clip_frac_low": totals["clip_low_sum"] / tokens,
-        "clip_frac_high": totals["clip_high_sum"] / tokens,
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "tokens": int(totals["tokens"]),
-        "seconds": seconds,
-        "ratio_mean": totals["ratio_sum"] / tokens,
-        "weight_mean": weight_mean,
-        "weight_std": math.sqrt(max(totals["weight_sq_sum"] / tokens - weight_mean**2, 0.0)),
-        "rollout_logprob_diff": totals["rollout_diff_sum"] / tokens,
-        "epoch": epoch,
-        "sequences": sequences,
-    }
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sum_across(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
