@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfiw_cli import __version__
+from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.schemas import validate
+from cfiw_cli.schemas import SCHEMAS, validate
 
 MANIFEST_KEY = b"cfiw"
 DIRECTORY_MANIFEST = "cfiw_manifest.json"  # the manifest of a stage whose output is a directory
@@ -173,8 +174,6 @@ def prepare_directory(
     so); an existing directory from anything else is an error unless `force`."""
     if out.exists() and not force:
         if up_to_date(out, stage, settings, inputs):
-            from cfiw_cli.console import info
-
             info(f"{out} is up to date (use --force to rebuild)")
             return False
         raise CfiwError(
@@ -238,7 +237,6 @@ def read_artifact(path: str | os.PathLike, kind: str) -> pa.Table:
 def settings_of(config: Any, *outputs: str) -> dict[str, Any]:
     """A stage config as recorded in its manifest and compared for "up to date": every field
     but the output paths (moving an output does not change what it holds)."""
-    from dataclasses import asdict
 
     return {k: v for k, v in asdict(config).items() if k not in ("out", *outputs)}
 
@@ -256,7 +254,6 @@ def skip_if_done(
     """The result to return when `path` is up to date (and `force` is off), after saying so."""
     if force or not up_to_date(path, stage, config, inputs):
         return None
-    from cfiw_cli.console import info
 
     info(f"{path} is up to date (use --force to recompute)")
     return StageResult(path, True, (read_manifest(path) or {}).get("metrics", {}))
@@ -283,7 +280,6 @@ _STAGE_KINDS = {"rollout": "rollouts", "segment": "spans", "score": "scores", "e
 
 def infer_kind(path: Path, manifest: dict[str, Any] | None) -> str:
     """Artifact kind from the manifest's stage, else from the file name (`rollouts.parquet`)."""
-    from cfiw_cli.schemas import SCHEMAS
 
     if manifest and manifest.get("stage") in _STAGE_KINDS:
         return _STAGE_KINDS[manifest["stage"]]

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from cfiw_cli import __version__, configs, options
-from cfiw_cli.errors import CfiwError, exits_cleanly
+from cfiw_cli.errors import exits_cleanly
 
 app = typer.Typer(
     name="cfiw",
@@ -350,18 +350,11 @@ def validate(
     Files written by other tools are accepted when their columns match the schema; this command
     says whether one does, and names the first missing or mistyped column.
     """
-    from cfiw_cli.artifacts import infer_kind, read_artifact, read_manifest
-    from cfiw_cli.schemas import SCHEMAS
+    from cfiw_cli.report import validate as stage
 
-    if not path.exists():
-        raise CfiwError(f"file not found: {path}", "check the path")
-    meta = read_manifest(path)
-    kind = kind or infer_kind(path, meta)
-    if kind not in SCHEMAS:
-        raise CfiwError(f"unknown kind {kind!r}", f"choose one of {', '.join(SCHEMAS)}")
-    table = read_artifact(path, kind)
-    stage = meta.get("stage") if meta else "none (written by another tool?)"
-    typer.echo(f"{path}: valid {kind} file, {table.num_rows} rows, manifest stage: {stage}")
+    kind, rows, meta = stage.check(path, kind)
+    written_by = meta.get("stage") if meta else "none (written by another tool?)"
+    typer.echo(f"{path}: valid {kind} file, {rows} rows, manifest stage: {written_by}")
     if manifest and meta:
         typer.echo(json.dumps(meta, indent=2, sort_keys=True))
 

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+import typer
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -61,7 +63,6 @@ def exits_cleanly(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        import typer
 
         try:
             return func(*args, **kwargs)

@@ -15,6 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cfiw_cli.console import progress_bar
+from cfiw_cli.modeling import stop_token_ids
+from cfiw_cli.tasks.gsm8k import build_prompt
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -176,9 +180,6 @@ def sample_questions(
     description: str = "sampling",
 ) -> list[QuestionSample]:
     """`samples` completions per question, the samples of one question kept adjacent."""
-    from cfiw_cli.console import progress_bar
-    from cfiw_cli.modeling import stop_token_ids
-    from cfiw_cli.tasks.gsm8k import build_prompt
 
     use_chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
     prompts = [build_prompt(row["question"], tokenizer, prompt_template, chat=use_chat) for row in rows]

@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cfiw_cli.logprobs import completion_logprobs
+from cfiw_cli.tasks.gsm8k import build_prompt
+
 ANSWER_MARK = "####"
 
 
@@ -31,7 +34,6 @@ class ReferenceSequence:
 def reference_sequences(
     tokenizer: Any, rows: list[dict], prompt_template: str | None = None, chat_template: bool = True
 ) -> list[ReferenceSequence]:
-    from cfiw_cli.tasks.gsm8k import build_prompt
 
     use_chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
     out = []
@@ -56,8 +58,6 @@ def reference_likelihood(
     """`loglik_per_token`, `answer_loglik`, their token and question counts, and per question
     (`per_question`: prompt_id, solution log-likelihood, solution tokens, answer log-likelihood)."""
     import torch
-
-    from cfiw_cli.logprobs import completion_logprobs
 
     was_training = model.training
     model.eval()

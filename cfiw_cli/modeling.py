@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cfiw_cli.distributed import state
 from cfiw_cli.errors import CfiwError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -29,7 +30,6 @@ def check_model_ref(ref: str) -> None:
 
 def device() -> Any:
     """The device of this process (accelerate knows about CUDA, MPS and `accelerate launch`)."""
-    from cfiw_cli.distributed import state
 
     return state().device
 

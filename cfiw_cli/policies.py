@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cfiw_cli.artifacts import staged_directory
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.runs import RunLayout
 
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 # files of one checkpoint that change from iteration to iteration; everything else is shared
@@ -68,7 +69,7 @@ def keep_command(config: KeepConfig) -> str:
 
 def kept_iterations(run: Path) -> list[int]:
     """Iterations whose starting policy can be rebuilt: 0 and every kept one."""
-    kept = sorted(int(p.name[5:]) for p in (run / "policies").glob("iter-[0-9][0-9][0-9][0-9]") if p.is_dir())
+    kept = sorted(int(p.name[5:]) for p in RunLayout(run).policies.glob("iter-[0-9][0-9][0-9][0-9]") if p.is_dir())
     return [0, *kept]
 
 
@@ -85,7 +86,7 @@ def policy_at(run: Path, iteration: int, base: str, optimizer: bool, work: Path,
             return base
         files, shared_dir = [p for p in local.iterdir() if p.is_file()], None
     else:
-        kept = run / "policies" / f"iter-{iteration:04d}"
+        kept = RunLayout(run).kept_policy(iteration)
         if not kept.is_dir():
             raise CfiwError(
                 f"{run} kept no policy for iteration {iteration}",

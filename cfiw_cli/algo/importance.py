@@ -39,6 +39,7 @@ too), less the shared prompts. Not done: sharing work between the variants thems
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,6 @@ def _left_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
 
 def _cache_argument(model: Any) -> str:
     """Newer transformers call the KV cache argument `cache`, older ones `past_key_values`."""
-    import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 

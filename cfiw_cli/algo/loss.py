@@ -26,6 +26,7 @@ multiplies the KL term too, as in the authors' trainer.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,7 +102,6 @@ def policy_loss(
 def group_advantages(rewards: list[float], groups: list[str], scale: str = "group") -> list[float]:
     """A = (r - mean of its group) / (std + 1e-4); std of the group (`group`), of the whole batch
     (`batch`), or no scaling (`none`). Standard deviations are unbiased, as in TRL and verl."""
-    import statistics
 
     if scale not in REWARD_SCALINGS:
         raise ValueError(f"unknown reward scaling {scale!r}")

@@ -31,15 +31,21 @@ from __future__ import annotations
 import json
 import shlex
 import tomllib
+from collections.abc import Callable
 from dataclasses import fields
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.configs import presets
+from cfiw_cli import modeling
+from cfiw_cli.configs import EvalConfig, RolloutConfig, ScoreConfig, SegmentConfig, TrainConfig, presets
+from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.options import ordered_fields
+from cfiw_cli.pipeline import eval as eval_stage
+from cfiw_cli.pipeline import rollout, score, segment, train
 from cfiw_cli.policies import KeepConfig, keep, keep_command
+from cfiw_cli.runs import ITERATION_KINDS, RunLayout
 
 PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
 
@@ -99,11 +105,6 @@ def _to_toml(config: dict[str, Any]) -> str:
 def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     """Every stage of the run, in order, as (iteration, command, stage config); the final
     evaluation has iteration = the number of iterations."""
-    from cfiw_cli.pipeline.eval import EvalConfig
-    from cfiw_cli.pipeline.rollout import RolloutConfig
-    from cfiw_cli.pipeline.score import ScoreConfig
-    from cfiw_cli.pipeline.segment import SegmentConfig
-    from cfiw_cli.pipeline.train import TrainConfig
 
     _check_keys(
         config,
@@ -124,7 +125,8 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
             f"loop.train_pool ({pool}) must be a multiple of loop.questions ({questions})",
             f"e.g. --set loop.train_pool={questions * 8}",
         )
-    base, policy = str(config["model"]["id"]), str(run / "policy")
+    layout = RunLayout(run)
+    base, policy = str(config["model"]["id"]), str(layout.policy)
     sampling = RolloutConfig(model=base, dataset=data["dataset"], out="", **config.get("rollout", {}))
     probe_questions, probe_samples = int(loop.get("probe_questions", 64)), int(loop.get("probe_samples", 8))
     train_settings = dict(config.get("train", {}))
@@ -140,7 +142,7 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         greedy = EvalConfig(
             model=model,
             dataset=data["dataset"],
-            out=str(run / "eval" / f"iter-{index:04d}.parquet"),
+            out=str(layout.evaluation("eval", index)),
             split=data.get("eval_split", "test"),
             limit=loop.get("eval_limit"),
             seed=seed,
@@ -151,7 +153,7 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         probe = EvalConfig(
             model=model,
             dataset=data["dataset"],
-            out=str(run / "probe" / f"iter-{index:04d}.parquet"),
+            out=str(layout.evaluation("probe", index)),
             split=data.get("eval_split", "test"),
             limit=probe_questions,
             samples=probe_samples,
@@ -170,10 +172,9 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     steps = []
     for i in range(iterations):
         current = base if i == 0 else policy
-        directory = run / f"iter-{i:04d}"
-        files = {name: str(directory / f"{name}.parquet") for name in ("rollouts", "spans", "scores")}
+        files = {kind: str(layout.artifact(i, kind)) for kind in ITERATION_KINDS}
         if keep_every > 0 and i > 0 and i % keep_every == 0:
-            steps.append((i, "keep", KeepConfig(policy=policy, out=str(run / "policies" / f"iter-{i:04d}"))))
+            steps.append((i, "keep", KeepConfig(policy=policy, out=str(layout.kept_policy(i)))))
         if i % every == 0:
             steps += evaluation(current, i)
         offset = i * questions % int(pool) if pool is not None else i * questions
@@ -226,8 +227,8 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
                     spans=files["spans"],
                     scores=files["scores"],
                     out=policy,
-                    metrics_out=str(directory / "train_metrics.parquet"),
-                    weights_out=str(directory / "weights.parquet"),
+                    metrics_out=files["train_metrics"],
+                    weights_out=files["weights"],
                     weighting=loop.get("weighting", "cfiw"),
                     seed=seed,
                     **train_settings,
@@ -312,46 +313,68 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
     if dry_run:
         return commands
 
-    from cfiw_cli import modeling
-    from cfiw_cli.artifacts import read_directory_manifest, sha256_of
-    from cfiw_cli.console import info
-    from cfiw_cli.pipeline import eval as eval_stage
-    from cfiw_cli.pipeline import rollout, score, segment, train
-
+    layout = RunLayout(run)
     run.mkdir(parents=True, exist_ok=True)
     resolved = _to_toml(config)
-    config_path = run / "config.toml"
-    if config_path.exists() and config_path.read_text() != resolved:
+    if layout.config.exists() and layout.config.read_text() != resolved:
         raise CfiwError(
-            f"{run} was started with another configuration", f"compare {config_path}, or choose another --run"
+            f"{run} was started with another configuration", f"compare {layout.config}, or choose another --run"
         )
-    config_path.write_text(resolved)
-    state_path = run / "loop_state.json"
-    completed = json.loads(state_path.read_text())["completed"] if state_path.exists() else 0
-    current_ref = str(config["model"]["id"]) if completed == 0 else str(run / "policy")
+    layout.config.write_text(resolved)
+    completed = json.loads(layout.state.read_text())["completed"] if layout.state.exists() else 0
+    current_ref = str(config["model"]["id"]) if completed == 0 else str(layout.policy)
     tokenizer = modeling.load_tokenizer(current_ref)
     model = modeling.load_model(current_ref, "float32")
     for iteration, command, stage_config in steps:
         if iteration < completed:
             continue
         info(f"[loop] iteration {iteration}: {command}")
-        if command == "keep":
-            keep(stage_config)
-        elif command == "eval":
-            eval_stage.run(stage_config, model=model, tokenizer=tokenizer)
-        elif command == "rollout":
-            rollout.run(stage_config, model=model, tokenizer=tokenizer)
-        elif command == "segment":
-            segment.run(stage_config, tokenizer=tokenizer)
-        elif command == "score":
-            score.run(stage_config, model=model, tokenizer=tokenizer)
-        else:
-            manifest = read_directory_manifest(Path(stage_config.out)) or {}
-            recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
-            if recorded == sha256_of(stage_config.rollouts):  # killed after this update was saved
-                model = modeling.load_model(stage_config.out, "float32")
-            else:
-                model = train.run(stage_config, force=True, model=model, tokenizer=tokenizer).model
-            model.eval()
-            state_path.write_text(json.dumps({"completed": iteration + 1}))
+        model = STAGES[command](stage_config, model, tokenizer)
+        if command == "train":
+            layout.state.write_text(json.dumps({"completed": iteration + 1}))
     return commands
+
+
+def _keep(config: KeepConfig, model: Any, tokenizer: Any) -> Any:
+    keep(config)
+    return model
+
+
+def _evaluate(config: EvalConfig, model: Any, tokenizer: Any) -> Any:
+    eval_stage.run(config, model=model, tokenizer=tokenizer)
+    return model
+
+
+def _rollout(config: RolloutConfig, model: Any, tokenizer: Any) -> Any:
+    rollout.run(config, model=model, tokenizer=tokenizer)
+    return model
+
+
+def _segment(config: SegmentConfig, model: Any, tokenizer: Any) -> Any:
+    segment.run(config, tokenizer=tokenizer)
+    return model
+
+
+def _score(config: ScoreConfig, model: Any, tokenizer: Any) -> Any:
+    score.run(config, model=model, tokenizer=tokenizer)
+    return model
+
+
+def _train(config: TrainConfig, model: Any, tokenizer: Any) -> Any:
+    """The updated policy: trained now, or loaded when a killed loop had already saved it."""
+    if train.is_saved(config):
+        model = modeling.load_model(config.out, "float32")
+    else:
+        model = train.run(config, force=True, model=model, tokenizer=tokenizer).model
+    return model.eval()
+
+
+# Each planned command, run in this process on the loop's model: (config, model, tokenizer) -> the model after it.
+STAGES: dict[str, Callable[[Any, Any, Any], Any]] = {
+    "keep": _keep,
+    "eval": _evaluate,
+    "rollout": _rollout,
+    "segment": _segment,
+    "score": _score,
+    "train": _train,
+}

@@ -33,11 +33,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.artifacts import build_manifest, input_record, settings_of, up_to_date, write_table
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cfiw_cli import distributed, modeling
+from cfiw_cli.algo.weights import MODES
+from cfiw_cli.artifacts import build_manifest, input_record, settings_of, sha256_of, up_to_date, write_table
 from cfiw_cli.configs import REPLAY_OPTIMIZERS, ReplayConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
-
+from cfiw_cli.likelihood import reference_likelihood, reference_sequences
+from cfiw_cli.pipeline import eval as eval_stage
+from cfiw_cli.pipeline import train
+from cfiw_cli.pipeline.loop import plan
+from cfiw_cli.policies import kept_iterations, policy_at
+from cfiw_cli.runs import RunLayout, iteration_name
+from cfiw_cli.tasks.gsm8k import load_questions
 
 START = "start"  # the cell of policy_k itself
 
@@ -61,9 +72,8 @@ def parse_iterations(text: str) -> list[int]:
 
 
 def _loop_plan(run: Path) -> tuple[dict[str, Any], list]:
-    from cfiw_cli.pipeline.loop import plan
 
-    path = run / "config.toml"
+    path = RunLayout(run).config
     if not path.exists():
         raise CfiwError(f"{run} is not a loop run (no config.toml)", "pass a directory written by cfiw loop")
     config = tomllib.loads(path.read_text())
@@ -72,8 +82,6 @@ def _loop_plan(run: Path) -> tuple[dict[str, Any], list]:
 
 def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], list[str], dict[int, Any], Any]:
     """The iterations and modes to replay, each iteration's planned train stage, and the probe."""
-    from cfiw_cli.algo.weights import MODES
-    from cfiw_cli.policies import kept_iterations
 
     modes = [m.strip() for m in config.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -109,7 +117,6 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
 def weights_sha256(model_dir: str) -> str | None:
     """sha256 of a checkpoint's weights file (None for a hub id or sharded weights): two
     updates with the same hash have bit-identical parameters."""
-    from cfiw_cli.artifacts import sha256_of
 
     path = Path(model_dir) / "model.safetensors"
     return sha256_of(path) if path.exists() else None
@@ -127,11 +134,6 @@ def _measure(
     weights: str | None,
 ) -> dict[str, Any]:
     """Probe a policy: the sampled reward (probe.parquet) and the likelihoods (result.parquet)."""
-    import pyarrow as pa
-
-    from cfiw_cli import modeling
-    from cfiw_cli.likelihood import reference_likelihood
-    from cfiw_cli.pipeline import eval as eval_stage
 
     sampled = eval_stage.run(
         replace(probe, out=str(directory / "probe.parquet")), force=True, model=model, tokenizer=tokenizer
@@ -162,14 +164,6 @@ def _measure(
 
 
 def run(config: ReplayConfig) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from cfiw_cli import distributed, modeling
-    from cfiw_cli.likelihood import reference_sequences
-    from cfiw_cli.pipeline import train
-    from cfiw_cli.policies import policy_at
-    from cfiw_cli.tasks.gsm8k import load_questions
 
     run_dir = Path(config.run)
     if not run_dir.is_dir():
@@ -178,7 +172,7 @@ def run(config: ReplayConfig) -> Path:
     iterations, modes, trains, probe = _cells(config, run_dir, steps)
     seed = int(loop_config.get("loop", {}).get("seed", 0)) if config.seed is None else config.seed
     base = str(loop_config["model"]["id"])
-    root = run_dir / "replay"
+    root = RunLayout(run_dir).replay
     out = Path(config.out) if config.out else root / "replay.parquet"
     rows_of_questions = load_questions(probe.dataset, probe.split, probe.offset, probe.limit)
     keep_optimizer = config.optimizer == "kept"
@@ -197,7 +191,7 @@ def run(config: ReplayConfig) -> Path:
         references = reference_sequences(tokenizer, rows_of_questions, probe.prompt_template, probe.chat_template)
         probe_settings = settings_of(probe, "model")
         for mode in [START, *modes]:
-            directory = root / mode / f"iter-{iteration:04d}"
+            directory = root / mode / iteration_name(iteration)
             settings = {"mode": mode, "optimizer": config.optimizer, "seed": seed, "probe": probe_settings}
             if mode != START:
                 settings["train"] = settings_of(

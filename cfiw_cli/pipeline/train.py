@@ -31,7 +31,14 @@ import pyarrow as pa
 from cfiw_cli import modeling, schemas
 from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS, LossConfig, group_advantages, loss_normalizer, policy_loss
 from cfiw_cli.algo.weights import MODES, PROFILES, ScoredSpan, WeightConfig, token_weights
-from cfiw_cli.artifacts import prepare_output, read_artifact, read_manifest, write_table
+from cfiw_cli.artifacts import (
+    prepare_output,
+    read_artifact,
+    read_directory_manifest,
+    read_manifest,
+    sha256_of,
+    write_table,
+)
 from cfiw_cli.checks import check_spans_match
 from cfiw_cli.configs import TRAIN_SCHEDULES, TrainConfig
 from cfiw_cli.console import info, progress_bar
@@ -297,6 +304,14 @@ def run(
         if stage.up_to_date:
             return stage.skipped(model)
         return _update(config, stage, batch, model, tokenizer, finish, metrics_out, weights_out)
+
+
+def is_saved(config: TrainConfig) -> bool:
+    """Whether `config.out` already holds this update: a checkpoint trained on these rollouts
+    (a loop killed after saving it resumes without training twice)."""
+    manifest = read_directory_manifest(Path(config.out)) or {}
+    recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
+    return recorded == sha256_of(config.rollouts)
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,19 @@ import base64
 import html
 import json
 import math
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cfiw_cli.algo.spans import decode_with_offsets
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.modeling import load_tokenizer
+from cfiw_cli.runs import RunLayout, create_views
+from cfiw_cli.stats import t_quantile
 
 Z = 1.959963984540054
 WILSON = f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} {Z} * sqrt(acc * (1 - acc) / n + {Z}^2 / (4 * n * n)) / (1 + {Z}^2 / n)"
@@ -43,38 +52,11 @@ WILSON = f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} {Z} * sqrt(acc * (
 _NORMALIZED = "regexp_replace(trim(regexp_replace({text}, '\\s+', ' ', 'g'), ' .'), '\\d+', 'N', 'g')"
 
 
-def _files(runs: list[Path], pattern: str) -> list[str]:
-    return sorted(str(f) for run in runs for f in run.glob(pattern))
-
-
 def connect(runs: list[Path]) -> Any:
     """Views over all runs, each with `run` (directory name) and `iteration` columns."""
-    import duckdb
 
     con = duckdb.connect()
-    for kind in ("rollouts", "spans", "scores", "weights", "train_metrics"):
-        files = _files(runs, f"iter-*/{kind}.parquet")
-        source = f"read_parquet({files}, filename = true, union_by_name = true)" if files else None
-        if source:
-            con.execute(
-                f"create view {kind} as select * exclude (filename{', iteration' if kind == 'rollouts' else ''}), "
-                f"regexp_extract(filename, '([^/]+)/iter-\\d+/', 1) as run, "
-                f"cast(regexp_extract(filename, 'iter-(\\d+)/', 1) as integer) as iteration from {source}"
-            )
-    for kind in ("eval", "probe"):
-        files = _files(runs, f"{kind}/iter-*.parquet")
-        if files:
-            con.execute(
-                f"create view {kind} as select * exclude (filename), regexp_extract(filename, '([^/]+)/{kind}/', 1) as run, "
-                f"cast(regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1) as integer) as iteration "
-                f"from read_parquet({files}, filename = true, union_by_name = true)"
-            )
-    replays = _files(runs, "replay/replay.parquet")
-    if replays:
-        con.execute(
-            f"create view replay as select * exclude (filename), regexp_extract(filename, '([^/]+)/replay/replay\\.parquet', 1) as run "
-            f"from read_parquet({replays}, filename = true, union_by_name = true)"
-        )
+    create_views(con, runs, run_column=True)
     if _has(con, "spans") and _has(con, "rollouts") and _has_column(con, "rollouts", "labels"):
         # A label is a function of the sentence's form, so one run-wide lookup serves every span.
         con.execute(
@@ -92,9 +74,8 @@ def connect(runs: list[Path]) -> Any:
 
 
 def _mode_and_seed(run: Path) -> tuple[str, int]:
-    import tomllib
 
-    config = run / "config.toml"
+    config = RunLayout(run).config
     if config.exists():
         loop = tomllib.loads(config.read_text()).get("loop", {})
         return loop.get("weighting", "cfiw"), int(loop.get("seed", 0))
@@ -191,7 +172,6 @@ def probe_tables(con: Any) -> dict[str, list[dict]]:
     seeds the final probe reward, the area under the curve and the steps to reach uniform's final
     reward (on the mode's mean curve); each mode minus uniform, paired by seed, with a 95% t
     interval over seeds."""
-    from cfiw_cli.stats import t_quantile
 
     con.execute(f"create temp table probe_questions as {PROBE_QUESTIONS}")
     con.execute(f"create temp table probe_by_run as {PROBE_BY_RUN}")
@@ -260,7 +240,6 @@ def replay_tables(con: Any) -> dict[str, list[dict]]:
     the same rollouts, per iteration (mean over runs) and over all iteration x run pairs with a
     95% t interval. The pairs of one run share a trajectory, so they are not fully independent:
     the interval treats them as if they were."""
-    from cfiw_cli.stats import t_quantile
 
     unions = " union all ".join(
         f"select r.run, r.iteration, r.mode, '{m}' as metric, r.{m}_after - u.{m}_after as difference "
@@ -511,8 +490,6 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
 def _write_curves(results: dict[str, list[dict]], out: Path) -> None:
     """curves.parquet (per run) and curves_by_mode.parquet (over seeds): greedy accuracy and the
     probe reward per evaluated iteration, with the optimizer step and their intervals."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     per_run = [
         {
@@ -575,8 +552,6 @@ def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
     """HTML of a few rollouts, each token's background coloured by its training weight."""
     if not (_has(con, "weights") and _has(con, "rollouts")):
         return "<p>(no weights)</p>"
-    from cfiw_cli.algo.spans import decode_with_offsets
-    from cfiw_cli.modeling import load_tokenizer
 
     rows = _rows(
         con,
@@ -587,7 +562,8 @@ def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
     tokenizers: dict[str, Any] = {}
     for row in rows:
         run = next(r for r in runs if r.name == row["run"])
-        source = run / "policy" if (run / "policy" / "tokenizer_config.json").exists() else None
+        policy = RunLayout(run).policy
+        source = policy if (policy / "tokenizer_config.json").exists() else None
         if source is None:
             continue
         tokenizer = tokenizers.setdefault(row["run"], load_tokenizer(str(source)))

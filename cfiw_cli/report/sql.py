@@ -13,30 +13,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli.errors import CfiwError
+import duckdb
+from rich.console import Console
+from rich.table import Table
 
-KINDS = ("rollouts", "spans", "scores", "weights", "train_metrics")
+from cfiw_cli.errors import CfiwError
+from cfiw_cli.runs import create_views
+
 FORMATS = ("table", "csv", "json")
 
 
 def connect(run: str | Path) -> Any:
     """An in-memory DuckDB connection with the run's views."""
-    import duckdb
 
     run = Path(run)
     if not run.is_dir():
         raise CfiwError(f"run directory not found: {run}", "pass a directory such as runs/NAME")
     con = duckdb.connect()
-    for kind in KINDS:
-        files = sorted(run.glob(f"iter-*/{kind}.parquet"))
-        if files:
-            con.execute(_view(kind, [str(f) for f in files], "regexp_extract(filename, 'iter-(\\d+)', 1)"))
-    for kind in ("eval", "probe"):
-        evals = sorted(run.glob(f"{kind}/iter-*.parquet"))
-        if evals:
-            con.execute(_view(kind, [str(f) for f in evals], "regexp_extract(filename, 'iter-(\\d+)\\.parquet', 1)"))
-    if (run / "replay" / "replay.parquet").exists():
-        con.execute(f"create view replay as select * from read_parquet('{run / 'replay' / 'replay.parquet'}')")
+    create_views(con, [run], run_column=False)
     every = sorted(str(f) for f in run.rglob("*.parquet"))
     if every:
         listing = ", ".join(f"'{f}'" for f in every)
@@ -47,19 +41,7 @@ def connect(run: str | Path) -> Any:
     return con
 
 
-def _view(name: str, files: list[str], iteration_expr: str) -> str:
-    listing = ", ".join(f"'{f}'" for f in files)
-    source = f"read_parquet([{listing}], filename = true, union_by_name = true)"
-    return (
-        f"create view {name} as select * exclude (filename, iteration), cast({iteration_expr} as integer) as iteration from "
-        f"(select *, null::integer as iteration from {source})"
-        if name != "rollouts"
-        else f"create view {name} as select * exclude (filename) from {source}"
-    )
-
-
 def query(run: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
-    import duckdb
 
     con = connect(run)
     try:
@@ -86,8 +68,6 @@ def render(columns: list[str], rows: list[tuple], fmt: str) -> str:
         return buffer.getvalue()
     if fmt == "json":
         return json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=2) + "\n"
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(*columns, show_lines=False)
     for row in rows:

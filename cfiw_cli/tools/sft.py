@@ -19,7 +19,7 @@ from cfiw_cli.configs import SFT_SCHEDULES, SftConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun
-from cfiw_cli.tasks.gsm8k import load_questions
+from cfiw_cli.tasks.gsm8k import build_prompt, load_questions
 
 
 def _check(config: SftConfig) -> None:
@@ -33,7 +33,6 @@ def _check(config: SftConfig) -> None:
 
 def examples(rows: list[dict], tokenizer: Any, template: str | None, chat: bool) -> list[dict[str, str]]:
     """Prompt-completion pairs with the prompt `cfiw rollout` would send for each question."""
-    from cfiw_cli.tasks.gsm8k import build_prompt
 
     return [
         {"prompt": build_prompt(row["question"], tokenizer, template, chat), "completion": row["answer"]}

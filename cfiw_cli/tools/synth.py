@@ -11,6 +11,7 @@ correct solutions and answers. See `cfiw_cli.tasks.arith` for the problems and t
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from cfiw_cli.configs import SynthConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun
-from cfiw_cli.tasks.arith import NAMES
+from cfiw_cli.tasks.arith import NAMES, make_problem
+from cfiw_cli.tasks.gsm8k import parse_gold
 
 
 def _check(config: SynthConfig) -> None:
@@ -39,9 +41,6 @@ def _check(config: SynthConfig) -> None:
 def generate(config: SynthConfig) -> dict[str, list[dict]]:
     """{"train": rows, "test": rows} (and "sft": the teacher's solutions of the train questions);
     test questions that also occur in train are redrawn."""
-    import random
-
-    from cfiw_cli.tasks.arith import make_problem
 
     shape = dict(
         max_steps=config.max_steps,
@@ -104,7 +103,6 @@ def _teacher_metrics(splits: dict[str, list[dict]]) -> dict:
     """How wrong the teacher is: the share of its train solutions whose answer differs."""
     if "sft" not in splits:
         return {}
-    from cfiw_cli.tasks.gsm8k import parse_gold
 
     wrong = sum(
         parse_gold(t["answer"]) != parse_gold(r["answer"]) for t, r in zip(splits["sft"], splits["train"], strict=True)

@@ -15,7 +15,8 @@ from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import quiet_libraries
 from cfiw_cli.stage import StageResult, StageRun
-
+from cfiw_cli.tasks.arith import make_problems
+from cfiw_cli.tasks.gsm8k import load_questions
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (
@@ -27,12 +28,8 @@ CHAT_TEMPLATE = (
 def corpus(dataset: str | None) -> list[str]:
     """Training text: question + answer of a GSM8K-format dataset, or generated problems."""
     if dataset is None:
-        from cfiw_cli.tasks.arith import make_problems
-
         rows = make_problems(2000, seed=0)
     else:
-        from cfiw_cli.tasks.gsm8k import load_questions
-
         rows = load_questions(dataset, split="train")
     return [f"{row['question']}\n{row['answer']}" for row in rows]
 
