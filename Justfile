@@ -21,6 +21,16 @@ setup:
 test *args:
     {{bin}}/python -m pytest {{args}}
 
+# lint and format check (ruff, configured in pyproject.toml); `just fmt` rewrites
+lint:
+    {{bin}}/ruff check .
+    {{bin}}/ruff format --check .
+
+# format the code and apply ruff's safe fixes
+fmt:
+    {{bin}}/ruff format .
+    {{bin}}/ruff check --fix .
+
 # the quick unit tests only
 test-fast *args:
     {{bin}}/python -m pytest -m "not slow" {{args}}

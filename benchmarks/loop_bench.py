@@ -66,7 +66,8 @@ def main() -> None:
     staged_seconds = time.perf_counter() - started
 
     print(
-        f"tiny preset at small sizes, {args.iterations} iterations (each: rollout, segment, score, train, eval), 2-core CPU"
+        f"tiny preset at small sizes, {args.iterations} iterations (each: rollout, segment, score, train, eval), "
+        f"2-core CPU"
     )
     print(f"{'way':>8} {'total s':>8} {'s / iteration':>14}")
     for name, seconds in (("loop", loop_seconds), ("staged", staged_seconds)):
@@ -74,7 +75,8 @@ def main() -> None:
     print(f"ratio staged / loop: {staged_seconds / loop_seconds:.2f}")
     columns, rows = query(
         work / "loop",
-        "select stage, sum(cast(json_extract(manifest, '$.wall_seconds') as double)) as s from manifests where file not like '%weights.parquet' group by stage order by s desc",
+        "select stage, sum(cast(json_extract(manifest, '$.wall_seconds') as double)) as s from manifests where "
+        "file not like '%weights.parquet' group by stage order by s desc",
     )
     total = sum(r[1] for r in rows)
     print("share of the loop's stage time (from the manifests' wall_seconds):")

@@ -136,15 +136,19 @@ def main() -> None:
     bound = sum(lower_bound_tokens(item) for item in items)
     naive_tokens = sum(len(item.tokens) * (len(item.spans) + 1) for item in items)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, float32"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; model: {args.layers} layers, hidden "
+        f"{args.hidden}, vocab {args.vocab}, float32"
     )
     print(
-        f"{len(items)} rollouts ({args.prompts} prompts x G={args.group}), ~{args.prompt} prompt + ~{args.reasoning} reasoning "
-        f"tokens in {args.spans} spans + ~{args.answer} answer tokens; (b), (c): median of {args.repeats}, (a): median of {args.naive_repeats}"
+        f"{len(items)} rollouts ({args.prompts} prompts x G={args.group}), ~{args.prompt} prompt + "
+        f"~{args.reasoning} reasoning "
+        f"tokens in {args.spans} spans + ~{args.answer} answer tokens; (b), (c): median of {args.repeats}, (a): "
+        f"median of {args.naive_repeats}"
     )
     ratios = []
     print(
-        f"{'mask':>9} {'(a) s':>8} {'(b) s':>8} {'(c) s':>8} {'(a)/(c)':>8} {'(b)/(c)':>8} {'(c) tokens':>11} {'bound':>8} {'naive':>8} {'max |diff|':>10}"
+        f"{'mask':>9} {'(a) s':>8} {'(b) s':>8} {'(c) s':>8} {'(a)/(c)':>8} {'(b)/(c)':>8} {'(c) tokens':>11} "
+        f"{'bound':>8} {'naive':>8} {'max |diff|':>10}"
     )
     for mode in args.modes.split(","):
         stats: dict = {}
@@ -168,7 +172,8 @@ def main() -> None:
         ratios.append(f"{mode} {a_seconds / c_seconds:.2f} / {b_seconds / c_seconds:.2f}")
     print("ratio (a)/(c) / (b)/(c): " + ", ".join(ratios))
     print(
-        "(c) tokens: tokens run by cfiw (prompts once per group); bound: T + sum_k (T - e_k) per rollout; naive: (a)'s tokens"
+        "(c) tokens: tokens run by cfiw (prompts once per group); bound: T + sum_k (T - e_k) per rollout; naive: "
+        "(a)'s tokens"
     )
 
 

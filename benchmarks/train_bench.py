@@ -203,22 +203,27 @@ def memory_part(args, work: Path) -> None:
     grad_scale = max(g.abs().max().item() for g in naive["grads"].values())
     one_copy = completion_tokens * args.vocab * 4 / 2**20
     print(
-        f"part 1: per-token log-probs, one micro-batch of {len(sequences)} sequences ({completion_tokens} completion tokens of {source} text)"
+        f"part 1: per-token log-probs, one micro-batch of {len(sequences)} sequences ({completion_tokens} "
+        f"completion tokens of {source} text)"
     )
     print(
-        f"  random-init Qwen2, vocabulary {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, tied embeddings; LM head {100 * head_share:.0f}% of forward FLOPs; {device}"
+        f"  random-init Qwen2, vocabulary {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, tied "
+        f"embeddings; LM head {100 * head_share:.0f}% of forward FLOPs; {device}"
     )
     print(f"  one [tokens, V] fp32 tensor: {one_copy:,.0f} MiB")
     print(f"  {'path':>8} {'peak MiB':>9} {'seconds':>8} {'loss':>12} {'entropy':>9}")
     for name, row in results.items():
         print(
-            f"  {name:>8} {row['peak'] / 2**20:>9,.0f} {row['seconds']:>8.2f} {row['loss']:>12.7f} {row['entropy']:>9.4f}"
+            f"  {name:>8} {row['peak'] / 2**20:>9,.0f} {row['seconds']:>8.2f} {row['loss']:>12.7f} "
+            f"{row['entropy']:>9.4f}"
         )
     print(
-        f"  |loss diff| {abs(naive['loss'] - chunked['loss']):.2e}; max |grad diff| {grad_diff:.2e} (largest gradient {grad_scale:.2e})"
+        f"  |loss diff| {abs(naive['loss'] - chunked['loss']):.2e}; max |grad diff| {grad_diff:.2e} (largest "
+        f"gradient {grad_scale:.2e})"
     )
     print(
-        f"  ratio naive / chunked peak memory: {naive['peak'] / chunked['peak']:.2f}x; time: {chunked['seconds'] / naive['seconds']:.3f} of naive"
+        f"  ratio naive / chunked peak memory: {naive['peak'] / chunked['peak']:.2f}x; time: "
+        f"{chunked['seconds'] / naive['seconds']:.3f} of naive"
     )
 
 
@@ -263,10 +268,12 @@ def timing_part(args, work: Path) -> None:
     measure("uniform")  # warm-up
     results = {mode: measure(mode) for mode in ("uniform", "cfiw")}
     print(
-        f"part 2: cfiw train, torch {torch.__version__}, {torch.get_num_threads()} threads; model: {args.timing_layers} layers, hidden {args.timing_hidden}"
+        f"part 2: cfiw train, torch {torch.__version__}, {torch.get_num_threads()} threads; model: "
+        f"{args.timing_layers} layers, hidden {args.timing_hidden}"
     )
     print(
-        f"  {args.questions} questions x G={args.group}, {args.minibatches} optimizer steps per run; median of {args.repeats} runs"
+        f"  {args.questions} questions x G={args.group}, {args.minibatches} optimizer steps per run; median of "
+        f"{args.repeats} runs"
     )
     print(f"  {'mode':>8} {'seconds':>8} {'tokens':>7} {'tokens/s':>9}")
     for mode, (seconds, metrics) in results.items():

@@ -63,7 +63,8 @@ def keep_command(config: KeepConfig) -> str:
     patterns = "|".join(PER_ITERATION)
     return (
         f'test -d {out} || (set -e; rm -rf {tmp}; mkdir -p {tmp}; for f in {source}/*; do case "${{f##*/}}" in '
-        f'{patterns}) cp "$f" {tmp}/ ;; *) if test -f "$f" && ! test -e {shared}/"${{f##*/}}"; then cp "$f" {shared}/; fi ;; esac; done; mv {tmp} {out})'
+        f'{patterns}) cp "$f" {tmp}/ ;; *) if test -f "$f" && ! test -e {shared}/"${{f##*/}}"; then cp "$f" '
+        f"{shared}/; fi ;; esac; done; mv {tmp} {out})"
     )
 
 

@@ -105,5 +105,6 @@ def create_views(con: Any, runs: list[Path], *, run_column: bool) -> None:
         run = run_expr.format(anchor="replay/replay\\.parquet").removesuffix(", ")
         columns = f"* exclude (filename), {run}" if run_column else "* exclude (filename)"
         con.execute(
-            f"create view replay as select {columns} from read_parquet({replays}, filename = true, union_by_name = true)"
+            f"create view replay as select {columns} from read_parquet({replays}, filename = true, union_by_name "
+            f"= true)"
         )

@@ -115,7 +115,8 @@ COMPLETIONS = [
     "#### 5",
     "I am not sure what to do here at all",
     "Janet’s ducks lay 16 eggs per day — she eats 3, so 16 − 3 = 13 remain 🦆.\nThus 13 × 2 = 26.\n#### 26",
-    "We can solve this step by step. Now we put it together. The total number of coins in the jar is 40 and then 2 more, so 42",
+    "We can solve this step by step. Now we put it together. The total number of coins in the jar is 40 and then "
+    "2 more, so 42",
 ]
 
 

@@ -311,7 +311,8 @@ def test_probe_curves_and_the_mode_comparison_by_hand(tmp_path):
     assert (modes["uniform"]["steps_to_threshold"], modes["cfiw"]["steps_to_threshold"]) == (4, 2)
     assert (modes["uniform"]["runs_reaching"], modes["cfiw"]["runs_reaching"]) == (1, 2)
     differences = {(r["mode"], r["metric"]): r for r in tables["paired_differences"]}
-    # final reward, paired by seed: cfiw - uniform = (0, .25): mean .125, std .1768, 95% t (1 df) half-width 12.706 * .1768 / sqrt(2)
+    # final reward, paired by seed: cfiw - uniform = (0, .25): mean .125, std .1768,
+    # 95% t (1 df) half-width 12.706 * .1768 / sqrt(2)
     final = differences[("cfiw - uniform", "final_reward")]
     assert (final["seeds"], final["mean_difference"]) == (2, pytest.approx(0.125))
     assert final["ci_high"] - final["mean_difference"] == pytest.approx(12.7062 * 0.1767767 / 2**0.5, rel=1e-4)

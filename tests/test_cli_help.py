@@ -92,7 +92,10 @@ def test_help_imports_no_heavy_library():
     # the clock with a generous bound (a cold start on a busy 2-core machine).
     import time
 
-    probe = "import sys; from cfiw_cli.cli import app; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'pyarrow', 'duckdb') if m in sys.modules))"
+    probe = (
+        "import sys; from cfiw_cli.cli import app; print(sorted(m for m in ('torch', 'transformers', 'trl', "
+        "'datasets', 'pyarrow', 'duckdb') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

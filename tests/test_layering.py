@@ -78,4 +78,3 @@ def test_the_import_check_sees_a_buried_import(tmp_path):
         "import json",
         "from cfiw_cli import stage",
     ]
-

@@ -22,7 +22,8 @@ def warm_policy(tmp_path_factory, sharpening_task):
     config = tmp_path_factory.mktemp("learning") / "task.toml"
     config.write_text(
         f'[model]\nid = "{policy}"\n[data]\ndataset = "{task}"\n'
-        "[loop]\niterations = 20\nquestions = 16\neval_every = 100\neval_limit = 4\nprobe_questions = 16\nprobe_samples = 8\nseed = 0\n"
+        "[loop]\niterations = 20\nquestions = 16\neval_every = 100\neval_limit = 4\nprobe_questions = "
+        "16\nprobe_samples = 8\nseed = 0\n"
         "[rollout]\ngroup_size = 8\nmax_new_tokens = 16\nbatch_size = 128\n"
         "[train]\nlr = 1e-3\nminibatches = 2\n"
     )

@@ -32,7 +32,8 @@ def looped(tmp_path_factory, sharpening_task, cli):
     config = root / "task.toml"
     config.write_text(
         f'[model]\nid = "{policy}"\n[data]\ndataset = "{task}"\n'
-        "[loop]\niterations = 3\nquestions = 8\neval_every = 100\neval_limit = 4\nprobe_questions = 6\nprobe_samples = 4\nseed = 0\nkeep_policies = 1\n"
+        "[loop]\niterations = 3\nquestions = 8\neval_every = 100\neval_limit = 4\nprobe_questions = "
+        "6\nprobe_samples = 4\nseed = 0\nkeep_policies = 1\n"
         "[rollout]\ngroup_size = 8\nmax_new_tokens = 16\nbatch_size = 128\n"
         "[train]\nlr = 1e-3\nminibatches = 2\n"
     )

@@ -174,7 +174,10 @@ minibatches = 2
 lr_schedule = "cosine"
 """
 
-QUERY = "select kind, count(*) as n, round(avg(delta), 6) as mean_delta from spans join scores using (rollout_id, span_idx, iteration) group by kind order by kind"
+QUERY = (
+    "select kind, count(*) as n, round(avg(delta), 6) as mean_delta from spans join scores using "
+    "(rollout_id, span_idx, iteration) group by kind order by kind"
+)
 
 
 def _cfiw(package_root: Path, work: Path, *args: str) -> str:

@@ -45,7 +45,10 @@ def make_run(root):
 
 def test_views_join_across_iterations(cli, tmp_path):
     run = make_run(tmp_path / "run")
-    query = "select kind, avg(delta) as mean from spans join scores using (rollout_id, span_idx, iteration) group by kind order by kind"
+    query = (
+        "select kind, avg(delta) as mean from spans join scores using (rollout_id, span_idx, iteration) group "
+        "by kind order by kind"
+    )
     result = cli("sql", run, query, "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout) == [{"kind": "calculation", "mean": 3.0}, {"kind": "scaffolding", "mean": 5.0}]

@@ -68,7 +68,8 @@ def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    text = f"accuracy {metrics['accuracy']:.3f} (95% CI {metrics['ci_low']:.3f}-{metrics['ci_high']:.3f}, n={metrics['n']})"
+    interval = f"95% CI {metrics['ci_low']:.3f}-{metrics['ci_high']:.3f}"
+    text = f"accuracy {metrics['accuracy']:.3f} ({interval}, n={metrics['n']})"
     for key in sorted(
         k for k in metrics if k.startswith(("pass@", "maj@", "mean@")) and "_ci_" not in k and not k.endswith("_se")
     ):

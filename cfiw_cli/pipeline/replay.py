@@ -101,7 +101,8 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
     if missing:
         raise CfiwError(
             f"iteration {missing[0]} of {run} has no kept policy or no scored rollouts",
-            f"iterations that can be replayed: {', '.join(map(str, completed)) or 'none'} (run the loop with --set loop.keep_policies=1)",
+            f"iterations that can be replayed: {', '.join(map(str, completed)) or 'none'} (run the loop with "
+            f"--set loop.keep_policies=1)",
         )
     probes = [s for _, c, s in steps if c == "eval" and "/probe/" in s.out]
     if not probes:

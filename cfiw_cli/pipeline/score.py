@@ -87,7 +87,8 @@ def _score(
     rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer)
     if not items:  # e.g. a policy that has stopped writing reasoning: every rollout will weigh as in uniform
         info(
-            f"Warning: no rollout in {config.spans} has both reasoning spans and an answer: nothing to score, the scores file is empty"
+            f"Warning: no rollout in {config.spans} has both reasoning spans and an answer: nothing to score, "
+            f"the scores file is empty"
         )
     mine = distributed.my_share(items)
     with progress_bar(f"score ({config.mask})", total=len(mine), unit="rollouts") as advance:
@@ -140,6 +141,7 @@ def _score(
     result = stage.write_table(table, manifest)
     distributed.finish()
     info(
-        f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to {stage.out} in {seconds:.1f}s"
+        f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to "
+        f"{stage.out} in {seconds:.1f}s"
     )
     return result

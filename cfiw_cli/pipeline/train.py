@@ -128,7 +128,8 @@ def sampling_settings(config: TrainConfig, rollouts: Any) -> dict[str, Any]:
     else:
         temperature, source = 1.0, "default"
         info(
-            f"Warning: {config.rollouts} does not record its sampling temperature; training at T = 1 (pass --temperature if they were sampled otherwise)"
+            f"Warning: {config.rollouts} does not record its sampling temperature; training at T = 1 (pass "
+            f"--temperature if they were sampled otherwise)"
         )
     if temperature == 0:  # greedy rollouts record their log-probs at T = 1
         temperature = 1.0

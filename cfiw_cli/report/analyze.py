@@ -19,9 +19,10 @@ uniform's from the same policy on the same rollouts, per iteration and over all 
 Ground truth: when the rollouts carry the `labels` column of a `cfiw synth` dataset, a span
 that has the form of a reference solution sentence (the same words; any numbers, so a wrong
 calculation is still a calculation; whitespace and outer full stops ignored) takes that
-sentence's label. Spans of no reference form (merged sentences, garbled text) are `unmatched`. Tables then add mean delta per label and, per iteration,
-the AUROC of delta for `calculation` (positive) against `filler` spans: the probability that a
-random calculation span has a larger delta than a random filler span, ties counting one half.
+sentence's label. Spans of no reference form (merged sentences, garbled text) are
+`unmatched`. Tables then add mean delta per label and, per iteration, the AUROC of delta for
+`calculation` (positive) against `filler` spans: the probability that a random calculation
+span has a larger delta than a random filler span, ties counting one half.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ from cfiw_cli.runs import RunLayout, create_views
 from cfiw_cli.stats import t_quantile
 
 Z = 1.959963984540054
-WILSON = f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} {Z} * sqrt(acc * (1 - acc) / n + {Z}^2 / (4 * n * n)) / (1 + {Z}^2 / n)"
+WILSON = (
+    f"(acc + {Z}^2 / (2 * n)) / (1 + {Z}^2 / n) {{sign}} "
+    f"{Z} * sqrt(acc * (1 - acc) / n + {Z}^2 / (4 * n * n)) / (1 + {Z}^2 / n)"
+)
 
 
 # A sentence's form: whitespace collapsed, outer spaces and full stops dropped, every number as N.
@@ -97,7 +101,8 @@ def _create_steps(con: Any) -> None:
             f"""create view steps as
             with per_iteration as (select run, iteration, count(*) as n from train_metrics group by all)
             select e.run, e.iteration,
-                   coalesce((select sum(n) from per_iteration p where p.run = e.run and p.iteration < e.iteration), 0)::integer as step
+                   coalesce((select sum(n) from per_iteration p where p.run = e.run and p.iteration < e.iteration),
+                       0)::integer as step
             from ({evaluated}) e"""
         )
     else:
@@ -129,7 +134,8 @@ AUROC = """
         select *, rank() over w + (count(*) over (partition by run, iteration, delta) - 1) / 2.0 as mid_rank
         from d window w as (partition by run, iteration order by delta)),
     sums as (
-        select run, iteration, count(*) filter (positive) as calculation_spans, count(*) filter (not positive) as filler_spans,
+        select run, iteration, count(*) filter (positive) as calculation_spans, count(*) filter (not positive) as
+            filler_spans,
                sum(mid_rank) filter (positive) as rank_sum
         from ranked group by run, iteration)
     select run, mode, iteration, calculation_spans, filler_spans,
@@ -157,10 +163,12 @@ RUN_SUMMARY = """
     with curve as (select *, lag(step) over w as prev_step, lag(reward) over w as prev_reward
                    from probe_by_run window w as (partition by run order by iteration)),
     threshold as (select avg(reward) as target from probe_by_run p
-                  where mode = 'uniform' and iteration = (select max(iteration) from probe_by_run q where q.run = p.run))
+                  where mode = 'uniform' and iteration = (select max(iteration) from probe_by_run q where q.run =
+                      p.run))
     select run, mode, seed,
            arg_min(reward, iteration) as first_reward, arg_max(reward, iteration) as final_reward,
-           coalesce(sum((step - prev_step) * (reward + prev_reward) / 2) / nullif(max(step) - min(step), 0), avg(reward)) as auc,
+           coalesce(sum((step - prev_step) * (reward + prev_reward) / 2) / nullif(max(step) - min(step), 0),
+               avg(reward)) as auc,
            (select target from threshold) as threshold,
            min(step) filter (where reward >= (select target from threshold)) as steps_to_threshold,
            max(step) as steps
@@ -181,7 +189,8 @@ def probe_tables(con: Any) -> dict[str, list[dict]]:
     con.execute(
         """create temp table gains as
         with ends as (select run, min(iteration) as first, max(iteration) as last from probe_questions group by run)
-        select a.run, avg(b.share - a.share) as gain, coalesce(stddev_samp(b.share - a.share) / sqrt(count(*)), 0) as gain_se
+        select a.run, avg(b.share - a.share) as gain, coalesce(stddev_samp(b.share - a.share) / sqrt(count(*)), 0)
+            as gain_se
         from probe_questions a join ends e on a.run = e.run and a.iteration = e.first
         join probe_questions b on b.run = a.run and b.iteration = e.last and b.prompt_id = a.prompt_id group by a.run"""
     )
@@ -198,23 +207,29 @@ def probe_tables(con: Any) -> dict[str, list[dict]]:
     )
     out["mode_comparison"] = _rows(
         con,
-        """with mean_curve as (select mode, iteration, avg(step) as step, avg(reward) as reward from probe_by_run group by all)
+        """with mean_curve as (select mode, iteration, avg(step) as step, avg(reward) as reward from probe_by_run
+            group by all)
            select mode, count(*) as runs, avg(first_reward) as first_reward, avg(final_reward) as final_reward,
                   coalesce(stddev_samp(final_reward), 0) as final_std,
                   avg(auc) as auc, coalesce(stddev_samp(auc), 0) as auc_std, any_value(threshold) as threshold,
-                  (select min(step) from mean_curve m where m.mode = r.mode and m.reward >= any_value(r.threshold)) as steps_to_threshold,
-                  count(steps_to_threshold) as runs_reaching, median(steps_to_threshold) as median_run_steps_to_threshold,
+                  (select min(step) from mean_curve m where m.mode = r.mode and m.reward >= any_value(r.threshold))
+                      as steps_to_threshold,
+                  count(steps_to_threshold) as runs_reaching, median(steps_to_threshold) as
+                      median_run_steps_to_threshold,
                   max(steps) as steps
            from run_summary r group by mode order by mode = 'uniform' desc, mode""",
     )
     differences = _rows(
         con,
-        """select r.mode, 'final_reward' as metric, count(*) as seeds, avg(r.final_reward - u.final_reward) as mean_difference,
+        """select r.mode, 'final_reward' as metric, count(*) as seeds, avg(r.final_reward - u.final_reward) as
+            mean_difference,
                   coalesce(stddev_samp(r.final_reward - u.final_reward), 0) as std
-           from run_summary r join run_summary u on u.mode = 'uniform' and u.seed = r.seed where r.mode <> 'uniform' group by r.mode
+           from run_summary r join run_summary u on u.mode = 'uniform' and u.seed = r.seed where r.mode <> 'uniform'
+               group by r.mode
            union all
            select r.mode, 'auc', count(*), avg(r.auc - u.auc), coalesce(stddev_samp(r.auc - u.auc), 0)
-           from run_summary r join run_summary u on u.mode = 'uniform' and u.seed = r.seed where r.mode <> 'uniform' group by r.mode
+           from run_summary r join run_summary u on u.mode = 'uniform' and u.seed = r.seed where r.mode <> 'uniform'
+               group by r.mode
            order by metric desc, mode""",
     )
     for row in differences:
@@ -243,7 +258,8 @@ def replay_tables(con: Any) -> dict[str, list[dict]]:
 
     unions = " union all ".join(
         f"select r.run, r.iteration, r.mode, '{m}' as metric, r.{m}_after - u.{m}_after as difference "
-        f"from replay r join replay u on u.run = r.run and u.iteration = r.iteration and u.optimizer = r.optimizer and u.mode = 'uniform' "
+        f"from replay r join replay u on u.run = r.run and u.iteration = r.iteration "
+        f"and u.optimizer = r.optimizer and u.mode = 'uniform' "
         f"where r.mode <> 'uniform'"
         for m in REPLAY_METRICS
     )
@@ -251,11 +267,13 @@ def replay_tables(con: Any) -> dict[str, list[dict]]:
     out = {
         "replay": _rows(
             con,
-            "select r.*, m.mode as loop_mode, m.seed as loop_seed from replay r join modes m using (run) order by run, iteration, r.mode",
+            "select r.*, m.mode as loop_mode, m.seed as loop_seed from replay r join modes m using (run) "
+            "order by run, iteration, r.mode",
         ),
         "replay_differences": _rows(
             con,
-            """select mode || ' - uniform' as difference, metric, iteration, count(*) as runs, avg(difference) as mean_difference,
+            """select mode || ' - uniform' as difference, metric, iteration, count(*) as runs, avg(difference) as
+                mean_difference,
                       coalesce(stddev_samp(difference), 0) as std
                from replay_pairs group by all order by metric, difference, iteration""",
         ),
@@ -280,7 +298,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
     if _has(con, "eval"):
         out["accuracy"] = _rows(
             con,
-            f"""with a as (select run, iteration, count(*) as n, avg(correct::int) as acc from eval group by run, iteration)
+            f"""with a as (select run, iteration, count(*) as n, avg(correct::int) as acc from eval group by run,
+                iteration)
             select run, mode, seed, iteration, step, n, acc as accuracy,
                    case when acc = 0 then 0 else greatest(0, {WILSON.format(sign="-")}) end as ci_low,
                    case when acc = 1 then 1 else least(1, {WILSON.format(sign="+")}) end as ci_high
@@ -290,17 +309,21 @@ def tables(con: Any) -> dict[str, list[dict]]:
             con,
             """with a as (select run, iteration, avg(correct::int) as acc from eval group by run, iteration),
                  final as (select avg(acc) as target from a join modes using (run)
-                           where mode = 'uniform' and iteration = (select max(iteration) from a a2 where a2.run = a.run))
+                           where mode = 'uniform' and iteration = (select max(iteration) from a a2 where a2.run =
+                               a.run))
             select run, mode, (select target from final) as uniform_final_accuracy,
                    min(iteration) filter (where acc >= (select target from final)) as first_iteration
-            from a join modes using (run) where (select target from final) is not null group by run, mode order by run""",
+            from a join modes using (run) where (select target from final) is not null group by run, mode order by
+                run""",
         )
         out["accuracy_by_mode"] = _rows(
             con,
             """with a as (select run, iteration, avg(correct::int) as acc from eval group by run, iteration)
-            select mode, iteration, avg(step) as step, count(*) as runs, avg(acc) as mean_accuracy, coalesce(stddev_samp(acc), 0) as std,
+            select mode, iteration, avg(step) as step, count(*) as runs, avg(acc) as mean_accuracy,
+                coalesce(stddev_samp(acc), 0) as std,
                    min(acc) as min_accuracy, max(acc) as max_accuracy
-            from a join modes using (run) join steps using (run, iteration) group by mode, iteration order by mode, iteration""",
+            from a join modes using (run) join steps using (run, iteration) group by mode, iteration order by mode,
+                iteration""",
         )
         out["final_accuracy_by_mode"] = _rows(
             con,
@@ -317,7 +340,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
     if _has(con, "rollouts"):
         out["reward"] = _rows(
             con,
-            "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward from rollouts join modes using (run) group by all order by run, iteration",
+            "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward "
+            "from rollouts join modes using (run) group by all order by run, iteration",
         )
     if _has(con, "spans") and _has(con, "scores"):
         out["delta_by_kind"] = _rows(
@@ -348,7 +372,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
                kinds as (select run, kind, sum(weight) as weight from per_span group by all)
                select run, mode, kind, weight / total as share from kinds join totals using (run) join modes using (run)
                union all
-               select run, mode, 'outside spans' as kind, 1 - coalesce((select sum(weight) from kinds k where k.run = t.run), 0) / total
+               select run, mode, 'outside spans' as kind, 1 - coalesce((select sum(weight) from kinds k where k.run
+                   = t.run), 0) / total
                from totals t join modes using (run)
                order by run, kind""",
         )
@@ -555,7 +580,8 @@ def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
 
     rows = _rows(
         con,
-        f"""select run, rollout_id, completion_ids, token_weights, reward from weights join rollouts using (run, iteration, rollout_id)
+        f"""select run, rollout_id, completion_ids, token_weights, reward from weights join rollouts using (run,
+            iteration, rollout_id)
             order by weighting = 'uniform', run, iteration, rollout_id limit {limit}""",
     )
     parts = []
@@ -576,7 +602,8 @@ def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
                 f'<span title="{weight:.3f}" style="background:{colour}">{html.escape(text[start:end])}</span>'
             )
         parts.append(
-            f'<h4>{html.escape(row["rollout_id"])} ({html.escape(row["run"])}, reward {row["reward"]})</h4><pre class="rollout">{"".join(spans)}</pre>'
+            f"<h4>{html.escape(row['rollout_id'])} ({html.escape(row['run'])}, reward {row['reward']})</h4>"
+            f'<pre class="rollout">{"".join(spans)}</pre>'
         )
     return "\n".join(parts) or "<p>(no weighted rollouts)</p>"
 
@@ -613,9 +640,13 @@ def run(runs: list[str], out: str) -> dict[str, list[dict]]:
     body.append(
         "<h2>Rollouts coloured by token weight (red: above 1, blue: below 1)</h2>" + _coloured_rollouts(con, run_dirs)
     )
-    style = "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:2px 6px} pre.rollout{white-space:pre-wrap}"
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} "
+        "td,th{border:1px solid #ccc;padding:2px 6px} pre.rollout{white-space:pre-wrap}"
+    )
     (out_dir / "report.html").write_text(
-        f'<!doctype html><html><head><meta charset="utf-8"><title>cfiw report</title><style>{style}</style></head><body>{"".join(body)}</body></html>\n'
+        f'<!doctype html><html><head><meta charset="utf-8"><title>cfiw report</title><style>{style}</style></head>'
+        f"<body>{''.join(body)}</body></html>\n"
     )
     return results
 

@@ -2,7 +2,9 @@
 
 Views: `rollouts`, `spans`, `scores`, `weights`, `train_metrics` (all iterations, with an
 `iteration` column taken from the `iter-NNNN` directory), `eval` (from `eval/iter-NNNN.parquet`),
-`probe` (from `probe/iter-NNNN.parquet`), `replay` (`replay/replay.parquet` of `cfiw replay`) and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
+`probe` (from `probe/iter-NNNN.parquet`), `replay` (`replay/replay.parquet` of `cfiw replay`)
+and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run). The
+views are `cfiw_cli.runs.create_views` over this one run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def connect(run: str | Path) -> Any:
     if every:
         listing = ", ".join(f"'{f}'" for f in every)
         con.execute(
-            "create view manifests as select file_name as file, json_extract_string(decode(value), '$.stage') as stage, "
+            "create view manifests as select file_name as file, json_extract_string(decode(value), '$.stage') as "
+            "stage, "
             f"decode(value) as manifest from parquet_kv_metadata([{listing}]) where decode(key) = 'cfiw'"
         )
     return con

@@ -157,13 +157,15 @@ def load_questions(dataset: str, split: str = "train", offset: int = 0, limit: i
         raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for unreadable input
         raise CfiwError(
-            f"could not load dataset {dataset!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+            f"could not load dataset {dataset!r}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
             "pass a local GSM8K-format .jsonl/.parquet file (columns question, answer)",
         ) from exc
     missing = [c for c in ("question", "answer") if c not in rows.column_names]
     if missing:
         raise CfiwError(
-            f"dataset {dataset} has no column {', '.join(repr(c) for c in missing)} (it has {', '.join(rows.column_names)})",
+            f"dataset {dataset} has no column {', '.join(repr(c) for c in missing)} (it has "
+            f"{', '.join(rows.column_names)})",
             "a GSM8K-format dataset needs 'question' and 'answer' columns",
         )
     if offset < 0 or (limit is not None and limit < 0):

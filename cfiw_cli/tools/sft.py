@@ -142,6 +142,7 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
 
     result = stage.write_directory(fill, manifest)
     info(
-        f"fine-tuned {config.model} for {config.steps} steps on {len(rows)} solutions in {seconds:.0f}s: final loss {metrics['final_loss']:.4f}; saved {stage.out}"
+        f"fine-tuned {config.model} for {config.steps} steps on {len(rows)} solutions in {seconds:.0f}s: final "
+        f"loss {metrics['final_loss']:.4f}; saved {stage.out}"
     )
     return result

@@ -72,7 +72,8 @@ def generate(config: SynthConfig) -> dict[str, list[dict]]:
             test.append(row)
     if len(test) < config.n_test:
         raise CfiwError(
-            f"only {len(test)} distinct test problems exist beside {config.n_train} train problems at --max-number {config.max_number}",
+            f"only {len(test)} distinct test problems exist beside {config.n_train} train problems at "
+            f"--max-number {config.max_number}",
             "raise --max-number or --max-steps, or lower --n-test",
         )
     return {"train": train, "test": test, **({"sft": sft} if sft else {})}
