@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 LOGIT_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32 (441 tokens at V = 151,936)
 
@@ -48,7 +51,13 @@ def _captured_hidden(model: Any) -> Iterator[dict]:
         handle.remove()
 
 
-def _chunk_logprobs(lm_head: Any, hidden: Any, targets: Any, temperature: float, want_entropy: bool):
+def _chunk_logprobs(
+    lm_head: torch.nn.Module,
+    hidden: torch.Tensor,  # [n, H]
+    targets: torch.Tensor,  # [n]
+    temperature: float,
+    want_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [n], [n]
     """Log-probs `[n]` of `targets` and entropies `[n]` (zeros unless wanted) for one chunk."""
     import torch
 
@@ -72,7 +81,7 @@ def completion_logprobs(
     want_entropy: bool = False,
     autocast: bool = False,
     chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
-) -> tuple[Any, Any]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # [B, C], [B, C]
     """`sequences`: (prompt + completion token ids, prompt length) per row. Returns log-probs and
     entropies `[B, C]` of the completion tokens, right-aligned (row b's completion ends at
     column C - 1) and zero where a row has no token; C is the longest completion."""

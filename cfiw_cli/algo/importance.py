@@ -42,7 +42,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 MASK_MODES = ("pad", "delete", "knockout")
 TARGETS = ("own", "gold")  # whose answer tokens a span's delta is measured on: the rollout's own, or the gold answer
@@ -102,11 +105,10 @@ def _left_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
 
 def _cache_argument(model: Any) -> str:
     """Newer transformers call the KV cache argument `cache`, older ones `past_key_values`."""
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _cache_from(layers: list[tuple[Any, Any]]) -> Any:
+def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:  # per layer: keys, values [B, heads, S, d]
     from transformers import DynamicCache
 
     try:
@@ -118,7 +120,7 @@ def _cache_from(layers: list[tuple[Any, Any]]) -> Any:
 def _run_suffixes(
     model: Any,
     jobs: list[_Suffix],
-    kv: list[tuple[Any, Any]] | None,
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None,  # per layer: keys, values [B, heads, S, d]
     pad_id: int,
     keep_cache: bool = False,
     stats: dict | None = None,
@@ -201,7 +203,13 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
     return chunks
 
 
-def _store(cache: list[tuple[Any, Any]], rows: list[int], suffix_kv, lengths: list[int], starts: list[int]) -> None:
+def _store(
+    cache: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: keys, values [N, heads, S, d]
+    rows: list[int],
+    suffix_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: [b, heads, W, d], left-padded
+    lengths: list[int],
+    starts: list[int],
+) -> None:
     """Copy each row's (left-padded) suffix KV into slots [start, start + length) of `cache`."""
     for (keys, values), (new_keys, new_values) in zip(cache, suffix_kv, strict=True):
         width = new_keys.shape[2]
@@ -315,7 +323,9 @@ def lower_bound_tokens(item: ScoringItem) -> int:
     return length + sum(length - min(e, length) for _, e in item.spans)
 
 
-def knockout_mask(length: int, span: tuple[int, int], dtype: Any, device: Any = None) -> Any:
+def knockout_mask(
+    length: int, span: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:  # [1, 1, L, L]
     """[1, 1, L, L] additive mask: causal, and tokens after the span cannot see the span."""
     import torch
 

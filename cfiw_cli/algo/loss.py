@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 REWARD_SCALINGS = ("group", "batch", "none")
@@ -42,7 +45,7 @@ class LossConfig:
     loss_type: str = "dapo"
 
 
-def loss_normalizer(mask: Any, loss_type: str, max_new_tokens: int) -> float:
+def loss_normalizer(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> float:  # mask [B, T]
     """What the summed per-token terms of a batch are divided by (see the module docstring)."""
     if loss_type == "dapo":
         return float(mask.sum())
@@ -54,15 +57,15 @@ def loss_normalizer(mask: Any, loss_type: str, max_new_tokens: int) -> float:
 
 
 def policy_loss(
-    logprobs: Any,  # [B, T] log-probs of the taken tokens under the current policy
-    old_logprobs: Any,  # [B, T] under the policy that is being improved (recomputed before step 1)
-    advantages: Any,  # [B]
-    mask: Any,  # [B, T] 1 for completion tokens that count
+    logprobs: torch.Tensor,  # [B, T] log-probs of the taken tokens under the current policy
+    old_logprobs: torch.Tensor,  # [B, T] under the policy that is being improved (recomputed before step 1)
+    advantages: torch.Tensor,  # [B]
+    mask: torch.Tensor,  # [B, T] 1 for completion tokens that count
     normalizer: float,
-    weights: Any = None,  # [B, T] per-token weights (None: all ones)
-    ref_logprobs: Any = None,  # [B, T] reference policy, needed when beta > 0
+    weights: torch.Tensor | None = None,  # [B, T] per-token weights (None: all ones)
+    ref_logprobs: torch.Tensor | None = None,  # [B, T] reference policy, needed when beta > 0
     config: LossConfig = LossConfig(),
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[torch.Tensor, dict[str, float]]:  # a scalar loss, and detached sums
     """(loss, metrics) for one micro-batch; metrics are detached sums over its masked tokens."""
     import torch
 

@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -46,6 +46,9 @@ from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.logprobs import completion_logprobs
 from cfiw_cli.stage import StageResult, StageRun
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 
@@ -262,7 +265,7 @@ def _micro_batches(sequences: list[_Sequence], budget: int) -> list[list[_Sequen
     return batches
 
 
-def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any):
+def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any) -> torch.Tensor:  # [B, C]
     """Per-token lists of a batch as a right-aligned `[B, C]` tensor (as `completion_logprobs` returns)."""
     import torch
 
@@ -497,12 +500,14 @@ class UpdateContext:
         )
 
 
-def old_logprobs(policy: Any, reference: Any, plan: list, context: UpdateContext) -> dict[str, tuple]:
+def old_logprobs(
+    policy: Any, reference: Any, plan: list, context: UpdateContext
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:  # per rollout: [C_row] each
     """Per rollout: (log-probs `[C]` of the loaded policy, of the reference or None), computed
     with the micro-batches of the first pass so that its ratio is exactly 1."""
     import torch
 
-    old: dict[str, tuple] = {}
+    old: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     policy.eval()
     with torch.no_grad():
         for micro_batches, _ in plan:
@@ -571,7 +576,7 @@ def train_step(
     scheduler: Any,
     micro_batches: list[list[_Sequence]],
     members: list[_Sequence],
-    old: dict[str, tuple],
+    old: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
     context: UpdateContext,
     step: int,
     epoch: int,
@@ -614,7 +619,7 @@ def train_step(
 def _accumulate(
     policy: Any,
     batch: list[_Sequence],
-    old: dict[str, tuple],
+    old: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
     normalizer: float,
     context: UpdateContext,
     sums: dict[str, float],
@@ -679,14 +684,14 @@ def save(
 
 def _forward(
     model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False
-):
+) -> tuple[torch.Tensor, torch.Tensor]:  # [B, C], [B, C]
     """Log-probs and entropies `[B, C]` of a micro-batch's completion tokens at temperature T."""
     return completion_logprobs(
         model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast
     )
 
 
-def _right_pad(rows: list[Any], longest: int):
+def _right_pad(rows: list[torch.Tensor], longest: int) -> torch.Tensor:  # [C_b] each -> [B, C]
     import torch
 
     return torch.stack([torch.nn.functional.pad(r, (longest - len(r), 0)) for r in rows])  # [B, C]
