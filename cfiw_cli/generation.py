@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cfiw_cli.batching import left_padded_batch
 from cfiw_cli.console import progress_bar
 from cfiw_cli.modeling import stop_token_ids
 from cfiw_cli.tasks.gsm8k import build_prompt
@@ -135,10 +136,7 @@ def _complete_batch(model, tokenizer, batch, config, stop_ids, temperature, top_
     import torch
 
     dev = next(model.parameters()).device
-    width = max(len(p) for p in batch)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=dev)  # [B, P] left-padded
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=dev)  # [B, P]
+    input_ids, attention_mask = left_padded_batch(batch, tokenizer.pad_token_id, dev)  # [B, P] each
     processor = _SamplingDistribution(temperature, top_p)
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -148,7 +146,7 @@ def _complete_batch(model, tokenizer, batch, config, stop_ids, temperature, top_
             generation_config=config,
             logits_processor=[processor],
         )  # [B, P + N]
-    new_tokens = sequences[:, width:]  # [B, N]
+    new_tokens = sequences[:, input_ids.shape[1] :]  # [B, N]
     processor.record(new_tokens[:, -1])
     logprobs = torch.stack(processor.chosen_logprobs, dim=1)  # [B, N]
     return [cut_at_stop(ids, lps, stop_ids) for ids, lps in zip(new_tokens.tolist(), logprobs.tolist(), strict=True)]

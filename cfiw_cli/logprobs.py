@@ -27,6 +27,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cfiw_cli.batching import left_padded_batch
+
 if TYPE_CHECKING:
     import torch
 
@@ -92,10 +94,7 @@ def completion_logprobs(
     device = next(model.parameters()).device
     width = max(len(tokens) for tokens, _ in sequences)
     longest = max(len(tokens) - prompt for tokens, prompt in sequences)
-    ids = torch.tensor(
-        [[pad_id] * (width - len(t)) + list(t) for t, _ in sequences], device=device
-    )  # [B, W] left-padded
-    attention = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t, _ in sequences], device=device)  # [B, W]
+    ids, attention = left_padded_batch([tokens for tokens, _ in sequences], pad_id, device)  # [B, W] each
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # [B, W]
     with _captured_hidden(model) as captured, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=1)

@@ -111,15 +111,22 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def check_token_ids(token_ids: list[list[int]], size: int, problem: str, hint: str) -> None:
+    """Every token id of a file must index a vocabulary of `size`; `problem` is the error,
+    formatted with `largest` (the largest id found) and `size`."""
+    largest = max((max(ids) for ids in token_ids if len(ids)), default=-1)
+    if largest >= size:
+        raise CfiwError(problem.format(largest=largest, size=size), hint)
+
+
 def check_vocabulary(model: Any, token_ids: list[list[int]], what: str) -> None:
     """A model must cover every token id of a file it is asked to score or train on."""
-    vocab = model.get_input_embeddings().num_embeddings
-    largest = max((max(ids) for ids in token_ids if len(ids)), default=-1)
-    if largest >= vocab:
-        raise CfiwError(
-            f"{what} holds token id {largest}, but the model's vocabulary has {vocab} entries",
-            "use the model (and tokenizer) that produced the rollouts",
-        )
+    check_token_ids(
+        token_ids,
+        model.get_input_embeddings().num_embeddings,
+        f"{what} holds token id {{largest}}, but the model's vocabulary has {{size}} entries",
+        "use the model (and tokenizer) that produced the rollouts",
+    )
 
 
 def quiet_libraries() -> None:

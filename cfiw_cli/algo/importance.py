@@ -40,9 +40,11 @@ too), less the shared prompts. Not done: sharing work between the variants thems
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from cfiw_cli.batching import consecutive_runs, left_pad
 
 if TYPE_CHECKING:
     import torch
@@ -98,11 +100,6 @@ def variant_suffix(item: ScoringItem, row: int, span: int, mode: str, pad_id: in
     raise ValueError(f"unknown mask mode {mode!r}")
 
 
-def _left_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
-    width = max(len(r) for r in rows)
-    return [[value] * (width - len(r)) + list(r) for r in rows]
-
-
 def _cache_argument(model: Any) -> str:
     """Newer transformers call the KV cache argument `cache`, older ones `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -131,7 +128,7 @@ def _run_suffixes(
     import torch
 
     dev = next(model.parameters()).device
-    suffix = _left_pad([j.tokens for j in jobs], pad_id)
+    suffix = left_pad([j.tokens for j in jobs], pad_id)
     width = len(suffix[0])
     past = max(j.past for j in jobs)
     if stats is not None:
@@ -149,7 +146,7 @@ def _run_suffixes(
     out = model(
         input_ids=torch.tensor(suffix, device=dev),  # [B, S]
         attention_mask=torch.tensor(mask, device=dev),  # [B, P + S]
-        position_ids=torch.tensor(_left_pad([j.positions for j in jobs], 0), device=dev),  # [B, S]
+        position_ids=torch.tensor(left_pad([j.positions for j in jobs], 0), device=dev),  # [B, S]
         use_cache=keep_cache,
         logits_to_keep=max(max(len(j.targets) for j in jobs), 1),
         **kwargs,
@@ -174,33 +171,12 @@ def _batches(sizes: list[int], budget: int, pasts: list[int] | None = None) -> l
     8 x `budget`: it bounds the gathered KV cache and the attention of rows with short suffixes.
     """
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    batches, current, width, past = [], [], 0, 0
-    for i in order:
-        new_width, new_past = max(width, sizes[i]), max(past, pasts[i] if pasts else 0)
-        rows = len(current) + 1
-        if current and (new_width * rows > budget or (pasts and (new_past + new_width) * rows > 8 * budget)):
-            batches.append(current)
-            current, new_width, new_past = [], sizes[i], pasts[i] if pasts else 0
-        current.append(i)
-        width, past = new_width, new_past
-    if current:
-        batches.append(current)
-    return batches
+    return consecutive_runs(order, sizes, budget, pasts, 8 * budget)
 
 
 def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
     """Consecutive runs of the length-sorted indices whose KV cache fits `budget` tokens."""
-    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
-    chunks, current, width = [], [], 0
-    for i in order:
-        width = max(width, sizes[i])
-        if current and width * (len(current) + 1) > budget:
-            chunks.append(current)
-            current, width = [], sizes[i]
-        current.append(i)
-    if current:
-        chunks.append(current)
-    return chunks
+    return consecutive_runs(sorted(range(len(sizes)), key=lambda i: sizes[i]), sizes, budget)
 
 
 def _store(

@@ -31,12 +31,12 @@ def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> St
 
 def _segment(config: SegmentConfig, stage: StageRun, rollouts: pa.Table, tokenizer: Any) -> StageResult:
     ids = rollouts.column("completion_ids").to_pylist()
-    largest = max((max(row) for row in ids if row), default=-1)
-    if largest >= len(tokenizer):
-        raise CfiwError(
-            f"rollouts hold token id {largest}, but the tokenizer of {config.model} has {len(tokenizer)} tokens",
-            "segment with the tokenizer of the model that produced the rollouts",
-        )
+    modeling.check_token_ids(
+        ids,
+        len(tokenizer),
+        f"rollouts hold token id {{largest}}, but the tokenizer of {config.model} has {{size}} tokens",
+        "segment with the tokenizer of the model that produced the rollouts",
+    )
     records = []
     with progress_bar("segment", total=rollouts.num_rows, unit="rollouts") as advance:
         for rollout_id, completion, reason in zip(

@@ -39,6 +39,7 @@ from cfiw_cli.artifacts import (
     sha256_of,
     write_table,
 )
+from cfiw_cli.batching import consecutive_runs
 from cfiw_cli.checks import check_spans_match
 from cfiw_cli.configs import TRAIN_SCHEDULES, TrainConfig
 from cfiw_cli.console import info, progress_bar
@@ -252,17 +253,8 @@ def plan_minibatches(sequences: list[_Sequence], minibatches: int, seed: int, ep
 
 def _micro_batches(sequences: list[_Sequence], budget: int) -> list[list[_Sequence]]:
     """Consecutive runs whose padded size (rows x longest) stays within `budget` tokens."""
-    batches, current, width = [], [], 0
-    for sequence in sequences:
-        new_width = max(width, len(sequence.tokens))
-        if current and new_width * (len(current) + 1) > budget:
-            batches.append(current)
-            current, new_width = [], len(sequence.tokens)
-        current.append(sequence)
-        width = new_width
-    if current:
-        batches.append(current)
-    return batches
+    runs = consecutive_runs(range(len(sequences)), [len(s.tokens) for s in sequences], budget)
+    return [[sequences[i] for i in run] for run in runs]
 
 
 def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any) -> torch.Tensor:  # [B, C]
