@@ -53,7 +53,9 @@ class StageRun:
     `inputs` names each input path or hub id (hashed into the manifest); `exclude` lists config
     fields that only say where other outputs go; `requires` are files that must also exist for
     the output to count as up to date. A `directory` output is refused when something else is
-    already there, unless the stage `replaces` it (a checkpoint updated in place) or `force`."""
+    already there, unless the stage `replaces` it (a checkpoint updated in place) or `force`.
+    For an output that is one part of a larger command (a replay cell), `out` and `settings`
+    stand in for the config."""
 
     def __init__(
         self,
@@ -66,10 +68,12 @@ class StageRun:
         replaces: bool = False,
         exclude: tuple[str, ...] = (),
         requires: tuple[Path, ...] = (),
+        out: Path | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.name, self.force, self.directory, self.replaces = name, force, directory, replaces
-        self.out = Path(config.out)
-        self.settings = settings_of(config, *exclude)
+        self.out = Path(out if out is not None else config.out)
+        self.settings = settings if settings is not None else settings_of(config, *exclude)
         self.inputs = {key: input_record(ref) for key, ref in inputs.items() if ref}
         self.requires = requires
         self.up_to_date = False

@@ -27,7 +27,6 @@ the measurements run on the main process.
 from __future__ import annotations
 
 import shutil
-import time
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +37,7 @@ import pyarrow.parquet as pq
 
 from cfiw_cli import distributed, modeling
 from cfiw_cli.algo.weights import MODES
-from cfiw_cli.artifacts import build_manifest, input_record, settings_of, sha256_of, up_to_date, write_table
+from cfiw_cli.artifacts import settings_of, sha256_of
 from cfiw_cli.configs import REPLAY_OPTIMIZERS, ReplayConfig
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
@@ -48,6 +47,7 @@ from cfiw_cli.pipeline import train
 from cfiw_cli.pipeline.loop import plan
 from cfiw_cli.policies import kept_iterations, policy_at
 from cfiw_cli.runs import RunLayout, iteration_name
+from cfiw_cli.stage import StageRun
 from cfiw_cli.tasks.gsm8k import load_questions
 
 START = "start"  # the cell of policy_k itself
@@ -124,20 +124,11 @@ def weights_sha256(model_dir: str) -> str | None:
 
 
 def _measure(
-    model: Any,
-    tokenizer: Any,
-    probe: Any,
-    directory: Path,
-    references: list,
-    settings: dict,
-    inputs: dict,
-    started: float,
-    weights: str | None,
+    model: Any, tokenizer: Any, probe: Any, cell: StageRun, references: list, weights: str | None
 ) -> dict[str, Any]:
     """Probe a policy: the sampled reward (probe.parquet) and the likelihoods (result.parquet)."""
-
     sampled = eval_stage.run(
-        replace(probe, out=str(directory / "probe.parquet")), force=True, model=model, tokenizer=tokenizer
+        replace(probe, out=str(cell.out.parent / "probe.parquet")), force=True, model=model, tokenizer=tokenizer
     ).metrics
     likelihood = reference_likelihood(model, tokenizer, references)
     key = f"mean@{probe.samples}" if probe.samples > 1 else "accuracy"
@@ -150,17 +141,8 @@ def _measure(
         "questions": likelihood["questions"],
         "weights_sha256": weights,
     }
-    table = pa.Table.from_pylist([result])
-    manifest = build_manifest(
-        "replay",
-        settings,
-        inputs,
-        rows=1,
-        seconds=time.perf_counter() - started,
-        device=modeling.describe_device(next(model.parameters()).device),
-        metrics=result,
-    )
-    write_table(table, directory / "result.parquet", manifest)
+    device = modeling.describe_device(next(model.parameters()).device)
+    cell.write_table(pa.Table.from_pylist([result]), cell.manifest(rows=1, metrics=result, device=device))
     return result
 
 
@@ -184,10 +166,7 @@ def run(config: ReplayConfig) -> Path:
         policy_dir = policy_at(run_dir, iteration, base, keep_optimizer, root / ".policy", build=main)
         distributed.state().wait_for_everyone()
         step = trains[iteration]
-        inputs = {
-            "policy": input_record(policy_dir),
-            **{k: input_record(getattr(step, k)) for k in ("rollouts", "spans", "scores")},
-        }
+        inputs = {"policy": policy_dir, **{k: getattr(step, k) for k in ("rollouts", "spans", "scores")}}
         tokenizer = modeling.load_tokenizer(policy_dir)
         references = reference_sequences(tokenizer, rows_of_questions, probe.prompt_template, probe.chat_template)
         probe_settings = settings_of(probe, "model")
@@ -198,46 +177,36 @@ def run(config: ReplayConfig) -> Path:
                 settings["train"] = settings_of(
                     step, "model", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed"
                 )
-            result_path = directory / "result.parquet"
-            if up_to_date(result_path, "replay", settings, inputs):
-                results[(iteration, mode)] = pq.read_table(result_path).to_pylist()[0]
-                continue
-            info(f"[replay] iteration {iteration}: {mode}")
-            started = time.perf_counter()
-            if mode == START:
-                model = modeling.load_model(policy_dir, "float32") if main else None
-                weights = weights_sha256(policy_dir)
-            else:
-                updated = root / ".updated"
-                trained = train.run(
-                    replace(
-                        step,
-                        model=policy_dir,
-                        out=str(updated),
-                        weighting=mode,
-                        seed=seed,
-                        metrics_out=str(directory / "train_metrics.parquet"),
-                        weights_out=str(directory / "weights.parquet"),
-                    ),
-                    force=True,
-                    finish=False,
-                )
-                model, weights = trained.model, weights_sha256(str(updated)) if main else None
-            if main:
-                measured_model = str(root / ".updated") if mode != START else policy_dir
-                results[(iteration, mode)] = _measure(
-                    model,
-                    tokenizer,
-                    replace(probe, model=measured_model),
-                    directory,
-                    references,
-                    settings,
-                    inputs,
-                    started,
-                    weights,
-                )
-                shutil.rmtree(root / ".updated", ignore_errors=True)
-            del model
+            with StageRun("replay", None, inputs, out=directory / "result.parquet", settings=settings) as cell:
+                if cell.up_to_date:
+                    results[(iteration, mode)] = pq.read_table(cell.out).to_pylist()[0]
+                    continue
+                info(f"[replay] iteration {iteration}: {mode}")
+                if mode == START:
+                    model = modeling.load_model(policy_dir, "float32") if main else None
+                    weights = weights_sha256(policy_dir)
+                else:
+                    updated = root / ".updated"
+                    trained = train.run(
+                        replace(
+                            step,
+                            model=policy_dir,
+                            out=str(updated),
+                            weighting=mode,
+                            seed=seed,
+                            metrics_out=str(directory / "train_metrics.parquet"),
+                            weights_out=str(directory / "weights.parquet"),
+                        ),
+                        force=True,
+                        finish=False,
+                    )
+                    model, weights = trained.model, weights_sha256(str(updated)) if main else None
+                if main:
+                    measured_model = str(updated) if mode != START else policy_dir
+                    probe_here = replace(probe, model=measured_model)
+                    results[(iteration, mode)] = _measure(model, tokenizer, probe_here, cell, references, weights)
+                    shutil.rmtree(root / ".updated", ignore_errors=True)
+                del model
             distributed.state().wait_for_everyone()
     if main:
         shutil.rmtree(root / ".policy", ignore_errors=True)
@@ -256,14 +225,9 @@ def run(config: ReplayConfig) -> Path:
                     after["weights_sha256"],
                 )
                 rows.append(row)
-        manifest = build_manifest(
-            "replay",
-            {"modes": modes, "iterations": iterations, "optimizer": config.optimizer, "seed": seed},
-            {},
-            rows=len(rows),
-            seconds=0.0,
-        )
-        write_table(pa.Table.from_pylist(rows), out, manifest)
+        summary = {"modes": modes, "iterations": iterations, "optimizer": config.optimizer, "seed": seed}
+        with StageRun("replay", None, {}, force=True, out=out, settings=summary) as stage:
+            stage.write_table(pa.Table.from_pylist(rows), stage.manifest(rows=len(rows), metrics={}))
         info(f"wrote {len(rows)} replays ({len(iterations)} iterations x {len(modes)} modes) to {out}")
     distributed.finish()
     return out
