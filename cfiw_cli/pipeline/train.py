@@ -356,63 +356,86 @@ def _update(
     policy, optimizer = accelerator.prepare(policy, optimizer)
     reference = load_reference(config, accelerator.device) if config.beta > 0 else None
     context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference)
-
-    steps: list[StepMetrics] = []
-    if not sequences:
+    if sequences:
+        steps = optimize(policy, reference, optimizer, scheduler, sequences, config, context, start_step, steps_here)
+    else:
+        steps = []
         info(
             f"Warning: all {dropped} groups have equal rewards, so there is no advantage to learn from: "
             "no update; the policy is saved unchanged"
         )
-    else:
-        first_pass = _plan(sequences, config, 0, context.rank, context.world)
-        old = old_logprobs(policy, reference, first_pass, context)
-        with progress_bar("train", total=steps_here, unit="steps") as advance:
-            for epoch in range(config.epochs):
-                plan = first_pass if epoch == 0 else _plan(sequences, config, epoch, context.rank, context.world)
-                for micro_batches, members in plan:
-                    step = start_step + len(steps) + 1
-                    steps.append(
-                        train_step(policy, optimizer, scheduler, micro_batches, members, old, context, step, epoch)
-                    )
-                    advance(status=f"loss {steps[-1].loss:.4f}")
 
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        if finish:
-            accelerator.end_training()
-        return StageResult(stage.out, False, {})
-    step_rows = [s.row() for s in steps]
+    result = StageResult(stage.out, False, {})  # what the other processes return
+    if accelerator.is_main_process:
+        step_rows = [s.row() for s in steps]
+        metrics = _summary(step_rows, len(sequences), dropped, stage.seconds, context.world, batch.sampling)
+        device = modeling.describe_device(accelerator.device)
+        manifest = stage.manifest(rows=len(step_rows), metrics=metrics, device=device, seed=config.seed)
+        tables = {
+            metrics_out: pa.Table.from_pylist(step_rows, schema=schemas.TRAIN_METRICS_WRITTEN),
+            weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
+        }
+        trained = accelerator.unwrap_model(policy)
+        result = save(stage, trained, tokenizer, optimizer, scheduler, start_step + len(steps), manifest, tables)
+        if steps:
+            info(
+                f"trained {len(steps)} steps on {len(sequences)} rollouts ({config.weighting}, "
+                f"T = {context.temperature:g}), final loss {steps[-1].loss:.4f}; saved {stage.out}"
+            )
+    accelerator.wait_for_everyone()
+    if finish:
+        accelerator.end_training()
+    return result
+
+
+def optimize(
+    policy: Any,
+    reference: Any,
+    optimizer: Any,
+    scheduler: Any,
+    sequences: list[_Sequence],
+    config: TrainConfig,
+    context: UpdateContext,
+    start_step: int,
+    steps_here: int,
+) -> list[StepMetrics]:
+    """Every optimizer step of the update: `epochs` passes, each dealt into minibatches of
+    whole groups; the old log-probs come from the loaded policy, before the first step."""
+    first_pass = _plan(sequences, config, 0, context.rank, context.world)
+    old = old_logprobs(policy, reference, first_pass, context)
+    steps: list[StepMetrics] = []
+    with progress_bar("train", total=steps_here, unit="steps") as advance:
+        for epoch in range(config.epochs):
+            plan = first_pass if epoch == 0 else _plan(sequences, config, epoch, context.rank, context.world)
+            for micro_batches, members in plan:
+                step = start_step + len(steps) + 1
+                steps.append(
+                    train_step(policy, optimizer, scheduler, micro_batches, members, old, context, step, epoch)
+                )
+                advance(status=f"loss {steps[-1].loss:.4f}")
+    return steps
+
+
+def _summary(
+    step_rows: list[dict], sequences: int, dropped: int, seconds: float, processes: int, sampling: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's metrics of an update."""
+    import torch
+
     tokens = sum(r["tokens"] for r in step_rows)
     metrics = {
         "steps": len(step_rows),
-        "sequences": len(sequences),
+        "sequences": sequences,
         "dropped_groups": dropped,
         "tokens": tokens,
-        "tokens_per_second": tokens / stage.seconds,
-        "processes": context.world,
-        **batch.sampling,
+        "tokens_per_second": tokens / seconds,
+        "processes": processes,
+        **sampling,
         "rollout_logprob_diff": _first_epoch_mean(step_rows, "rollout_logprob_diff"),
     }
     if torch.cuda.is_available():
         metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    manifest = stage.manifest(
-        rows=len(step_rows), metrics=metrics, device=modeling.describe_device(accelerator.device), seed=config.seed
-    )
-    trained = accelerator.unwrap_model(policy)
-    tables = {
-        metrics_out: pa.Table.from_pylist(step_rows, schema=schemas.TRAIN_METRICS_WRITTEN),
-        weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
-    }
-    result = save(stage, trained, tokenizer, optimizer, scheduler, start_step + len(steps), manifest, tables)
-    accelerator.wait_for_everyone()
-    if finish:
-        accelerator.end_training()
-    if steps:
-        info(
-            f"trained {len(steps)} steps on {len(sequences)} rollouts ({config.weighting}, "
-            f"T = {context.temperature:g}), final loss {steps[-1].loss:.4f}; saved {stage.out}"
-        )
-    return result
+    return metrics
 
 
 def load_policy(config: TrainConfig, model: Any, rollouts: pa.Table) -> Any:
