@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfiw_cli.batching import left_padded_batch
 from cfiw_cli.console import progress_bar
 from cfiw_cli.modeling import stop_token_ids
 from cfiw_cli.tasks.gsm8k import build_prompt
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,13 @@ class _SamplingDistribution:
     def __init__(self, temperature: float, top_p: float):
         self.temperature = temperature
         self.top_p = top_p
-        self.chosen_logprobs: list[Any] = []  # one [B] tensor per finished step
+        self.chosen_logprobs: list[torch.Tensor] = []  # one [B] tensor per finished step
         self._last_logprobs = None  # [B, V] of the step whose token is not chosen yet
 
-    def record(self, chosen_tokens: Any) -> None:
+    def record(self, chosen_tokens: torch.Tensor) -> None:  # [B]
         self.chosen_logprobs.append(self._last_logprobs.gather(1, chosen_tokens[:, None]).squeeze(1))  # [B]
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # [B, S], [B, V] -> [B, V]
         import torch
 
         if self._last_logprobs is not None:

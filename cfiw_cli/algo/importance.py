@@ -121,7 +121,7 @@ def _run_suffixes(
     pad_id: int,
     keep_cache: bool = False,
     stats: dict | None = None,
-):
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]] | None]:  # per job [n]; per layer KV
     """One forward call: each job's suffix on top of its cached prefix (`kv`: per layer
     `[rows, H, L, d]`, position j in slot j). Returns the target log-probs of each job and,
     with `keep_cache`, the suffix KV per layer `[B, H, S, d]` (left-padded like the input)."""
@@ -194,7 +194,9 @@ def _store(
             values[row, :, start : start + length] = new_values[b, :, width - length :]
 
 
-def _run_unmasked(model: Any, items: list[ScoringItem], pad_id: int, batch_tokens: int, stats: dict | None = None):
+def _run_unmasked(
+    model: Any, items: list[ScoringItem], pad_id: int, batch_tokens: int, stats: dict | None = None
+) -> tuple[list[list[float]], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Prompts (once per distinct prompt), then each item on top of its prompt. Returns the
     per-token target log-probs of each item and their KV per layer `[N, H, L_max, d]`."""
     # The prompt's last token stays with the item so its prediction is always in the item run.
