@@ -9,6 +9,7 @@ stage never leaves a file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -134,37 +135,151 @@ def build_manifest(
     }
 
 
+def _fsync(path: Path) -> None:
+    """Push a file's (or a directory entry's) data to disk, so a rename never lands before it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+    _fsync(root)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside `final`; it is renamed onto `final` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    """Yield a temp path beside `final`; it is synced and renamed onto `final` only if the
+    block succeeds. An OS error (permissions, a full disk) names `final`, not the temp file."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(final, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual mode
     try:
-        yield tmp_path
-        os.replace(tmp_path, final)
+        try:
+            yield tmp_path
+            _fsync(tmp_path)
+            os.replace(tmp_path, final)
+            _fsync(final.parent)
+        except OSError as exc:
+            raise _write_error(final, exc) from exc
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A small text file (a run's config, its state) replaced whole, never half-written."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _write_error(final: Path, exc: OSError) -> CfiwError:
+    if exc.errno == errno.ENOSPC:
+        return CfiwError(f"no space left on the device while writing {final}", "free some disk space and run again")
+    return CfiwError(f"cannot write {final}: {exc.strerror or exc}", "choose a writable output path")
+
+
+COMPLETE = ".complete"  # written last into a staged directory: it is whole and may be swapped in
+PENDING = ".pending"  # files a staged directory carries to paths outside it, with targets.json
 
 
 @contextlib.contextmanager
 def staged_directory(final: Path) -> Iterator[Path]:
     """Yield an empty `<final>.tmp`; it replaces `final` only if the block succeeds, so a
-    killed stage never leaves a half-written directory under the final name."""
-    tmp = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    killed stage never leaves a half-written directory under the final name.
+
+    The commit: everything is synced, `.complete` is written into the staging directory, then
+    `final` -> `<final>.old`, `<final>.tmp` -> `final`, and the files staged with `stage_file`
+    are moved to their places outside it. `recover_directory` finishes or undoes a commit that
+    a kill interrupted, whatever the moment."""
+    recover_directory(final)
+    tmp = _tmp_of(final)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        (tmp / COMPLETE).write_text("")
+        _fsync(tmp / COMPLETE)
+        _fsync(tmp)
+        _swap_in(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stage_file(staging: Path, target: Path) -> Path:
+    """A path inside `staging` for a file whose place is `target`, outside the directory: it
+    moves there as part of the commit."""
+    pending = staging / PENDING
+    pending.mkdir(exist_ok=True)
+    targets_file = pending / "targets.json"
+    targets = json.loads(targets_file.read_text()) if targets_file.exists() else {}
+    name = f"{len(targets)}{target.suffix}"
+    targets[name] = str(target.resolve())
+    targets_file.write_text(json.dumps(targets))
+    return pending / name
+
+
+def _tmp_of(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def _old_of(final: Path) -> Path:
+    return final.with_name(final.name + ".old")
+
+
+def _swap_in(final: Path) -> None:
+    tmp, old = _tmp_of(final), _old_of(final)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync(final.parent)
+    (final / COMPLETE).unlink()
+    shutil.rmtree(old, ignore_errors=True)
+    _finish_pending(final)
+
+
+def _finish_pending(final: Path) -> None:
+    pending = final / PENDING
+    if not pending.is_dir():
+        return
+    targets_file = pending / "targets.json"
+    targets = json.loads(targets_file.read_text()) if targets_file.exists() else {}
+    for name, target in targets.items():
+        if (pending / name).exists():
+            os.replace(pending / name, target)
+            _fsync(Path(target).parent)
+    shutil.rmtree(pending)
+
+
+def recover_directory(final: Path) -> None:
+    """Bring `final` to a whole state after a kill: a complete staged copy is swapped in (the
+    commit is finished), an incomplete one is dropped and the previous `final` kept."""
+    tmp, old = _tmp_of(final), _old_of(final)
+    if tmp.is_dir() and (tmp / COMPLETE).exists():
+        if not final.exists() and old.exists():
+            old.rename(final)  # the first rename of the swap happened; redo the swap whole
+        _swap_in(final)
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not final.exists() and old.exists():
+        old.rename(final)
+    if final.is_dir():
+        (final / COMPLETE).unlink(missing_ok=True)  # killed after the swap, before the tidy-up
+        _finish_pending(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_directory(
@@ -259,9 +374,12 @@ def skip_if_done(
     return StageResult(path, True, (read_manifest(path) or {}).get("metrics", {}))
 
 
-def up_to_date(path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> bool:
+def up_to_date(
+    path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]], partial: bool = False
+) -> bool:
     """True when `path` (a Parquet file, or a directory with a manifest file) was written by
-    the same stage, config and input hashes."""
+    the same stage, config and input hashes. With `partial`, inputs the manifest records beyond
+    `inputs` are not compared (a checkpoint trained in place no longer has its starting model)."""
     if not path.exists():
         return False
     manifest = read_directory_manifest(path) if path.is_dir() else read_manifest(path)
@@ -269,9 +387,10 @@ def up_to_date(path: Path, stage: str, config: dict[str, Any], inputs: dict[str,
         return False
     # Round-trip through JSON so tuples/paths compare the way they were stored.
     same_config = manifest.get("config") == json.loads(json.dumps(config, default=str))
-    same_inputs = {k: v.get("sha256") for k, v in manifest.get("inputs", {}).items()} == {
-        k: v.get("sha256") for k, v in inputs.items()
-    }
+    recorded = {k: v.get("sha256") for k, v in manifest.get("inputs", {}).items()}
+    if partial:
+        recorded = {k: v for k, v in recorded.items() if k in inputs}
+    same_inputs = recorded == {k: v.get("sha256") for k, v in inputs.items()}
     return manifest.get("stage") == stage and same_config and same_inputs
 
 
@@ -279,11 +398,18 @@ _STAGE_KINDS = {"rollout": "rollouts", "segment": "spans", "score": "scores", "e
 
 
 def infer_kind(path: Path, manifest: dict[str, Any] | None) -> str:
-    """Artifact kind from the manifest's stage, else from the file name (`rollouts.parquet`)."""
-
+    """Artifact kind from the manifest's stage, else from the file name (`rollouts.parquet`),
+    else from the columns (train writes two kinds: step metrics and token weights)."""
     if manifest and manifest.get("stage") in _STAGE_KINDS:
         return _STAGE_KINDS[manifest["stage"]]
     for candidate in (path.stem, path.parent.name):
         if candidate in SCHEMAS:
             return candidate
+    try:
+        columns = set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowInvalid):
+        columns = set()
+    matching = [kind for kind, schema in SCHEMAS.items() if set(schema.names) <= columns]
+    if len(matching) == 1:
+        return matching[0]
     raise CfiwError(f"cannot tell what kind of artifact {path} is", f"pass --kind (one of {', '.join(SCHEMAS)})")

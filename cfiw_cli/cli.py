@@ -280,10 +280,10 @@ def loop(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")
     ] = None,
-    iterations: Annotated[int | None, typer.Option(help="Override the number of iterations.")] = None,
+    iterations: Annotated[int | None, typer.Option(min=1, help="Override the number of iterations.")] = None,
     weighting: Annotated[options.WeightingChoice | None, typer.Option(help="Override the weighting.")] = None,
     eval_every: Annotated[
-        int | None, typer.Option(help="Evaluate before every k-th iteration (and after the last).")
+        int | None, typer.Option(min=1, help="Evaluate before every k-th iteration (and after the last).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
     set_: Annotated[
@@ -313,7 +313,8 @@ def loop(
         "loop.eval_every": eval_every,
         "loop.seed": seed,
     }
-    settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **overrides})
+    flags = {key: value for key, value in overrides.items() if value is not None}  # a flag wins over --set
+    settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **flags})
     commands = stage.run(settings, str(run), dry_run=dry_run)
     if dry_run:
         typer.echo("\n".join(commands))

@@ -13,7 +13,10 @@ This module is light on purpose (no torch, no pyarrow): `cfiw --help` reads it.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
+import math
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
@@ -21,6 +24,7 @@ from typing import Any
 from cfiw_cli.algo.importance import MASK_MODES, TARGETS
 from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
 from cfiw_cli.algo.weights import MODES, PROFILES
+from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import DTYPES
 
 
@@ -61,8 +65,54 @@ def flag(
     return field(default=default, metadata=meta)
 
 
+class Checked:
+    """Every field is checked when a config is built, whatever builds it (the CLI, a preset, a
+    `--set`, Python): its type, a finite number, its limits and its choices. A bad value is a
+    `CfiwError` naming the flag, before anything loads."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):  # type: ignore[arg-type]
+            check_value(item, _field_types(type(self))[item.name], getattr(self, item.name))
+
+
+@cache
+def _field_types(config_class: type) -> dict[str, Any]:
+    return typing.get_type_hints(config_class)
+
+
+def check_value(item: Any, annotation: Any, value: Any) -> None:
+    flag = "--" + item.name.replace("_", "-")
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    optional = type(None) in typing.get_args(annotation)
+    if value is None:
+        if not optional:
+            raise CfiwError(f"{flag} needs a value", f"pass {flag}")
+        return
+    kind = kinds[0]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind, True)
+    if not ok:
+        raise CfiwError(f"{flag} must be {_KIND_NAMES[kind]}, not {value!r}", f"pass {flag} as {_KIND_NAMES[kind]}")
+    if kind is float and not math.isfinite(value):
+        raise CfiwError(f"{flag} must be a finite number, not {value!r}", f"pass a finite value to {flag}")
+    meta = item.metadata
+    if meta.get("min") is not None and value < meta["min"]:
+        raise CfiwError(f"{flag} must be >= {meta['min']}, not {value!r}", f"pass a value of at least {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise CfiwError(f"{flag} must be <= {meta['max']}, not {value!r}", f"pass a value of at most {meta['max']}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise CfiwError(f"unknown {flag} {value!r}", f"choose one of {', '.join(meta['choices'])}")
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelOptions:
+class ModelOptions(Checked):
     model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
     dtype: str = flag(
         "auto", "Model dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16, float16.", choices=DTYPES
@@ -70,7 +120,7 @@ class ModelOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataOptions:
+class DataOptions(Checked):
     dataset: str = flag(
         help="'gsm8k' (hub openai/gsm8k, config main), a .jsonl/.parquet file with question and answer columns, "
         "or a directory holding <split>.jsonl.",
@@ -82,7 +132,7 @@ class DataOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PromptOptions:
+class PromptOptions(Checked):
     prompt_template: str | None = flag(
         None,
         "User message with a {question} placeholder "
@@ -104,7 +154,7 @@ SEED_HELP = "Random seed; same seed and inputs give the same results on CPU."
 
 
 @dataclass(frozen=True, kw_only=True)
-class TinyModelConfig:
+class TinyModelConfig(Checked):
     out: str = flag(help="Directory to write the model and tokenizer to.", path=True)
     arch: str = flag("qwen2", "Architecture.", choices=ARCHS)
     dataset: str | None = flag(
@@ -120,7 +170,7 @@ class TinyModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SynthConfig:
+class SynthConfig(Checked):
     out: str = flag(help="Directory to write train.jsonl and test.jsonl to.", path=True)
     n_train: int = flag(2000, "Problems in the train split.", min=1)
     n_test: int = flag(200, "Problems in the test split (none repeats a train question).", min=1)
@@ -170,7 +220,7 @@ class EvalConfig(ModelOptions, DataOptions, SamplingOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SegmentConfig:
+class SegmentConfig(Checked):
     rollouts: str = flag(
         help="rollouts.parquet (from cfiw rollout or another tool).", names=("--rollouts", "-r"), path=True
     )
@@ -205,7 +255,7 @@ class ScoreConfig(ModelOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(Checked):
     model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
     rollouts: str = flag(help=ROLLOUTS_HELP, names=("--rollouts", "-r"), path=True)
     out: str = flag(help="Checkpoint directory to write (may be --model itself; replaced atomically).", path=True)
@@ -227,32 +277,34 @@ class TrainConfig:
     )
     metrics_out: str | None = flag(None, "train_metrics.parquet (default: inside --out).", path=True)
     weights_out: str | None = flag(None, "weights.parquet (default: inside --out).", path=True)
-    lr: float = flag(1e-6, "AdamW learning rate.")
-    warmup_steps: int = flag(0, "Linear warm-up steps.")
+    lr: float = flag(1e-6, "AdamW learning rate.", min=0.0)
+    warmup_steps: int = flag(0, "Linear warm-up steps.", min=0)
     lr_schedule: str = flag("constant", "constant or cosine (over --total-steps).", choices=TRAIN_SCHEDULES)
-    total_steps: int | None = flag(None, "Horizon of the cosine schedule (default: the steps of this call).")
-    weight_decay: float = flag(0.0, "AdamW weight decay.")
-    epochs: int = flag(1, "Passes over the batch.")
-    minibatches: int = flag(1, "Optimizer steps per pass.")
-    micro_batch_tokens: int = flag(8192, "Padded tokens per forward/backward (gradient accumulation).")
-    grad_clip: float = flag(1.0, "Gradient-norm clip (0: off).")
+    total_steps: int | None = flag(None, "Horizon of the cosine schedule (default: the steps of this call).", min=1)
+    weight_decay: float = flag(0.0, "AdamW weight decay.", min=0.0)
+    epochs: int = flag(1, "Passes over the batch.", min=1)
+    minibatches: int = flag(1, "Optimizer steps per pass.", min=1)
+    micro_batch_tokens: int = flag(8192, "Padded tokens per forward/backward (gradient accumulation).", min=1)
+    grad_clip: float = flag(1.0, "Gradient-norm clip (0: off).", min=0.0)
     scale_rewards: str = flag("group", "Advantage scaling: group, batch or none.", choices=REWARD_SCALINGS)
     dynamic_sampling: bool = flag(True, "Drop groups whose rewards are all equal.")
     mask_truncated: bool = flag(True, "Leave completions that hit the length limit out of the loss.")
     loss_type: str = flag(
         "dapo", "dapo (token mean over the batch), grpo (sequence mean) or dr_grpo.", choices=LOSS_TYPES
     )
-    eps_low: float = flag(0.2, "Lower clip range of the ratio.")
-    eps_high: float = flag(0.28, "Upper clip range of the ratio.")
-    beta: float = flag(0.0, "KL coefficient (k3, to --reference); the reference is loaded only when > 0.")
+    eps_low: float = flag(0.2, "Lower clip range of the ratio.", min=0.0)
+    eps_high: float = flag(0.28, "Upper clip range of the ratio.", min=0.0)
+    beta: float = flag(0.0, "KL coefficient (k3, to --reference); the reference is loaded only when > 0.", min=0.0)
     reference: str | None = flag(None, "Reference model for the KL term (default: --model).")
-    floor: float = flag(0.2, "Importance floor added to every reasoning token.")
-    boost: float = flag(2.0, "Weight of the most important reasoning token (before --conserve).")
-    min_weight: float = flag(0.5, "Weight of the least important reasoning token (before --conserve).")
-    answer_weight: float = flag(1.5, "Weight of answer tokens (before --conserve).")
+    floor: float = flag(0.2, "Importance floor added to every reasoning token.", min=0.0)
+    boost: float = flag(2.0, "Weight of the most important reasoning token (before --conserve).", min=0.0)
+    min_weight: float = flag(0.5, "Weight of the least important reasoning token (before --conserve).", min=0.0)
+    answer_weight: float = flag(1.5, "Weight of answer tokens (before --conserve).", min=0.0)
     conserve: bool = flag(True, "Rescale each rollout's weights to mean 1 (EOS left out, kept at 1).")
     min_spread: float = flag(
-        1e-3, "Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets 0.5."
+        1e-3,
+        "Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets 0.5.",
+        min=0.0,
     )
     temperature: float | None = flag(
         None,
@@ -262,13 +314,14 @@ class TrainConfig:
     max_new_tokens: int | None = flag(
         None,
         "dr_grpo normalizer (default: the rollouts' own --max-new-tokens; required for files that do not record it).",
+        min=1,
     )
     gradient_checkpointing: bool = flag(False, "Trade compute for activation memory.")
     seed: int = flag(0, SEED_HELP)
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReplayConfig:
+class ReplayConfig(Checked):
     run: str = flag(
         help="Run directory written by cfiw loop with kept policies (loop.keep_policies).", path=True, argument=True
     )
@@ -283,3 +336,30 @@ class ReplayConfig:
     probe_questions: int | None = flag(None, "Probe questions (default: the loop's probe).", min=1)
     probe_samples: int | None = flag(None, "Samples per probe question (default: the loop's probe).", min=1)
     out: str | None = flag(None, "replay.parquet to write (default: RUN/replay/replay.parquet).", path=True)
+
+
+# The sections of a `cfiw loop` config (a preset or --config) that are not one stage's settings.
+@dataclass(frozen=True, kw_only=True)
+class ModelSection(Checked):
+    id: str = flag(help="The starting policy: a hub id or a model directory.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection(Checked):
+    dataset: str = flag(help="The dataset (see --dataset).")
+    train_split: str = flag("train", "The split rollouts are sampled from.")
+    eval_split: str = flag("test", "The split evaluations and the probe use.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopSection(Checked):
+    iterations: int = flag(1, "Iterations (rollout, segment, score, train).", min=1)
+    questions: int = flag(8, "Questions per iteration.", min=1)
+    weighting: str = flag("cfiw", "The weighting of every update.", choices=MODES)
+    eval_every: int = flag(1, "Evaluate before every k-th iteration (and after the last).", min=1)
+    eval_limit: int | None = flag(None, "Greedy evaluation on this many questions (default: all).", min=1)
+    seed: int = flag(0, SEED_HELP)
+    train_pool: int | None = flag(None, "Revisit the first this-many train questions (a multiple of questions).", min=1)
+    probe_questions: int = flag(64, "Probe questions (0: no probe).", min=0)
+    probe_samples: int = flag(8, "Samples per probe question.", min=1)
+    keep_policies: int = flag(0, "Keep the policy every k-th iteration started from, for cfiw replay (0: none).", min=0)

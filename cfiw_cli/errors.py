@@ -7,6 +7,7 @@ exits 1. `CFIW_DEBUG=1` re-raises so the traceback is visible.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -39,6 +40,8 @@ def describe(exc: BaseException) -> tuple[str, str | None]:
         return f"file not found: {exc.filename or exc}", "check the path"
     if isinstance(exc, PermissionError):
         return f"permission denied: {exc.filename or exc}", "choose a path you can write to"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on the device ({exc.filename or 'while writing'})", "free some disk space and run again"
     if isinstance(exc, MemoryError):
         return "out of memory", "lower --batch-size or --max-new-tokens"
     name = type(exc).__name__

@@ -12,8 +12,26 @@ from cfiw_cli.errors import CfiwError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def check_model_ref(ref: str) -> None:
-    """Fail early for a local model path that does not exist or holds no model."""
+# First path components that name a local directory, never a hub organisation, in this project.
+LOCAL_ROOTS = ("runs", "data", "models", "checkpoints", "outputs")
+
+
+def looks_local(ref: str) -> bool:
+    """A model reference that is a path, not a hub id (`org/name`): it starts with . / ~, has
+    more than one slash, or starts with a directory that exists here or a project folder."""
+    first = ref.split("/", 1)[0]
+    return (
+        ref.startswith((".", "/", "~"))
+        or ref.count("/") > 1
+        or ref.endswith(os.sep)
+        or first in LOCAL_ROOTS
+        or ("/" in ref and Path(first).is_dir())
+    )
+
+
+def check_model_ref(ref: str, hint: str | None = None) -> None:
+    """Fail early, without contacting the hub, for a local model path that does not exist or
+    holds no model. `hint` says how to build it."""
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -21,10 +39,10 @@ def check_model_ref(ref: str) -> None:
                 f"{ref} holds no model (no config.json)", "pass a directory written by save_pretrained or a hub id"
             )
         return
-    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(os.sep)
-    if looks_local:
+    if looks_local(ref):
         raise CfiwError(
-            f"model path does not exist: {ref}", "build one with `cfiw tiny-model --out DIR` or pass a hub id"
+            f"model path does not exist: {ref}",
+            hint or "build one with `cfiw tiny-model --out DIR` (or `cfiw sft`), or pass a hub id",
         )
 
 

@@ -9,6 +9,7 @@ completion offers them. `build_config` turns the parsed values back into the con
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from dataclasses import MISSING, Field, fields
 from enum import StrEnum
@@ -53,11 +54,20 @@ def _annotation(config_class: type, item: Field) -> Any:
     if optional:
         base = base | None
     limits = {key: meta[key] for key in ("min", "max") if meta.get(key) is not None}
+    if base is float or base == float | None:
+        limits["callback"] = _finite
     if meta.get("argument"):
         info = typer.Argument(help=meta["help"])
     else:
         info = typer.Option(*meta.get("names", ()), help=meta["help"], **limits)
     return Annotated[base, info]
+
+
+def _finite(value: float | None) -> float | None:
+    """Typer parses `nan` and `inf` as floats; no float setting takes them (exit 2, like a range)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def parameters(config_class: type) -> list[inspect.Parameter]:

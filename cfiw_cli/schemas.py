@@ -139,8 +139,22 @@ def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
     return False
 
 
+# Columns that identify a row: each key appears once per file.
+KEYS: dict[str, tuple[str, ...]] = {
+    "rollouts": ("rollout_id",),
+    "spans": ("rollout_id", "span_idx"),
+    "scores": ("rollout_id", "span_idx"),
+    "weights": ("rollout_id",),
+    "train_metrics": ("step",),
+    "eval": ("prompt_id", "sample_idx"),
+}
+# Columns that may hold nulls (an answer that could not be extracted); every other one may not.
+NULLABLE = {"pred", "gold", "question", "prompt_text", "completion_text", "text", "iteration", "sample_idx"}
+
+
 def validate(table: pa.Table, kind: str, path: str = "") -> pa.Table:
-    """Return `table` with the required columns cast to their schema types (extras kept)."""
+    """Return `table` with the required columns cast to their schema types (extras kept);
+    a null where a value is needed, or a key that appears twice, is an error."""
     where = f" in {path}" if path else ""
     for field in SCHEMAS[kind]:
         if field.name not in table.column_names:
@@ -158,7 +172,26 @@ def validate(table: pa.Table, kind: str, path: str = "") -> pa.Table:
             )
         index = table.column_names.index(field.name)
         table = table.set_column(index, field.name, column.cast(field.type))
+    _check_values(table, kind, where)
     return table
+
+
+def _check_values(table: pa.Table, kind: str, where: str) -> None:
+    keys = KEYS[kind]
+    for field in SCHEMAS[kind]:
+        column = table.column(field.name)
+        if field.name not in NULLABLE and column.null_count:
+            row = column.is_null().to_pylist().index(True)
+            raise CfiwError(
+                f"column '{field.name}'{where} is empty (null) in row {row}",
+                f"every row of a {kind} file needs a {field.name}",
+            )
+    seen: set[tuple] = set()
+    for key in zip(*(table.column(name).to_pylist() for name in keys), strict=True):
+        if key in seen:
+            shown = ", ".join(f"{name} {value!r}" for name, value in zip(keys, key, strict=True))
+            raise CfiwError(f"{kind} file{where} holds {shown} twice", "each row's key must appear once")
+        seen.add(key)
 
 
 def empty_table(kind: str) -> pa.Table:

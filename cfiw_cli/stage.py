@@ -29,6 +29,7 @@ from cfiw_cli.artifacts import (
     prepare_output,
     read_directory_manifest,
     read_manifest,
+    recover_directory,
     settings_of,
     staged_directory,
     up_to_date,
@@ -37,6 +38,20 @@ from cfiw_cli.artifacts import (
 )
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return directory.expanduser().resolve() in path.expanduser().resolve().parents
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temp files a killed write of `out` left beside it (`.NAME.*.tmp`)."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -50,12 +65,17 @@ class StageResult:
 class StageRun:
     """One run of stage `name` with `config` (a dataclass whose `out` is the output).
 
-    `inputs` names each input path or hub id (hashed into the manifest); `exclude` lists config
-    fields that only say where other outputs go; `requires` are files that must also exist for
-    the output to count as up to date. A `directory` output is refused when something else is
-    already there, unless the stage `replaces` it (a checkpoint updated in place) or `force`.
-    For an output that is one part of a larger command (a replay cell), `out` and `settings`
-    stand in for the config."""
+    `inputs` names each input path or hub id (hashed into the manifest); `outputs` names the
+    stage's other output files (flag -> path); `exclude` lists config fields that only say
+    where those go; `requires` are files that must also exist for the output to count as up to
+    date. For an output that is one part of a larger command (a replay cell), `out` and
+    `settings` stand in for the config.
+
+    Nothing is clobbered: an output may not be one of the inputs (or lie inside an input
+    directory), and an existing output is replaced only when it is this stage's own artifact,
+    or with `force`. A `directory` output that the stage `replaces` in place (a checkpoint
+    trained again, `--out` = `--model`) is up to date when its manifest records the same
+    settings and the same other inputs: the model it started from is gone by then."""
 
     def __init__(
         self,
@@ -66,6 +86,7 @@ class StageRun:
         force: bool = False,
         directory: bool = False,
         replaces: bool = False,
+        outputs: dict[str, Path] | None = None,
         exclude: tuple[str, ...] = (),
         requires: tuple[Path, ...] = (),
         out: Path | None = None,
@@ -73,39 +94,76 @@ class StageRun:
     ) -> None:
         self.name, self.force, self.directory, self.replaces = name, force, directory, replaces
         self.out = Path(out if out is not None else config.out)
+        self.outputs = {"--out": self.out, **(outputs or {})}
         self.settings = settings if settings is not None else settings_of(config, *exclude)
-        self.inputs = {key: input_record(ref) for key, ref in inputs.items() if ref}
+        self.refs = {key: ref for key, ref in inputs.items() if ref}
         self.requires = requires
         self.up_to_date = False
         self.started = 0.0
 
+    @property
+    def in_place(self) -> bool:
+        model = self.refs.get("model")
+        return self.replaces and model is not None and _same(Path(model), self.out)
+
     def __enter__(self) -> StageRun:
-        if not self.directory:
+        self._refuse_clobbering_inputs()
+        if self.directory:
+            recover_directory(self.out)  # a commit a kill interrupted is finished (or undone) first
+        else:
             prepare_output(self.out)
-        fresh = up_to_date(self.out, self.name, self.settings, self.inputs) and all(p.exists() for p in self.requires)
-        self.up_to_date = fresh and not self.force
+            _remove_stale_temp_files(self.out)
+        self.inputs = {key: input_record(ref) for key, ref in self.refs.items()}
+        compared = {k: v for k, v in self.inputs.items() if not (self.in_place and k == "model")}
+        fresh = up_to_date(self.out, self.name, self.settings, compared, partial=self.in_place)
+        self.up_to_date = fresh and all(p.exists() for p in self.requires) and not self.force
         if self.up_to_date:
             info(f"{self.out} is up to date (use --force to recompute)")
-        elif self.directory:
-            self._prepare_directory()
+        else:
+            self._refuse_clobbering_outputs()
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> bool:
         return False
 
-    def _prepare_directory(self) -> None:
-        if self.out.exists() and not self.force and not self.replaces:
-            raise CfiwError(
-                f"{self.out} already exists and holds something else",
-                "pass --force to replace it or choose another --out",
-            )
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CfiwError(
-                f"cannot create {self.out.parent}: {exc.strerror or exc}", "choose a writable --out"
-            ) from exc
+    def _refuse_clobbering_inputs(self) -> None:
+        for flag, output in self.outputs.items():
+            for key, ref in self.refs.items():
+                source = Path(ref).expanduser()
+                if not source.exists() or (self.in_place and key == "model" and _same(source, self.out)):
+                    continue
+                inside = source.is_dir() and _inside(output, source) and not (self.in_place and key == "model")
+                if _same(output, source) or inside:
+                    where = "is" if _same(output, source) else "lies inside"
+                    raise CfiwError(
+                        f"{flag} {output} {where} the input --{key.replace('_', '-')} {ref}",
+                        f"choose a path for {flag} that is not one of the inputs",
+                    )
+
+    def _refuse_clobbering_outputs(self) -> None:
+        """An existing output that is not up to date is replaced only when this stage wrote it
+        (a file), or it is the checkpoint the stage trains again; else only with --force."""
+        for flag, output in self.outputs.items():
+            if self.force or not output.exists():
+                continue
+            if self.directory and output == self.out:
+                ours = self.replaces and output.is_dir() and (output / "config.json").exists()
+                what = "holds something else" if output.is_dir() else "is a file"
+            else:
+                ours = output.is_file() and (read_manifest(output) or {}).get("stage") == self.name
+                what = f"is not a cfiw {self.name} output"
+            if not ours:
+                raise CfiwError(
+                    f"{flag} {output} already exists and {what}", "pass --force to replace it, or choose another path"
+                )
+        if self.directory:
+            try:
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CfiwError(
+                    f"cannot create {self.out.parent}: {exc.strerror or exc}", "choose a writable --out"
+                ) from exc
 
     @property
     def seconds(self) -> float:

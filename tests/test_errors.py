@@ -117,3 +117,12 @@ def test_debug_mode_shows_the_traceback(tmp_path, mini_dataset):
     assert plain.returncode == 1 and plain.stderr.startswith("Error: ") and "Traceback" not in plain.stderr
     debug = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "CFIW_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_full_disk_is_named():
+    import errno
+
+    from cfiw_cli.errors import describe
+
+    message, hint = describe(OSError(errno.ENOSPC, "No space left on device", "runs/x/rollouts.parquet"))
+    assert "no space left" in message and "runs/x/rollouts.parquet" in message and "disk space" in hint

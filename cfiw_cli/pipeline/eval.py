@@ -77,9 +77,14 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return text
 
 
+def check(config: EvalConfig) -> None:
+    """What the fields' own limits do not say."""
+    check_sampling(config.temperature, config.top_p, config.samples, config.max_new_tokens, config.batch_size)
+
+
 def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
-    check_sampling(config.temperature, config.top_p, config.samples, config.max_new_tokens, config.batch_size)
+    check(config)
     if model is None:
         modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)

@@ -38,7 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from cfiw_cli import modeling
-from cfiw_cli.configs import EvalConfig, RolloutConfig, ScoreConfig, SegmentConfig, TrainConfig, presets
+from cfiw_cli.artifacts import write_text_atomic
+from cfiw_cli.configs import (
+    DataSection,
+    EvalConfig,
+    LoopSection,
+    ModelSection,
+    RolloutConfig,
+    ScoreConfig,
+    SegmentConfig,
+    TrainConfig,
+    presets,
+)
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.options import ordered_fields
@@ -102,34 +113,50 @@ def _to_toml(config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _section(config: dict[str, Any], name: str, section_class: type, **fixed: Any) -> Any:
+    """A section of the config as its dataclass: a bad value names the section and the key."""
+    try:
+        return section_class(**fixed, **config.get(name, {}))
+    except CfiwError as exc:
+        key = exc.message.split()[0].removeprefix("--").replace("-", "_")
+        raise CfiwError(f"[{name}] {exc.message.replace(exc.message.split()[0], key, 1)}", exc.hint) from exc
+
+
 def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     """Every stage of the run, in order, as (iteration, command, stage config); the final
-    evaluation has iteration = the number of iterations."""
-
-    _check_keys(
-        config,
-        {
-            "rollout": RolloutConfig,
-            "segment": SegmentConfig,
-            "score": ScoreConfig,
-            "train": TrainConfig,
-            "eval": EvalConfig,
-        },
-    )
-    loop, data = config.get("loop", {}), config.get("data", {})
-    iterations, questions = int(loop.get("iterations", 1)), int(loop.get("questions", 8))
-    every, seed = int(loop.get("eval_every", 1)), int(loop.get("seed", 0))
-    pool = loop.get("train_pool")
-    if pool is not None and (int(pool) < questions or int(pool) % questions):
+    evaluation has iteration = the number of iterations. Every value is checked here, so a bad
+    config fails before the first stage runs (and `--dry-run` checks it too)."""
+    _check_keys(config, STAGE_CONFIGS)
+    loop = _section(config, "loop", LoopSection)
+    data = _section(config, "data", DataSection)
+    base = _section(config, "model", ModelSection).id
+    if loop.train_pool is not None and (loop.train_pool < loop.questions or loop.train_pool % loop.questions):
         raise CfiwError(
-            f"loop.train_pool ({pool}) must be a multiple of loop.questions ({questions})",
-            f"e.g. --set loop.train_pool={questions * 8}",
+            f"loop.train_pool ({loop.train_pool}) must be a multiple of loop.questions ({loop.questions})",
+            f"e.g. --set loop.train_pool={loop.questions * 8}",
         )
-    layout = RunLayout(run)
-    base, policy = str(config["model"]["id"]), str(layout.policy)
-    sampling = RolloutConfig(model=base, dataset=data["dataset"], out="", **config.get("rollout", {}))
-    probe_questions, probe_samples = int(loop.get("probe_questions", 64)), int(loop.get("probe_samples", 8))
+    steps = _steps(config, loop, data, base, RunLayout(run))
+    for _, command, stage_config in steps:
+        try:
+            CHECKS[command](stage_config)
+        except CfiwError as exc:
+            raise CfiwError(f"[{command}] {exc.message}", exc.hint) from exc
+    return steps
+
+
+def _steps(
+    config: dict[str, Any], loop: LoopSection, data: DataSection, base: str, layout: RunLayout
+) -> list[tuple[int, str, Any]]:
+    iterations, questions, every, seed = loop.iterations, loop.questions, loop.eval_every, loop.seed
+    pool = loop.train_pool
+    policy = str(layout.policy)
+    sampling = _section(config, "rollout", RolloutConfig, model=base, dataset=data.dataset, out="")
+    probe_questions, probe_samples = loop.probe_questions, loop.probe_samples
     train_settings = dict(config.get("train", {}))
+    _section(config, "train", TrainConfig, model=base, rollouts="", out="")  # every value checked once, by name
+    _section(config, "segment", SegmentConfig, model=base, rollouts="", out="")
+    _section(config, "score", ScoreConfig, model=base, rollouts="", spans="", out="")
+    _section(config, "eval", EvalConfig, model=base, dataset=data.dataset, out="")
     if float(train_settings.get("beta", 0.0)) > 0:
         train_settings.setdefault("reference", base)  # the KL term anchors every iteration to the starting policy
     if train_settings.get("lr_schedule", "constant") != "constant" or train_settings.get("warmup_steps"):
@@ -141,10 +168,10 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         eval_settings = config.get("eval", {})
         greedy = EvalConfig(
             model=model,
-            dataset=data["dataset"],
+            dataset=data.dataset,
             out=str(layout.evaluation("eval", index)),
-            split=data.get("eval_split", "test"),
-            limit=loop.get("eval_limit"),
+            split=data.eval_split,
+            limit=loop.eval_limit,
             seed=seed,
             **{"max_new_tokens": sampling.max_new_tokens, **eval_settings},
         )
@@ -152,9 +179,9 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
             return [(index, "eval", greedy)]
         probe = EvalConfig(
             model=model,
-            dataset=data["dataset"],
+            dataset=data.dataset,
             out=str(layout.evaluation("probe", index)),
-            split=data.get("eval_split", "test"),
+            split=data.eval_split,
             limit=probe_questions,
             samples=probe_samples,
             temperature=sampling.temperature,
@@ -168,7 +195,7 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
         )  # the rollouts' prompts, dtype and sampling: the probe samples as training does
         return [(index, "eval", greedy), (index, "eval", probe)]
 
-    keep_every = int(loop.get("keep_policies", 0))
+    keep_every = loop.keep_policies
     steps = []
     for i in range(iterations):
         current = base if i == 0 else policy
@@ -177,16 +204,16 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
             steps.append((i, "keep", KeepConfig(policy=policy, out=str(layout.kept_policy(i)))))
         if i % every == 0:
             steps += evaluation(current, i)
-        offset = i * questions % int(pool) if pool is not None else i * questions
+        offset = i * questions % pool if pool is not None else i * questions
         steps.append(
             (
                 i,
                 "rollout",
                 RolloutConfig(
                     model=current,
-                    dataset=data["dataset"],
+                    dataset=data.dataset,
                     out=files["rollouts"],
-                    split=data.get("train_split", "train"),
+                    split=data.train_split,
                     offset=offset,
                     limit=questions,
                     seed=seed,
@@ -229,58 +256,40 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
                     out=policy,
                     metrics_out=files["train_metrics"],
                     weights_out=files["weights"],
-                    weighting=loop.get("weighting", "cfiw"),
+                    weighting=loop.weighting,
                     seed=seed,
                     **train_settings,
                 ),
             )
         )
-    steps += evaluation(policy if iterations else base, iterations)
+    steps += evaluation(policy, iterations)
     return steps
 
 
-_FIXED = {
-    "model",
-    "dataset",
-    "out",
-    "rollouts",
-    "spans",
-    "scores",
-    "split",
-    "offset",
-    "limit",
-    "iteration",
-    "weighting",
-    "seed",
-    "metrics_out",
-    "weights_out",
-}
-_SECTIONS = {
-    "model": {"id"},
-    "data": {"dataset", "train_split", "eval_split"},
-    "loop": {
-        "iterations",
-        "questions",
-        "weighting",
-        "eval_every",
-        "eval_limit",
-        "seed",
-        "train_pool",
-        "probe_questions",
-        "probe_samples",
-        "keep_policies",
-    },
+# set by the loop itself, not by a preset
+_FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration"}
+_FIXED |= {"weighting", "seed", "metrics_out", "weights_out"}
+SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "loop": LoopSection}
+STAGE_CONFIGS: dict[str, type] = {
+    "rollout": RolloutConfig,
+    "segment": SegmentConfig,
+    "score": ScoreConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
 }
 
 
-def _check_keys(config: dict[str, Any], stages: dict[str, Any]) -> None:
+def _check_keys(config: dict[str, Any], stages: dict[str, type]) -> None:
     """A misspelt key in a preset or `--set` is an error, not silently ignored."""
     for section, values in config.items():
-        allowed = _SECTIONS.get(section) or (
-            {f.name for f in fields(stages[section])} - _FIXED if section in stages else None
-        )
-        if allowed is None:
-            raise CfiwError(f"unknown config section [{section}]", f"sections: {', '.join([*_SECTIONS, *stages])}")
+        if section in SECTIONS:
+            allowed = {f.name for f in fields(SECTIONS[section])}
+        elif section in stages:
+            allowed = {f.name for f in fields(stages[section])} - _FIXED
+        else:
+            raise CfiwError(f"unknown config section [{section}]", f"sections: {', '.join([*SECTIONS, *stages])}")
+        if not isinstance(values, dict):
+            raise CfiwError(f"[{section}] must be a table of settings", "see pipelines/tiny.toml")
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise CfiwError(f"unknown key {section}.{unknown[0]}", f"[{section}] takes: {', '.join(sorted(allowed))}")
@@ -314,13 +323,18 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
         return commands
 
     layout = RunLayout(run)
+    base = str(config["model"]["id"])
+    dataset = config["data"]["dataset"]
+    builds = f"build it first: `just tiny-sft {base} 1000 {dataset}` (the warm start of the tiny presets)"
+    builds = builds if "tiny" in Path(base).name else None
+    modeling.check_model_ref(base, builds)
     run.mkdir(parents=True, exist_ok=True)
     resolved = _to_toml(config)
     if layout.config.exists() and layout.config.read_text() != resolved:
         raise CfiwError(
             f"{run} was started with another configuration", f"compare {layout.config}, or choose another --run"
         )
-    layout.config.write_text(resolved)
+    write_text_atomic(layout.config, resolved)
     completed = json.loads(layout.state.read_text())["completed"] if layout.state.exists() else 0
     current_ref = str(config["model"]["id"]) if completed == 0 else str(layout.policy)
     tokenizer = modeling.load_tokenizer(current_ref)
@@ -331,7 +345,7 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
         info(f"[loop] iteration {iteration}: {command}")
         model = STAGES[command](stage_config, model, tokenizer)
         if command == "train":
-            layout.state.write_text(json.dumps({"completed": iteration + 1}))
+            write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
     return commands
 
 
@@ -368,6 +382,16 @@ def _train(config: TrainConfig, model: Any, tokenizer: Any) -> Any:
         model = train.run(config, force=True, model=model, tokenizer=tokenizer).model
     return model.eval()
 
+
+# What each planned command checks before anything runs (beyond its fields' own checks).
+CHECKS: dict[str, Callable[[Any], None]] = {
+    "keep": lambda config: None,
+    "eval": eval_stage.check,
+    "rollout": rollout.check,
+    "segment": segment.check,
+    "score": score.check,
+    "train": train.check,
+}
 
 # Each planned command, run in this process on the loop's model: (config, model, tokenizer) -> the model after it.
 STAGES: dict[str, Callable[[Any, Any, Any], Any]] = {

@@ -20,9 +20,15 @@ def sampling_seed(seed: int, iteration: int) -> int:
     return (seed * 1_000_003 + iteration * 10_007) % (2**31)
 
 
+def check(config: RolloutConfig) -> None:
+    """What the fields' own limits do not say (run before anything loads; `cfiw loop` runs it
+    for every planned stage before the first)."""
+    check_sampling(config.temperature, config.top_p, config.group_size, config.max_new_tokens, config.batch_size)
+
+
 def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
-    check_sampling(config.temperature, config.top_p, config.group_size, config.max_new_tokens, config.batch_size)
+    check(config)
     if model is None:
         modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)

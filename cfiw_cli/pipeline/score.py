@@ -10,7 +10,7 @@ import pyarrow as pa
 from cfiw_cli import distributed, modeling, schemas
 from cfiw_cli.algo.importance import MASK_MODES, TARGETS, ScoringItem, score_items
 from cfiw_cli.artifacts import read_artifact
-from cfiw_cli.checks import check_spans_match
+from cfiw_cli.checks import check_spans_match, require_rollouts
 from cfiw_cli.configs import ScoreConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
@@ -57,15 +57,21 @@ def build_items(rollouts: Any, spans: Any, target: str, tokenizer: Any) -> tuple
     return ids, span_indices, items
 
 
-def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
-    """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
+def check(config: ScoreConfig) -> None:
+    """What the fields' own limits do not say."""
     if config.mask not in MASK_MODES:
         raise CfiwError(f"unknown --mask {config.mask!r}", f"choose one of {', '.join(MASK_MODES)}")
     if config.target not in TARGETS:
         raise CfiwError(f"unknown --target {config.target!r}", "choose own or gold")
     if config.batch_tokens < 16:
         raise CfiwError("--batch-tokens must be at least 16", "e.g. --batch-tokens 8192")
+
+
+def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
+    """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
+    check(config)
     rollouts = read_artifact(config.rollouts, "rollouts")
+    require_rollouts(rollouts, config.rollouts)
     spans = read_artifact(config.spans, "spans")
     check_spans_match(rollouts, spans, config.rollouts, config.spans)
     inputs = {"model": config.model, "rollouts": config.rollouts, "spans": config.spans}

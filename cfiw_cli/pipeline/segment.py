@@ -10,19 +10,26 @@ import pyarrow as pa
 from cfiw_cli import modeling, schemas
 from cfiw_cli.algo.spans import find_spans
 from cfiw_cli.artifacts import read_artifact
+from cfiw_cli.checks import require_rollouts
 from cfiw_cli.configs import SegmentConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun
 
 
-def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> StageResult:
+def check(config: SegmentConfig) -> None:
+    """What the fields' own limits do not say."""
     if config.max_spans < 1 or config.min_tokens < 1 or config.max_tokens < config.min_tokens:
         raise CfiwError(
             "need --max-spans >= 1 and 1 <= --min-tokens <= --max-tokens",
             "e.g. --max-spans 10 --min-tokens 5 --max-tokens 50",
         )
+
+
+def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> StageResult:
+    check(config)
     rollouts = read_artifact(config.rollouts, "rollouts")
+    require_rollouts(rollouts, config.rollouts)
     with StageRun("segment", config, {"rollouts": config.rollouts, "model": config.model}, force=force) as stage:
         if stage.up_to_date:
             return stage.skipped()

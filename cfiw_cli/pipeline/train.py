@@ -36,11 +36,13 @@ from cfiw_cli.artifacts import (
     read_artifact,
     read_directory_manifest,
     read_manifest,
+    recover_directory,
     sha256_of,
+    stage_file,
     write_table,
 )
 from cfiw_cli.batching import consecutive_runs
-from cfiw_cli.checks import check_spans_match
+from cfiw_cli.checks import check_finite_rollouts, check_scores_match, check_spans_match, require_rollouts
 from cfiw_cli.configs import TRAIN_SCHEDULES, TrainConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.distributed import state as process_state
@@ -66,7 +68,7 @@ class _Sequence:
     rollout_logprobs: list[float]  # what the sampler recorded, one per completion token
 
 
-def _check(config: TrainConfig) -> None:
+def check(config: TrainConfig) -> None:
     if config.weighting not in MODES:
         raise CfiwError(f"unknown --weighting {config.weighting!r}", f"choose one of {', '.join(MODES)}")
     if config.profile not in PROFILES:
@@ -284,7 +286,7 @@ def run(
     """One update of `config.model` on the rollouts, saved to `config.out`. `model`/`tokenizer`:
     an already loaded policy (float32), e.g. the loop's; the trained one comes back in the
     result. Without `finish` the process group stays up for a caller that trains again (replay)."""
-    _check(config)
+    check(config)
     out = Path(config.out)
     # by default the step metrics and token weights go inside the checkpoint, written with it
     # atomically, so updates of one batch in several modes (to several --out) never collide
@@ -293,9 +295,10 @@ def run(
     modeling.check_model_ref(config.model)
     batch = read_batch(config)
     inputs = {name: getattr(config, name) for name in ("model", "rollouts", "spans", "scores")}
+    outputs = {"--metrics-out": metrics_out, "--weights-out": weights_out}
     with StageRun(
-        "train", config, inputs, force=force, directory=True, replaces=True,
-        exclude=("metrics_out", "weights_out"), requires=(metrics_out,),
+        "train", config, inputs, force=force, directory=True, replaces=True, outputs=outputs,
+        exclude=("metrics_out", "weights_out"), requires=(metrics_out, weights_out),
     ) as stage:  # fmt: skip
         if stage.up_to_date:
             return stage.skipped(model)
@@ -304,7 +307,9 @@ def run(
 
 def is_saved(config: TrainConfig) -> bool:
     """Whether `config.out` already holds this update: a checkpoint trained on these rollouts
-    (a loop killed after saving it resumes without training twice)."""
+    (a loop killed after saving it resumes without training twice). A commit that the kill
+    interrupted is finished first."""
+    recover_directory(Path(config.out))
     manifest = read_directory_manifest(Path(config.out)) or {}
     recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
     return recorded == sha256_of(config.rollouts)
@@ -322,12 +327,14 @@ class Batch:
 
 def read_batch(config: TrainConfig) -> Batch:
     rollouts = read_artifact(config.rollouts, "rollouts")
-    if rollouts.num_rows == 0:
-        raise CfiwError(f"{config.rollouts} holds no rollouts", "sample some with cfiw rollout")
+    require_rollouts(rollouts, config.rollouts)
     spans = read_artifact(config.spans, "spans") if config.spans else None
     scores = read_artifact(config.scores, "scores") if config.scores else None
     if spans is not None:
         check_spans_match(rollouts, spans, config.rollouts, config.spans)
+    if scores is not None and config.spans:
+        check_scores_match(config.scores, config.spans, config.rollouts)
+    check_finite_rollouts(rollouts, config.rollouts)
     return Batch(rollouts, spans, scores, sampling_settings(config, rollouts))
 
 
@@ -358,6 +365,7 @@ def _update(
     context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference)
     if sequences:
         steps = optimize(policy, reference, optimizer, scheduler, sequences, config, context, start_step, steps_here)
+        check_finite_parameters(policy)
     else:
         steps = []
         info(
@@ -386,6 +394,19 @@ def _update(
     if finish:
         accelerator.end_training()
     return result
+
+
+def check_finite_parameters(policy: Any) -> None:
+    """An update that overflowed is never saved over the policy it started from."""
+    import torch
+
+    with torch.no_grad():
+        bad = next((name for name, p in policy.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise CfiwError(
+            f"the update made parameter {bad} non-finite (inf or NaN): nothing was saved, the policy is unchanged",
+            "lower --lr; the previous policy is kept",
+        )
 
 
 def optimize(
@@ -616,6 +637,12 @@ def train_step(
                 accelerator.backward(logprobs.sum() * 0.0)
                 continue
             _accumulate(policy, batch, old, normalizer, context, metrics.sums, device)
+            if not math.isfinite(metrics.sums["loss"]):
+                raise CfiwError(
+                    f"the loss became {metrics.sums['loss']} at step {step}: nothing was saved, the policy is "
+                    "unchanged",
+                    "lower --lr (or check the rollouts' log-probs); the previous policy is kept",
+                )
     grad_norm = (
         accelerator.clip_grad_norm_(policy.parameters(), context.grad_clip)
         if context.grad_clip > 0
@@ -675,11 +702,11 @@ def save(
     manifest: dict[str, Any],
     tables: dict[Path, pa.Table],
 ) -> StageResult:
-    """The checkpoint (weights, tokenizer, optimizer and scheduler state) and each of `tables`:
-    those inside the checkpoint are written with it into the staged directory, the others after."""
+    """The checkpoint (weights, tokenizer, optimizer and scheduler state) and each of `tables`,
+    committed together: everything is written into the staged directory (tables that belong
+    elsewhere are staged with it and moved out as the last step of the commit), so a kill at
+    any moment leaves either the old policy or the whole update (see `staged_directory`)."""
     import torch
-
-    inside = {path: table for path, table in tables.items() if path.parent == stage.out}
 
     def fill(staging: Path) -> None:
         policy.save_pretrained(staging)
@@ -687,14 +714,11 @@ def save(
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         (staging / "trainer_state.json").write_text(json.dumps({"global_step": global_step}, indent=2))
-        for path, table in inside.items():
-            write_table(table, staging / path.name, manifest)
+        for path, table in tables.items():
+            inside = path.parent.resolve() == stage.out.resolve()
+            write_table(table, staging / path.name if inside else stage_file(staging, path), manifest)
 
-    result = stage.write_directory(fill, manifest, model=policy)
-    for path, table in tables.items():
-        if path not in inside:
-            write_table(table, path, manifest)
-    return result
+    return stage.write_directory(fill, manifest, model=policy)
 
 
 def _forward(

@@ -613,15 +613,21 @@ def run(runs: list[str], out: str) -> dict[str, list[dict]]:
     for run in run_dirs:
         if not run.is_dir():
             raise CfiwError(f"run directory not found: {run}", "pass directories written by cfiw loop")
-    out_dir = Path(out)
+    try:
+        con = connect(run_dirs)
+        results = tables(con)
+    except duckdb.Error as exc:
+        raise CfiwError(
+            f"cannot read the runs' files: {str(exc).strip().splitlines()[0]}",
+            "check each file with `cfiw validate FILE` (a killed copy or a foreign file?)",
+        ) from exc
+    if not results:
+        raise CfiwError("the runs hold no artifacts to analyze", "run cfiw loop first")
+    out_dir = Path(out)  # created only now: a failed analysis leaves no empty report directory
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CfiwError(f"cannot create {out_dir}: {exc.strerror or exc}", "choose a writable --out") from exc
-    con = connect(run_dirs)
-    results = tables(con)
-    if not results:
-        raise CfiwError("the runs hold no artifacts to analyze", "run cfiw loop first")
     for name, rows in results.items():
         (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
     _write_curves(results, out_dir)

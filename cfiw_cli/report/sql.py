@@ -26,29 +26,54 @@ FORMATS = ("table", "csv", "json")
 
 
 def connect(run: str | Path) -> Any:
-    """An in-memory DuckDB connection with the run's views."""
-
+    """An in-memory DuckDB connection with the run's views, sealed: it reads files under the
+    run directory only, writes none, loads no extension, and its settings are locked."""
     run = Path(run)
     if not run.is_dir():
         raise CfiwError(f"run directory not found: {run}", "pass a directory such as runs/NAME")
     con = duckdb.connect()
-    create_views(con, [run], run_column=False)
-    every = sorted(str(f) for f in run.rglob("*.parquet"))
-    if every:
-        listing = ", ".join(f"'{f}'" for f in every)
-        con.execute(
-            "create view manifests as select file_name as file, json_extract_string(decode(value), '$.stage') as "
-            "stage, "
-            f"decode(value) as manifest from parquet_kv_metadata([{listing}]) where decode(key) = 'cfiw'"
-        )
+    try:
+        create_views(con, [run], run_column=False)
+        every = sorted(str(f) for f in run.rglob("*.parquet"))
+        if every:
+            listing = ", ".join(f"'{f}'" for f in every)
+            con.execute(
+                "create view manifests as select file_name as file, json_extract_string(decode(value), '$.stage') "
+                "as stage, "
+                f"decode(value) as manifest from parquet_kv_metadata([{listing}]) where decode(key) = 'cfiw'"
+            )
+    except duckdb.Error as exc:
+        raise CfiwError(
+            f"query failed: cannot read the run's files: {str(exc).strip().splitlines()[0]}",
+            "check each file with `cfiw validate FILE` (a killed copy or a foreign file?)",
+        ) from exc
+    con.execute("set allowed_directories = ?", [[str(run) + "/", str(run.resolve()) + "/"]])
+    con.execute("set enable_external_access = false")  # no file outside the run, no extension
+    con.execute("set lock_configuration = true")  # and the query cannot undo either
     return con
 
 
-def query(run: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
+# DuckDB's own parser classifies the statement; a query is one statement that reads.
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
 
+
+def query(run: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
+    """Columns and rows of one read-only statement over the run's views."""
     con = connect(run)
     try:
-        result = con.execute(sql)
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise CfiwError(f"query failed: {str(exc).strip().splitlines()[0]}", "check the SQL syntax") from exc
+    if len(statements) != 1:
+        raise CfiwError(f"cfiw sql runs one statement, not {len(statements)}", "pass a single select query")
+    kind = statements[0].type.name
+    if kind not in READ_ONLY_STATEMENTS:
+        raise CfiwError(
+            f"cfiw sql is read-only: a {kind} statement is refused",
+            "query the views with select; write results with --format csv > FILE",
+        )
+    try:
+        result = con.execute(statements[0])
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
         views = [

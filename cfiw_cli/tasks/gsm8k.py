@@ -8,6 +8,7 @@ are compared as decimals, so `1,234.00` equals `1234`.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -133,6 +134,25 @@ def _resolve_local(dataset: str, split: str) -> Path | None:
     return None
 
 
+def _check_json_lines(path: Path) -> None:
+    """A .jsonl file whose every non-blank line is a JSON object, or an error naming the line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CfiwError(f"cannot read {path}: {exc}", "pass a UTF-8 .jsonl file") from exc
+    if not any(line.strip() for line in lines):
+        raise CfiwError(f"{path} holds no questions (it is empty)", "pass a .jsonl file with one question per line")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CfiwError(f"{path} line {number} is not valid JSON: {exc.msg}", "fix that line") from exc
+        if not isinstance(row, dict):
+            raise CfiwError(f"{path} line {number} is not a JSON object", "each line holds one question object")
+
+
 def load_questions(dataset: str, split: str = "train", offset: int = 0, limit: int | None = None) -> list[dict]:
     """Rows `{prompt_id, question, answer, gold}` of a GSM8K-format dataset, sliced.
 
@@ -147,6 +167,8 @@ def load_questions(dataset: str, split: str = "train", offset: int = 0, limit: i
     try:
         if local is not None:
             builder = "parquet" if local.suffix == ".parquet" else "json"
+            if builder == "json":
+                _check_json_lines(local)  # names the first bad line, where the library gives a byte offset
             rows = datasets.load_dataset(builder, data_files=str(local), split="train")
             source = local.stem
         else:

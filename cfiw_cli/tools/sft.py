@@ -100,7 +100,15 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
     modeling.quiet_libraries()
     dev = modeling.device()
     tokenizer = modeling.load_tokenizer(config.model)
-    train_set = datasets.Dataset.from_list(examples(rows, tokenizer, config.prompt_template, config.chat_template))
+    pairs = examples(rows, tokenizer, config.prompt_template, config.chat_template)
+    longest_prompt = max(len(tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]) for pair in pairs)
+    if longest_prompt >= config.max_length:
+        raise CfiwError(
+            f"--max-length {config.max_length} leaves no solution token after the longest prompt "
+            f"({longest_prompt} tokens)",
+            f"pass a --max-length above {longest_prompt}, e.g. {longest_prompt + 512}",
+        )
+    train_set = datasets.Dataset.from_list(pairs)
     # Weights stay float32 (the optimizer's master copy); on a bf16 GPU the forward runs in bf16.
     bf16 = modeling.resolve_dtype(config.dtype, dev) == torch.bfloat16
     model = modeling.load_model(config.model, "float32", dev)
