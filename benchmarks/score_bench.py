@@ -1,27 +1,44 @@
 """Span scoring: `cfiw score`'s algorithm against two naive ways, on the same model in one run.
 
-64 synthetic rollouts (8 prompts x G=8, prompt ~100 tokens, reasoning ~300 tokens cut into 10
-spans, answer ~5 tokens) on a random-init Qwen2 model (4 layers, hidden 256, vocab 8192,
-float32). For each mask mode it times
+For each mask mode it times
 
   (a) one full forward pass per variant (the unmasked sequence and one per span), batch 1;
   (b) all variants padded to full length, 8 per forward call;
   (c) `cfiw_cli.algo.importance.score_items` (prefix KV cache reuse, packed suffixes,
       logits at answer positions only);
 
-checks that (c) equals (a) within 1e-4, and prints the ratios (a)/(c) and (b)/(c), plus the
-tokens (c) ran against the lower bound `T + sum_k (T - e_k)`.
+checks that (c) equals (a) within 1e-4 (fp32), and prints the ratios (a)/(c) and (b)/(c), plus
+the tokens (c) ran against the lower bound `T + sum_k (T - e_k)`.
 
-    python benchmarks/score_bench.py               # the numbers quoted in the README
-    python benchmarks/score_bench.py --quick       # seconds; smoke test
+`--data synthetic` (default): 64 rollouts (8 prompts x G=8, prompt ~100 tokens, reasoning ~300
+tokens cut into 10 equal spans, answer ~5 tokens), random tokens, vocabulary 8192. It favours
+the method (spans tile the reasoning, every rollout of a group shares one prompt).
+
+`--data real`: GSM8K reference solutions (`../shared/data/gsm8k/train.jsonl` when present, else
+the project's `data/arith`) as completions of real prompts, G per prompt, cut into spans by the
+`cfiw segment` code, scored with a `cfiw tiny-model` (4 layers, hidden 256) whose embedding is
+padded to 4,096 rows (`--pad-vocab`), which gives the LM head Qwen2.5-0.5B's share of compute.
+It also times the whole `cfiw score` process (model load included) and reports (c)'s tokens per
+second as a fraction of (a)'s. `--device cuda` with `--shape qwen0.5b` builds a Qwen2.5-0.5B-
+shaped random model instead and adds peak memory and the `cfiw rollout` time of the same
+rollouts.
+
+    python benchmarks/score_bench.py                      # the synthetic figures in the README
+    python benchmarks/score_bench.py --data real --group 4  # the real-text figures
+    python benchmarks/score_bench.py --quick              # seconds; smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def make_items(args):
@@ -61,7 +78,7 @@ def padded_batches(model, items, mode, pad_id, batch_size=8):
     import torch
 
     variants = [v for item in items for v in variant_sequences(item, mode, pad_id)]
-    dtype = next(model.parameters()).dtype
+    dtype, dev = next(model.parameters()).dtype, next(model.parameters()).device
     total = 0.0
     with torch.inference_mode():
         for start in range(0, len(variants), batch_size):
@@ -79,9 +96,10 @@ def padded_batches(model, items, mode, pad_id, batch_size=8):
                 )
             else:
                 mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, _, _ in batch])  # [B, L]
-            logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # [B, L, V]
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # [B, L, V]
             for row, (t, a, _) in enumerate(batch):
-                total += float(logprobs[row, torch.arange(a - 1, len(t) - 1), torch.tensor(t[a:])].sum())
+                picked = logits[row, a - 1 : len(t) - 1].float().log_softmax(-1)  # [n, V]: one row at a time
+                total += float(picked.gather(1, torch.tensor(t[a:], device=dev)[:, None]).sum())
     return total
 
 
@@ -92,6 +110,188 @@ def timed(fn, repeats):
         result = fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times), result
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def real_source(text: str | None) -> Path:
+    if text:
+        return Path(text)
+    return SHARED_GSM8K if SHARED_GSM8K.exists() else ROOT / "data" / "arith" / "train.jsonl"
+
+
+def build_real_workspace(args, work: Path) -> dict:
+    """A model, and rollouts of real solutions cut into spans by the `segment` code."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cfiw_cli.configs import SegmentConfig, TinyModelConfig
+    from cfiw_cli.modeling import load_tokenizer
+    from cfiw_cli.pipeline import segment
+    from cfiw_cli.schemas import ROLLOUTS
+    from cfiw_cli.tasks.gsm8k import build_prompt, extract_answer, parse_gold, reward
+    from cfiw_cli.tools import tiny_model
+
+    source = real_source(args.text)
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    corpus = work / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows[:2000]))
+    shape = dict(layers=args.layers, hidden=args.hidden, heads=max(args.hidden // 64, 1))
+    shape["kv_heads"] = max(shape["heads"] // 2, 1)
+    if args.shape == "qwen0.5b":
+        shape = dict(layers=24, hidden=896, heads=14, kv_heads=2)
+    model_dir = work / "model"
+    tiny_model.run(
+        TinyModelConfig(out=str(model_dir), dataset=str(corpus), pad_vocab=args.pad_vocab, max_positions=4096, **shape)
+    )
+    tokenizer = load_tokenizer(str(model_dir))
+    records = []
+    for p in range(args.prompts):
+        question = rows[p]["question"]
+        prompt_text = build_prompt(question, tokenizer)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        gold = parse_gold(rows[p]["answer"])
+        for g in range(args.group):
+            text = rows[(args.prompts + p * args.group + g) % len(rows)]["answer"]  # another question's solution
+            completion = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            records.append(
+                {
+                    "rollout_id": f"0:q-{p}:{g}", "iteration": 0, "prompt_id": f"q-{p}", "sample_idx": g,
+                    "question": question, "gold": gold, "prompt_text": prompt_text, "completion_text": text,
+                    "prompt_ids": prompt_ids, "completion_ids": completion,
+                    "completion_logprobs": [0.0] * len(completion),
+                    "finish_reason": "stop", "pred": extract_answer(text), "reward": reward(text, gold),
+                    "correct": reward(text, gold) == 1.0,
+                }
+            )  # fmt: skip
+    rollouts = work / "rollouts.parquet"
+    pq.write_table(pa.Table.from_pylist(records, schema=ROLLOUTS), rollouts)
+    spans = work / "spans.parquet"
+    segment.run(SegmentConfig(rollouts=str(rollouts), model=str(model_dir), out=str(spans)), tokenizer=tokenizer)
+    return {"model": model_dir, "rollouts": rollouts, "spans": spans, "tokenizer": tokenizer, "source": source}
+
+
+def real_items(space: dict) -> list:
+    import pyarrow.parquet as pq
+
+    from cfiw_cli.pipeline.score import build_items
+
+    rollouts, spans = pq.read_table(space["rollouts"]), pq.read_table(space["spans"])
+    return build_items(rollouts, spans, "own", space["tokenizer"])[2]
+
+
+def whole_process(space: dict, mode: str, dtype: str, work: Path) -> float:
+    """Wall seconds of `cfiw score` as a user runs it: a new process, model load included."""
+    argv = [
+        sys.executable, "-m", "cfiw_cli", "score", "--model", space["model"], "--rollouts", space["rollouts"],
+        "--spans", space["spans"], "--out", work / f"scores-{mode}.parquet", "--mask", mode, "--dtype", dtype,
+        "--force",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return time.perf_counter() - started
+
+
+def whole_rollout(space: dict, args, dtype: str, work: Path, max_new_tokens: int) -> float:
+    """Wall seconds of `cfiw rollout` sampling the same number of rollouts of about the same length."""
+    data = work / "questions.jsonl"
+    rows = [json.loads(line) for line in space["source"].read_text().splitlines() if line.strip()][: args.prompts]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [
+        sys.executable, "-m", "cfiw_cli", "rollout", "--model", space["model"], "--dataset", data,
+        "--group-size", args.group, "--max-new-tokens", max_new_tokens, "--dtype", dtype,
+        "--out", work / "sampled.parquet", "--force", "--batch-size", args.prompts * args.group,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return time.perf_counter() - started
+
+
+def real_main(args) -> None:
+    import torch
+
+    from cfiw_cli.algo.importance import lower_bound_tokens, naive_scores, score_items
+    from cfiw_cli.modeling import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="cfiw-score-bench-"))
+    space = build_real_workspace(args, work)
+    items = real_items(space)
+    dtype = "bfloat16" if args.dtype == "bf16" else "float32"
+    device = torch.device(args.device)
+    model = load_model(str(space["model"]), dtype, device)
+    pad_id = space["tokenizer"].pad_token_id
+    bound = sum(lower_bound_tokens(item) for item in items)
+    naive_tokens = sum(len(item.tokens) * (len(item.spans) + 1) for item in items)
+    completion = statistics.mean(len(i.tokens) - i.prompt_length for i in items)
+    prompt = statistics.mean(i.prompt_length for i in items)
+    spans = statistics.mean(len(i.spans) for i in items)
+    rows = model.get_input_embeddings().num_embeddings
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; {dtype}")
+    print(
+        f"model: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, {rows:,} embedding rows"
+        f" (tokenizer {len(space['tokenizer']):,}); text: {space['source'].name} ({space['source'].parent.name})"
+    )
+    print(
+        f"{len(items)} scored rollouts ({args.prompts} prompts x G={args.group}): ~{prompt:.0f} prompt + "
+        f"~{completion:.0f} completion tokens, {spans:.1f} reasoning spans each (cfiw segment); "
+        f"(b), (c), process: median of {args.repeats}, (a): median of {args.naive_repeats}"
+    )
+    print(
+        f"{'mask':>9} {'process s':>9} {'(a) s':>7} {'(b) s':>7} {'(c) s':>7} {'(a)/proc':>8} {'(b)/proc':>8} "
+        f"{'(a)/(c)':>7} {'(b)/(c)':>7} {'(c) tokens':>10} {'bound':>7} {'(c)/(a) tok/s':>13} {'max |diff|':>10}"
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for mode in args.modes.split(","):
+        stats: dict = {}
+        score_items(model, items, mode, pad_id, batch_tokens=args.batch_tokens, stats=stats)  # warm-up, counts
+
+        def fast(mode=mode):
+            result = score_items(model, items, mode, pad_id, batch_tokens=args.batch_tokens)
+            sync()
+            return result
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        c_seconds, fast_scores = timed(fast, args.repeats)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        b_seconds, _ = timed(lambda mode=mode: (padded_batches(model, items, mode, pad_id), sync()), args.repeats)
+        a_seconds, naive = timed(
+            lambda mode=mode: ([naive_scores(model, item, mode, pad_id) for item in items], sync())[0],
+            args.naive_repeats,
+        )
+        process = statistics.median(whole_process(space, mode, dtype, work) for _ in range(args.repeats))
+        worst = max(
+            max([abs(f.base - n.base)] + [abs(x - y) for x, y in zip(f.deltas, n.deltas, strict=True)])
+            for f, n in zip(fast_scores, naive, strict=True)
+        )
+        throughput = (stats["tokens"] / c_seconds) / (naive_tokens / a_seconds)
+        print(
+            f"{mode:>9} {process:>9.2f} {a_seconds:>7.2f} {b_seconds:>7.2f} {c_seconds:>7.2f} "
+            f"{a_seconds / process:>8.2f} {b_seconds / process:>8.2f} {a_seconds / c_seconds:>7.2f} "
+            f"{b_seconds / c_seconds:>7.2f} {stats['tokens']:>10} {bound:>7} {throughput:>13.2f} {worst:>10.1e}"
+            + (f"  peak {peak:.2f} GiB" if peak is not None else "")
+        )
+        if dtype == "float32":
+            assert worst < 1e-4, f"{mode}: fast and naive scores differ by {worst}"
+    if args.rollout_time:
+        longest = max(len(i.tokens) - i.prompt_length for i in items)
+        sampled = whole_rollout(space, args, dtype, work, round(completion))
+        print(
+            f"cfiw rollout of {len(items)} rollouts x {round(completion)} new tokens (the longest scored: {longest}): "
+            f"{sampled:.2f} s; scoring (whole process, last mode) / rollout: {process / sampled:.2f}"
+        )
+    print(
+        "process: the whole `cfiw score` command (new process, model load); (c)/(a) tok/s: tokens per second of "
+        "(c) over those of batch-1 forwards; naive tokens: "
+        f"{naive_tokens}"
+    )
 
 
 def main() -> None:
@@ -109,11 +309,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of (b) and (c); the median is reported")
     parser.add_argument("--naive-repeats", type=int, default=1, help="runs of (a), the slowest")
     parser.add_argument("--modes", default="pad,delete,knockout")
+    parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
+    parser.add_argument("--pad-vocab", type=int, default=4096, help="--data real: embedding rows of the model")
+    parser.add_argument("--device", default="cpu", help="--data real: cpu or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="--data real")
+    parser.add_argument("--shape", choices=("tiny", "qwen0.5b"), default="tiny", help="--data real: model shape")
+    parser.add_argument("--rollout-time", action="store_true", help="--data real: also time cfiw rollout")
+    parser.add_argument(
+        "--text", help="--data real: a GSM8K-format .jsonl (default: ../shared's GSM8K, else data/arith)"
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.group, args.prompt, args.reasoning, args.spans = 2, 2, 20, 40, 3
         args.layers, args.hidden, args.vocab, args.repeats = 2, 64, 512, 1
+        args.pad_vocab = 0
+    if args.data == "real":
+        if args.prompts == 8 and not args.quick:
+            args.prompts = 24  # with G = 4: 96 rollouts
+        real_main(args)
+        return
 
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config

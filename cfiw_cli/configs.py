@@ -161,6 +161,12 @@ class TinyModelConfig(Checked):
         None, "GSM8K-format file whose text trains the tokenizer (default: generated arithmetic problems)."
     )
     vocab_size: int = flag(1024, "Tokenizer vocabulary size, special tokens included.")
+    pad_vocab: int = flag(
+        0,
+        "Embedding and LM-head rows in all, beyond the tokenizer's (as Qwen pads 151,643 tokens to 151,936 "
+        "rows), so the head's share of compute is realistic; 0: one row per token.",
+        min=0,
+    )
     layers: int = flag(2, "Transformer layers.", min=1)
     hidden: int = flag(64, "Hidden size.", min=8)
     heads: int = flag(4, "Attention heads.", min=1)

@@ -17,3 +17,17 @@ def test_benchmark_quick_mode_prints_a_ratio(script):
     )
     assert done.returncode == 0, done.stderr
     assert "ratio" in done.stdout
+
+
+@pytest.mark.slow
+def test_score_benchmark_on_real_text_reports_the_whole_process():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "score_bench.py"), "--data", "real", "--quick", "--modes", "pad"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    header, row = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["mask"], ["pad"])]
+    assert header[:4] == ["mask", "process", "s", "(a)"] and row[0] == "pad"
+    assert float(row[-1]) < 1e-4  # max |fast - naive|, fp32

@@ -64,3 +64,14 @@ def test_bad_shapes_are_input_errors(cli, tmp_path):
     result = cli("tiny-model", "--out", tmp_path / "m", "--hidden", "30", "--heads", "4")
     assert result.exit_code == 1 and result.stderr.startswith("Error:")
     assert not (tmp_path / "m").exists()
+
+
+def test_pad_vocab_adds_rows_beyond_the_tokenizer(cli, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = build(cli, tmp_path / "m", "--pad-vocab", "1500")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_input_embeddings().num_embeddings == 1500 == model.get_output_embeddings().weight.shape[0]
+    assert len(AutoTokenizer.from_pretrained(out)) <= 1024
+    too_few = cli("tiny-model", "--out", tmp_path / "n", "--pad-vocab", "512")
+    assert too_few.exit_code == 1 and "--pad-vocab" in too_few.stderr and not (tmp_path / "n").exists()

@@ -22,11 +22,15 @@ give the same numbers (fp32, within 1e-4; tests check every mode against `naive_
    the cached prefix: the pad tokens and the rest (`pad`), the token before the span and
    the rest (`delete`: one token more, so the first answer token always has its
    predictor inside the suffix), or the rest at its original positions (`knockout`).
-2. The suffixes of many variants of many rollouts run as one batch (sorted by length, at
-   most `batch_tokens` padded tokens): the cached prefixes are gathered per row, suffixes
-   are left-padded so every row ends at its last answer position, a 2D attention mask
-   hides the padding and explicit position ids carry the right positions.
-3. Logits are computed only at the positions that predict answer tokens (`logits_to_keep`).
+2. The variants of one rollout are packed end to end into one batch row (at most
+   `row_tokens`), and rows of many rollouts run as one forward call (at most `batch_tokens`
+   padded tokens). All variants in a row attend to the same cached row, gathered once per
+   row; a 4D attention mask lets each token see the cached positions before its variant's
+   start and the earlier tokens of its own variant only, and explicit position ids carry
+   the right positions. No variant is padded to another's length, and the prefix cache is
+   copied once per rollout instead of once per variant.
+3. Logits are computed only at the positions that predict answer tokens (the decoder's last
+   hidden state is captured and the LM head runs on those positions alone).
 4. Under `knockout`, when the span ends right at the answer, the first answer token is
    predicted by the span's own last token, which the knockout leaves intact: its
    log-probability is taken from the unmasked run.
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     import torch
 
 MASK_MODES = ("pad", "delete", "knockout")
+PACKED_ROW_TOKENS = 256  # variants of one rollout packed into one batch row, at most this many tokens
 TARGETS = ("own", "gold")  # whose answer tokens a span's delta is measured on: the rollout's own, or the gold answer
 
 
@@ -164,6 +169,98 @@ def _run_suffixes(
     return picked, [(layer[0][:, :, past:], layer[1][:, :, past:]) for layer in cache]
 
 
+def _pack_rows(variants: list[_Suffix], row_budget: int) -> list[list[_Suffix]]:
+    """The variants of each rollout, cut into rows of at most `row_budget` tokens (a variant
+    longer than that gets a row of its own)."""
+    rows: list[list[_Suffix]] = []
+    for start in range(len(variants)):
+        v = variants[start]
+        if rows and rows[-1][0].row == v.row and sum(len(j.tokens) for j in rows[-1]) + len(v.tokens) <= row_budget:
+            rows[-1].append(v)
+        else:
+            rows.append([v])
+    return rows
+
+
+def _run_packed(
+    model: Any,
+    rows: list[list[_Suffix]],
+    kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: keys, values [N, heads, S, d] of the unmasked runs
+    stats: dict | None = None,
+) -> list[list[torch.Tensor]]:  # per row, per variant: target log-probs [n]
+    """One forward call in which each batch row packs several variants of one rollout end to end.
+
+    Every variant of a rollout attends to the same cached row (its unmasked run), so the cache
+    is gathered once per row, not once per variant, and no variant is padded to another's
+    length. A 4D mask lets each token see the cached positions before its variant's `past` and
+    the earlier tokens of its own variant, nothing else; position ids carry the positions."""
+    import torch
+
+    from cfiw_cli.logprobs import _captured_hidden
+
+    dev = next(model.parameters()).device
+    width = max(sum(len(j.tokens) for j in row) for row in rows)
+    past = max(j.past for row in rows for j in row)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)  # [B, W] right-padded with token 0
+    positions = torch.zeros(len(rows), width, dtype=torch.long)  # [B, W]
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # [B, W] variant index in the row
+    visible_past = torch.zeros(len(rows), width, dtype=torch.long)  # [B, W] cached positions a token sees
+    ends: list[list[int]] = []
+    for r, row in enumerate(rows):
+        start, row_ends = 0, []
+        for k, job in enumerate(row):
+            n = len(job.tokens)
+            tokens[r, start : start + n] = torch.tensor(job.tokens)
+            positions[r, start : start + n] = torch.tensor(job.positions)
+            segment[r, start : start + n] = k
+            visible_past[r, start : start + n] = job.past
+            start += n
+            row_ends.append(start)
+        ends.append(row_ends)
+    if stats is not None:
+        stats["tokens"] = stats.get("tokens", 0) + int((segment >= 0).sum())
+        stats["padded_tokens"] = stats.get("padded_tokens", 0) + len(rows) * width
+        stats["forward_calls"] = stats.get("forward_calls", 0) + 1
+    index = torch.arange(width)
+    own = (segment[:, :, None] == segment[:, None, :]) & (index[None, None, :] <= index[None, :, None])  # [B, W, W]
+    own |= (segment < 0)[:, :, None] & (index[None, None, :] == index[None, :, None])  # padding sees itself
+    cached = torch.arange(past)[None, None, :] < visible_past[:, :, None]  # [B, W, P]
+    allowed = torch.cat([cached, own], dim=2)[:, None]  # [B, 1, W, P + W]
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    cache_rows = torch.tensor([row[0].row for row in rows], device=dev)  # [B]
+    layers = [(k[:, :, :past].index_select(0, cache_rows), v[:, :, :past].index_select(0, cache_rows)) for k, v in kv]
+    with _captured_hidden(model) as captured:
+        model(
+            input_ids=tokens.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=positions.to(dev),
+            use_cache=False,
+            logits_to_keep=1,
+            **{_cache_argument(model): _cache_from(layers)},
+        )
+    hidden = captured["hidden"]  # [B, W, H]
+    wanted_rows, wanted_cols, targets = [], [], []
+    for r, row in enumerate(rows):
+        for job, end in zip(row, ends[r], strict=True):
+            n = len(job.targets)
+            wanted_rows += [r] * n
+            wanted_cols += list(range(end - n, end))
+            targets += job.targets
+    head = model.get_output_embeddings()
+    picked_hidden = hidden[torch.tensor(wanted_rows, device=dev), torch.tensor(wanted_cols, device=dev)]  # [n, H]
+    logprobs = head(picked_hidden).float().log_softmax(-1)  # [n, V]
+    values = logprobs.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)  # [n]
+    out, at = [], 0
+    for row in rows:
+        per_row = []
+        for job in row:
+            per_row.append(values[at : at + len(job.targets)])
+            at += len(job.targets)
+        out.append(per_row)
+    return out
+
+
 def _batches(sizes: list[int], budget: int, pasts: list[int] | None = None) -> list[list[int]]:
     """Greedy batches of indices (sorted longest first) whose padded size fits `budget` tokens.
 
@@ -254,6 +351,7 @@ def score_items(
     pad_id: int,
     batch_tokens: int = 8192,
     cache_tokens: int | None = None,
+    row_tokens: int | None = None,
     on_items: Callable[[int], None] | None = None,
     stats: dict | None = None,
 ) -> list[ItemScores]:
@@ -281,12 +379,13 @@ def score_items(
             for v in variants:
                 if v.base_first:
                     masked[v.row][v.span] = per_token[v.row][0]
-            runnable = [v for v in variants if v.tokens]
-            for batch in _batches([len(v.tokens) for v in runnable], batch_tokens, [v.past for v in runnable]):
-                jobs = [runnable[i] for i in batch]
-                logprobs, _ = _run_suffixes(model, jobs, kv, pad_id, stats=stats)
-                for job, values in zip(jobs, logprobs, strict=True):
-                    masked[job.row][job.span] += float(values.sum())
+            rows = _pack_rows([v for v in variants if v.tokens], row_tokens or PACKED_ROW_TOKENS)
+            widths = [sum(len(v.tokens) for v in row) for row in rows]
+            for batch in _batches(widths, batch_tokens, [max(v.past for v in row) for row in rows]):
+                batch_rows = [rows[i] for i in batch]
+                for row, values in zip(batch_rows, _run_packed(model, batch_rows, kv, stats), strict=True):
+                    for job, logprobs in zip(row, values, strict=True):
+                        masked[job.row][job.span] += float(logprobs.sum())
             for row, i in enumerate(chunk):
                 results[i] = ItemScores(base=float(sum(per_token[row])), masked=masked[row])
             del kv
@@ -327,7 +426,9 @@ def naive_scores(model: Any, item: ScoringItem, mode: str, pad_id: int) -> ItemS
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask).logits[0].float()  # [L, V]
         logprobs = logits.log_softmax(-1)
-        picked = logprobs[torch.arange(start - 1, len(tokens) - 1), torch.tensor(tokens[start:])]
+        picked = logprobs[
+            torch.arange(start - 1, len(tokens) - 1, device=dev), torch.tensor(tokens[start:], device=dev)
+        ]
         return float(picked.sum())
 
     x, a = item.tokens, item.target_start

@@ -63,7 +63,7 @@ def build_model(config: TinyModelConfig, tokenizer):
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), config.pad_vocab),
         hidden_size=config.hidden,
         intermediate_size=config.hidden * 3,
         num_hidden_layers=config.layers,
@@ -91,6 +91,11 @@ def run(config: TinyModelConfig, force: bool = False) -> StageResult:
     if config.hidden % config.heads or config.heads % config.kv_heads:
         raise CfiwError(
             "--hidden must be divisible by --heads, and --heads by --kv-heads", "try --hidden 64 --heads 4 --kv-heads 2"
+        )
+    if config.pad_vocab and config.pad_vocab < config.vocab_size:
+        raise CfiwError(
+            f"--pad-vocab {config.pad_vocab} is below --vocab-size {config.vocab_size}",
+            "pad to at least the tokenizer's size (it counts all rows), or pass 0",
         )
     if config.vocab_size < 300:
         raise CfiwError("--vocab-size must be at least 300", "the byte alphabet alone takes 256 entries")
