@@ -36,7 +36,7 @@ LOGIT_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32 (441 tokens a
 
 
 @contextlib.contextmanager
-def _captured_hidden(model: Any) -> Iterator[dict]:
+def captured_hidden(model: Any) -> Iterator[dict]:
     """Capture the decoder's last hidden state (after its final norm) during a forward call."""
     from accelerate.utils import extract_model_from_parallel
 
@@ -96,7 +96,7 @@ def completion_logprobs(
     longest = max(len(tokens) - prompt for tokens, prompt in sequences)
     ids, attention = left_padded_batch([tokens for tokens, _ in sequences], pad_id, device)  # [B, W] each
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # [B, W]
-    with _captured_hidden(model) as captured, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with captured_hidden(model) as captured, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=1)
     hidden = captured["hidden"][:, width - longest - 1 : width - 1]  # [B, C, H]: column j predicts completion token j
     # Right-aligned completion tokens and which slots hold one.

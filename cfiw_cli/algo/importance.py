@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cfiw_cli.batching import consecutive_runs, left_pad
+from cfiw_cli.logprobs import captured_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -196,8 +197,6 @@ def _run_packed(
     the earlier tokens of its own variant, nothing else; position ids carry the positions."""
     import torch
 
-    from cfiw_cli.logprobs import _captured_hidden
-
     dev = next(model.parameters()).device
     width = max(sum(len(j.tokens) for j in row) for row in rows)
     past = max(j.past for row in rows for j in row)
@@ -230,7 +229,7 @@ def _run_packed(
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     cache_rows = torch.tensor([row[0].row for row in rows], device=dev)  # [B]
     layers = [(k[:, :, :past].index_select(0, cache_rows), v[:, :, :past].index_select(0, cache_rows)) for k, v in kv]
-    with _captured_hidden(model) as captured:
+    with captured_hidden(model) as captured:
         model(
             input_ids=tokens.to(dev),
             attention_mask=mask.to(dev),
