@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +28,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfiw_cli import __version__
-from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.schemas import SCHEMAS, validate
 
@@ -282,25 +281,6 @@ def recover_directory(final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_directory(
-    out: Path, stage: str, settings: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool
-) -> bool:
-    """Whether to (re)build the output directory `out`: False when it is up to date (said
-    so); an existing directory from anything else is an error unless `force`."""
-    if out.exists() and not force:
-        if up_to_date(out, stage, settings, inputs):
-            info(f"{out} is up to date (use --force to rebuild)")
-            return False
-        raise CfiwError(
-            f"{out} already exists and holds something else", "pass --force to replace it or choose another --out"
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CfiwError(f"cannot create {out.parent}: {exc.strerror or exc}", "choose a writable --out") from exc
-    return True
-
-
 def write_directory_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     (directory / DIRECTORY_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
@@ -354,24 +334,6 @@ def settings_of(config: Any, *outputs: str) -> dict[str, Any]:
     but the output paths (moving an output does not change what it holds)."""
 
     return {k: v for k, v in asdict(config).items() if k not in ("out", *outputs)}
-
-
-@dataclass(frozen=True)
-class StageResult:
-    path: Path
-    skipped: bool  # the output was up to date
-    metrics: dict[str, Any]
-
-
-def skip_if_done(
-    path: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, Any]], force: bool
-) -> StageResult | None:
-    """The result to return when `path` is up to date (and `force` is off), after saying so."""
-    if force or not up_to_date(path, stage, config, inputs):
-        return None
-
-    info(f"{path} is up to date (use --force to recompute)")
-    return StageResult(path, True, (read_manifest(path) or {}).get("metrics", {}))
 
 
 def up_to_date(

@@ -43,23 +43,22 @@ def ordered_fields(config_class: type) -> list[Field]:
 
 def _annotation(config_class: type, item: Field) -> Any:
     meta = item.metadata
-    optional = type(None) in typing.get_args(typing.get_type_hints(config_class)[item.name])
-    base: Any = typing.get_type_hints(config_class)[item.name]
-    if optional:
-        base = next(a for a in typing.get_args(base) if a is not type(None))
+    declared = typing.get_type_hints(config_class)[item.name]
+    optional = type(None) in typing.get_args(declared)
+    base: Any = next(a for a in typing.get_args(declared) if a is not type(None)) if optional else declared
+    extra: dict[str, Any] = {key: meta[key] for key in ("min", "max") if meta.get(key) is not None}
+    if base is float:
+        extra["callback"] = _finite
     if meta.get("choices"):
         base = choice_type(_camel(item.name), meta["choices"])
     elif meta.get("path"):
         base = Path
     if optional:
         base = base | None
-    limits = {key: meta[key] for key in ("min", "max") if meta.get(key) is not None}
-    if base is float or base == float | None:
-        limits["callback"] = _finite
     if meta.get("argument"):
         info = typer.Argument(help=meta["help"])
     else:
-        info = typer.Option(*meta.get("names", ()), help=meta["help"], **limits)
+        info = typer.Option(*meta.get("names", ()), help=meta["help"], **extra)
     return Annotated[base, info]
 
 

@@ -125,12 +125,12 @@ def _run_suffixes(
     jobs: list[_Suffix],
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None,  # per layer: keys, values [B, heads, S, d]
     pad_id: int,
-    keep_cache: bool = False,
     stats: dict | None = None,
-) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]] | None]:  # per job [n]; per layer KV
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:  # per job [n]; per layer KV
     """One forward call: each job's suffix on top of its cached prefix (`kv`: per layer
-    `[rows, H, L, d]`, position j in slot j). Returns the target log-probs of each job and,
-    with `keep_cache`, the suffix KV per layer `[B, H, S, d]` (left-padded like the input)."""
+    `[rows, H, L, d]`, position j in slot j). Returns the target log-probs of each job and
+    the suffix KV per layer `[B, H, S, d]` (left-padded like the input): the unmasked pass
+    keeps it for the variants."""
     import torch
 
     dev = next(model.parameters()).device
@@ -153,7 +153,7 @@ def _run_suffixes(
         input_ids=torch.tensor(suffix, device=dev),  # [B, S]
         attention_mask=torch.tensor(mask, device=dev),  # [B, P + S]
         position_ids=torch.tensor(left_pad([j.positions for j in jobs], 0), device=dev),  # [B, S]
-        use_cache=keep_cache,
+        use_cache=True,
         logits_to_keep=max(max(len(j.targets) for j in jobs), 1),
         **kwargs,
     )
@@ -164,8 +164,6 @@ def _run_suffixes(
         picked.append(
             logprobs[row, logprobs.shape[1] - len(job.targets) :].gather(1, wanted[:, None]).squeeze(1)
         )  # [n]
-    if not keep_cache:
-        return picked, None
     cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
     return picked, [(layer[0][:, :, past:], layer[1][:, :, past:]) for layer in cache]
 
@@ -174,12 +172,14 @@ def _pack_rows(variants: list[_Suffix], row_budget: int) -> list[list[_Suffix]]:
     """The variants of each rollout, cut into rows of at most `row_budget` tokens (a variant
     longer than that gets a row of its own)."""
     rows: list[list[_Suffix]] = []
-    for start in range(len(variants)):
-        v = variants[start]
-        if rows and rows[-1][0].row == v.row and sum(len(j.tokens) for j in rows[-1]) + len(v.tokens) <= row_budget:
+    width = 0  # tokens in the last row
+    for v in variants:
+        if rows and rows[-1][0].row == v.row and width + len(v.tokens) <= row_budget:
             rows[-1].append(v)
+            width += len(v.tokens)
         else:
             rows.append([v])
+            width = len(v.tokens)
     return rows
 
 
@@ -307,7 +307,7 @@ def _run_unmasked(
         prompt_kv = []
         for batch in _batches([len(p) for p in prompt_list], batch_tokens):
             jobs = [_Suffix(i, 0, list(prompt_list[i]), list(range(len(prompt_list[i]))), []) for i in batch]
-            _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, keep_cache=True, stats=stats)
+            _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, stats=stats)
             if not prompt_kv:
                 longest = max(len(p) for p in prompt_list)
                 prompt_kv = [
@@ -327,7 +327,7 @@ def _run_unmasked(
         )
     for batch in _batches([len(j.tokens) for j in jobs], batch_tokens):
         batch_jobs = [jobs[i] for i in batch]
-        logprobs, suffix_kv = _run_suffixes(model, batch_jobs, prompt_kv, pad_id, keep_cache=True, stats=stats)
+        logprobs, suffix_kv = _run_suffixes(model, batch_jobs, prompt_kv, pad_id, stats=stats)
         if item_kv is None:
             item_kv = [
                 tuple(t.new_zeros(len(items), t.shape[1], longest, t.shape[3]) for t in layer) for layer in suffix_kv
