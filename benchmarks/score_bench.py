@@ -196,6 +196,45 @@ def whole_process(space: dict, mode: str, dtype: str, work: Path) -> float:
     return time.perf_counter() - started
 
 
+STARTUP = """
+import sys, time
+started = time.perf_counter()
+import cfiw_cli.cli  # what `cfiw` imports before it parses the command line
+from cfiw_cli import modeling
+import torch
+modeling.device()  # the process state every stage sets up
+modeling.load_tokenizer(sys.argv[1])
+model = modeling.load_model(sys.argv[1], sys.argv[2], torch.device(sys.argv[3]))
+"""
+
+
+def startup_floor(space: dict, dtype: str, device: str) -> float:
+    """Wall seconds of a new process that only imports what `cfiw score` imports and loads the
+    model and tokenizer: what any scoring command pays before it computes anything."""
+    argv = [sys.executable, "-c", STARTUP, str(space["model"]), dtype, device]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return time.perf_counter() - started
+
+
+def gemm_floor_seconds(model, tokens: int, batch_tokens: int, sync) -> tuple[float, float]:
+    """(seconds, FLOP/s): the decoder's linear layers alone run on `tokens` tokens at the speed
+    this machine multiplies matrices of the model's shape (the MLP's up projection, `batch_tokens`
+    rows), i.e. an exact scorer's compute with free attention and no padding."""
+    import torch
+
+    linear = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
+    flops_per_token = 2 * sum(m.weight.numel() for m in linear)
+    widest = max(linear, key=lambda m: m.weight.numel())
+    x = torch.randn(batch_tokens, widest.in_features, dtype=widest.weight.dtype, device=widest.weight.device)
+    with torch.inference_mode():
+        seconds, _ = timed(lambda: (widest(x), sync()), 5)
+    rate = 2 * batch_tokens * widest.weight.numel() / seconds
+    return tokens * flops_per_token / rate, rate
+
+
 def whole_rollout(space: dict, args, dtype: str, work: Path, max_new_tokens: int) -> float:
     """Wall seconds of `cfiw rollout` sampling the same number of rollouts of about the same length."""
     data = work / "questions.jsonl"
@@ -248,6 +287,7 @@ def real_main(args) -> None:
         f"{'(a)/(c)':>7} {'(b)/(c)':>7} {'(c) tokens':>10} {'bound':>7} {'(c)/(a) tok/s':>13} {'max |diff|':>10}"
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    floors = []
     for mode in args.modes.split(","):
         stats: dict = {}
         score_items(model, items, mode, pad_id, batch_tokens=args.batch_tokens, stats=stats)  # warm-up, counts
@@ -280,6 +320,21 @@ def real_main(args) -> None:
         )
         if dtype == "float32":
             assert worst < 1e-4, f"{mode}: fast and naive scores differ by {worst}"
+        floors.append((mode, a_seconds, b_seconds, process))
+    startup = statistics.median(startup_floor(space, dtype, args.device) for _ in range(args.repeats))
+    gemm, rate = gemm_floor_seconds(model, bound, args.batch_tokens, sync)
+    print(
+        f"floor: a new process that imports and loads the model, no scoring: {startup:.2f} s; the decoder's linear "
+        f"layers on the lower bound's {bound} tokens at {rate / 1e9:.0f} GFLOP/s: {gemm:.2f} s; so no exact scorer's "
+        "process is faster than their sum here:"
+    )
+    print(f"{'mask':>9} {'process s':>9} {'floor s':>7} {'(a)/floor':>9} {'(b)/floor':>9} {'process-startup s':>17}")
+    for mode, a_seconds, b_seconds, process in floors:
+        floor = startup + gemm
+        print(
+            f"{mode:>9} {process:>9.2f} {floor:>7.2f} {a_seconds / floor:>9.2f} {b_seconds / floor:>9.2f} "
+            f"{process - startup:>17.2f}"
+        )
     if args.rollout_time:
         longest = max(len(i.tokens) - i.prompt_length for i in items)
         sampled = whole_rollout(space, args, dtype, work, round(completion))

@@ -28,6 +28,14 @@ def test_score_benchmark_on_real_text_reports_the_whole_process():
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    header, row = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["mask"], ["pad"])]
+    header, row, floor_header, floor_row = [
+        line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["mask"], ["pad"])
+    ]
     assert header[:4] == ["mask", "process", "s", "(a)"] and row[0] == "pad"
     assert float(row[-1]) < 1e-4  # max |fast - naive|, fp32
+    # The floor table: start-up plus GEMM time, and (a) and (b) over it, for the same mode.
+    assert floor_header[:5] == ["mask", "process", "s", "floor", "s"] and floor_row[0] == "pad"
+    process, floor, a_over_floor = float(floor_row[1]), float(floor_row[2]), float(floor_row[3])
+    a_seconds = float(row[2])
+    assert process == float(row[1]) and floor > 0
+    assert a_over_floor == pytest.approx(a_seconds / floor, abs=0.02)
