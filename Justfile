@@ -4,8 +4,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 venv := ".venv"
 bin := venv / "bin"
-# CPU-only machines: CFIW_TORCH=torch==2.13.0 just setup (the default takes PyPI's build)
+# Which PyTorch to install, and from where. PyPI serves Linux machines the CUDA build; for
+# PyTorch's CPU build: CFIW_TORCH_INDEX=https://download.pytorch.org/whl/cpu just setup
 torch := env("CFIW_TORCH", "torch")
+torch_index := env("CFIW_TORCH_INDEX", "")
 
 default:
     @just --list
@@ -13,7 +15,7 @@ default:
 # create .venv and install cfiw (editable) with its test tools
 setup:
     test -x {{bin}}/python || python3 -m venv {{venv}}
-    {{bin}}/pip install -q "{{torch}}"
+    {{bin}}/pip install -q {{ if torch_index != "" { "--index-url " + torch_index } else { "" } }} "{{torch}}"
     {{bin}}/pip install -q -e '.[dev]'
     {{bin}}/cfiw --version
 

@@ -7,10 +7,18 @@ apply temperature and top-p in `_SamplingDistribution`, which is then the last p
 the scores it returns are exactly what `generate` samples from. Only one `[B, V]` step of
 log-probabilities is alive at a time (no `output_scores`, which would keep `[B, T, V]`).
 Greedy decoding (temperature 0) records the log-probabilities at temperature 1.
+
+Sampling does not use `generate`'s own sampler (one global random stream, so a sequence's
+sample would depend on the batch and the process it ran in). Each sequence has its own seeded
+generator; `_SamplingDistribution` adds Gumbel noise drawn from it to the final scores, and
+`generate` runs greedily: the argmax of `scores + Gumbel` is an exact sample from
+`softmax(scores)` (the Gumbel-max trick). A sequence's sample then depends only on its own
+seed, whatever the batch size, the order, or the number of processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,14 +39,34 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
-class _SamplingDistribution:
-    """Logits processor: temperature + top-p, and the log-prob of the token chosen last step."""
+def sequence_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
+    """The seed of one sequence's random stream: a function of the run's seed, the question and
+    the sample index alone (a stable hash, not Python's salted `hash`)."""
+    digest = hashlib.sha256(f"{seed}/{prompt_id}/{sample_idx}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
-    def __init__(self, temperature: float, top_p: float):
+
+class _SamplingDistribution:
+    """Logits processor: temperature + top-p, the log-prob of the token chosen last step, and,
+    when sampling, each row's Gumbel noise from its own generator (`seeds`, one per row)."""
+
+    def __init__(self, temperature: float, top_p: float, seeds: Sequence[int] = (), device: Any = None):
+        import torch
+
         self.temperature = temperature
         self.top_p = top_p
         self.chosen_logprobs: list[torch.Tensor] = []  # one [B] tensor per finished step
         self._last_logprobs = None  # [B, V] of the step whose token is not chosen yet
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds] if temperature > 0 else []
+
+    def gumbel(self, scores: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B, V]
+        import torch
+
+        tiny = torch.finfo(torch.float32).tiny
+        uniform = torch.stack(
+            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators]
+        )  # [B, V]: step t of row r is the t-th draw of row r's generator
+        return -torch.log(-torch.log(uniform.clamp_(min=tiny, max=1 - 2**-24)))
 
     def record(self, chosen_tokens: torch.Tensor) -> None:  # [B]
         self.chosen_logprobs.append(self._last_logprobs.gather(1, chosen_tokens[:, None]).squeeze(1))  # [B]
@@ -59,16 +87,19 @@ class _SamplingDistribution:
                 drop = drop_sorted.scatter(1, order, drop_sorted)
                 scores = scores.masked_fill(drop, float("-inf"))
         self._last_logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
+        if self.generators:
+            return scores + self.gumbel(scores)  # generate's argmax of this is a sample from softmax(scores)
         return scores
 
 
 def generation_config(tokenizer: Any, max_new_tokens: int, temperature: float) -> Any:
-    """A clean config: nothing inherited from the checkpoint alters the sampling distribution."""
+    """A clean config: nothing inherited from the checkpoint alters the sampling distribution.
+    Decoding is greedy: sampling happens in `_SamplingDistribution` (Gumbel-max)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
+        do_sample=False,
         temperature=1.0,
         top_k=0,
         top_p=1.0,
@@ -98,13 +129,13 @@ def generate(
     temperature: float,
     top_p: float,
     batch_size: int,
-    seed: int,
+    seeds: Sequence[int],
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
     """Complete every prompt (already tokenized, unpadded), `batch_size` sequences per call.
 
-    Each batch is seeded with `seed + index of its first sequence`, so a sequence's sample does
-    not depend on how many batches ran before it in this process. `on_batch(sequences,
+    Sequence i samples from its own random stream, seeded with `seeds[i]`, so its sample does
+    not depend on the other sequences of its batch or on the batches before it. `on_batch(sequences,
     tokens)` is called after each batch (progress bars).
     """
     from transformers import GenerationConfig
@@ -125,7 +156,7 @@ def generate(
                 set(stop_ids),
                 temperature,
                 top_p,
-                seed + start,
+                seeds[start : start + batch_size],
             )
             results.extend(batch)
             if on_batch:
@@ -135,13 +166,12 @@ def generate(
     return results
 
 
-def _complete_batch(model, tokenizer, batch, config, stop_ids, temperature, top_p, seed) -> list[Completion]:
+def _complete_batch(model, tokenizer, batch, config, stop_ids, temperature, top_p, seeds) -> list[Completion]:
     import torch
 
     dev = next(model.parameters()).device
     input_ids, attention_mask = left_padded_batch(batch, tokenizer.pad_token_id, dev)  # [B, P] each
-    processor = _SamplingDistribution(temperature, top_p)
-    torch.manual_seed(seed)
+    processor = _SamplingDistribution(temperature, top_p, seeds, dev)
     with torch.inference_mode():
         sequences = model.generate(
             input_ids=input_ids,
@@ -205,7 +235,7 @@ def sample_questions(
             temperature=temperature,
             top_p=top_p,
             batch_size=batch_size,
-            seed=seed,
+            seeds=[sequence_seed(seed, rows[i]["prompt_id"], s) for i, s in jobs],
             on_batch=on_batch,
         )
     out = []

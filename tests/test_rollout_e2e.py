@@ -1,6 +1,9 @@
 """End to end on a tiny model: tiny-model -> rollout -> eval through the CLI."""
 
 import json
+import os
+import subprocess
+import sys
 
 import duckdb
 import pyarrow.parquet as pq
@@ -129,6 +132,29 @@ def test_rerun_is_up_to_date_force_rewrites_and_seed_is_deterministic(cli, tmp_p
     assert pq.read_table(other).column("completion_ids") != first.column("completion_ids")
     changed = cli(*rollout_args(out, "--temperature", "0.5"))
     assert "up to date" not in changed.stderr  # a changed flag invalidates the file
+
+
+def test_two_processes_sample_what_one_process_samples(cli, tmp_path, rollout_args):
+    """Each sequence samples from its own stream (seed, question, sample index), so sharding the
+    questions over two `accelerate launch` workers draws the very same rollouts."""
+    single = tmp_path / "single.parquet"
+    assert cli(*rollout_args(single)).exit_code == 0
+    sharded = tmp_path / "sharded.parquet"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29535"]
+    argv = launch + ["-m", "cfiw_cli"] + [str(a) for a in rollout_args(sharded)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = pq.read_table(single), pq.read_table(sharded)
+    assert json.loads(two.schema.metadata[b"cfiw"])["metrics"]["processes"] == 2
+    for column in ROLLOUTS.names:
+        if column != "completion_logprobs":
+            assert two.column(column).to_pylist() == one.column(column).to_pylist(), column
+    logprobs = zip(
+        two.column("completion_logprobs").to_pylist(), one.column("completion_logprobs").to_pylist(), strict=True
+    )
+    for a, b in logprobs:
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
 def test_stop_tokens_end_completions_and_logprobs_stay_exact(tiny_model, mini_dataset, tmp_path):

@@ -3,6 +3,7 @@ start, 2 iterations) writes exactly the expected artifacts and a report in which
 spans out-score filler; started again, every stage is up to date and nothing changes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,24 @@ def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_pat
     assert "trained" not in again.stderr and "fine-tuned" not in again.stderr
     assert {name: sha256_of(run / name) for name in before} == before
     assert files(run) == expected
+
+
+@pytest.mark.parametrize(
+    "environment, pip_line",
+    [
+        ({}, 'pip install -q  "torch"'),
+        (
+            {"CFIW_TORCH": "torch==2.13.0", "CFIW_TORCH_INDEX": "https://download.pytorch.org/whl/cpu"},
+            'pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"',
+        ),
+    ],
+)
+def test_setup_installs_torch_from_the_index_given(environment, pip_line):
+    """`just setup` takes PyTorch's CPU build from its own index when told to (PyPI serves
+    Linux the CUDA build); `--dry-run` prints the commands without running them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CFIW_TORCH")} | environment
+    done = subprocess.run(
+        [just(), "--justfile", str(ROOT / "Justfile"), "--dry-run", "setup"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert pip_line in done.stderr.splitlines()[1]

@@ -41,7 +41,6 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
 def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
     mine = distributed.my_share(rows)  # under accelerate launch, each process samples its share
-    process_seed = sampling_seed(config.seed, config.iteration) + 7919 * distributed.state().process_index
     samples = sample_questions(
         model,
         tokenizer,
@@ -51,7 +50,7 @@ def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any
         temperature=config.temperature,
         top_p=config.top_p,
         batch_size=config.batch_size,
-        seed=process_seed,
+        seed=sampling_seed(config.seed, config.iteration),  # each sequence's stream: this, its question and index
         prompt_template=config.prompt_template,
         chat_template=config.chat_template,
         description=f"rollout iter {config.iteration}",
@@ -98,6 +97,7 @@ def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any
         "completion_tokens": tokens,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "stop_fraction": sum(r["finish_reason"] == "stop" for r in records) / len(records),
+        "processes": distributed.processes(),
     }
     manifest = stage.manifest(
         rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed
