@@ -79,11 +79,12 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def input_record(ref: str) -> dict[str, Any]:
-    """Describe one input: a local path gets its sha256, a hub id is kept as given."""
+def input_record(ref: str, revision: str | None = None) -> dict[str, Any]:
+    """Describe one input: a local path gets its sha256; a hub id is kept as given, with the
+    commit its revision resolved to (`revision`) when known."""
     if os.path.exists(ref):
         return {"path": str(ref), "sha256": sha256_of(ref)}
-    return {"path": str(ref), "sha256": None}
+    return {"path": str(ref), "sha256": None, **({"revision": revision} if revision else {})}
 
 
 @lru_cache(maxsize=1)
@@ -349,10 +350,10 @@ def up_to_date(
         return False
     # Round-trip through JSON so tuples/paths compare the way they were stored.
     same_config = manifest.get("config") == json.loads(json.dumps(config, default=str))
-    recorded = {k: v.get("sha256") for k, v in manifest.get("inputs", {}).items()}
+    recorded = {k: (v.get("sha256"), v.get("revision")) for k, v in manifest.get("inputs", {}).items()}
     if partial:
         recorded = {k: v for k, v in recorded.items() if k in inputs}
-    same_inputs = recorded == {k: v.get("sha256") for k, v in inputs.items()}
+    same_inputs = recorded == {k: (v.get("sha256"), v.get("revision")) for k, v in inputs.items()}
     return manifest.get("stage") == stage and same_config and same_inputs
 
 

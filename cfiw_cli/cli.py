@@ -280,6 +280,9 @@ def loop(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")
     ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision of the model (branch, tag or commit; default: main).")
+    ] = None,
     iterations: Annotated[int | None, typer.Option(min=1, help="Override the number of iterations.")] = None,
     weighting: Annotated[options.WeightingChoice | None, typer.Option(help="Override the weighting.")] = None,
     eval_every: Annotated[
@@ -308,6 +311,7 @@ def loop(
     settings = stage.load_config(preset.value if preset else None, str(config) if config else None)
     overrides = {
         "model.id": model,
+        "model.revision": revision,
         "loop.iterations": iterations,
         "loop.weighting": weighting.value if weighting else None,
         "loop.eval_every": eval_every,

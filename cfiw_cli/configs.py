@@ -111,9 +111,16 @@ def check_value(item: Any, annotation: Any, value: Any) -> None:
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+REVISION_HELP = (
+    "Hub revision of --model: a branch, tag or commit (default: main). The commit it resolves to is loaded and "
+    "recorded in the manifest; a local directory ignores it."
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelOptions(Checked):
     model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
+    revision: str | None = flag(None, REVISION_HELP)
     dtype: str = flag(
         "auto", "Model dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16, float16.", choices=DTYPES
     )
@@ -233,6 +240,7 @@ class SegmentConfig(Checked):
     model: str = flag(
         help="Model (hub id or directory) whose tokenizer produced the rollouts.", names=("--model", "-m")
     )
+    revision: str | None = flag(None, REVISION_HELP)
     out: str = flag(help="spans.parquet to write.", path=True)
     max_spans: int = flag(10, "Most reasoning spans kept per rollout (calculations first).")
     min_tokens: int = flag(5, "Sentences shorter than this are merged into a neighbour.")
@@ -263,6 +271,7 @@ class ScoreConfig(ModelOptions):
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(Checked):
     model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
+    revision: str | None = flag(None, REVISION_HELP + " It applies to a hub --reference too.")
     rollouts: str = flag(help=ROLLOUTS_HELP, names=("--rollouts", "-r"), path=True)
     out: str = flag(help="Checkpoint directory to write (may be --model itself; replaced atomically).", path=True)
     spans: str | None = flag(
@@ -348,6 +357,7 @@ class ReplayConfig(Checked):
 @dataclass(frozen=True, kw_only=True)
 class ModelSection(Checked):
     id: str = flag(help="The starting policy: a hub id or a model directory.")
+    revision: str | None = flag(None, "Hub revision of the starting policy (see --revision).")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -78,14 +78,42 @@ def _hub_error(ref: str, exc: Exception) -> CfiwError:
     )
 
 
-def load_tokenizer(ref: str) -> Any:
-    """Tokenizer with left padding (for batched generation) and a pad token."""
+def resolve_revision(ref: str, revision: str | None) -> str | None:
+    """The commit that `revision` (default: main) of hub model `ref` points at: asked of the hub,
+    or read from the local hub cache when offline (HF_HUB_OFFLINE=1) or the hub cannot be
+    reached. None for a local directory."""
+    if Path(ref).expanduser().exists():
+        return None
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    wanted = revision or "main"
+    problem = "it is not in the local hub cache and the hub is offline (HF_HUB_OFFLINE)"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(ref, revision=wanted).sha
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise _hub_error(ref, exc) from exc
+        except Exception as exc:  # the hub cannot be reached: the local cache may still know the revision
+            problem = f"the hub cannot be reached ({type(exc).__name__}) and the local hub cache lacks it"
+    cached = try_to_load_from_cache(ref, "config.json", revision=wanted)
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # <cache>/models--org--name/snapshots/<commit>/config.json
+    raise CfiwError(
+        f"cannot resolve revision {wanted!r} of {ref}: {problem}",
+        "check --model and --revision; offline, the model must be in the local hub cache",
+    )
+
+
+def load_tokenizer(ref: str, revision: str | None = None) -> Any:
+    """Tokenizer with left padding (for batched generation) and a pad token. `revision`: of a
+    hub model (a resolved commit, see `resolve_revision`); a local directory ignores it."""
     from transformers import AutoTokenizer
 
     quiet_libraries()
     check_model_ref(ref)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref)
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=_hub_only(ref, revision))
     except (OSError, ValueError) as exc:
         raise _hub_error(ref, exc) from exc
     tokenizer.padding_side = "left"
@@ -94,25 +122,33 @@ def load_tokenizer(ref: str) -> Any:
     return tokenizer
 
 
-def load_model(ref: str, dtype: str = "auto", dev: Any = None) -> Any:
+def _hub_only(ref: str, revision: str | None) -> str | None:
+    return None if Path(ref).expanduser().exists() else revision
+
+
+def load_model(ref: str, dtype: str = "auto", dev: Any = None, revision: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
     check_model_ref(ref)
     dev = dev or device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype, dev))
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=resolve_dtype(dtype, dev), revision=_hub_only(ref, revision)
+        )
     except (OSError, ValueError) as exc:
         raise _hub_error(ref, exc) from exc
     return model.to(dev).eval()
 
 
-def policy(ref: str, dtype: str = "auto", model: Any = None, tokenizer: Any = None) -> tuple[Any, Any, Any]:
+def policy(
+    ref: str, dtype: str = "auto", model: Any = None, tokenizer: Any = None, revision: str | None = None
+) -> tuple[Any, Any, Any]:
     """(model, tokenizer, device): the ones given (e.g. by `cfiw loop`), else loaded from `ref`
-    onto this process's device."""
+    (at `revision`, for a hub model) onto this process's device."""
     dev = device()
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
-    model = model if model is not None else load_model(ref, dtype, dev)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref, revision)
+    model = model if model is not None else load_model(ref, dtype, dev, revision)
     return model, tokenizer, dev
 
 

@@ -38,6 +38,7 @@ from cfiw_cli.artifacts import (
 )
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.modeling import resolve_revision
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -65,7 +66,8 @@ class StageResult:
 class StageRun:
     """One run of stage `name` with `config` (a dataclass whose `out` is the output).
 
-    `inputs` names each input path or hub id (hashed into the manifest); `outputs` names the
+    `inputs` names each input path or hub id (hashed into the manifest; a hub `model` is
+    recorded with the commit `revision` resolves to, which `commit` holds); `outputs` names the
     stage's other output files (flag -> path); `exclude` lists config fields that only say
     where those go; `requires` are files that must also exist for the output to count as up to
     date. For an output that is one part of a larger command (a replay cell), `out` and
@@ -84,6 +86,7 @@ class StageRun:
         inputs: dict[str, str | None],
         *,
         force: bool = False,
+        revision: str | None = None,
         directory: bool = False,
         replaces: bool = False,
         outputs: dict[str, Path] | None = None,
@@ -97,6 +100,8 @@ class StageRun:
         self.outputs = {"--out": self.out, **(outputs or {})}
         self.settings = settings if settings is not None else settings_of(config, *exclude)
         self.refs = {key: ref for key, ref in inputs.items() if ref}
+        self.revision = revision
+        self.commit: str | None = None  # of a hub model: what `revision` resolved to, to load and record
         self.requires = requires
         self.up_to_date = False
         self.started = 0.0
@@ -113,7 +118,11 @@ class StageRun:
         else:
             prepare_output(self.out)
             _remove_stale_temp_files(self.out)
-        self.inputs = {key: input_record(ref) for key, ref in self.refs.items()}
+        if "model" in self.refs:
+            self.commit = resolve_revision(self.refs["model"], self.revision)
+        self.inputs = {
+            key: input_record(ref, self.commit if key == "model" else None) for key, ref in self.refs.items()
+        }
         compared = {k: v for k, v in self.inputs.items() if not (self.in_place and k == "model")}
         fresh = up_to_date(self.out, self.name, self.settings, compared, partial=self.in_place)
         self.up_to_date = fresh and all(p.exists() for p in self.requires) and not self.force

@@ -46,7 +46,18 @@ def test_the_check_sees_a_sibling_import(tmp_path):
 
 
 # Imported where they are used, so that `cfiw --help` and light commands never load them.
-HEAVY_LIBRARIES = {"torch", "transformers", "trl", "datasets", "accelerate", "peft", "matplotlib", "vllm", "tokenizers"}
+HEAVY_LIBRARIES = {
+    "torch",
+    "transformers",
+    "trl",
+    "datasets",
+    "accelerate",
+    "peft",
+    "matplotlib",
+    "vllm",
+    "tokenizers",
+    "huggingface_hub",
+}
 
 
 def function_level_imports(path: Path, root: Path = PACKAGE) -> list[str]:

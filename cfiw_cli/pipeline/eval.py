@@ -88,14 +88,15 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
     if model is None:
         modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-    with StageRun("eval", config, {"model": config.model, "dataset": config.dataset}, force=force) as stage:
+    inputs = {"model": config.model, "dataset": config.dataset}
+    with StageRun("eval", config, inputs, force=force, revision=config.revision) as stage:
         if stage.up_to_date:
             return stage.skipped()
         return _evaluate(config, stage, rows, model, tokenizer)
 
 
 def _evaluate(config: EvalConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
-    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
+    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer, stage.commit)
     samples = sample_questions(
         model,
         tokenizer,

@@ -129,13 +129,13 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     _check_keys(config, STAGE_CONFIGS)
     loop = _section(config, "loop", LoopSection)
     data = _section(config, "data", DataSection)
-    base = _section(config, "model", ModelSection).id
+    model = _section(config, "model", ModelSection)
     if loop.train_pool is not None and (loop.train_pool < loop.questions or loop.train_pool % loop.questions):
         raise CfiwError(
             f"loop.train_pool ({loop.train_pool}) must be a multiple of loop.questions ({loop.questions})",
             f"e.g. --set loop.train_pool={loop.questions * 8}",
         )
-    steps = _steps(config, loop, data, base, RunLayout(run))
+    steps = _steps(config, loop, data, model, RunLayout(run))
     for _, command, stage_config in steps:
         try:
             CHECKS[command](stage_config)
@@ -145,12 +145,13 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
 
 
 def _steps(
-    config: dict[str, Any], loop: LoopSection, data: DataSection, base: str, layout: RunLayout
+    config: dict[str, Any], loop: LoopSection, data: DataSection, model: ModelSection, layout: RunLayout
 ) -> list[tuple[int, str, Any]]:
+    base, revision = model.id, model.revision  # every stage gets the revision; the run's policy directory ignores it
     iterations, questions, every, seed = loop.iterations, loop.questions, loop.eval_every, loop.seed
     pool = loop.train_pool
     policy = str(layout.policy)
-    sampling = _section(config, "rollout", RolloutConfig, model=base, dataset=data.dataset, out="")
+    sampling = _section(config, "rollout", RolloutConfig, model=base, revision=revision, dataset=data.dataset, out="")
     probe_questions, probe_samples = loop.probe_questions, loop.probe_samples
     train_settings = dict(config.get("train", {}))
     _section(config, "train", TrainConfig, model=base, rollouts="", out="")  # every value checked once, by name
@@ -168,6 +169,7 @@ def _steps(
         eval_settings = config.get("eval", {})
         greedy = EvalConfig(
             model=model,
+            revision=revision,
             dataset=data.dataset,
             out=str(layout.evaluation("eval", index)),
             split=data.eval_split,
@@ -179,6 +181,7 @@ def _steps(
             return [(index, "eval", greedy)]
         probe = EvalConfig(
             model=model,
+            revision=revision,
             dataset=data.dataset,
             out=str(layout.evaluation("probe", index)),
             split=data.eval_split,
@@ -211,6 +214,7 @@ def _steps(
                 "rollout",
                 RolloutConfig(
                     model=current,
+                    revision=revision,
                     dataset=data.dataset,
                     out=files["rollouts"],
                     split=data.train_split,
@@ -227,7 +231,11 @@ def _steps(
                 i,
                 "segment",
                 SegmentConfig(
-                    rollouts=files["rollouts"], model=current, out=files["spans"], **config.get("segment", {})
+                    rollouts=files["rollouts"],
+                    model=current,
+                    revision=revision,
+                    out=files["spans"],
+                    **config.get("segment", {}),
                 ),
             )
         )
@@ -237,6 +245,7 @@ def _steps(
                 "score",
                 ScoreConfig(
                     model=current,
+                    revision=revision,
                     rollouts=files["rollouts"],
                     spans=files["spans"],
                     out=files["scores"],
@@ -250,6 +259,7 @@ def _steps(
                 "train",
                 TrainConfig(
                     model=current,
+                    revision=revision,
                     rollouts=files["rollouts"],
                     spans=files["spans"],
                     scores=files["scores"],
@@ -267,7 +277,7 @@ def _steps(
 
 
 # set by the loop itself, not by a preset
-_FIXED = {"model", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration"}
+_FIXED = {"model", "revision", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration"}
 _FIXED |= {"weighting", "seed", "metrics_out", "weights_out"}
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "loop": LoopSection}
 STAGE_CONFIGS: dict[str, type] = {
@@ -337,8 +347,9 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
     write_text_atomic(layout.config, resolved)
     completed = json.loads(layout.state.read_text())["completed"] if layout.state.exists() else 0
     current_ref = str(config["model"]["id"]) if completed == 0 else str(layout.policy)
-    tokenizer = modeling.load_tokenizer(current_ref)
-    model = modeling.load_model(current_ref, "float32")
+    commit = modeling.resolve_revision(current_ref, config["model"].get("revision"))
+    tokenizer = modeling.load_tokenizer(current_ref, commit)
+    model = modeling.load_model(current_ref, "float32", revision=commit)
     for iteration, command, stage_config in steps:
         if iteration < completed:
             continue

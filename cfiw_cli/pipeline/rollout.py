@@ -32,14 +32,15 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
     if model is None:
         modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-    with StageRun("rollout", config, {"model": config.model, "dataset": config.dataset}, force=force) as stage:
+    inputs = {"model": config.model, "dataset": config.dataset}
+    with StageRun("rollout", config, inputs, force=force, revision=config.revision) as stage:
         if stage.up_to_date:
             return stage.skipped()
         return _sample(config, stage, rows, model, tokenizer)
 
 
 def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
-    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
+    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer, stage.commit)
     mine = distributed.my_share(rows)  # under accelerate launch, each process samples its share
     samples = sample_questions(
         model,

@@ -75,7 +75,7 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
     spans = read_artifact(config.spans, "spans")
     check_spans_match(rollouts, spans, config.rollouts, config.spans)
     inputs = {"model": config.model, "rollouts": config.rollouts, "spans": config.spans}
-    with StageRun("score", config, inputs, force=force) as stage:
+    with StageRun("score", config, inputs, force=force, revision=config.revision) as stage:
         if stage.up_to_date:
             return stage.skipped()
         return _score(config, stage, rollouts, spans, model, tokenizer)
@@ -84,7 +84,7 @@ def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: 
 def _score(
     config: ScoreConfig, stage: StageRun, rollouts: pa.Table, spans: pa.Table, model: Any, tokenizer: Any
 ) -> StageResult:
-    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer)
+    model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer, stage.commit)
     modeling.check_vocabulary(
         model,
         rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(),

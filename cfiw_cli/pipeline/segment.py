@@ -30,10 +30,11 @@ def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> St
     check(config)
     rollouts = read_artifact(config.rollouts, "rollouts")
     require_rollouts(rollouts, config.rollouts)
-    with StageRun("segment", config, {"rollouts": config.rollouts, "model": config.model}, force=force) as stage:
+    inputs = {"rollouts": config.rollouts, "model": config.model}
+    with StageRun("segment", config, inputs, force=force, revision=config.revision) as stage:
         if stage.up_to_date:
             return stage.skipped()
-        return _segment(config, stage, rollouts, tokenizer or modeling.load_tokenizer(config.model))
+        return _segment(config, stage, rollouts, tokenizer or modeling.load_tokenizer(config.model, stage.commit))
 
 
 def _segment(config: SegmentConfig, stage: StageRun, rollouts: pa.Table, tokenizer: Any) -> StageResult:

@@ -297,8 +297,8 @@ def run(
     inputs = {name: getattr(config, name) for name in ("model", "rollouts", "spans", "scores")}
     outputs = {"--metrics-out": metrics_out, "--weights-out": weights_out}
     with StageRun(
-        "train", config, inputs, force=force, directory=True, replaces=True, outputs=outputs,
-        exclude=("metrics_out", "weights_out"), requires=(metrics_out, weights_out),
+        "train", config, inputs, force=force, revision=config.revision, directory=True, replaces=True,
+        outputs=outputs, exclude=("metrics_out", "weights_out"), requires=(metrics_out, weights_out),
     ) as stage:  # fmt: skip
         if stage.up_to_date:
             return stage.skipped(model)
@@ -355,13 +355,13 @@ def _update(
     modeling.quiet_libraries()
     accelerator = Accelerator(cpu=process_state().device.type == "cpu")
     torch.manual_seed(config.seed)
-    tokenizer = tokenizer or modeling.load_tokenizer(config.model)
+    tokenizer = tokenizer or modeling.load_tokenizer(config.model, stage.commit)
     sequences, weight_rows, dropped = build_sequences(config, batch.rollouts, batch.spans, batch.scores, tokenizer)
-    policy = load_policy(config, model, batch.rollouts)
+    policy = load_policy(config, model, batch.rollouts, stage.commit)
     steps_here = config.epochs * min(config.minibatches, len({s.group for s in sequences}))
     optimizer, scheduler, start_step = build_optimizer(policy, config, steps_here)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    reference = load_reference(config, accelerator.device) if config.beta > 0 else None
+    reference = load_reference(config, accelerator.device, stage.commit) if config.beta > 0 else None
     context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference)
     if sequences:
         steps = optimize(policy, reference, optimizer, scheduler, sequences, config, context, start_step, steps_here)
@@ -459,9 +459,10 @@ def _summary(
     return metrics
 
 
-def load_policy(config: TrainConfig, model: Any, rollouts: pa.Table) -> Any:
-    """The policy in float32 (the optimizer's master copy): the one given, else `config.model`."""
-    policy = model if model is not None else modeling.load_model(config.model, "float32", "cpu")
+def load_policy(config: TrainConfig, model: Any, rollouts: pa.Table, commit: str | None = None) -> Any:
+    """The policy in float32 (the optimizer's master copy): the one given, else `config.model`
+    (at `commit`, for a hub model)."""
+    policy = model if model is not None else modeling.load_model(config.model, "float32", "cpu", commit)
     token_ids = rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist()
     modeling.check_vocabulary(policy, token_ids, config.rollouts)
     if config.gradient_checkpointing:
@@ -469,9 +470,12 @@ def load_policy(config: TrainConfig, model: Any, rollouts: pa.Table) -> Any:
     return policy
 
 
-def load_reference(config: TrainConfig, device: Any) -> Any:
-    """The frozen model of the KL term (default: the policy's starting point)."""
-    return modeling.load_model(config.reference or config.model, "float32", device).eval()
+def load_reference(config: TrainConfig, device: Any, model_commit: str | None = None) -> Any:
+    """The frozen model of the KL term (default: the policy's starting point, at the commit
+    `--model` resolved to); a hub `--reference` of its own is taken at `--revision`."""
+    ref = config.reference or config.model
+    commit = model_commit if ref == config.model else modeling.resolve_revision(ref, config.revision)
+    return modeling.load_model(ref, "float32", device, commit).eval()
 
 
 def build_optimizer(policy: Any, config: TrainConfig, steps_here: int) -> tuple[Any, Any, int]:

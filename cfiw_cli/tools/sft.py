@@ -85,7 +85,7 @@ def run(config: SftConfig, force: bool = False) -> StageResult:
     modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
     inputs = {"model": config.model, "dataset": config.dataset}
-    with StageRun("sft", config, inputs, force=force, directory=True) as stage:
+    with StageRun("sft", config, inputs, force=force, revision=config.revision, directory=True) as stage:
         if stage.up_to_date:
             return stage.skipped()
         return _fine_tune(config, stage, rows)
@@ -99,7 +99,7 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
 
     modeling.quiet_libraries()
     dev = modeling.device()
-    tokenizer = modeling.load_tokenizer(config.model)
+    tokenizer = modeling.load_tokenizer(config.model, stage.commit)
     pairs = examples(rows, tokenizer, config.prompt_template, config.chat_template)
     longest_prompt = max(len(tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]) for pair in pairs)
     if longest_prompt >= config.max_length:
@@ -111,7 +111,7 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
     train_set = datasets.Dataset.from_list(pairs)
     # Weights stay float32 (the optimizer's master copy); on a bf16 GPU the forward runs in bf16.
     bf16 = modeling.resolve_dtype(config.dtype, dev) == torch.bfloat16
-    model = modeling.load_model(config.model, "float32", dev)
+    model = modeling.load_model(config.model, "float32", dev, stage.commit)
     with (
         tempfile.TemporaryDirectory(prefix="cfiw-sft-") as scratch,
         progress_bar("sft", total=config.steps, unit="steps") as advance,
