@@ -74,12 +74,10 @@ CHOICE_FLAGS = {
 def test_choice_flags_list_their_choices_and_reject_others_with_exit_2(cli, name, flag):
     import importlib
 
-    import typer.main
-
     module, attribute = CHOICE_FLAGS[name, flag].split(":")
     choices = list(getattr(importlib.import_module(module), attribute))
-    option = next(p for p in typer.main.get_command(app).commands[name].params if flag in p.opts)
-    assert [member.value for member in option.type_descriptor.annotation] == choices
+    help_text = cli(name, "--help").stdout
+    assert f"{flag} <{'|'.join(choices)}>" in help_text  # the choices, in order, beside the flag
     result = cli(name, flag, "not-a-choice")  # parsing fails before any required option is checked
     assert result.exit_code == 2, (result.exit_code, result.stderr)
     assert "not-a-choice" in result.stderr and all(f"'{choice}'" in result.stderr for choice in choices)
