@@ -299,6 +299,10 @@ def loop(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the equivalent cfiw commands instead of running.")
     ] = False,
+    report_to: Annotated[
+        options.ReportToChoice,
+        typer.Option(help="Live curves of every stage: none, tensorboard (RUN/tracking/), wandb or trackio."),
+    ] = options.NO_TRACKING,
 ) -> None:
     """Run the research loop: rollout -> segment -> score -> train, with evaluations.
 
@@ -319,7 +323,7 @@ def loop(
     }
     flags = {key: value for key, value in overrides.items() if value is not None}  # a flag wins over --set
     settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **flags})
-    commands = stage.run(settings, str(run), dry_run=dry_run)
+    commands = stage.run(settings, str(run), dry_run=dry_run, report_to=report_to.value)
     if dry_run:
         typer.echo("\n".join(commands))
 

@@ -26,6 +26,7 @@ from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
 from cfiw_cli.algo.weights import MODES, PROFILES
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import DTYPES
+from cfiw_cli.tracking import REPORT_TO
 
 
 def presets() -> dict[str, Traversable]:
@@ -127,6 +128,21 @@ class ModelOptions(Checked):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrackingOptions(Checked):
+    report_to: str = flag(
+        "none",
+        "Live curves: none, tensorboard (offline event files), wandb or trackio (each needs its package).",
+        choices=REPORT_TO,
+    )
+    tracking_dir: str | None = flag(
+        None, "Where tracking files go (default: a tracking/ directory beside --out).", path=True
+    )
+
+
+TRACKING_FIELDS = ("report_to", "tracking_dir")  # where curves go changes no output: not in manifests
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataOptions(Checked):
     dataset: str = flag(
         help="'gsm8k' (hub openai/gsm8k, config main), a .jsonl/.parquet file with question and answer columns, "
@@ -204,7 +220,7 @@ class SynthConfig(Checked):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SftConfig(ModelOptions, DataOptions, PromptOptions):
+class SftConfig(ModelOptions, DataOptions, PromptOptions, TrackingOptions):
     out: str = flag(help="Checkpoint directory to write (model and tokenizer).", path=True)
     steps: int = flag(500, "Optimizer steps.", min=1)
     lr: float = flag(1e-5, "Peak learning rate (AdamW).")
@@ -269,7 +285,7 @@ class ScoreConfig(ModelOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(Checked):
+class TrainConfig(TrackingOptions):
     model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
     revision: str | None = flag(None, REVISION_HELP + " It applies to a hub --reference too.")
     rollouts: str = flag(help=ROLLOUTS_HELP, names=("--rollouts", "-r"), path=True)

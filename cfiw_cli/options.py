@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from cfiw_cli.algo.weights import MODES
+from cfiw_cli.tracking import REPORT_TO
 
 
 @cache
@@ -96,3 +97,5 @@ def build_config(config_class: type, values: dict[str, Any]) -> Any:
 # Options of commands without a config (loop's overrides, validate, sql, analyze).
 Force = Annotated[bool, typer.Option("--force", "-f", help="Recompute even if the output is up to date.")]
 WeightingChoice = choice_type("WeightingChoice", MODES)
+ReportToChoice = choice_type("ReportToChoice", REPORT_TO)
+NO_TRACKING = ReportToChoice("none")

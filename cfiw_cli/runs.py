@@ -51,6 +51,10 @@ class RunLayout:
     def replay(self) -> Path:
         return self.root / "replay"
 
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking"  # --report-to tensorboard event files
+
     def iteration(self, iteration: int) -> Path:
         return self.root / iteration_name(iteration)
 

@@ -57,6 +57,8 @@ HEAVY_LIBRARIES = {
     "vllm",
     "tokenizers",
     "huggingface_hub",
+    "wandb",
+    "trackio",
 }
 
 

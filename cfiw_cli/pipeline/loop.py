@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import fields
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from cfiw_cli import modeling
 from cfiw_cli.artifacts import write_text_atomic
@@ -57,6 +60,7 @@ from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import rollout, score, segment, train
 from cfiw_cli.policies import KeepConfig, keep, keep_command
 from cfiw_cli.runs import ITERATION_KINDS, RunLayout
+from cfiw_cli.tracking import Tracker, check_report_to, prefixed
 
 PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
 
@@ -324,8 +328,10 @@ def command_line(command: str, stage_config: Any) -> str:
     return shlex.join(words)
 
 
-def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str]:
-    """Run (or, with `dry_run`, list the commands of) every stage; returns the command lines."""
+def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: str = "none") -> list[str]:
+    """Run (or, with `dry_run`, list the commands of) every stage; returns the command lines.
+    `report_to`: live curves of every stage (see `tracking`), in RUN/tracking/ for TensorBoard."""
+    check_report_to(report_to)
     run = Path(run_dir)
     steps = plan(config, run)
     commands = [command_line(c, s) for _, c, s in steps]
@@ -350,48 +356,73 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False) -> list[str
     commit = modeling.resolve_revision(current_ref, config["model"].get("revision"))
     tokenizer = modeling.load_tokenizer(current_ref, commit)
     model = modeling.load_model(current_ref, "float32", revision=commit)
+    tracker = Tracker(report_to, layout.tracking, run.name, config) if report_to != "none" else None
+    step = optimizer_steps(layout.policy) if completed else 0
     for iteration, command, stage_config in steps:
         if iteration < completed:
             continue
         info(f"[loop] iteration {iteration}: {command}")
-        model = STAGES[command](stage_config, model, tokenizer)
+        started = time.perf_counter()
+        model, metrics = STAGES[command](stage_config, model, tokenizer)
+        if tracker is not None:
+            step = track(tracker, command, stage_config, metrics, time.perf_counter() - started, step)
         if command == "train":
             write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
+    if tracker is not None:
+        tracker.close()
     return commands
 
 
-def _keep(config: KeepConfig, model: Any, tokenizer: Any) -> Any:
+def optimizer_steps(policy: Path) -> int:
+    """Optimizer steps the run's policy has taken (the x axis of its curves)."""
+    state = policy / "trainer_state.json"
+    return int(json.loads(state.read_text()).get("global_step", 0)) if state.exists() else 0
+
+
+def track(tracker: Tracker, command: str, config: Any, metrics: dict[str, Any], seconds: float, step: int) -> int:
+    """One stage's numbers at the current optimizer step; returns the step after it. Train logs
+    each of its optimizer steps (loss, KL, entropy, clip fractions, grad norm, weight
+    statistics) from its train_metrics file; an evaluation logs under eval/ or probe/."""
+    if command == "keep":
+        return step
+    name = Path(config.out).parent.name if command == "eval" else command  # eval/ or probe/
+    if command == "train":
+        for row in pq.read_table(config.metrics_out).to_pylist():
+            tracker.log(prefixed("train", {k: v for k, v in row.items() if k != "step"}), row["step"])
+            step = row["step"]
+    else:
+        tracker.log(prefixed(name, metrics), step)
+    tracker.log({f"time/{name}_seconds": seconds}, step)
+    return step
+
+
+def _keep(config: KeepConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
     keep(config)
-    return model
+    return model, {}
 
 
-def _evaluate(config: EvalConfig, model: Any, tokenizer: Any) -> Any:
-    eval_stage.run(config, model=model, tokenizer=tokenizer)
-    return model
+def _evaluate(config: EvalConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+    return model, eval_stage.run(config, model=model, tokenizer=tokenizer).metrics
 
 
-def _rollout(config: RolloutConfig, model: Any, tokenizer: Any) -> Any:
-    rollout.run(config, model=model, tokenizer=tokenizer)
-    return model
+def _rollout(config: RolloutConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+    return model, rollout.run(config, model=model, tokenizer=tokenizer).metrics
 
 
-def _segment(config: SegmentConfig, model: Any, tokenizer: Any) -> Any:
-    segment.run(config, tokenizer=tokenizer)
-    return model
+def _segment(config: SegmentConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+    return model, segment.run(config, tokenizer=tokenizer).metrics
 
 
-def _score(config: ScoreConfig, model: Any, tokenizer: Any) -> Any:
-    score.run(config, model=model, tokenizer=tokenizer)
-    return model
+def _score(config: ScoreConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+    return model, score.run(config, model=model, tokenizer=tokenizer).metrics
 
 
-def _train(config: TrainConfig, model: Any, tokenizer: Any) -> Any:
+def _train(config: TrainConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
     """The updated policy: trained now, or loaded when a killed loop had already saved it."""
     if train.is_saved(config):
-        model = modeling.load_model(config.out, "float32")
-    else:
-        model = train.run(config, force=True, model=model, tokenizer=tokenizer).model
-    return model.eval()
+        return modeling.load_model(config.out, "float32").eval(), {}
+    result = train.run(config, force=True, model=model, tokenizer=tokenizer)
+    return result.model.eval(), result.metrics
 
 
 # What each planned command checks before anything runs (beyond its fields' own checks).
@@ -404,8 +435,9 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "train": train.check,
 }
 
-# Each planned command, run in this process on the loop's model: (config, model, tokenizer) -> the model after it.
-STAGES: dict[str, Callable[[Any, Any, Any], Any]] = {
+# Each planned command, run in this process on the loop's model: (config, model, tokenizer) -> the model
+# after it, and the stage's metrics.
+STAGES: dict[str, Callable[[Any, Any, Any], tuple[Any, dict]]] = {
     "keep": _keep,
     "eval": _evaluate,
     "rollout": _rollout,

@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +43,13 @@ from cfiw_cli.artifacts import (
 )
 from cfiw_cli.batching import consecutive_runs
 from cfiw_cli.checks import check_finite_rollouts, check_scores_match, check_spans_match, require_rollouts
-from cfiw_cli.configs import TRAIN_SCHEDULES, TrainConfig
+from cfiw_cli.configs import TRACKING_FIELDS, TRAIN_SCHEDULES, TrainConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.logprobs import completion_logprobs
 from cfiw_cli.stage import StageResult, StageRun
+from cfiw_cli.tracking import Tracker, check_report_to, prefixed
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +70,7 @@ class _Sequence:
 
 
 def check(config: TrainConfig) -> None:
+    check_report_to(config.report_to)
     if config.weighting not in MODES:
         raise CfiwError(f"unknown --weighting {config.weighting!r}", f"choose one of {', '.join(MODES)}")
     if config.profile not in PROFILES:
@@ -298,7 +300,7 @@ def run(
     outputs = {"--metrics-out": metrics_out, "--weights-out": weights_out}
     with StageRun(
         "train", config, inputs, force=force, revision=config.revision, directory=True, replaces=True,
-        outputs=outputs, exclude=("metrics_out", "weights_out"), requires=(metrics_out, weights_out),
+        outputs=outputs, exclude=("metrics_out", "weights_out", *TRACKING_FIELDS), requires=(metrics_out, weights_out),
     ) as stage:  # fmt: skip
         if stage.up_to_date:
             return stage.skipped(model)
@@ -385,6 +387,7 @@ def _update(
         }
         trained = accelerator.unwrap_model(policy)
         result = save(stage, trained, tokenizer, optimizer, scheduler, start_step + len(steps), manifest, tables)
+        track(config, step_rows, metrics)
         if steps:
             info(
                 f"trained {len(steps)} steps on {len(sequences)} rollouts ({config.weighting}, "
@@ -394,6 +397,19 @@ def _update(
     if finish:
         accelerator.end_training()
     return result
+
+
+def track(config: TrainConfig, step_rows: list[dict], metrics: dict[str, Any]) -> None:
+    """The update's step rows (loss, KL, entropy, clip fractions, grad norm, weight statistics)
+    at their optimizer steps, to `--report-to`."""
+    if config.report_to == "none" or not step_rows:
+        return
+    out = Path(config.out)
+    tracker = Tracker(config.report_to, config.tracking_dir or out.parent / "tracking", out.name, asdict(config))
+    for row in step_rows:
+        tracker.log(prefixed("train", {k: v for k, v in row.items() if k != "step"}), row["step"])
+    tracker.log({"time/train_tokens_per_second": metrics["tokens_per_second"]}, step_rows[-1]["step"])
+    tracker.close()
 
 
 def check_finite_parameters(policy: Any) -> None:

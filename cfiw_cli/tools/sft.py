@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cfiw_cli import modeling
-from cfiw_cli.configs import SFT_SCHEDULES, SftConfig
+from cfiw_cli.configs import SFT_SCHEDULES, TRACKING_FIELDS, SftConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun
 from cfiw_cli.tasks.gsm8k import build_prompt, load_questions
+from cfiw_cli.tracking import Tracker, check_report_to, prefixed
 
 
 def _check(config: SftConfig) -> None:
+    check_report_to(config.report_to)
     if min(config.steps, config.batch_size, config.max_length) < 1:
         raise CfiwError("--steps, --batch-size and --max-length must be at least 1", "e.g. --steps 500 --batch-size 16")
     if config.lr <= 0 or config.warmup_steps < 0:
@@ -40,7 +43,8 @@ def examples(rows: list[dict], tokenizer: Any, template: str | None, chat: bool)
     ]
 
 
-def _progress_callback(advance: Any) -> Any:
+def _progress_callback(advance: Any, tracker: Tracker | None = None) -> Any:
+    """The progress bar, and each logged loss and learning rate to `tracker` (live curves)."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -50,6 +54,8 @@ def _progress_callback(advance: Any) -> Any:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 advance(0, status=f"loss {logs['loss']:.3f}")
+            if logs and tracker is not None:
+                tracker.log(prefixed("sft", logs), state.global_step)
 
     return Progress()
 
@@ -85,7 +91,9 @@ def run(config: SftConfig, force: bool = False) -> StageResult:
     modeling.check_model_ref(config.model)
     rows = load_questions(config.dataset, config.split, config.offset, config.limit)
     inputs = {"model": config.model, "dataset": config.dataset}
-    with StageRun("sft", config, inputs, force=force, revision=config.revision, directory=True) as stage:
+    with StageRun(
+        "sft", config, inputs, force=force, revision=config.revision, directory=True, exclude=TRACKING_FIELDS
+    ) as stage:
         if stage.up_to_date:
             return stage.skipped()
         return _fine_tune(config, stage, rows)
@@ -119,15 +127,21 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
         with warnings.catch_warnings():  # TRL still passes the argument transformers renamed
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")
             args = _sft_arguments(config, scratch, bf16, dev.type == "cpu")
+        tracker = None
+        if config.report_to != "none":
+            where = config.tracking_dir or Path(config.out).parent / "tracking"
+            tracker = Tracker(config.report_to, where, Path(config.out).name, asdict(config))
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train_set,
             processing_class=tokenizer,
-            callbacks=[_progress_callback(advance)],
+            callbacks=[_progress_callback(advance, tracker)],
         )
         trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; logs stay in the manifest
         result = trainer.train()
+        if tracker is not None:
+            tracker.close()
     history = [
         {"step": entry["step"], "loss": entry["loss"], "lr": entry.get("learning_rate")}
         for entry in trainer.state.log_history
