@@ -119,6 +119,7 @@ def build_manifest(
     device: str | None = None,
     seed: int | None = None,
     metrics: dict[str, Any] | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     return {
         "stage": stage,
@@ -131,6 +132,7 @@ def build_manifest(
         "wall_seconds": round(seconds, 3),
         "libraries": library_versions(),
         "device": device,
+        **({"dtype": dtype} if dtype else {}),  # what the model computed in, resolved (not "auto")
         "metrics": metrics or {},
     }
 

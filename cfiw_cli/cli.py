@@ -284,6 +284,13 @@ def loop(
         str | None, typer.Option(help="Hub revision of the model (branch, tag or commit; default: main).")
     ] = None,
     iterations: Annotated[int | None, typer.Option(min=1, help="Override the number of iterations.")] = None,
+    dtype: Annotated[
+        options.TrainDtypeChoice | None,
+        typer.Option(
+            help="Compute dtype of every stage: auto (bfloat16 on a bf16 GPU, else float32), float32 or bfloat16; "
+            "train keeps float32 weights."
+        ),
+    ] = None,
     weighting: Annotated[options.WeightingChoice | None, typer.Option(help="Override the weighting.")] = None,
     eval_every: Annotated[
         int | None, typer.Option(min=1, help="Evaluate before every k-th iteration (and after the last).")
@@ -317,6 +324,7 @@ def loop(
         "model.id": model,
         "model.revision": revision,
         "loop.iterations": iterations,
+        **{f"{section}.dtype": dtype.value if dtype else None for section in ("rollout", "score", "eval", "train")},
         "loop.weighting": weighting.value if weighting else None,
         "loop.eval_every": eval_every,
         "loop.seed": seed,

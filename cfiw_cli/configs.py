@@ -25,7 +25,7 @@ from cfiw_cli.algo.importance import MASK_MODES, TARGETS
 from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
 from cfiw_cli.algo.weights import MODES, PROFILES
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.modeling import DTYPES
+from cfiw_cli.modeling import DTYPES, TRAIN_DTYPES
 from cfiw_cli.tracking import REPORT_TO
 
 
@@ -288,6 +288,12 @@ class ScoreConfig(ModelOptions):
 class TrainConfig(TrackingOptions):
     model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
     revision: str | None = flag(None, REVISION_HELP + " It applies to a hub --reference too.")
+    dtype: str = flag(
+        "auto",
+        "Compute dtype of the forward and backward passes, under autocast (weights and AdamW state stay float32): "
+        "auto (bfloat16 on a bf16 GPU, else float32), float32 or bfloat16.",
+        choices=TRAIN_DTYPES,
+    )
     rollouts: str = flag(help=ROLLOUTS_HELP, names=("--rollouts", "-r"), path=True)
     out: str = flag(help="Checkpoint directory to write (may be --model itself; replaced atomically).", path=True)
     spans: str | None = flag(

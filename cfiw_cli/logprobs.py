@@ -81,7 +81,7 @@ def completion_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     want_entropy: bool = False,
-    autocast: bool = False,
+    autocast: Any = None,
     chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, C], [B, C]
     """`sequences`: (prompt + completion token ids, prompt length) per row. Returns log-probs and
@@ -96,7 +96,8 @@ def completion_logprobs(
     longest = max(len(tokens) - prompt for tokens, prompt in sequences)
     ids, attention = left_padded_batch([tokens for tokens, _ in sequences], pad_id, device)  # [B, W] each
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # [B, W]
-    with captured_hidden(model) as captured, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    mixed = {"dtype": autocast or torch.bfloat16, "enabled": autocast is not None}  # autocast: a torch dtype or None
+    with captured_hidden(model) as captured, torch.autocast(device.type, **mixed):
         model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=1)
     hidden = captured["hidden"][:, width - longest - 1 : width - 1]  # [B, C, H]: column j predicts completion token j
     # Right-aligned completion tokens and which slots hold one.
@@ -110,7 +111,7 @@ def completion_logprobs(
     vocab = lm_head.weight.shape[0]
     chunk = max(1, chunk_elements // vocab)
     pieces = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device.type, **mixed):
         for start in range(0, flat_targets.numel(), chunk):
             args = (
                 lm_head,

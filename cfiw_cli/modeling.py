@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from cfiw_cli.distributed import state
 from cfiw_cli.errors import CfiwError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling
 
 
 # First path components that name a local directory, never a hub organisation, in this project.
@@ -145,11 +147,42 @@ def policy(
     ref: str, dtype: str = "auto", model: Any = None, tokenizer: Any = None, revision: str | None = None
 ) -> tuple[Any, Any, Any]:
     """(model, tokenizer, device): the ones given (e.g. by `cfiw loop`), else loaded from `ref`
-    (at `revision`, for a hub model) onto this process's device."""
+    (at `revision`, for a hub model) onto this process's device.
+
+    One rule for the dtype, whoever loads the model: a stage computes in what `dtype` resolves
+    to. A given model in another dtype (the loop's float32 policy, when `auto` means bfloat16 on
+    a GPU) is used through a copy cast to it, which holds the weights loading the checkpoint in
+    that dtype gives, so the loop writes the files the separate commands write."""
     dev = device()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref, revision)
-    model = model if model is not None else load_model(ref, dtype, dev, revision)
+    if model is None:
+        model = load_model(ref, dtype, dev, revision)
+    elif (wanted := resolve_dtype(dtype, dev)) != next(model.parameters()).dtype:
+        model = cast_copy(model, wanted)
     return model, tokenizer, dev
+
+
+def cast_copy(model: Any, dtype: Any) -> Any:
+    """A copy of `model` as `from_pretrained(dtype=...)` would load it: parameters and saved
+    buffers cast, buffers computed at init (rotary frequencies) left in float32."""
+    cast = copy.deepcopy(model)
+    for module in cast.modules():
+        for tensor in module.parameters(recurse=False):
+            tensor.data = tensor.data.to(dtype)
+        for name, tensor in module.named_buffers(recurse=False):
+            if tensor.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = tensor.to(dtype)
+    cast.config.dtype = dtype
+    return cast
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32', 'bfloat16', ... for a manifest (None: float32)."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
+def model_dtype(model: Any) -> str:
+    return dtype_name(next(model.parameters()).dtype)
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from cfiw_cli.algo.weights import MODES
+from cfiw_cli.modeling import TRAIN_DTYPES
 from cfiw_cli.tracking import REPORT_TO
 
 
@@ -98,4 +99,5 @@ def build_config(config_class: type, values: dict[str, Any]) -> Any:
 Force = Annotated[bool, typer.Option("--force", "-f", help="Recompute even if the output is up to date.")]
 WeightingChoice = choice_type("WeightingChoice", MODES)
 ReportToChoice = choice_type("ReportToChoice", REPORT_TO)
+TrainDtypeChoice = choice_type("TrainDtypeChoice", TRAIN_DTYPES)
 NO_TRACKING = ReportToChoice("none")

@@ -184,11 +184,17 @@ class StageRun:
         return StageResult(self.out, True, (manifest or {}).get("metrics", {}), model)
 
     def manifest(
-        self, *, rows: int, metrics: dict[str, Any], device: str | None = None, seed: int | None = None
+        self,
+        *,
+        rows: int,
+        metrics: dict[str, Any],
+        device: str | None = None,
+        seed: int | None = None,
+        dtype: str | None = None,
     ) -> dict[str, Any]:
         return build_manifest(
             self.name, self.settings, self.inputs, rows=rows, seconds=self.seconds, device=device, seed=seed,
-            metrics=metrics,
+            metrics=metrics, dtype=dtype,
         )  # fmt: skip
 
     def write_table(self, table: pa.Table, manifest: dict[str, Any], model: Any = None) -> StageResult:

@@ -126,8 +126,9 @@ def _evaluate(config: EvalConfig, stage: StageRun, rows: list[dict], model: Any,
     ]
     metrics = accuracy_metrics(records)
     manifest = stage.manifest(
-        rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed
-    )
+        rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed,
+        dtype=modeling.model_dtype(model),
+    )  # fmt: skip
     result = stage.write_table(pa.Table.from_pylist(records, schema=schemas.EVAL), manifest)
     info(f"wrote {len(records)} evaluations to {stage.out}")
     return result

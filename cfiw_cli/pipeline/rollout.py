@@ -101,8 +101,9 @@ def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any
         "processes": distributed.processes(),
     }
     manifest = stage.manifest(
-        rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed
-    )
+        rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed,
+        dtype=modeling.model_dtype(model),
+    )  # fmt: skip
     result = stage.write_table(table, manifest)
     distributed.finish()
     info(

@@ -143,7 +143,8 @@ def _score(
         "processes": distributed.processes(),
         "mean_delta": sum(r["delta"] for r in records) / len(records) if records else None,
     }
-    manifest = stage.manifest(rows=len(records), metrics=metrics, device=modeling.describe_device(dev))
+    device, dtype = modeling.describe_device(dev), modeling.model_dtype(model)
+    manifest = stage.manifest(rows=len(records), metrics=metrics, device=device, dtype=dtype)
     result = stage.write_table(table, manifest)
     distributed.finish()
     info(

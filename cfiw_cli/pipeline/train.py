@@ -380,7 +380,8 @@ def _update(
         step_rows = [s.row() for s in steps]
         metrics = _summary(step_rows, len(sequences), dropped, stage.seconds, context.world, batch.sampling)
         device = modeling.describe_device(accelerator.device)
-        manifest = stage.manifest(rows=len(step_rows), metrics=metrics, device=device, seed=config.seed)
+        dtype = modeling.dtype_name(context.autocast)
+        manifest = stage.manifest(rows=len(step_rows), metrics=metrics, device=device, seed=config.seed, dtype=dtype)
         tables = {
             metrics_out: pa.Table.from_pylist(step_rows, schema=schemas.TRAIN_METRICS_WRITTEN),
             weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
@@ -536,7 +537,7 @@ class UpdateContext:
     max_new_tokens: int  # the dr_grpo normalizer (1 when unused)
     grad_clip: float
     has_reference: bool
-    autocast: bool  # bf16 autocast on a GPU; float32 on CPU
+    autocast: Any  # the compute dtype under autocast (weights stay float32), or None for float32
     rank: int
     world: int
 
@@ -550,10 +551,19 @@ class UpdateContext:
             max_new_tokens=batch.sampling["max_new_tokens"] or 1,
             grad_clip=config.grad_clip,
             has_reference=reference is not None,
-            autocast=accelerator.device.type == "cuda",
+            autocast=compute_dtype(config, accelerator.device),
             rank=accelerator.process_index,
             world=accelerator.num_processes,
         )
+
+
+def compute_dtype(config: TrainConfig, device: Any) -> Any:
+    """The dtype of the forward and backward passes under autocast (None: float32). The weights
+    and the optimizer state stay float32; `auto` is bfloat16 on a bf16 GPU, float32 elsewhere."""
+    import torch
+
+    resolved = modeling.resolve_dtype(config.dtype, device)
+    return None if resolved == torch.float32 else resolved
 
 
 def old_logprobs(
@@ -742,7 +752,7 @@ def save(
 
 
 def _forward(
-    model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: bool, want_entropy: bool = False
+    model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: Any, want_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, C], [B, C]
     """Log-probs and entropies `[B, C]` of a micro-batch's completion tokens at temperature T."""
     return completion_logprobs(

@@ -156,7 +156,10 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": history,
     }
-    manifest = stage.manifest(rows=len(rows), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed)
+    manifest = stage.manifest(
+        rows=len(rows), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed,
+        dtype="bfloat16" if bf16 else "float32",  # of the forward pass; the saved weights are float32
+    )  # fmt: skip
 
     def fill(staging: Path) -> None:
         trainer.model.save_pretrained(staging)
