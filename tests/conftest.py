@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +64,26 @@ def tiny_llama(tmp_path_factory) -> Path:
     from cfiw_cli.tools.tiny_model import TinyModelConfig, run
 
     return run(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "llama"), arch="llama", seed=1)).path
+
+
+@functools.cache
+def tokenizer_files() -> frozenset[str]:
+    """The files `save_pretrained` writes for a tokenizer like tiny-model's (special tokens and a
+    chat template) with the installed transformers: 4.x also writes special_tokens_map.json."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"<unk>": 0, "<|endoftext|>": 1, "<|pad|>": 2}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+    )
+    tokenizer.chat_template = "{{ messages }}"
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        return frozenset(os.listdir(directory))
 
 
 def leftovers(directory: Path) -> list[str]:

@@ -221,7 +221,7 @@ CASES = [
     ("sql-drop-view", lambda w: _sql(w, "drop view rollouts"), 1, "read-only"),
     ("sql-two-statements", lambda w: _sql(w, "select 1; select 2"), 1, "one statement"),
     ("sql-install", lambda w: _sql(w, "install httpfs"), 1, "read-only"),
-    ("sql-pragma", lambda w: _sql(w, "pragma version"), 1, "read-only"),
+    ("sql-pragma", lambda w: _sql(w, "pragma enable_profiling"), 1, "read-only"),
     ("sql-read-outside-the-run", lambda w: _sql(w, f"select * from read_csv('{w}/notes.txt')"), 1, "query failed"),
     ("sql-corrupt-run", lambda w: ["sql", w / "corrupt-run", "select count(*) from rollouts"], 1, "query failed"),
     # numbers: finite and in range, before anything loads

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import tokenizer_files
 from test_errors import assert_clean_error
 
 from cfiw_cli.pipeline.loop import apply_overrides, command_line, load_config, plan, presets
@@ -90,36 +91,36 @@ def test_loop_writes_the_run_layout(uninterrupted):
     names = sorted(
         str(p.relative_to(uninterrupted)) for p in uninterrupted.rglob("*") if p.is_file() and "policy" not in p.parts
     )
-    assert names == [
-        "config.toml",
-        "eval/iter-0000.parquet",
-        "eval/iter-0001.parquet",
-        "eval/iter-0002.parquet",
-        "iter-0000/rollouts.parquet",
-        "iter-0000/scores.parquet",
-        "iter-0000/spans.parquet",
-        "iter-0000/train_metrics.parquet",
-        "iter-0000/weights.parquet",
-        "iter-0001/rollouts.parquet",
-        "iter-0001/scores.parquet",
-        "iter-0001/spans.parquet",
-        "iter-0001/train_metrics.parquet",
-        "iter-0001/weights.parquet",
-        "loop_state.json",
-        "policies/chat_template.jinja",
-        "policies/config.json",
-        "policies/generation_config.json",
-        "policies/iter-0001/cfiw_manifest.json",
-        "policies/iter-0001/model.safetensors",
-        "policies/iter-0001/optimizer.pt",
-        "policies/iter-0001/scheduler.pt",
-        "policies/iter-0001/trainer_state.json",
-        "policies/tokenizer.json",
-        "policies/tokenizer_config.json",
-        "probe/iter-0000.parquet",
-        "probe/iter-0001.parquet",
-        "probe/iter-0002.parquet",
-    ]
+    assert names == sorted(
+        [
+            "config.toml",
+            "eval/iter-0000.parquet",
+            "eval/iter-0001.parquet",
+            "eval/iter-0002.parquet",
+            "iter-0000/rollouts.parquet",
+            "iter-0000/scores.parquet",
+            "iter-0000/spans.parquet",
+            "iter-0000/train_metrics.parquet",
+            "iter-0000/weights.parquet",
+            "iter-0001/rollouts.parquet",
+            "iter-0001/scores.parquet",
+            "iter-0001/spans.parquet",
+            "iter-0001/train_metrics.parquet",
+            "iter-0001/weights.parquet",
+            "loop_state.json",
+            "policies/config.json",
+            "policies/generation_config.json",
+            "policies/iter-0001/cfiw_manifest.json",
+            "policies/iter-0001/model.safetensors",
+            "policies/iter-0001/optimizer.pt",
+            "policies/iter-0001/scheduler.pt",
+            "policies/iter-0001/trainer_state.json",
+            *(f"policies/{name}" for name in tokenizer_files()),
+            "probe/iter-0000.parquet",
+            "probe/iter-0001.parquet",
+            "probe/iter-0002.parquet",
+        ]
+    )
     probe = pq.read_table(uninterrupted / "probe" / "iter-0002.parquet").to_pylist()
     assert sorted((r["prompt_id"], r["sample_idx"]) for r in probe) == [
         (f"test-{q}", s) for q in range(4) for s in range(2)

@@ -1,6 +1,7 @@
 """`cfiw sft`: a warm start whose prompts are exactly the rollout prompts, loss on solutions only."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -32,17 +33,8 @@ def test_memorizes_two_solutions_word_for_word_and_stops(cli, tiny_model, two_pr
     out = tmp_path / "sft"
     result = sft(cli, tiny_model, two_problems, out, "--steps", "150", "--lr", "1e-2", "--lr-schedule", "constant")
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [
-            "cfiw_manifest.json",
-            "config.json",
-            "generation_config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "chat_template.jinja",
-        ]
-    )
+    # a checkpoint's files, as `tiny-model` writes them (the tokenizer's depend on the transformers version)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in Path(tiny_model).iterdir())
     manifest = json.loads((out / "cfiw_manifest.json").read_text())
     curve = manifest["metrics"]["loss_curve"]
     assert manifest["stage"] == "sft" and curve[-1]["loss"] < 0.05 < curve[0]["loss"]

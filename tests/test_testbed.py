@@ -9,19 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tokenizer_files
 
 from cfiw_cli.artifacts import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FILES = {
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "cfiw_manifest.json",
-}
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "cfiw_manifest.json"} | tokenizer_files()
 ITERATION_FILES = {"rollouts.parquet", "spans.parquet", "scores.parquet", "weights.parquet", "train_metrics.parquet"}
 REPORT_TABLES = {
     "accuracy",
