@@ -149,6 +149,10 @@ bench-rollout *args:
 bench-score *args:
     {{bin}}/python benchmarks/score_bench.py {{args}}
 
+# the qwen preset at real shape on a GPU (2 iterations, 0.5B and 1.5B shapes); `--device cpu --tiny` is CI's smoke test
+gpu-check *args:
+    {{bin}}/python benchmarks/gpu_check.py {{args}}
+
 # training throughput, and what weighting adds to a step
 bench-train *args:
     {{bin}}/python benchmarks/train_bench.py {{args}}

@@ -194,6 +194,7 @@ class TinyModelConfig(Checked):
     hidden: int = flag(64, "Hidden size.", min=8)
     heads: int = flag(4, "Attention heads.", min=1)
     kv_heads: int = flag(2, "Key/value heads (grouped-query attention).", min=1)
+    intermediate: int = flag(0, "MLP width (0: 3 x --hidden); Qwen2.5-0.5B's is 4864.", min=0)
     max_positions: int = flag(2048, "Longest sequence the position embeddings cover.", min=16)
     seed: int = flag(0, SEED_HELP)
 

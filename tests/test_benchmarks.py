@@ -39,3 +39,19 @@ def test_score_benchmark_on_real_text_reports_the_whole_process():
     a_seconds = float(row[2])
     assert process == float(row[1]) and floor > 0
     assert a_over_floor == pytest.approx(a_seconds / floor, abs=0.02)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_through_just_on_a_cpu():
+    just = Path(sys.executable).parent / "just"
+    done = subprocess.run(
+        [str(just), "--justfile", str(BENCHMARKS.parent / "Justfile"), "gpu-check", "--device", "cpu", "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, row = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["shape"], ["tiny"])]
+    assert header[:3] == ["shape", "params", "dtype"] and row[0] == "tiny" and row[2] == "float32"
+    assert row[-3:] == ["fits", "not", "available"]  # full fine-tuning ran; LoRA is not part of cfiw yet
+    assert "ratio score/rollout" in done.stdout

@@ -65,7 +65,7 @@ def build_model(config: TinyModelConfig, tokenizer):
     common = dict(
         vocab_size=max(len(tokenizer), config.pad_vocab),
         hidden_size=config.hidden,
-        intermediate_size=config.hidden * 3,
+        intermediate_size=config.intermediate or config.hidden * 3,
         num_hidden_layers=config.layers,
         num_attention_heads=config.heads,
         num_key_value_heads=config.kv_heads,
