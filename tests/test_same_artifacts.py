@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 # (first: the commit before the reorganisation into pipeline/tools/report; then the commit
 # that packed the variants of a rollout into one row, whose float scores differ in the last
 # bits; then the commit that gave each sampled sequence its own random stream, which changes
-# every rollout; then the commit that added `revision` to the model-loading configs; now the
-# commit that gave train a dtype and made every manifest record the resolved dtype).
-BASELINE = "44882847acd3ddae0b5d695b0a5fc505feec8a4f"
+# every rollout; then the commit that added `revision` to the model-loading configs; then the
+# commit that made every manifest record the resolved dtype; now the commit that added
+# `tiny-model --intermediate`).
+BASELINE = "7d14f73e4f32fb32b313f07de58cd7664995320f"
 
 # decided by the clock or the checkout, not by the computation
 VOLATILE_MANIFEST_KEYS = {"wall_seconds", "git_commit", "libraries"}
