@@ -402,3 +402,4 @@ class LoopSection(Checked):
     probe_questions: int = flag(64, "Probe questions (0: no probe).", min=0)
     probe_samples: int = flag(8, "Samples per probe question.", min=1)
     keep_policies: int = flag(0, "Keep the policy every k-th iteration started from, for cfiw replay (0: none).", min=0)
+    keep_checkpoints: int = flag(0, "Keep only the newest N of those kept policies (0: all of them).", min=0)

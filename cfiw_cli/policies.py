@@ -6,7 +6,12 @@ Layout (recorded in the run's config as `loop.keep_policies = k`):
     RUN/policies/iter-NNNN/      weights, optimizer state, schedule state and manifest of the
                                  policy iteration NNNN started from (NNNN = k, 2k, ...)
 
-Iteration 0 starts from the run's `model.id`, which is not copied. A kept policy is the loop's
+    RUN/best/                    the run's policy that scored best so far on the probe (mean
+                                 reward of its samples), or on greedy accuracy without a probe,
+                                 without optimizer state; best.json says which iteration
+
+With `loop.keep_checkpoints = N` only the newest N kept policies stay. Iteration 0 starts
+from the run's `model.id`, which is neither copied nor a candidate for best/. A kept policy is the loop's
 `RUN/policy/` at the start of the iteration, copied file by file, so `policy_at` rebuilds a
 directory that `cfiw train --model` loads exactly as the loop's update did, optimizer state
 included, or without the optimizer state for a fresh one.
@@ -14,6 +19,7 @@ included, or without the optimizer state for a fresh one.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from cfiw_cli.errors import CfiwError
 from cfiw_cli.runs import RunLayout
 
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+BEST_RECORD = "best.json"  # in RUN/best/: the iteration, the metric and its value
 # files of one checkpoint that change from iteration to iteration; everything else is shared
 PER_ITERATION = ("*.safetensors", "*.safetensors.index.json", *OPTIMIZER_FILES, "cfiw_manifest.json")
 
@@ -54,6 +61,32 @@ def keep(config: KeepConfig) -> Path:
         for file in sorted(p for p in source.iterdir() if p.is_file() and _per_iteration(p)):
             shutil.copyfile(file, tmp / file.name)
     return out
+
+
+def prune_kept(run: Path, newest: int) -> list[Path]:
+    """Remove all but the `newest` kept policies (and nothing when `newest` is 0); returns the
+    removed directories. The shared files stay with the ones left."""
+    kept = sorted(p for p in RunLayout(run).policies.glob("iter-[0-9][0-9][0-9][0-9]") if p.is_dir())
+    removed = kept[:-newest] if newest and len(kept) > newest else []
+    for directory in removed:
+        shutil.rmtree(directory)
+    return removed
+
+
+def update_best(policy: Path, best: Path, iteration: int, metric: str, value: float) -> bool:
+    """Copy the policy (weights, tokenizer and manifest; no optimizer state) to `best`,
+    atomically, when `value` beats the value `best` records; returns whether it did. Ties keep
+    the earlier policy."""
+    record = best / BEST_RECORD
+    if record.exists() and json.loads(record.read_text())["value"] >= value:
+        return False
+    with staged_directory(best) as tmp:
+        for file in sorted(p for p in policy.iterdir() if p.is_file() and p.name not in OPTIMIZER_FILES):
+            shutil.copyfile(file, tmp / file.name)
+        (tmp / BEST_RECORD).write_text(
+            json.dumps({"iteration": iteration, "metric": metric, "value": value}, indent=2) + "\n"
+        )
+    return True
 
 
 def keep_command(config: KeepConfig) -> str:

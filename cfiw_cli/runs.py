@@ -52,6 +52,10 @@ class RunLayout:
         return self.root / "replay"
 
     @property
+    def best(self) -> Path:
+        return self.root / "best"  # the best evaluated policy of the run (see policies.update_best)
+
+    @property
     def tracking(self) -> Path:
         return self.root / "tracking"  # --report-to tensorboard event files
 

@@ -1,5 +1,6 @@
 """`cfiw loop`: same files as the chained commands, resumable after a kill, presets that parse."""
 
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,12 @@ def test_loop_writes_the_run_layout(uninterrupted):
     )
     assert names == sorted(
         [
+            "best/best.json",
+            "best/cfiw_manifest.json",
+            "best/config.json",
+            "best/generation_config.json",
+            "best/model.safetensors",
+            *(f"best/{name}" for name in tokenizer_files()),
             "config.toml",
             "eval/iter-0000.parquet",
             "eval/iter-0001.parquet",
@@ -121,6 +128,17 @@ def test_loop_writes_the_run_layout(uninterrupted):
             "probe/iter-0002.parquet",
         ]
     )
+    # best/: the run's own policy (iteration 1 or 2) whose probe reward (mean@2) was highest, the earlier on a tie
+    rewards = {}
+    for i in (1, 2):
+        rows = pq.read_table(uninterrupted / "probe" / f"iter-000{i}.parquet").to_pylist()
+        by_question = {}
+        for r in rows:
+            by_question.setdefault(r["prompt_id"], []).append(r["correct"])
+        rewards[i] = sum(sum(c) / len(c) for c in by_question.values()) / len(by_question)
+    best = json.loads((uninterrupted / "best" / "best.json").read_text())
+    assert best["metric"] == "probe mean@2" and best["value"] == pytest.approx(max(rewards.values()))
+    assert best["iteration"] == min(i for i in rewards if rewards[i] == max(rewards.values()))
     probe = pq.read_table(uninterrupted / "probe" / "iter-0002.parquet").to_pylist()
     assert sorted((r["prompt_id"], r["sample_idx"]) for r in probe) == [
         (f"test-{q}", s) for q in range(4) for s in range(2)

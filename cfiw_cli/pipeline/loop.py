@@ -58,7 +58,7 @@ from cfiw_cli.errors import CfiwError
 from cfiw_cli.options import ordered_fields
 from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import rollout, score, segment, train
-from cfiw_cli.policies import KeepConfig, keep, keep_command
+from cfiw_cli.policies import KeepConfig, keep, keep_command, prune_kept, update_best
 from cfiw_cli.runs import ITERATION_KINDS, RunLayout
 from cfiw_cli.tracking import Tracker, check_report_to, prefixed
 
@@ -358,6 +358,9 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
     model = modeling.load_model(current_ref, "float32", revision=commit)
     tracker = Tracker(report_to, layout.tracking, run.name, config) if report_to != "none" else None
     step = optimizer_steps(layout.policy) if completed else 0
+    loop = _section(config, "loop", LoopSection)
+    judge = "probe" if loop.probe_questions > 0 else "eval"  # the evaluation that picks best/
+    score_name = f"mean@{loop.probe_samples}" if judge == "probe" and loop.probe_samples > 1 else "accuracy"
     for iteration, command, stage_config in steps:
         if iteration < completed:
             continue
@@ -366,6 +369,11 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
         model, metrics = STAGES[command](stage_config, model, tokenizer)
         if tracker is not None:
             step = track(tracker, command, stage_config, metrics, time.perf_counter() - started, step)
+        if command == "keep":
+            prune_kept(run, loop.keep_checkpoints)
+        if command == "eval" and iteration > 0 and Path(stage_config.out).parent.name == judge:
+            if update_best(layout.policy, layout.best, iteration, f"{judge} {score_name}", metrics[score_name]):
+                info(f"[loop] best/ is now the policy of iteration {iteration} ({judge} {metrics[score_name]:.3f})")
         if command == "train":
             write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
     if tracker is not None:
