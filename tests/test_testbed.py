@@ -92,6 +92,7 @@ def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_pat
         }
         | {f"iter-{i:04d}/{name}" for i in range(2) for name in ITERATION_FILES}
         | {f"policy/{name}" for name in MODEL_FILES | {"optimizer.pt", "scheduler.pt", "trainer_state.json"}}
+        | {f"best/{name}" for name in MODEL_FILES | {"best.json"}}  # the policy after iteration 2 is the only candidate
         | report
     )
     assert files(run) == expected
