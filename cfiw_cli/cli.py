@@ -296,6 +296,10 @@ def loop(
         int | None, typer.Option(min=1, help="Evaluate before every k-th iteration (and after the last).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    keep_checkpoints: Annotated[
+        int | None,
+        typer.Option(min=0, help="Keep only the newest N kept policies (loop.keep_checkpoints; 0: all)."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -328,6 +332,7 @@ def loop(
         "loop.weighting": weighting.value if weighting else None,
         "loop.eval_every": eval_every,
         "loop.seed": seed,
+        "loop.keep_checkpoints": keep_checkpoints,
     }
     flags = {key: value for key, value in overrides.items() if value is not None}  # a flag wins over --set
     settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **flags})

@@ -49,8 +49,8 @@ def test_the_loop_caps_its_kept_policies(tiny_model, tmp_path):
     run = tmp_path / "run"
     argv = [BIN / "cfiw", "loop", "--preset", "tiny", "--run", run, "--model", tiny_model, "--iterations", "3"]
     small = ["loop.questions=4", "rollout.group_size=2", "rollout.max_new_tokens=8", "loop.eval_limit=4"]
-    small += ["loop.probe_questions=2", "loop.probe_samples=2", "loop.keep_policies=1", "loop.keep_checkpoints=1"]
-    argv += [word for value in small for word in ("--set", value)]
+    small += ["loop.probe_questions=2", "loop.probe_samples=2", "loop.keep_policies=1"]
+    argv += [word for value in small for word in ("--set", value)] + ["--keep-checkpoints", "1"]
     done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in (run / "policies").glob("iter-*")) == ["iter-0002"]  # iteration 1's was removed
