@@ -182,6 +182,15 @@ def real_items(space: dict) -> list:
     return build_items(rollouts, spans, "own", space["tokenizer"])[2]
 
 
+def timed_command(argv: list, cwd: Path | None = None) -> float:
+    """Wall seconds of one new process running `argv`; its stderr ends the benchmark if it fails."""
+    started = time.perf_counter()
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=cwd)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return time.perf_counter() - started
+
+
 def whole_process(space: dict, mode: str, dtype: str, work: Path) -> float:
     """Wall seconds of `cfiw score` as a user runs it: a new process, model load included."""
     argv = [
@@ -189,11 +198,7 @@ def whole_process(space: dict, mode: str, dtype: str, work: Path) -> float:
         "--spans", space["spans"], "--out", work / f"scores-{mode}.parquet", "--mask", mode, "--dtype", dtype,
         "--force",
     ]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(done.stderr)
-    return time.perf_counter() - started
+    return timed_command(argv)
 
 
 STARTUP = """
@@ -211,12 +216,7 @@ model = modeling.load_model(sys.argv[1], sys.argv[2], torch.device(sys.argv[3]))
 def startup_floor(space: dict, dtype: str, device: str) -> float:
     """Wall seconds of a new process that only imports what `cfiw score` imports and loads the
     model and tokenizer: what any scoring command pays before it computes anything."""
-    argv = [sys.executable, "-c", STARTUP, str(space["model"]), dtype, device]
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        raise SystemExit(done.stderr)
-    return time.perf_counter() - started
+    return timed_command([sys.executable, "-c", STARTUP, str(space["model"]), dtype, device], cwd=ROOT)
 
 
 def fewest_tokens(items) -> int:
@@ -260,11 +260,7 @@ def whole_rollout(space: dict, args, dtype: str, work: Path, max_new_tokens: int
         "--group-size", args.group, "--max-new-tokens", max_new_tokens, "--dtype", dtype,
         "--out", work / "sampled.parquet", "--force", "--batch-size", args.prompts * args.group,
     ]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(done.stderr)
-    return time.perf_counter() - started
+    return timed_command(argv)
 
 
 def real_main(args) -> None:

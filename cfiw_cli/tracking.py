@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +82,19 @@ class Tracker:
 
 def prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}/{key}": value for key, value in values.items()}
+
+
+def beside_output(config: Any) -> Tracker | None:
+    """The tracker of a stage with `TrackingOptions` (train, sft): in `--tracking-dir`, else a
+    tracking/ directory beside `--out`; None with `--report-to none`."""
+    if config.report_to == "none":
+        return None
+    out = Path(config.out)
+    return Tracker(config.report_to, config.tracking_dir or out.parent / "tracking", out.name, asdict(config))
+
+
+def log_train_steps(tracker: Tracker, rows: list[dict[str, Any]]) -> int | None:
+    """Each train_metrics row under train/ at its optimizer step; returns the last step."""
+    for row in rows:
+        tracker.log(prefixed("train", {key: value for key, value in row.items() if key != "step"}), row["step"])
+    return rows[-1]["step"] if rows else None

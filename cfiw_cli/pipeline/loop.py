@@ -60,7 +60,7 @@ from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import rollout, score, segment, train
 from cfiw_cli.policies import KeepConfig, keep, keep_command, prune_kept, update_best
 from cfiw_cli.runs import ITERATION_KINDS, RunLayout
-from cfiw_cli.tracking import Tracker, check_report_to, prefixed
+from cfiw_cli.tracking import Tracker, check_report_to, log_train_steps, prefixed
 
 PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
 
@@ -395,9 +395,8 @@ def track(tracker: Tracker, command: str, config: Any, metrics: dict[str, Any], 
         return step
     name = Path(config.out).parent.name if command == "eval" else command  # eval/ or probe/
     if command == "train":
-        for row in pq.read_table(config.metrics_out).to_pylist():
-            tracker.log(prefixed("train", {k: v for k, v in row.items() if k != "step"}), row["step"])
-            step = row["step"]
+        last = log_train_steps(tracker, pq.read_table(config.metrics_out).to_pylist())
+        step = step if last is None else last
     else:
         tracker.log(prefixed(name, metrics), step)
     tracker.log({f"time/{name}_seconds": seconds}, step)

@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.logprobs import completion_logprobs
 from cfiw_cli.stage import StageResult, StageRun
-from cfiw_cli.tracking import Tracker, check_report_to, prefixed
+from cfiw_cli.tracking import beside_output, check_report_to, log_train_steps
 
 if TYPE_CHECKING:
     import torch
@@ -403,13 +403,11 @@ def _update(
 def track(config: TrainConfig, step_rows: list[dict], metrics: dict[str, Any]) -> None:
     """The update's step rows (loss, KL, entropy, clip fractions, grad norm, weight statistics)
     at their optimizer steps, to `--report-to`."""
-    if config.report_to == "none" or not step_rows:
+    tracker = beside_output(config) if step_rows else None
+    if tracker is None:
         return
-    out = Path(config.out)
-    tracker = Tracker(config.report_to, config.tracking_dir or out.parent / "tracking", out.name, asdict(config))
-    for row in step_rows:
-        tracker.log(prefixed("train", {k: v for k, v in row.items() if k != "step"}), row["step"])
-    tracker.log({"time/train_tokens_per_second": metrics["tokens_per_second"]}, step_rows[-1]["step"])
+    last = log_train_steps(tracker, step_rows)
+    tracker.log({"time/train_tokens_per_second": metrics["tokens_per_second"]}, last)
     tracker.close()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun
 from cfiw_cli.tasks.gsm8k import build_prompt, load_questions
-from cfiw_cli.tracking import Tracker, check_report_to, prefixed
+from cfiw_cli.tracking import Tracker, beside_output, check_report_to, prefixed
 
 
 def _check(config: SftConfig) -> None:
@@ -127,10 +126,7 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
         with warnings.catch_warnings():  # TRL still passes the argument transformers renamed
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")
             args = _sft_arguments(config, scratch, bf16, dev.type == "cpu")
-        tracker = None
-        if config.report_to != "none":
-            where = config.tracking_dir or Path(config.out).parent / "tracking"
-            tracker = Tracker(config.report_to, where, Path(config.out).name, asdict(config))
+        tracker = beside_output(config)
         trainer = SFTTrainer(
             model=model,
             args=args,
