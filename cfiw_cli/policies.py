@@ -66,7 +66,7 @@ def keep(config: KeepConfig) -> Path:
 def prune_kept(run: Path, newest: int) -> list[Path]:
     """Remove all but the `newest` kept policies (and nothing when `newest` is 0); returns the
     removed directories. The shared files stay with the ones left."""
-    kept = sorted(p for p in RunLayout(run).policies.glob("iter-[0-9][0-9][0-9][0-9]") if p.is_dir())
+    kept = kept_directories(run)
     removed = kept[:-newest] if newest and len(kept) > newest else []
     for directory in removed:
         shutil.rmtree(directory)
@@ -101,10 +101,14 @@ def keep_command(config: KeepConfig) -> str:
     )
 
 
+def kept_directories(run: Path) -> list[Path]:
+    """RUN/policies/iter-NNNN, oldest first."""
+    return sorted(p for p in RunLayout(run).policies.glob("iter-[0-9][0-9][0-9][0-9]") if p.is_dir())
+
+
 def kept_iterations(run: Path) -> list[int]:
     """Iterations whose starting policy can be rebuilt: 0 and every kept one."""
-    kept = sorted(int(p.name[5:]) for p in RunLayout(run).policies.glob("iter-[0-9][0-9][0-9][0-9]") if p.is_dir())
-    return [0, *kept]
+    return [0, *(int(p.name[5:]) for p in kept_directories(run))]
 
 
 def policy_at(run: Path, iteration: int, base: str, optimizer: bool, work: Path, build: bool = True) -> str:
