@@ -115,17 +115,13 @@ def load_tokenizer(ref: str, revision: str | None = None) -> Any:
     quiet_libraries()
     check_model_ref(ref)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, revision=_hub_only(ref, revision))
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as exc:
         raise _hub_error(ref, exc) from exc
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _hub_only(ref: str, revision: str | None) -> str | None:
-    return None if Path(ref).expanduser().exists() else revision
 
 
 def load_model(ref: str, dtype: str = "auto", dev: Any = None, revision: str | None = None) -> Any:
@@ -135,9 +131,7 @@ def load_model(ref: str, dtype: str = "auto", dev: Any = None, revision: str | N
     check_model_ref(ref)
     dev = dev or device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ref, dtype=resolve_dtype(dtype, dev), revision=_hub_only(ref, revision)
-        )
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype, dev), revision=revision)
     except (OSError, ValueError) as exc:
         raise _hub_error(ref, exc) from exc
     return model.to(dev).eval()
