@@ -4,8 +4,9 @@ GSM8K questions, in the dtype `auto` picks (bfloat16 on a bf16 GPU).
 
 Per shape it reports each stage's time per iteration (the manifests' wall seconds), tokens
 per second of rollout, score and train, the loop's peak GPU memory, and whether full fine-tuning
-fits (the loop finished) or ran out of memory. LoRA is not part of cfiw yet, so it is reported as
-not available rather than guessed.
+fits (the loop finished) or ran out of memory. Then one LoRA update (`cfiw train --lora-r 16`,
+the preset's train settings) runs on iteration 0's rollouts in a process of its own: its
+seconds and peak memory say whether LoRA fits, and what it saves against full fine-tuning.
 
 A random-init model earns no reward and seldom stops, so `train` would drop every group (equal
 rewards) and mask every completion (truncated); `train.dynamic_sampling = false` and
@@ -75,7 +76,7 @@ def check_shape(name: str, args, data: Path, work: Path, env: dict) -> dict:
     started = time.perf_counter()
     done = cfiw(*argv, env=env)
     seconds = time.perf_counter() - started
-    result = {"shape": name, **shape, "loop_seconds": seconds, "full_fine_tuning": "fits", "lora": "not available"}
+    result = {"shape": name, **shape, "loop_seconds": seconds, "full_fine_tuning": "fits", "lora": "not run"}
     if done.returncode:
         out_of_memory = "out of memory" in done.stderr.lower()
         result["full_fine_tuning"] = "out of memory" if out_of_memory else "failed"
@@ -105,13 +106,33 @@ def check_shape(name: str, args, data: Path, work: Path, env: dict) -> dict:
     result["seconds_per_iteration"] = {stage: sum(v) / len(v) for stage, v in per_stage.items() if v}
     rollout = result["seconds_per_iteration"]["rollout"]
     result["score_share_of_rollout"] = result["seconds_per_iteration"]["score"] / rollout
+    result.update(lora_update(model, run / "iter-0000", work / name / "lora", args, env))
     return result
+
+
+def lora_update(model: Path, iteration: Path, out: Path, args, env: dict) -> dict:
+    """One update of the preset's train settings with LoRA adapters, alone in its process."""
+    files = {name: iteration / f"{name}.parquet" for name in ("rollouts", "spans", "scores")}
+    argv = ["train", "--model", model, *[word for name, path in files.items() for word in (f"--{name}", path)]]
+    argv += ["--out", out, "--lora-r", 16, "--lr", "1e-5", "--minibatches", 4, "--micro-batch-tokens", 16384]
+    argv += ["--no-dynamic-sampling", "--no-mask-truncated", "--dtype", args.dtype]
+    done = cfiw(*argv, env=env)
+    if done.returncode:
+        out_of_memory = "out of memory" in done.stderr.lower()
+        return {"lora": "out of memory" if out_of_memory else "failed", "lora_error": done.stderr.strip()[-300:]}
+    manifest = manifest_of(out)
+    return {
+        "lora": "fits",
+        "lora_train_seconds": manifest["wall_seconds"],
+        "lora_peak_memory_gb": manifest["metrics"].get("peak_memory_gb"),
+    }
 
 
 def show(results: list[dict]) -> None:
     print(
         f"{'shape':>14} {'params':>12} {'dtype':>9} " + " ".join(f"{s + ' s':>10}" for s in STAGES)
-        + f" {'score/rollout':>13} {'rollout tok/s':>13} {'train tok/s':>11} {'peak GiB':>8} {'full FT':>13} LoRA"
+        + f" {'score/rollout':>13} {'rollout tok/s':>13} {'train tok/s':>11} {'peak GiB':>8} {'full FT':>13}"
+        + f" {'LoRA train s':>12} {'LoRA GiB':>8} LoRA"
     )  # fmt: skip
     for r in results:
         if "seconds_per_iteration" not in r:
@@ -122,9 +143,11 @@ def show(results: list[dict]) -> None:
         train = [t for t in r["train_tokens_per_second"] if t]
         train_rate = f"{sum(train) / len(train):>11.0f}" if train else f"{'-':>11}"
         peak = f"{r['peak_memory_gb']:>8.2f}" if r.get("peak_memory_gb") is not None else f"{'-':>8}"
+        lora_seconds = f"{r['lora_train_seconds']:>12.2f}" if "lora_train_seconds" in r else f"{'-':>12}"
+        lora_peak = f"{r['lora_peak_memory_gb']:>8.2f}" if r.get("lora_peak_memory_gb") is not None else f"{'-':>8}"
         print(
             f"{r['shape']:>14} {r['parameters']:>12,} {r['dtype']:>9} {times} {r['score_share_of_rollout']:>13.2f} "
-            f"{rollout:>13.0f} {train_rate} {peak} {r['full_fine_tuning']:>13} {r['lora']}"
+            f"{rollout:>13.0f} {train_rate} {peak} {r['full_fine_tuning']:>13} {lora_seconds} {lora_peak} {r['lora']}"
         )
 
 

@@ -300,6 +300,14 @@ def loop(
         int | None,
         typer.Option(min=0, help="Keep only the newest N kept policies (loop.keep_checkpoints; 0: all)."),
     ] = None,
+    lora_r: Annotated[
+        int | None, typer.Option(min=0, help="Train LoRA adapters of this rank (train.lora_r; 0: full fine-tuning).")
+    ] = None,
+    lora_alpha: Annotated[float | None, typer.Option(min=0.0, help="LoRA alpha (train.lora_alpha).")] = None,
+    lora_target_modules: Annotated[
+        str | None,
+        typer.Option(help="Modules with adapters, e.g. q_proj,v_proj or all-linear (train.lora_target_modules)."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -317,9 +325,10 @@ def loop(
 ) -> None:
     """Run the research loop: rollout -> segment -> score -> train, with evaluations.
 
-    One process, the model loaded once; the files are exactly those of the separate commands
-    (--dry-run prints them). Layout: RUN/config.toml, RUN/iter-NNNN/*.parquet, RUN/policy/,
-    RUN/eval/iter-NNNN.parquet. Started again after an interruption, it resumes.
+    The model loaded once (in each process under accelerate launch); the files are exactly
+    those of the separate commands (--dry-run prints them). Layout: RUN/config.toml,
+    RUN/iter-NNNN/*.parquet, RUN/policy/, RUN/eval/iter-NNNN.parquet. Started again after an
+    interruption, it resumes.
     """
     from cfiw_cli.pipeline import loop as stage
 
@@ -333,6 +342,9 @@ def loop(
         "loop.eval_every": eval_every,
         "loop.seed": seed,
         "loop.keep_checkpoints": keep_checkpoints,
+        "train.lora_r": lora_r,
+        "train.lora_alpha": lora_alpha,
+        "train.lora_target_modules": lora_target_modules,
     }
     flags = {key: value for key, value in overrides.items() if value is not None}  # a flag wins over --set
     settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **flags})

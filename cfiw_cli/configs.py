@@ -143,6 +143,22 @@ TRACKING_FIELDS = ("report_to", "tracking_dir")  # where curves go changes no ou
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraOptions(Checked):
+    lora_r: int = flag(
+        0,
+        "LoRA rank: train low-rank adapters on the frozen model and save only them (0: full fine-tuning). "
+        "A --model that holds adapters continues them.",
+        min=0,
+    )
+    lora_alpha: float = flag(32.0, "LoRA scale numerator: the update is (alpha / r) B A.", min=0.0)
+    lora_target_modules: str = flag(
+        "all-linear",
+        "Modules that get adapters: comma-separated names (e.g. q_proj,k_proj,v_proj,o_proj) or all-linear "
+        "(every linear layer but the LM head).",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataOptions(Checked):
     dataset: str = flag(
         help="'gsm8k' (hub openai/gsm8k, config main), a .jsonl/.parquet file with question and answer columns, "
@@ -221,7 +237,7 @@ class SynthConfig(Checked):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SftConfig(ModelOptions, DataOptions, PromptOptions, TrackingOptions):
+class SftConfig(ModelOptions, DataOptions, PromptOptions, LoraOptions, TrackingOptions):
     out: str = flag(help="Checkpoint directory to write (model and tokenizer).", path=True)
     steps: int = flag(500, "Optimizer steps.", min=1)
     lr: float = flag(1e-5, "Peak learning rate (AdamW).")
@@ -286,7 +302,7 @@ class ScoreConfig(ModelOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(TrackingOptions):
+class TrainConfig(LoraOptions, TrackingOptions):
     model: str = flag(help="Hugging Face hub id or local model directory.", names=("--model", "-m"))
     revision: str | None = flag(None, REVISION_HELP + " It applies to a hub --reference too.")
     dtype: str = flag(
@@ -333,7 +349,9 @@ class TrainConfig(TrackingOptions):
     eps_low: float = flag(0.2, "Lower clip range of the ratio.", min=0.0)
     eps_high: float = flag(0.28, "Upper clip range of the ratio.", min=0.0)
     beta: float = flag(0.0, "KL coefficient (k3, to --reference); the reference is loaded only when > 0.", min=0.0)
-    reference: str | None = flag(None, "Reference model for the KL term (default: --model).")
+    reference: str | None = flag(
+        None, "Reference model for the KL term (default: --model; with LoRA, the policy with its adapters disabled)."
+    )
     floor: float = flag(0.2, "Importance floor added to every reasoning token.", min=0.0)
     boost: float = flag(2.0, "Weight of the most important reasoning token (before --conserve).", min=0.0)
     min_weight: float = flag(0.5, "Weight of the least important reasoning token (before --conserve).", min=0.0)

@@ -7,8 +7,11 @@ single-process order, and only the main process writes the file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
+
+from cfiw_cli.errors import CfiwError
 
 T = TypeVar("T")
 
@@ -49,13 +52,56 @@ def processes() -> int:
     return state().num_processes
 
 
+_held = False  # the loop keeps one process group for all its stages
+
+
+@contextlib.contextmanager
+def one_group() -> Iterator[None]:
+    """Keep the process group up across the stages run inside (each stage's `finish` only
+    waits for the other processes); it is torn down at the end."""
+    global _held
+    _held = True
+    try:
+        yield
+    finally:
+        _held = False
+    finish()
+
+
+def barrier() -> None:
+    """Every process waits here until all have arrived (a no-op with one process)."""
+    if state().num_processes > 1:
+        state().wait_for_everyone()
+
+
+def agreed(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` on this process, then wait for the others; when it fails with a CfiwError
+    on any process, every process raises the first one, so none is left waiting for the others."""
+    error: CfiwError | None = None
+    try:
+        result = work(*args)
+    except CfiwError as exc:
+        if state().num_processes == 1:
+            raise
+        error = exc
+    if state().num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = [e for e in gather_object([(error.message, error.hint) if error else None]) if e]
+        if failures:
+            raise (error or CfiwError(*failures[0]))
+    return result
+
+
 def finish() -> None:
     """Wait for every process, then tear the process group down in order (a process that exits
-    while another is still inside a collective can abort it)."""
+    while another is still inside a collective can abort it). Inside `one_group` it only waits."""
     current = state()
     if current.num_processes == 1:
         return
     current.wait_for_everyone()
+    if _held:
+        return
     import torch.distributed as dist
 
     if dist.is_initialized():

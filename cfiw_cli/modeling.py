@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cfiw_cli import adapters
 from cfiw_cli.distributed import state
 from cfiw_cli.errors import CfiwError
 
@@ -31,15 +32,27 @@ def looks_local(ref: str) -> bool:
     )
 
 
+def holds_model(path: Path) -> bool:
+    """A directory written by `save_pretrained`: a full model, or LoRA adapters."""
+    return (path / "config.json").exists() or adapters.is_adapter(path)
+
+
 def check_model_ref(ref: str, hint: str | None = None) -> None:
     """Fail early, without contacting the hub, for a local model path that does not exist or
-    holds no model. `hint` says how to build it."""
+    holds no model (or adapters whose local base is gone). `hint` says how to build it."""
     path = Path(ref).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
+        if not holds_model(path):
             raise CfiwError(
                 f"{ref} holds no model (no config.json)", "pass a directory written by save_pretrained or a hub id"
             )
+        if adapters.is_adapter(path):
+            base = adapters.base_of(path)[0]
+            if looks_local(base) and not Path(base).expanduser().exists():
+                raise CfiwError(
+                    f"the LoRA adapters in {ref} were trained on {base}, which does not exist",
+                    "put the base model back at that path (adapter_config.json names it)",
+                )
         return
     if looks_local(ref):
         raise CfiwError(
@@ -124,12 +137,20 @@ def load_tokenizer(ref: str, revision: str | None = None) -> Any:
     return tokenizer
 
 
-def load_model(ref: str, dtype: str = "auto", dev: Any = None, revision: str | None = None) -> Any:
+def load_model(
+    ref: str, dtype: str = "auto", dev: Any = None, revision: str | None = None, trainable: bool = False
+) -> Any:
+    """The model `ref` holds, in `dtype` on `dev`. A LoRA directory gives its base model (at the
+    commit the adapters record) with the adapters attached, in the base's dtype; `trainable`
+    leaves the adapters' gradients on."""
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
     check_model_ref(ref)
     dev = dev or device()
+    if adapters.is_adapter(ref):
+        base, commit = adapters.base_of(ref)
+        return adapters.attach(load_model(base, dtype, dev, commit), ref, trainable).to(dev).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype, dev), revision=revision)
     except (OSError, ValueError) as exc:
@@ -151,7 +172,8 @@ def policy(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref, revision)
     if model is None:
         model = load_model(ref, dtype, dev, revision)
-    elif (wanted := resolve_dtype(dtype, dev)) != next(model.parameters()).dtype:
+    model = adapters.inference_model(model)
+    if (wanted := resolve_dtype(dtype, dev)) != next(model.parameters()).dtype:
         model = cast_copy(model, wanted)
     return model, tokenizer, dev
 

@@ -2,7 +2,8 @@
 
 Layout (recorded in the run's config as `loop.keep_policies = k`):
 
-    RUN/policies/                config.json, tokenizer files, ...: what every checkpoint shares, once
+    RUN/policies/                config.json (or adapter_config.json), tokenizer files, ...: what every
+                                 checkpoint shares, once
     RUN/policies/iter-NNNN/      weights, optimizer state, schedule state and manifest of the
                                  policy iteration NNNN started from (NNNN = k, 2k, ...)
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from cfiw_cli.artifacts import staged_directory
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.modeling import holds_model
 from cfiw_cli.runs import RunLayout
 
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
@@ -51,7 +53,7 @@ def keep(config: KeepConfig) -> Path:
     source, out = Path(config.policy), Path(config.out)
     if out.exists():
         return out
-    if not (source / "config.json").exists():
+    if not holds_model(source):
         raise CfiwError(f"no policy to keep in {source}", "keep policies from a run's policy/ directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     for file in sorted(p for p in source.iterdir() if p.is_file() and not _per_iteration(p)):

@@ -38,7 +38,7 @@ from cfiw_cli.artifacts import (
 )
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.modeling import resolve_revision
+from cfiw_cli.modeling import holds_model, resolve_revision
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -157,7 +157,7 @@ class StageRun:
             if self.force or not output.exists():
                 continue
             if self.directory and output == self.out:
-                ours = self.replaces and output.is_dir() and (output / "config.json").exists()
+                ours = self.replaces and output.is_dir() and holds_model(output)
                 what = "holds something else" if output.is_dir() else "is a file"
             else:
                 ours = output.is_file() and (read_manifest(output) or {}).get("stage") == self.name

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cfiw_cli import modeling, schemas
+from cfiw_cli import distributed, modeling, schemas
 from cfiw_cli.checks import check_sampling
 from cfiw_cli.configs import EvalConfig
 from cfiw_cli.console import info
@@ -82,8 +82,12 @@ def check(config: EvalConfig) -> None:
     check_sampling(config.temperature, config.top_p, config.samples, config.max_new_tokens, config.batch_size)
 
 
-def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
-    """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
+def run(
+    config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None, shard: bool = True
+) -> StageResult:
+    """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`.
+    Under `accelerate launch` the questions are split across the processes, unless `shard` is
+    off: then this process evaluates them all, alone (a replay measures on its main process)."""
     check(config)
     if model is None:
         modeling.check_model_ref(config.model)
@@ -92,15 +96,18 @@ def run(config: EvalConfig, force: bool = False, model: Any = None, tokenizer: A
     with StageRun("eval", config, inputs, force=force, revision=config.revision) as stage:
         if stage.up_to_date:
             return stage.skipped()
-        return _evaluate(config, stage, rows, model, tokenizer)
+        return _evaluate(config, stage, rows, model, tokenizer, shard)
 
 
-def _evaluate(config: EvalConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
+def _evaluate(
+    config: EvalConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any, shard: bool
+) -> StageResult:
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer, stage.commit)
+    mine = distributed.my_share(rows) if shard else range(len(rows))  # under accelerate launch: a share each
     samples = sample_questions(
         model,
         tokenizer,
-        rows,
+        [rows[i] for i in mine],
         samples=config.samples,
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
@@ -124,11 +131,19 @@ def _evaluate(config: EvalConfig, stage: StageRun, rows: list[dict], model: Any,
         }
         for s in samples
     ]
+    order = {row["prompt_id"]: i for i, row in enumerate(rows)}
+    if shard:
+        records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
+        if not distributed.is_main():
+            distributed.finish()
+            return StageResult(stage.out, False, {})
     metrics = accuracy_metrics(records)
     manifest = stage.manifest(
         rows=len(records), metrics=metrics, device=modeling.describe_device(dev), seed=config.seed,
         dtype=modeling.model_dtype(model),
     )  # fmt: skip
     result = stage.write_table(pa.Table.from_pylist(records, schema=schemas.EVAL), manifest)
+    if shard:
+        distributed.finish()
     info(f"wrote {len(records)} evaluations to {stage.out}")
     return result

@@ -24,6 +24,10 @@ its horizon is iterations x epochs x minibatches optimizer steps.
 Resuming: `loop_state.json` counts completed iterations; within an interrupted iteration the
 stages whose outputs are up to date are skipped, and a policy whose manifest shows it was
 trained on this iteration's rollouts is not trained again.
+
+Under `accelerate launch` every process holds the policy and the run keeps one process group:
+evaluation, rollout, score and train split their work across the processes (`SHARDED`), and
+the main process alone segments, keeps policies, picks best/ and writes the loop's state.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cfiw_cli import modeling
-from cfiw_cli.artifacts import write_text_atomic
+from cfiw_cli import distributed, modeling, sharding
+from cfiw_cli.artifacts import recover_directory, write_text_atomic
 from cfiw_cli.configs import (
     DataSection,
     EvalConfig,
@@ -162,8 +166,9 @@ def _steps(
     _section(config, "segment", SegmentConfig, model=base, rollouts="", out="")
     _section(config, "score", ScoreConfig, model=base, rollouts="", spans="", out="")
     _section(config, "eval", EvalConfig, model=base, dataset=data.dataset, out="")
-    if float(train_settings.get("beta", 0.0)) > 0:
-        train_settings.setdefault("reference", base)  # the KL term anchors every iteration to the starting policy
+    if float(train_settings.get("beta", 0.0)) > 0 and not train_settings.get("lora_r"):
+        # the KL term anchors every iteration to the starting policy (with LoRA: the adapters disabled)
+        train_settings.setdefault("reference", base)
     if train_settings.get("lr_schedule", "constant") != "constant" or train_settings.get("warmup_steps"):
         # one schedule over the whole run (the step count carries over from iteration to iteration)
         steps_per_iteration = int(train_settings.get("epochs", 1)) * int(train_settings.get("minibatches", 1))
@@ -332,6 +337,11 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
     """Run (or, with `dry_run`, list the commands of) every stage; returns the command lines.
     `report_to`: live curves of every stage (see `tracking`), in RUN/tracking/ for TensorBoard."""
     check_report_to(report_to)
+    if sharding.requested(distributed.processes()):
+        raise CfiwError(
+            "cfiw loop does not run under FSDP: its stages sample and score with the whole policy in every process",
+            "launch the loop with --multi_gpu (DDP), or run cfiw train alone under FSDP",
+        )
     run = Path(run_dir)
     steps = plan(config, run)
     commands = [command_line(c, s) for _, c, s in steps]
@@ -350,35 +360,49 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
         raise CfiwError(
             f"{run} was started with another configuration", f"compare {layout.config}, or choose another --run"
         )
-    write_text_atomic(layout.config, resolved)
+    main = distributed.is_main()  # under accelerate launch: the process that writes
+    if main:
+        write_text_atomic(layout.config, resolved)
+        recover_directory(layout.policy)  # a checkpoint commit that a kill interrupted
+    distributed.barrier()
     completed = json.loads(layout.state.read_text())["completed"] if layout.state.exists() else 0
     current_ref = str(config["model"]["id"]) if completed == 0 else str(layout.policy)
     commit = modeling.resolve_revision(current_ref, config["model"].get("revision"))
     tokenizer = modeling.load_tokenizer(current_ref, commit)
     model = modeling.load_model(current_ref, "float32", revision=commit)
-    tracker = Tracker(report_to, layout.tracking, run.name, config) if report_to != "none" else None
+    tracker = Tracker(report_to, layout.tracking, run.name, config) if report_to != "none" and main else None
     step = optimizer_steps(layout.policy) if completed else 0
     loop = _section(config, "loop", LoopSection)
     judge = "probe" if loop.probe_questions > 0 else "eval"  # the evaluation that picks best/
     score_name = f"mean@{loop.probe_samples}" if judge == "probe" and loop.probe_samples > 1 else "accuracy"
-    for iteration, command, stage_config in steps:
-        if iteration < completed:
-            continue
-        info(f"[loop] iteration {iteration}: {command}")
-        started = time.perf_counter()
-        model, metrics = STAGES[command](stage_config, model, tokenizer)
-        if tracker is not None:
-            step = track(tracker, command, stage_config, metrics, time.perf_counter() - started, step)
-        if command == "keep":
-            prune_kept(run, loop.keep_checkpoints)
-        if command == "eval" and iteration > 0 and Path(stage_config.out).parent.name == judge:
-            if update_best(layout.policy, layout.best, iteration, f"{judge} {score_name}", metrics[score_name]):
-                info(f"[loop] best/ is now the policy of iteration {iteration} ({judge} {metrics[score_name]:.3f})")
-        if command == "train":
-            write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
+    with distributed.one_group():
+        for iteration, command, stage_config in steps:
+            if iteration < completed:
+                continue
+            if main:
+                info(f"[loop] iteration {iteration}: {command}")
+            started = time.perf_counter()
+            work = STAGES[command] if main or command in SHARDED else _wait  # the main process alone segments and keeps
+            model, metrics = distributed.agreed(work, stage_config, model, tokenizer)
+            if not main:
+                continue
+            if tracker is not None:
+                step = track(tracker, command, stage_config, metrics, time.perf_counter() - started, step)
+            if command == "keep":
+                prune_kept(run, loop.keep_checkpoints)
+            if command == "eval" and iteration > 0 and Path(stage_config.out).parent.name == judge:
+                if update_best(layout.policy, layout.best, iteration, f"{judge} {score_name}", metrics[score_name]):
+                    info(f"[loop] best/ is now the policy of iteration {iteration} ({judge} {metrics[score_name]:.3f})")
+            if command == "train":
+                write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
     if tracker is not None:
         tracker.close()
     return commands
+
+
+# Stages whose work is split across the processes of `accelerate launch` (each samples,
+# scores or trains its share; the main process writes).
+SHARDED = ("eval", "rollout", "score", "train")
 
 
 def optimizer_steps(policy: Path) -> int:
@@ -401,6 +425,11 @@ def track(tracker: Tracker, command: str, config: Any, metrics: dict[str, Any], 
         tracker.log(prefixed(name, metrics), step)
     tracker.log({f"time/{name}_seconds": seconds}, step)
     return step
+
+
+def _wait(config: Any, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+    """What a process other than the main one does during a stage that only the main runs."""
+    return model, {}
 
 
 def _keep(config: KeepConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:

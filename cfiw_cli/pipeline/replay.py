@@ -119,8 +119,10 @@ def weights_sha256(model_dir: str) -> str | None:
     """sha256 of a checkpoint's weights file (None for a hub id or sharded weights): two
     updates with the same hash have bit-identical parameters."""
 
-    path = Path(model_dir) / "model.safetensors"
-    return sha256_of(path) if path.exists() else None
+    for name in ("model.safetensors", "adapter_model.safetensors"):
+        if (path := Path(model_dir) / name).exists():
+            return sha256_of(path)
+    return None
 
 
 def _measure(
@@ -128,7 +130,11 @@ def _measure(
 ) -> dict[str, Any]:
     """Probe a policy: the sampled reward (probe.parquet) and the likelihoods (result.parquet)."""
     sampled = eval_stage.run(
-        replace(probe, out=str(cell.out.parent / "probe.parquet")), force=True, model=model, tokenizer=tokenizer
+        replace(probe, out=str(cell.out.parent / "probe.parquet")),
+        force=True,
+        model=model,
+        tokenizer=tokenizer,
+        shard=False,  # the main process measures alone while the others wait
     ).metrics
     likelihood = reference_likelihood(model, tokenizer, references)
     key = f"mean@{probe.samples}" if probe.samples > 1 else "accuracy"

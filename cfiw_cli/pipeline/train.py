@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from cfiw_cli import modeling, schemas
+from cfiw_cli import adapters, distributed, modeling, schemas, sharding
 from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS, LossConfig, group_advantages, loss_normalizer, policy_loss
 from cfiw_cli.algo.weights import MODES, PROFILES, ScoredSpan, WeightConfig, token_weights
 from cfiw_cli.artifacts import (
@@ -71,6 +71,12 @@ class _Sequence:
 
 def check(config: TrainConfig) -> None:
     check_report_to(config.report_to)
+    adapters.check(config)
+    if config.lora_r and config.reference:
+        raise CfiwError(
+            "--reference cannot be used with LoRA: the reference is the policy with its adapters disabled",
+            "drop --reference (the KL term then anchors to the base model)",
+        )
     if config.weighting not in MODES:
         raise CfiwError(f"unknown --weighting {config.weighting!r}", f"choose one of {', '.join(MODES)}")
     if config.profile not in PROFILES:
@@ -273,12 +279,17 @@ def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any) -> 
 
 
 def _plan(
-    sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int
+    sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int, sharded: bool = False
 ) -> list[tuple[list[list[_Sequence]], list[_Sequence]]]:
-    """Epoch -> (this process's micro-batches, all members) per minibatch (same on every process)."""
+    """Epoch -> (this process's micro-batches, all members) per minibatch (same on every process).
+    `sharded`: every process gets as many micro-batches as the busiest, empty ones added."""
     plan = []
     for members in plan_minibatches(sequences, config.minibatches, config.seed, epoch):
-        plan.append((_micro_batches(members[rank::world], config.micro_batch_tokens), members))
+        shares = [_micro_batches(members[r::world], config.micro_batch_tokens) for r in range(world)]
+        mine = shares[rank]
+        if sharded:
+            mine = mine + [[]] * (max(map(len, shares)) - len(mine))
+        plan.append((mine, members))
     return plan
 
 
@@ -361,13 +372,20 @@ def _update(
     sequences, weight_rows, dropped = build_sequences(config, batch.rollouts, batch.spans, batch.scores, tokenizer)
     policy = load_policy(config, model, batch.rollouts, stage.commit)
     steps_here = config.epochs * min(config.minibatches, len({s.group for s in sequences}))
-    optimizer, scheduler, start_step = build_optimizer(policy, config, steps_here)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    reference = load_reference(config, accelerator.device, stage.commit) if config.beta > 0 else None
-    context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference)
+    sharded = sharding.requested(accelerator.num_processes)  # an accelerate FSDP config
+    if sharded:
+        policy = sharding.shard(policy.to(accelerator.device))
+    optimizer, scheduler, start_step = build_optimizer(policy, config, steps_here, sharded)
+    if not sharded:
+        policy, optimizer = accelerator.prepare(policy, optimizer)  # DDP across processes
+    reference = None
+    if config.beta > 0:
+        lora = adapters.is_peft(policy) or adapters.is_peft(accelerator.unwrap_model(policy))
+        reference = ADAPTERS_OFF if lora else load_reference(config, accelerator.device, stage.commit)
+    context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference, sharded)
     if sequences:
         steps = optimize(policy, reference, optimizer, scheduler, sequences, config, context, start_step, steps_here)
-        check_finite_parameters(policy)
+        check_finite_parameters(policy, sharded)
     else:
         steps = []
         info(
@@ -375,7 +393,11 @@ def _update(
             "no update; the policy is saved unchanged"
         )
 
-    result = StageResult(stage.out, False, {})  # what the other processes return
+    trained = None if sharded else accelerator.unwrap_model(policy)  # the same parameters on every process
+    result = StageResult(stage.out, False, {}, trained)  # what the other processes return
+    # gathered whole to the main process (every process takes part), or read from the one copy
+    weights = sharding.full_model_state(policy) if sharded else None
+    optimizer_state = sharding.full_optimizer_state(policy, optimizer) if sharded else optimizer.state_dict()
     if accelerator.is_main_process:
         step_rows = [s.row() for s in steps]
         metrics = _summary(step_rows, len(sequences), dropped, stage.seconds, context.world, batch.sampling)
@@ -386,8 +408,8 @@ def _update(
             metrics_out: pa.Table.from_pylist(step_rows, schema=schemas.TRAIN_METRICS_WRITTEN),
             weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
         }
-        trained = accelerator.unwrap_model(policy)
-        result = save(stage, trained, tokenizer, optimizer, scheduler, start_step + len(steps), manifest, tables)
+        checkpoint = Checkpoint(trained or policy, weights, optimizer_state, scheduler.state_dict())
+        result = save(stage, checkpoint, tokenizer, start_step + len(steps), manifest, tables)
         track(config, step_rows, metrics)
         if steps:
             info(
@@ -396,7 +418,7 @@ def _update(
             )
     accelerator.wait_for_everyone()
     if finish:
-        accelerator.end_training()
+        distributed.finish()
     return result
 
 
@@ -411,12 +433,15 @@ def track(config: TrainConfig, step_rows: list[dict], metrics: dict[str, Any]) -
     tracker.close()
 
 
-def check_finite_parameters(policy: Any) -> None:
+def check_finite_parameters(policy: Any, sharded: bool = False) -> None:
     """An update that overflowed is never saved over the policy it started from."""
     import torch
 
-    with torch.no_grad():
-        bad = next((name for name, p in policy.named_parameters() if not torch.isfinite(p).all()), None)
+    if sharded:
+        bad = sharding.first_non_finite(policy)
+    else:
+        with torch.no_grad():
+            bad = next((name for name, p in policy.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
         raise CfiwError(
             f"the update made parameter {bad} non-finite (inf or NaN): nothing was saved, the policy is unchanged",
@@ -437,12 +462,16 @@ def optimize(
 ) -> list[StepMetrics]:
     """Every optimizer step of the update: `epochs` passes, each dealt into minibatches of
     whole groups; the old log-probs come from the loaded policy, before the first step."""
-    first_pass = _plan(sequences, config, 0, context.rank, context.world)
+    first_pass = _plan(sequences, config, 0, context.rank, context.world, context.sharded)
     old = old_logprobs(policy, reference, first_pass, context)
     steps: list[StepMetrics] = []
     with progress_bar("train", total=steps_here, unit="steps") as advance:
         for epoch in range(config.epochs):
-            plan = first_pass if epoch == 0 else _plan(sequences, config, epoch, context.rank, context.world)
+            plan = (
+                first_pass
+                if epoch == 0
+                else _plan(sequences, config, epoch, context.rank, context.world, context.sharded)
+            )
             for micro_batches, members in plan:
                 step = start_step + len(steps) + 1
                 steps.append(
@@ -476,13 +505,20 @@ def _summary(
 
 def load_policy(config: TrainConfig, model: Any, rollouts: pa.Table, commit: str | None = None) -> Any:
     """The policy in float32 (the optimizer's master copy): the one given, else `config.model`
-    (at `commit`, for a hub model)."""
+    (at `commit`, for a hub model). With LoRA (`--lora-r`, or a `--model` holding adapters)
+    only the adapters are trainable."""
     policy = model if model is not None else modeling.load_model(config.model, "float32", "cpu", commit)
     token_ids = rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist()
     modeling.check_vocabulary(policy, token_ids, config.rollouts)
+    policy = adapters.for_training(policy, adapters.LoraSettings.of(config), config.model, commit)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+        if adapters.is_peft(policy):  # the frozen embeddings would cut the graph of checkpointed layers
+            policy.enable_input_require_grads()
     return policy
+
+
+ADAPTERS_OFF = "adapters-off"  # the reference of a LoRA update: the policy with its adapters disabled
 
 
 def load_reference(config: TrainConfig, device: Any, model_commit: str | None = None) -> Any:
@@ -493,16 +529,22 @@ def load_reference(config: TrainConfig, device: Any, model_commit: str | None = 
     return modeling.load_model(ref, "float32", device, commit).eval()
 
 
-def build_optimizer(policy: Any, config: TrainConfig, steps_here: int) -> tuple[Any, Any, int]:
-    """AdamW and its schedule, resumed from the checkpoint's state when `--model` holds one;
-    returns (optimizer, scheduler, optimizer steps taken before this call)."""
+def build_optimizer(policy: Any, config: TrainConfig, steps_here: int, sharded: bool = False) -> tuple[Any, Any, int]:
+    """AdamW and its schedule, resumed from the checkpoint's state when `--model` holds one
+    (into each process's shard of a `sharded` policy); returns (optimizer, scheduler, optimizer
+    steps taken before this call)."""
     import torch
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    parameters = adapters.trainable_parameters(policy)  # all of them, or a LoRA policy's adapters
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     resume = Path(config.model)
     start_step = 0
     if (resume / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True))
+        saved = torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True)
+        if sharded:
+            sharding.load_optimizer_state(policy, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
         for group in optimizer.param_groups:
             group["lr"] = config.lr
             group["initial_lr"] = config.lr
@@ -538,9 +580,12 @@ class UpdateContext:
     autocast: Any  # the compute dtype under autocast (weights stay float32), or None for float32
     rank: int
     world: int
+    sharded: bool  # FSDP: every process runs as many forward and backward passes as the others
 
     @classmethod
-    def of(cls, config: TrainConfig, batch: Batch, accelerator: Any, pad_id: int, reference: Any) -> UpdateContext:
+    def of(
+        cls, config: TrainConfig, batch: Batch, accelerator: Any, pad_id: int, reference: Any, sharded: bool = False
+    ) -> UpdateContext:
         return cls(
             accelerator=accelerator,
             loss=LossConfig(config.eps_low, config.eps_high, config.beta, config.loss_type),
@@ -552,6 +597,7 @@ class UpdateContext:
             autocast=compute_dtype(config, accelerator.device),
             rank=accelerator.process_index,
             world=accelerator.num_processes,
+            sharded=sharded,
         )
 
 
@@ -576,9 +622,16 @@ def old_logprobs(
     with torch.no_grad():
         for micro_batches, _ in plan:
             for batch in micro_batches:
+                if not batch:  # a sharded policy: join the other processes' forward pass
+                    _forward(policy, [_padding(context.pad_id)], context.pad_id, context.temperature, context.autocast)
+                    continue
                 logprobs, _ = _forward(policy, batch, context.pad_id, context.temperature, context.autocast)  # [B, C]
                 ref = None
-                if reference is not None:
+                if reference == ADAPTERS_OFF:
+                    adapted = context.accelerator.unwrap_model(policy)
+                    with adapted.disable_adapter():
+                        ref = _forward(adapted, batch, context.pad_id, context.temperature, context.autocast)[0]
+                elif reference is not None:
                     ref = _forward(reference, batch, context.pad_id, context.temperature, context.autocast)[0]
                 for row, s in enumerate(batch):
                     length = len(s.tokens) - s.prompt_length
@@ -659,9 +712,10 @@ def train_step(
     for index, batch in enumerate(work):
         last = index == len(work) - 1  # gradients are all-reduced once, after the last micro-batch
         with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
-            if not batch:  # no rollout for this process in this step: join the all-reduce with a zero loss
-                dummy = _Sequence("", "", [context.pad_id] * 2, 1, 0.0, [0.0], [0.0], [0.0])
-                logprobs, _ = _forward(policy, [dummy], context.pad_id, context.temperature, context.autocast)
+            if not batch:  # no rollout for this process here: join the others' collectives with a zero loss
+                logprobs, _ = _forward(
+                    policy, [_padding(context.pad_id)], context.pad_id, context.temperature, context.autocast
+                )
                 accelerator.backward(logprobs.sum() * 0.0)
                 continue
             _accumulate(policy, batch, old, normalizer, context, metrics.sums, device)
@@ -671,11 +725,12 @@ def train_step(
                     "unchanged",
                     "lower --lr (or check the rollouts' log-probs); the previous policy is kept",
                 )
-    grad_norm = (
-        accelerator.clip_grad_norm_(policy.parameters(), context.grad_clip)
-        if context.grad_clip > 0
-        else torch.tensor(0.0)
-    )
+    if context.grad_clip <= 0:
+        grad_norm = torch.tensor(0.0)
+    elif context.sharded:  # the norm over every process's shard
+        grad_norm = sharding.whole(torch.nn.utils.clip_grad_norm_(policy.parameters(), context.grad_clip))
+    else:
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), context.grad_clip)
     metrics.lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -720,12 +775,20 @@ def _accumulate(
     sums["rollout_diff_sum"] += float(((old_lp - sampled).abs() * mask).sum())
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """What an update saves besides the tokenizer."""
+
+    policy: Any
+    weights: dict[str, Any] | None  # a full state dict gathered from a sharded policy, else None (the policy's own)
+    optimizer: dict[str, Any]  # AdamW's state_dict(), one process's layout
+    scheduler: dict[str, Any]
+
+
 def save(
     stage: StageRun,
-    policy: Any,
+    checkpoint: Checkpoint,
     tokenizer: Any,
-    optimizer: Any,
-    scheduler: Any,
     global_step: int,
     manifest: dict[str, Any],
     tables: dict[Path, pa.Table],
@@ -737,16 +800,19 @@ def save(
     import torch
 
     def fill(staging: Path) -> None:
-        policy.save_pretrained(staging)
+        if checkpoint.weights is not None:
+            checkpoint.policy.save_pretrained(staging, state_dict=checkpoint.weights)
+        else:
+            adapters.save(checkpoint.policy, staging)
         tokenizer.save_pretrained(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(checkpoint.optimizer, staging / "optimizer.pt")
+        torch.save(checkpoint.scheduler, staging / "scheduler.pt")
         (staging / "trainer_state.json").write_text(json.dumps({"global_step": global_step}, indent=2))
         for path, table in tables.items():
             inside = path.parent.resolve() == stage.out.resolve()
             write_table(table, staging / path.name if inside else stage_file(staging, path), manifest)
 
-    return stage.write_directory(fill, manifest, model=policy)
+    return stage.write_directory(fill, manifest, model=None if checkpoint.weights is not None else checkpoint.policy)
 
 
 def _forward(
@@ -756,6 +822,11 @@ def _forward(
     return completion_logprobs(
         model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast
     )
+
+
+def _padding(pad_id: int) -> _Sequence:
+    """A one-token completion of weight 0: what a process without work of its own runs."""
+    return _Sequence("", "", [pad_id] * 2, 1, 0.0, [0.0], [0.0], [0.0])
 
 
 def _right_pad(rows: list[torch.Tensor], longest: int) -> torch.Tensor:  # [C_b] each -> [B, C]

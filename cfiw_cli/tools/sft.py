@@ -4,7 +4,8 @@ Each example is a prompt-completion pair: the prompt is exactly what `cfiw rollo
 (`build_prompt`: instruction, chat template), the completion is the dataset's `answer`, and
 TRL appends the EOS token and computes the loss on completion tokens only. The checkpoint
 (model + tokenizer + `cfiw_manifest.json` with the loss curve) is written as `<out>.tmp`
-and renamed, and holds no optimizer state: the RL run that follows starts its own.
+and renamed, and holds no optimizer state: the RL run that follows starts its own. With
+`--lora-r` only LoRA adapters are trained and saved (see `cfiw_cli.adapters`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli import modeling
+from cfiw_cli import adapters, modeling
 from cfiw_cli.configs import SFT_SCHEDULES, TRACKING_FIELDS, SftConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
@@ -25,6 +26,7 @@ from cfiw_cli.tracking import Tracker, beside_output, check_report_to, prefixed
 
 def _check(config: SftConfig) -> None:
     check_report_to(config.report_to)
+    adapters.check(config)
     if min(config.steps, config.batch_size, config.max_length) < 1:
         raise CfiwError("--steps, --batch-size and --max-length must be at least 1", "e.g. --steps 500 --batch-size 16")
     if config.lr <= 0 or config.warmup_steps < 0:
@@ -119,6 +121,7 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
     # Weights stay float32 (the optimizer's master copy); on a bf16 GPU the forward runs in bf16.
     bf16 = modeling.resolve_dtype(config.dtype, dev) == torch.bfloat16
     model = modeling.load_model(config.model, "float32", dev, stage.commit)
+    model = adapters.for_training(model, adapters.LoraSettings.of(config), config.model, stage.commit)
     with (
         tempfile.TemporaryDirectory(prefix="cfiw-sft-") as scratch,
         progress_bar("sft", total=config.steps, unit="steps") as advance,
@@ -158,7 +161,7 @@ def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageRes
     )  # fmt: skip
 
     def fill(staging: Path) -> None:
-        trainer.model.save_pretrained(staging)
+        adapters.save(trainer.model, staging)
         tokenizer.save_pretrained(staging)
 
     result = stage.write_directory(fill, manifest)
