@@ -203,3 +203,50 @@ def sharpening_task(tmp_path_factory, cli) -> tuple[Path, Path]:
     )
     assert result.exit_code == 0, result.stderr
     return policy, root / "task"
+
+
+def run_tables(run: Path) -> dict[str, object]:
+    """Every Parquet file of a run directory, without the wall-clock column, by relative path."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for path in sorted(run.rglob("*.parquet")):
+        table = pq.read_table(path)
+        out[str(path.relative_to(run))] = table.drop([c for c in ("seconds",) if c in table.column_names])
+    return out
+
+
+def assert_same_tables(expected: Path, got: Path) -> None:
+    """Two runs wrote the same Parquet files with the same contents."""
+    want, have = run_tables(expected), run_tables(got)
+    assert sorted(have) == sorted(want)
+    for name, table in want.items():
+        assert have[name].equals(table), name
+
+
+def run_chained(commands: str, cwd: Path, timeout: int = 900) -> None:
+    """Run the lines `cfiw loop --dry-run` printed, in bash, with this environment's cfiw."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-e"], input=commands, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def kill_when(argv: list[str], marker: Path, cwd: Path) -> None:
+    """Start `argv` and SIGKILL it (with every process it started) as soon as `marker` exists."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

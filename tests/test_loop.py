@@ -1,31 +1,19 @@
 """`cfiw loop`: same files as the chained commands, resumable after a kill, presets that parse."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import tokenizer_files
+from conftest import assert_same_tables, kill_when, run_chained, tokenizer_files
 from test_errors import assert_clean_error
 
 from cfiw_cli.pipeline.loop import apply_overrides, command_line, load_config, plan, presets
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]  # where the presets' relative paths (data/arith, runs/...) resolve
-
-
-def tables(run: Path) -> dict[str, object]:
-    """Every Parquet file of a run, without the wall-clock column."""
-    out = {}
-    for path in sorted(run.rglob("*.parquet")):
-        table = pq.read_table(path)
-        out[str(path.relative_to(run))] = table.drop([c for c in ("seconds",) if c in table.column_names])
-    return out
 
 
 SMALL = [
@@ -158,39 +146,21 @@ def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_pa
     commands = subprocess.run(
         loop_argv(tiny_model, run) + ["--dry-run"], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    done = subprocess.run(
-        ["bash", "-e"], input=commands, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    expected, got = tables(uninterrupted), tables(run)
-    assert sorted(got) == sorted(expected)
-    for name, table in expected.items():
-        assert got[name].equals(table), name
+    run_chained(commands, ROOT)
+    assert_same_tables(uninterrupted, run)
     assert kept_files(run) == kept_files(uninterrupted)  # the shell's copy of the starting policy is the loop's
 
 
 @pytest.mark.slow
 def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(
-        loop_argv(tiny_model, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
-    )
-    marker = run / "iter-0001" / "rollouts.parquet"  # iteration 2 of 2 has started
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(loop_argv(tiny_model, run), run / "iter-0001" / "rollouts.parquet", ROOT)  # iteration 2 of 2 began
     assert not (run / "iter-0001" / "train_metrics.parquet").exists()  # it really was interrupted
     for path in run.rglob("*.parquet"):  # nothing half-written under a final name
         pq.read_table(path)
     done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    expected, got = tables(uninterrupted), tables(run)
-    assert sorted(got) == sorted(expected)
-    for name, table in expected.items():
-        assert got[name].equals(table), name
+    assert_same_tables(uninterrupted, run)
     assert kept_files(run) == kept_files(uninterrupted)
 
 

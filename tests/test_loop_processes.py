@@ -2,16 +2,14 @@
 group, the main process writing; the files match a one-process loop, and a killed run resumes."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_same_tables, kill_when
 from safetensors.torch import load_file
 
 from cfiw_cli.schemas import ROLLOUTS
@@ -99,26 +97,9 @@ def test_two_processes_write_what_one_process_writes(runs):
 
 def test_a_killed_two_process_loop_resumes_to_the_same_files(runs, task_config, tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(
-        loop_argv(task_config, run, 2, 29592),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        start_new_session=True,  # the launcher and its workers, killed together
-    )
-    marker = run / "iter-0001" / "rollouts.parquet"  # the second iteration has started
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(loop_argv(task_config, run, 2, 29592), run / "iter-0001" / "rollouts.parquet", ROOT)  # the launcher too
     assert not (run / "iter-0001" / "train_metrics.parquet").exists()  # it really was interrupted
     run_loop(loop_argv(task_config, run, 2, 29593))
-    expected = runs[2]
-    assert sorted(p.relative_to(run) for p in run.rglob("*.parquet")) == sorted(
-        p.relative_to(expected) for p in expected.rglob("*.parquet")
-    )
-    for path in expected.rglob("*.parquet"):
-        assert table(run / path.relative_to(expected)) == table(path), path
-    resumed, uninterrupted = (load_file(r / "policy" / "model.safetensors") for r in (run, expected))
+    assert_same_tables(runs[2], run)
+    resumed, uninterrupted = (load_file(r / "policy" / "model.safetensors") for r in (run, runs[2]))
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

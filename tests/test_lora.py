@@ -2,16 +2,13 @@
 disabled), every stage samples and scores with the adapted model, and a LoRA loop resumes."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import tokenizer_files
+from conftest import assert_same_tables, kill_when, run_chained, tokenizer_files
 from test_errors import assert_clean_error
 
 pytestmark = pytest.mark.slow
@@ -20,14 +17,6 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "cfiw_manifest.json"}
 TRAIN_STATE = {"optimizer.pt", "scheduler.pt", "trainer_state.json"}
-
-
-def tables(run: Path) -> dict[str, object]:
-    out = {}
-    for path in sorted(run.rglob("*.parquet")):
-        table = pq.read_table(path)
-        out[str(path.relative_to(run))] = table.drop([c for c in ("seconds",) if c in table.column_names])
-    return out
 
 
 def loop_argv(config: Path, run: Path) -> list[str]:
@@ -146,35 +135,17 @@ def test_the_chained_commands_write_the_loops_files(lora_run, lora_config, tmp_p
     ).stdout
     trains = [line for line in commands.splitlines() if line.startswith("cfiw train")]
     assert trains and all("--lora-r 4" in line and "--reference" not in line for line in trains)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    done = subprocess.run(
-        ["bash", "-e"], input=commands, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    expected, got = tables(lora_run), tables(run)
-    assert sorted(got) == sorted(expected)
-    for name, table in expected.items():
-        assert got[name].equals(table), name
+    run_chained(commands, ROOT)
+    assert_same_tables(lora_run, run)
 
 
 def test_a_killed_lora_loop_resumes_to_the_same_files(lora_run, lora_config, tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(
-        loop_argv(lora_config, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
-    )
-    marker = run / "iter-0001" / "rollouts.parquet"  # the second iteration has started
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(loop_argv(lora_config, run), run / "iter-0001" / "rollouts.parquet", ROOT)  # the second iteration began
     assert not (run / "iter-0001" / "train_metrics.parquet").exists()
     done = subprocess.run(loop_argv(lora_config, run), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    expected, got = tables(lora_run), tables(run)
-    assert sorted(got) == sorted(expected)
-    for name, table in expected.items():
-        assert got[name].equals(table), name
+    assert_same_tables(lora_run, run)
     for name in ("adapter_model.safetensors", "optimizer.pt"):
         assert (run / "policy" / name).read_bytes() == (lora_run / "policy" / name).read_bytes(), name
 

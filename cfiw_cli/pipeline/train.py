@@ -380,7 +380,7 @@ def _update(
         policy, optimizer = accelerator.prepare(policy, optimizer)  # DDP across processes
     reference = None
     if config.beta > 0:
-        lora = adapters.is_peft(policy) or adapters.is_peft(accelerator.unwrap_model(policy))
+        lora = adapters.is_peft(accelerator.unwrap_model(policy))
         reference = ADAPTERS_OFF if lora else load_reference(config, accelerator.device, stage.commit)
     context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference, sharded)
     if sequences:
@@ -408,7 +408,8 @@ def _update(
             metrics_out: pa.Table.from_pylist(step_rows, schema=schemas.TRAIN_METRICS_WRITTEN),
             weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
         }
-        checkpoint = Checkpoint(trained or policy, weights, optimizer_state, scheduler.state_dict())
+        saved = trained if trained is not None else policy  # a sharded policy saves the gathered weights
+        checkpoint = Checkpoint(saved, weights, optimizer_state, scheduler.state_dict())
         result = save(stage, checkpoint, tokenizer, start_step + len(steps), manifest, tables)
         track(config, step_rows, metrics)
         if steps:
