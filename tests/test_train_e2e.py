@@ -219,6 +219,38 @@ def test_two_processes_end_with_the_same_parameters(cli, batch, tiny_model, tmp_
     assert json.loads((double / "cfiw_manifest.json").read_text())["metrics"]["processes"] == 2
 
 
+# A worker whose loss turns NaN on process 1 only, as an overflow in one shard of the batch would.
+NAN_ON_ONE_PROCESS = """
+from accelerate import PartialState
+from cfiw_cli.cli import main
+from cfiw_cli.pipeline import train
+
+if PartialState(cpu=True).process_index == 1:
+    policy_loss = train.policy_loss
+    def poisoned(*args, **kwargs):
+        loss, metrics = policy_loss(*args, **kwargs)
+        return loss * float("nan"), metrics
+    train.policy_loss = poisoned
+main()
+"""
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(batch, tiny_model, tmp_path):
+    """The loss is summed over the processes before the optimizer step, so every process sees
+    it: both stop with the one-line error instead of one waiting for the other."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(NAN_ON_ONE_PROCESS)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29548"]
+    out = tmp_path / "policy"
+    argv = [*launch, str(worker), *map(str, train_args(batch, tiny_model, out))]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2 and all("the loss became nan" in line and "nothing was saved" in line for line in errors)
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory, tiny_model, mini_dataset, cli):
     """Rollouts sampled by `cfiw rollout` at T = 0.7, top-p 1 (CPU, float32)."""

@@ -720,12 +720,13 @@ def train_step(
                 accelerator.backward(logprobs.sum() * 0.0)
                 continue
             _accumulate(policy, batch, old, normalizer, context, metrics.sums, device)
-            if not math.isfinite(metrics.sums["loss"]):
-                raise CfiwError(
-                    f"the loss became {metrics.sums['loss']} at step {step}: nothing was saved, the policy is "
-                    "unchanged",
-                    "lower --lr (or check the rollouts' log-probs); the previous policy is kept",
-                )
+    # summed over the processes before the step: a non-finite loss on one stops them all, none waits
+    metrics.sums = _sum_across(accelerator, metrics.sums)
+    if not math.isfinite(metrics.sums["loss"]):
+        raise CfiwError(
+            f"the loss became {metrics.sums['loss']} at step {step}: nothing was saved, the policy is unchanged",
+            "lower --lr (or check the rollouts' log-probs); the previous policy is kept",
+        )
     if context.grad_clip <= 0:
         grad_norm = torch.tensor(0.0)
     elif context.sharded:  # the norm over every process's shard
@@ -736,7 +737,6 @@ def train_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics.sums = _sum_across(accelerator, metrics.sums)
     metrics.grad_norm = float(grad_norm)
     metrics.seconds = time.perf_counter() - started
     return metrics
