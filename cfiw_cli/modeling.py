@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +95,35 @@ def _hub_error(ref: str, exc: Exception) -> CfiwError:
     )
 
 
+_pinned: dict[tuple[str, str | None], str | None] | None = None  # inside `pinned_revisions`
+
+
+@contextlib.contextmanager
+def pinned_revisions() -> Iterator[None]:
+    """Inside, each hub model and revision is resolved once: every stage of a loop loads the
+    same commit, even when the branch moves during the run, and the hub is asked once."""
+    global _pinned
+    _pinned = {}
+    try:
+        yield
+    finally:
+        _pinned = None
+
+
 def resolve_revision(ref: str, revision: str | None) -> str | None:
     """The commit that `revision` (default: main) of hub model `ref` points at: asked of the hub,
     or read from the local hub cache when offline (HF_HUB_OFFLINE=1) or the hub cannot be
     reached. None for a local directory."""
     if Path(ref).expanduser().exists():
         return None
+    if _pinned is not None:
+        if (ref, revision) not in _pinned:
+            _pinned[(ref, revision)] = _resolve_on_hub(ref, revision)
+        return _pinned[(ref, revision)]
+    return _resolve_on_hub(ref, revision)
+
+
+def _resolve_on_hub(ref: str, revision: str | None) -> str | None:
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 

@@ -88,3 +88,27 @@ def test_moved_branch_recomputes_and_unknown_revision_is_an_error(hub, tmp_path,
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     assert unknown.stderr.startswith("Error: cannot resolve revision 'no-such-branch' of cfiw-test/tiny")
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_run_resolves_each_hub_revision_once(hub, monkeypatch):
+    """Inside `pinned_revisions` (the loop) a branch that moves keeps its first commit, and the
+    hub cache is read once; outside, every call sees the branch as it is."""
+    import huggingface_hub
+
+    from cfiw_cli import modeling
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub["cache"]))
+    lookups = []
+    resolve = modeling._resolve_on_hub
+    monkeypatch.setattr(modeling, "_resolve_on_hub", lambda *args: lookups.append(args) or resolve(*args))
+    try:
+        with modeling.pinned_revisions():
+            assert modeling.resolve_revision(REPO, None) == MAIN
+            (hub["refs"] / "main").write_text(V1)  # the branch moves during the run
+            assert [modeling.resolve_revision(REPO, None) for _ in range(3)] == [MAIN] * 3
+            assert modeling.resolve_revision(REPO, "v1") == V1
+        assert lookups == [(REPO, None), (REPO, "v1")]
+        assert modeling.resolve_revision(REPO, None) == V1
+    finally:
+        (hub["refs"] / "main").write_text(MAIN)

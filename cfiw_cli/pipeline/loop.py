@@ -347,7 +347,13 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
     commands = [command_line(c, s) for _, c, s in steps]
     if dry_run:
         return commands
+    with modeling.pinned_revisions():  # one commit of a hub model for the whole run
+        _run(config, run, steps, report_to)
+    return commands
 
+
+def _run(config: dict[str, Any], run: Path, steps: list[tuple[int, str, Any]], report_to: str) -> None:
+    """Every planned stage, from where an interrupted run stopped."""
     layout = RunLayout(run)
     base = str(config["model"]["id"])
     dataset = config["data"]["dataset"]
@@ -397,7 +403,6 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
                 write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
     if tracker is not None:
         tracker.close()
-    return commands
 
 
 # Stages whose work is split across the processes of `accelerate launch` (each samples,
