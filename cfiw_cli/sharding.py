@@ -58,6 +58,18 @@ def full_model_state(model: Any) -> dict[str, Any]:
     return {name: tensor for name, tensor in state.items() if name in kept}
 
 
+def save(model: Any, weights: dict[str, Any], directory: Any) -> None:
+    """`save_pretrained` of a sharded model with its gathered weights, under the model's own
+    class name: some transformers versions write FSDP's wrapper class (FSDPQwen2ForCausalLM)
+    into config.json, which loaders that read `architectures` would not know."""
+    from torch.distributed.fsdp import FSDPModule
+
+    architecture = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+    model.save_pretrained(directory, state_dict=weights)
+    model.config.architectures = [architecture]
+    model.config.save_pretrained(directory)
+
+
 def _names(model: Any) -> list[str]:
     """The trainable parameters' names, in the order a one-process AdamW numbers them."""
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]

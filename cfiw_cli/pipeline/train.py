@@ -802,7 +802,7 @@ def save(
 
     def fill(staging: Path) -> None:
         if checkpoint.weights is not None:
-            checkpoint.policy.save_pretrained(staging, state_dict=checkpoint.weights)
+            sharding.save(checkpoint.policy, checkpoint.weights, staging)
         else:
             adapters.save(checkpoint.policy, staging)
         tokenizer.save_pretrained(staging)
