@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -19,6 +20,10 @@ console = Console(stderr=True, highlight=False)
 
 
 def info(message: str) -> None:
+    """A line on stderr, from the main process only under `accelerate launch` (torchrun sets
+    RANK), so a run's log reads as one process's; errors print from every process."""
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return
     # soft_wrap: one message, one line, whatever the width, so that logs stay greppable
     console.print(message, markup=False, soft_wrap=True)
 

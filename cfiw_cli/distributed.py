@@ -63,8 +63,11 @@ def one_group() -> Iterator[None]:
     _held = True
     try:
         yield
-    finally:
+    except BaseException:
         _held = False
+        _tear_down()  # without waiting: the others may never arrive; a live group aborts the exit
+        raise
+    _held = False
     finish()
 
 
@@ -100,8 +103,11 @@ def finish() -> None:
     if current.num_processes == 1:
         return
     current.wait_for_everyone()
-    if _held:
-        return
+    if not _held:
+        _tear_down()
+
+
+def _tear_down() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():

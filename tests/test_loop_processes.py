@@ -103,3 +103,26 @@ def test_a_killed_two_process_loop_resumes_to_the_same_files(runs, task_config, 
     assert_same_tables(runs[2], run)
     resumed, uninterrupted = (load_file(r / "policy" / "model.safetensors") for r in (run, runs[2]))
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_an_error_stops_every_process_cleanly(task_config, tmp_path):
+    """A stage that fails on the processes stops each with the one-line error and exit status 1
+    (not an abort at exit with the process group still up); the loop's log is the main
+    process's alone."""
+    config = tmp_path / "bad.toml"
+    text = task_config.read_text()
+    config.write_text(text.replace('dataset = "', f'dataset = "{tmp_path}/no-such-', 1))
+    done = subprocess.run(loop_argv(config, tmp_path / "run", 2, 29594), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("Error: dataset not found") == 2
+    assert "terminate called" not in done.stderr and "exitcode: -6" not in done.stderr
+    assert done.stderr.count("[loop] iteration 0: eval") == 1
+
+
+def test_a_finished_run_started_again_logs_once(runs, task_config):
+    """Only the main process logs: a finished two-process run started again (in place: its
+    files stay as they are) reports its final evaluations up to date once each, not once per
+    process."""
+    done = subprocess.run(loop_argv(task_config, runs[2], 2, 29595), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("is up to date") == 2  # eval/iter-0002 and probe/iter-0002
