@@ -72,12 +72,12 @@ def base_record(ref: str) -> str:
     return str(path.resolve()) if path.exists() else ref
 
 
-def attach(base: Any, ref: str, trainable: bool) -> Any:
-    """The base model with the adapters of directory `ref`, in the base's dtype."""
+def attach(base: Any, ref: str) -> Any:
+    """The base model with the adapters of directory `ref`, in the base's dtype, frozen."""
     from peft import PeftModel
 
     with _quiet_peft():
-        return PeftModel.from_pretrained(base, ref, is_trainable=trainable, autocast_adapter_dtype=False)
+        return PeftModel.from_pretrained(base, ref, autocast_adapter_dtype=False)
 
 
 @contextlib.contextmanager

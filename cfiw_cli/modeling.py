@@ -162,12 +162,10 @@ def load_tokenizer(ref: str, revision: str | None = None) -> Any:
     return tokenizer
 
 
-def load_model(
-    ref: str, dtype: str = "auto", dev: Any = None, revision: str | None = None, trainable: bool = False
-) -> Any:
+def load_model(ref: str, dtype: str = "auto", dev: Any = None, revision: str | None = None) -> Any:
     """The model `ref` holds, in `dtype` on `dev`. A LoRA directory gives its base model (at the
-    commit the adapters record) with the adapters attached, in the base's dtype; `trainable`
-    leaves the adapters' gradients on."""
+    commit the adapters record) with the adapters attached, in the base's dtype (frozen:
+    `adapters.for_training` turns their gradients on)."""
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
@@ -175,7 +173,7 @@ def load_model(
     dev = dev or device()
     if adapters.is_adapter(ref):
         base, commit = adapters.base_of(ref)
-        return adapters.attach(load_model(base, dtype, dev, commit), ref, trainable).to(dev).eval()
+        return adapters.attach(load_model(base, dtype, dev, commit), ref).to(dev).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype, dev), revision=revision)
     except (OSError, ValueError) as exc:

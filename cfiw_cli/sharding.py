@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cfiw_cli import adapters
 from cfiw_cli.errors import CfiwError
 
 
@@ -31,7 +32,7 @@ def shard(model: Any) -> Any:
     splits), then the rest. The parameters become DTensors; build the optimizer after."""
     from torch.distributed.fsdp import fully_shard
 
-    if hasattr(model, "peft_config"):
+    if adapters.is_peft(model):
         raise CfiwError("LoRA does not run under FSDP here", "train LoRA adapters with DDP (accelerate --multi_gpu)")
     layers = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
@@ -116,16 +117,3 @@ def load_optimizer_state(model: Any, optimizer: Any, saved: dict[str, Any]) -> N
 def whole(value: Any) -> Any:
     """A DTensor's full value (a gradient norm of sharded parameters); anything else as it is."""
     return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
-def first_non_finite(model: Any) -> str | None:
-    """The first parameter holding inf or NaN on any process (each checks its own shard)."""
-    import torch
-    from accelerate.utils import gather_object
-
-    with torch.no_grad():
-        mine = next(
-            (name for name, p in model.named_parameters() if not torch.isfinite(getattr(p, "_local_tensor", p)).all()),
-            None,
-        )
-    return next((name for name in gather_object([mine]) if name), None)

@@ -88,7 +88,7 @@ def test_the_reference_is_the_base_model_and_the_policy_is_adapted(lora_run, sha
     for reference in (train.ADAPTERS_OFF, base):
         context = train.UpdateContext.of(config, batch, Accelerator(cpu=True), 0, reference)
         plans[reference is base] = train.old_logprobs(
-            policy, reference, train._plan(sequences, config, 0, 0, 1), context
+            policy, reference, train._plan(sequences, config, 0, context), context
         )
     disabled, loaded = plans[False], plans[True]
     assert disabled.keys() == loaded.keys() and len(disabled) == len(sequences)

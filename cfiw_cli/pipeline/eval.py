@@ -131,8 +131,8 @@ def _evaluate(
         }
         for s in samples
     ]
-    order = {row["prompt_id"]: i for i, row in enumerate(rows)}
     if shard:
+        order = {row["prompt_id"]: i for i, row in enumerate(rows)}
         records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
         if not distributed.is_main():
             distributed.finish()

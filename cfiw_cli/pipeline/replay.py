@@ -170,7 +170,7 @@ def run(config: ReplayConfig) -> Path:
     for iteration in iterations:
         # one process rebuilds policy_k's links; the others wait for it
         policy_dir = policy_at(run_dir, iteration, base, keep_optimizer, root / ".policy", build=main)
-        distributed.state().wait_for_everyone()
+        distributed.barrier()
         step = trains[iteration]
         inputs = {"policy": policy_dir, **{k: getattr(step, k) for k in ("rollouts", "spans", "scores")}}
         tokenizer = modeling.load_tokenizer(policy_dir)
@@ -213,7 +213,7 @@ def run(config: ReplayConfig) -> Path:
                     results[(iteration, mode)] = _measure(model, tokenizer, probe_here, cell, references, weights)
                     shutil.rmtree(root / ".updated", ignore_errors=True)
                 del model
-            distributed.state().wait_for_everyone()
+            distributed.barrier()
     if main:
         shutil.rmtree(root / ".policy", ignore_errors=True)
         rows = []

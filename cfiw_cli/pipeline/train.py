@@ -279,16 +279,17 @@ def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any) -> 
 
 
 def _plan(
-    sequences: list[_Sequence], config: TrainConfig, epoch: int, rank: int, world: int, sharded: bool = False
+    sequences: list[_Sequence], config: TrainConfig, epoch: int, context: UpdateContext
 ) -> list[tuple[list[list[_Sequence]], list[_Sequence]]]:
     """Epoch -> (this process's micro-batches, all members) per minibatch (same on every process).
-    `sharded`: every process gets as many micro-batches as the busiest, empty ones added."""
+    A sharded policy: every process gets as many micro-batches as the busiest, empty ones added."""
+    rank, world = context.rank, context.world
     plan = []
     for members in plan_minibatches(sequences, config.minibatches, config.seed, epoch):
-        shares = [_micro_batches(members[r::world], config.micro_batch_tokens) for r in range(world)]
-        mine = shares[rank]
-        if sharded:
-            mine = mine + [[]] * (max(map(len, shares)) - len(mine))
+        mine = _micro_batches(members[rank::world], config.micro_batch_tokens)
+        if context.sharded:
+            busiest = max(len(_micro_batches(members[r::world], config.micro_batch_tokens)) for r in range(world))
+            mine = mine + [[]] * (busiest - len(mine))
         plan.append((mine, members))
     return plan
 
@@ -385,7 +386,7 @@ def _update(
     context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference, sharded)
     if sequences:
         steps = optimize(policy, reference, optimizer, scheduler, sequences, config, context, start_step, steps_here)
-        check_finite_parameters(policy, sharded)
+        check_finite_parameters(policy)
     else:
         steps = []
         info(
@@ -434,15 +435,18 @@ def track(config: TrainConfig, step_rows: list[dict], metrics: dict[str, Any]) -
     tracker.close()
 
 
-def check_finite_parameters(policy: Any, sharded: bool = False) -> None:
-    """An update that overflowed is never saved over the policy it started from."""
+def check_finite_parameters(policy: Any) -> None:
+    """An update that overflowed is never saved over the policy it started from. Each process
+    checks its own parameters (its shard, under FSDP) and every process learns the verdict."""
     import torch
+    from accelerate.utils import gather_object
 
-    if sharded:
-        bad = sharding.first_non_finite(policy)
-    else:
-        with torch.no_grad():
-            bad = next((name for name, p in policy.named_parameters() if not torch.isfinite(p).all()), None)
+    with torch.no_grad():
+        mine = next(
+            (name for name, p in policy.named_parameters() if not torch.isfinite(getattr(p, "_local_tensor", p)).all()),
+            None,
+        )
+    bad = next((name for name in gather_object([mine]) if name), None)
     if bad is not None:
         raise CfiwError(
             f"the update made parameter {bad} non-finite (inf or NaN): nothing was saved, the policy is unchanged",
@@ -463,16 +467,12 @@ def optimize(
 ) -> list[StepMetrics]:
     """Every optimizer step of the update: `epochs` passes, each dealt into minibatches of
     whole groups; the old log-probs come from the loaded policy, before the first step."""
-    first_pass = _plan(sequences, config, 0, context.rank, context.world, context.sharded)
+    first_pass = _plan(sequences, config, 0, context)
     old = old_logprobs(policy, reference, first_pass, context)
     steps: list[StepMetrics] = []
     with progress_bar("train", total=steps_here, unit="steps") as advance:
         for epoch in range(config.epochs):
-            plan = (
-                first_pass
-                if epoch == 0
-                else _plan(sequences, config, epoch, context.rank, context.world, context.sharded)
-            )
+            plan = first_pass if epoch == 0 else _plan(sequences, config, epoch, context)
             for micro_batches, members in plan:
                 step = start_step + len(steps) + 1
                 steps.append(
