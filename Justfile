@@ -157,6 +157,10 @@ gpu-check *args:
 bench-train *args:
     {{bin}}/python benchmarks/train_bench.py {{args}}
 
+# cfiw sql's sealed, read-only connection against a plain DuckDB connection over the same run
+bench-sql *args:
+    {{bin}}/python benchmarks/sql_bench.py {{args}}
+
 # regenerate the synthetic problems in data/arith and data/arith-distractors (the committed copies)
 data:
     {{bin}}/cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 10 --filler-rate 0.3 --teacher-error-rate 0.5 --seed 0 --force

@@ -59,7 +59,17 @@ def is_adapter(ref: str | Path) -> bool:
 
 def base_of(ref: str | Path) -> tuple[str, str | None]:
     """(base model, its commit or None) that the adapter directory `ref` was trained on."""
-    recorded = json.loads((Path(ref).expanduser() / ADAPTER_CONFIG).read_text())
+    path = Path(ref).expanduser() / ADAPTER_CONFIG
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        recorded = None
+        problem = str(exc)
+    if not isinstance(recorded, dict):
+        raise CfiwError(
+            f"{path} is not a readable JSON object" + (f" ({problem})" if recorded is None else ""),
+            "restore it from the checkpoint that wrote it (cfiw train or cfiw sft with --lora-r)",
+        )
     base = recorded.get("base_model_name_or_path")
     if not base:
         raise CfiwError(f"{ref}/{ADAPTER_CONFIG} names no base model", "write adapters with cfiw train or cfiw sft")

@@ -81,10 +81,32 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 def input_record(ref: str, revision: str | None = None) -> dict[str, Any]:
     """Describe one input: a local path gets its sha256; a hub id is kept as given, with the
-    commit its revision resolved to (`revision`) when known."""
-    if os.path.exists(ref):
-        return {"path": str(ref), "sha256": sha256_of(ref)}
-    return {"path": str(ref), "sha256": None, **({"revision": revision} if revision else {})}
+    commit its revision resolved to (`revision`) when known. LoRA adapters are only half a
+    model: their record adds the base they name (`base`), and their sha256 covers the base's
+    (its sha256, or a hub base's commit), so another base behind the same adapters is another
+    input."""
+    if not os.path.exists(ref):
+        return {"path": str(ref), "sha256": None, **({"revision": revision} if revision else {})}
+    record = {"path": str(ref), "sha256": sha256_of(ref)}
+    base = _adapter_base(Path(ref))
+    if base is not None:
+        record["base"] = input_record(*base)
+        identity = f"{record['sha256']}+{record['base']['sha256'] or record['base'].get('revision')}"
+        record["sha256"] = hashlib.sha256(identity.encode()).hexdigest()
+    return record
+
+
+def _adapter_base(path: Path) -> tuple[str, str | None] | None:
+    """(base, commit) named by the adapter_config.json of a LoRA directory, else None."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # loading it says what is wrong
+    base = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
+    return (str(base), recorded.get("revision")) if base else None
 
 
 @lru_cache(maxsize=1)
@@ -208,14 +230,23 @@ def staged_directory(final: Path) -> Iterator[Path]:
     a kill interrupted, whatever the moment."""
     recover_directory(final)
     tmp = _tmp_of(final)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise _write_error(final, exc) from exc
     try:
         yield tmp
-        _fsync_tree(tmp)
-        (tmp / COMPLETE).write_text("")
-        _fsync(tmp / COMPLETE)
-        _fsync(tmp)
-        _swap_in(final)
+        try:
+            _fsync_tree(tmp)
+            (tmp / COMPLETE).write_text("")
+            _fsync(tmp / COMPLETE)
+            _fsync(tmp)
+            _swap_in(final)
+        except OSError as exc:  # a full disk, a read-only file system: the old directory stays
+            old = _old_of(final)
+            if not final.exists() and old.exists():
+                old.rename(final)
+            raise _write_error(final, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -233,6 +264,25 @@ def stage_file(staging: Path, target: Path) -> Path:
     return pending / name
 
 
+def written_files(staging: Path) -> list[str]:
+    """The files a stage put into its staged directory, as sorted relative paths (what it
+    owns when it replaces the directory later; the manifest itself and the commit's own
+    bookkeeping left out)."""
+    skipped = {COMPLETE, DIRECTORY_MANIFEST}
+    return sorted(
+        str(p.relative_to(staging))
+        for p in staging.rglob("*")
+        if p.is_file() and p.relative_to(staging).parts[0] not in (PENDING, *skipped)
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _tmp_of(final: Path) -> Path:
     return final.with_name(final.name + ".tmp")
 
@@ -243,13 +293,13 @@ def _old_of(final: Path) -> Path:
 
 def _swap_in(final: Path) -> None:
     tmp, old = _tmp_of(final), _old_of(final)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    _remove(old)
+    if final.exists() or final.is_symlink():
         final.rename(old)
     tmp.rename(final)
     _fsync(final.parent)
     (final / COMPLETE).unlink()
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     _finish_pending(final)
 
 
@@ -281,7 +331,7 @@ def recover_directory(final: Path) -> None:
     if final.is_dir():
         (final / COMPLETE).unlink(missing_ok=True)  # killed after the swap, before the tidy-up
         _finish_pending(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 def write_directory_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -289,10 +339,12 @@ def write_directory_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_directory_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a directory output; None when missing or not a JSON object."""
     try:
-        return json.loads((Path(directory) / DIRECTORY_MANIFEST).read_text())
+        manifest = json.loads((Path(directory) / DIRECTORY_MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _umask() -> int:
@@ -307,28 +359,68 @@ def write_table(table: pa.Table, path: str | os.PathLike, manifest: dict[str, An
     metadata_[MANIFEST_KEY] = json.dumps(manifest, sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(metadata_)
     with atomic_path(final) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
     return final
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest in a Parquet file's footer; None for a file without one (or no Parquet
+    file at all). A manifest that is not a JSON object is a `CfiwError` naming the file."""
     try:
         kv = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid):
         return None
     raw = kv.get(MANIFEST_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise CfiwError(
+            f"{path} has a corrupt cfiw manifest (its footer key 'cfiw' is not a JSON object)",
+            "write the file again with the cfiw stage that made it",
+        )
+    return manifest
+
+
+def manifest_if_any(path: Path) -> dict[str, Any] | None:
+    """The manifest of a file or directory output, or None when it has none or a corrupt one
+    (which then counts as written by someone else)."""
+    if path.is_dir():
+        return read_directory_manifest(path)
+    try:
+        return read_manifest(path)
+    except CfiwError:
+        return None
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether `path` is a file with a readable Parquet footer."""
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return True
 
 
 def read_artifact(path: str | os.PathLike, kind: str) -> pa.Table:
-    """Read and validate a Parquet artifact; a missing file or bad schema is a `CfiwError`."""
+    """Read and validate a Parquet artifact; a missing file, a directory, a damaged page (every
+    page's checksum is verified when the file has them) or a bad schema is a `CfiwError`."""
     path = Path(path)
     if not path.exists():
         raise CfiwError(f"{kind} file not found: {path}", f"create it first or check the --{kind} path")
+    if path.is_dir():
+        raise CfiwError(f"{path} is a directory, not a {kind} file", f"pass the {kind}.parquet file itself")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise CfiwError(f"{path} is not a readable Parquet file: {exc}", "check the path") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CfiwError(
+            f"{path} is not a readable Parquet file: {first}",
+            "it is damaged or not Parquet: write it again with the stage that made it",
+        ) from exc
     return validate(table, kind, str(path))
 
 
@@ -347,7 +439,7 @@ def up_to_date(
     `inputs` are not compared (a checkpoint trained in place no longer has its starting model)."""
     if not path.exists():
         return False
-    manifest = read_directory_manifest(path) if path.is_dir() else read_manifest(path)
+    manifest = manifest_if_any(path)
     if not manifest:
         return False
     # Round-trip through JSON so tuples/paths compare the way they were stored.

@@ -229,7 +229,14 @@ def train(config: configs.TrainConfig, force: options.Force = False) -> None:
 @command("analyze", "cfiw analyze runs/tiny-cfiw runs/tiny-uniform --out runs/report")
 def analyze(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by cfiw loop.")],
-    out: Annotated[Path, typer.Option(help="Report directory (tables as JSON, PNG plots, report.md, report.html).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Report directory (tables as JSON, PNG plots, report.md, report.html); an earlier report there "
+            "is replaced."
+        ),
+    ],
+    force: options.Force = False,
 ) -> None:
     """Tables, plots and a report over one or more runs, all aggregates in DuckDB SQL.
 
@@ -239,7 +246,7 @@ def analyze(
     """
     from cfiw_cli.report import analyze as stage
 
-    stage.run([str(r) for r in runs], str(out))
+    stage.run([str(r) for r in runs], str(out), force=force)
     typer.echo(f"report written to {out / 'report.html'} and {out / 'report.md'}")
 
 
@@ -283,7 +290,9 @@ def loop(
     revision: Annotated[
         str | None, typer.Option(help="Hub revision of the model (branch, tag or commit; default: main).")
     ] = None,
-    iterations: Annotated[int | None, typer.Option(min=1, help="Override the number of iterations.")] = None,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, max=configs.MAX_STEPS, help="Override the number of iterations.")
+    ] = None,
     dtype: Annotated[
         options.TrainDtypeChoice | None,
         typer.Option(
@@ -293,15 +302,19 @@ def loop(
     ] = None,
     weighting: Annotated[options.WeightingChoice | None, typer.Option(help="Override the weighting.")] = None,
     eval_every: Annotated[
-        int | None, typer.Option(min=1, help="Evaluate before every k-th iteration (and after the last).")
+        int | None,
+        typer.Option(min=1, max=configs.MAX_STEPS, help="Evaluate before every k-th iteration (and after the last)."),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=configs.MAX_SEED, help="Override the seed.")] = None,
     keep_checkpoints: Annotated[
         int | None,
-        typer.Option(min=0, help="Keep only the newest N kept policies (loop.keep_checkpoints; 0: all)."),
+        typer.Option(
+            min=0, max=configs.MAX_STEPS, help="Keep only the newest N kept policies (loop.keep_checkpoints; 0: all)."
+        ),
     ] = None,
     lora_r: Annotated[
-        int | None, typer.Option(min=0, help="Train LoRA adapters of this rank (train.lora_r; 0: full fine-tuning).")
+        int | None,
+        typer.Option(min=0, max=65_536, help="Train LoRA adapters of this rank (train.lora_r; 0: full fine-tuning)."),
     ] = None,
     lora_alpha: Annotated[float | None, typer.Option(min=0.0, help="LoRA alpha (train.lora_alpha).")] = None,
     lora_target_modules: Annotated[
@@ -332,6 +345,11 @@ def loop(
     """
     from cfiw_cli.pipeline import loop as stage
 
+    if (preset is None) == (config is None):
+        raise typer.BadParameter(
+            "pass exactly one of them (presets: " + ", ".join(sorted(configs.presets())) + ")",
+            param_hint="'--preset' / '--config'",
+        )
     settings = stage.load_config(preset.value if preset else None, str(config) if config else None)
     overrides = {
         "model.id": model,
@@ -354,7 +372,7 @@ def loop(
 
 
 @command("replay", "cfiw replay runs/tiny-cfiw --iterations 0-11 --modes uniform,cfiw,inverted", configs.ReplayConfig)
-def replay(config: configs.ReplayConfig) -> None:
+def replay(config: configs.ReplayConfig, force: options.Force = False) -> None:
     """Replay each kept iteration's update in every weighting mode, from the same policy on the same rollouts.
 
     For each iteration k and mode: load the policy iteration k started from, train on
@@ -365,17 +383,18 @@ def replay(config: configs.ReplayConfig) -> None:
     """
     from cfiw_cli.pipeline import replay as stage
 
-    stage.run(config)
+    stage.run(config, force=force)
+
+
+KindChoice = options.choice_type("KindChoice", configs.ARTIFACT_KINDS)
 
 
 @command("validate", "cfiw validate runs/x/iter-0000/rollouts.parquet --manifest")
 def validate(
     path: Annotated[Path, typer.Argument(help="Parquet artifact to check.")],
     kind: Annotated[
-        str | None,
-        typer.Option(
-            help="rollouts, spans, scores, weights, train_metrics or eval (default: from the manifest or file name)."
-        ),
+        KindChoice | None,
+        typer.Option(help="The artifact kind (default: from the manifest, the file name or the columns)."),
     ] = None,
     manifest: Annotated[bool, typer.Option("--manifest", help="Also print the manifest as JSON.")] = False,
 ) -> None:
@@ -386,7 +405,7 @@ def validate(
     """
     from cfiw_cli.report import validate as stage
 
-    kind, rows, meta = stage.check(path, kind)
+    kind, rows, meta = stage.check(path, kind.value if kind else None)
     written_by = meta.get("stage") if meta else "none (written by another tool?)"
     typer.echo(f"{path}: valid {kind} file, {rows} rows, manifest stage: {written_by}")
     if manifest and meta:

@@ -36,6 +36,7 @@ def presets() -> dict[str, Traversable]:
 
 
 ARCHS = ("qwen2", "llama")
+ARTIFACT_KINDS = ("rollouts", "spans", "scores", "weights", "train_metrics", "eval")  # schemas.SCHEMAS, by name
 SFT_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_SCHEDULES = ("constant", "cosine")
 REPLAY_OPTIMIZERS = ("kept", "fresh")
@@ -48,17 +49,23 @@ def flag(
     names: tuple[str, ...] = (),
     min: float | None = None,
     max: float | None = None,
+    above: float | None = None,
     choices: tuple[str, ...] | None = None,
+    check: Any = None,
     path: bool = False,
     argument: bool = False,
 ) -> Any:
     """A config field that is also a command-line flag. `names` overrides `--field-name`
-    (e.g. a short alias); `path` shows it as a PATH; `argument` makes it positional."""
+    (e.g. a short alias); `min`/`max` bound it, `above` from below strictly; `path` shows it as
+    a PATH; `argument` makes it positional; `check(value)` raises a `CfiwError` for a value
+    of the right type that means nothing (a bad list, say)."""
     meta = {
         "help": help,
         "names": names,
         "min": min,
         "max": max,
+        "above": above,
+        "check": check,
         "choices": choices,
         "path": path,
         "argument": argument,
@@ -103,13 +110,27 @@ def check_value(item: Any, annotation: Any, value: Any) -> None:
     meta = item.metadata
     if meta.get("min") is not None and value < meta["min"]:
         raise CfiwError(f"{flag} must be >= {meta['min']}, not {value!r}", f"pass a value of at least {meta['min']}")
+    if meta.get("above") is not None and not value > meta["above"]:
+        raise CfiwError(f"{flag} must be > {meta['above']}, not {value!r}", f"pass a value above {meta['above']}")
     if meta.get("max") is not None and value > meta["max"]:
         raise CfiwError(f"{flag} must be <= {meta['max']}, not {value!r}", f"pass a value of at most {meta['max']}")
     if meta.get("choices") and value not in meta["choices"]:
         raise CfiwError(f"unknown {flag} {value!r}", f"choose one of {', '.join(meta['choices'])}")
+    if meta.get("check"):
+        meta["check"](value)
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+# Upper bounds: far above any real run, low enough that a typo fails here and not in the
+# kernel's out-of-memory killer (the memory estimate of `cfiw_cli.memory` is the finer check).
+MAX_SAMPLES = 1024  # G, samples per question
+MAX_NEW_TOKENS = 131_072
+MAX_BATCH = 65_536  # sequences per generate call, examples per step
+MAX_TOKENS_PER_CALL = 1 << 24  # padded tokens per forward call
+MAX_ROWS = 100_000_000  # questions selected, problems generated
+MAX_STEPS = 100_000_000  # optimizer steps, iterations
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 
 
 REVISION_HELP = (
@@ -149,6 +170,7 @@ class LoraOptions(Checked):
         "LoRA rank: train low-rank adapters on the frozen model and save only them (0: full fine-tuning). "
         "A --model that holds adapters continues them.",
         min=0,
+        max=65_536,
     )
     lora_alpha: float = flag(32.0, "LoRA scale numerator: the update is (alpha / r) B A.", min=0.0)
     lora_target_modules: str = flag(
@@ -166,8 +188,8 @@ class DataOptions(Checked):
         names=("--dataset", "-d"),
     )
     split: str = flag("train", "Dataset split (hub datasets, or <split>.jsonl in a directory).")
-    limit: int | None = flag(None, "Use at most this many questions (default: all).")
-    offset: int = flag(0, "Skip this many questions first.")
+    limit: int | None = flag(None, "Use at most this many questions (default: all).", min=1, max=MAX_ROWS)
+    offset: int = flag(0, "Skip this many questions first.", min=0, max=MAX_ROWS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,11 +204,11 @@ class PromptOptions(Checked):
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions(PromptOptions):
-    max_new_tokens: int = flag(512, "Longest completion, in tokens.", min=1)
+    max_new_tokens: int = flag(512, "Longest completion, in tokens.", min=1, max=MAX_NEW_TOKENS)
     temperature: float = flag(1.0, "Sampling temperature (0 = greedy).", min=0.0)
     top_p: float = flag(1.0, "Nucleus sampling mass (1.0 = off).", min=0.0, max=1.0)
-    batch_size: int = flag(64, "Sequences per generate call.", min=1)
-    seed: int = flag(0, "Random seed; same seed and inputs give the same results on CPU.")
+    batch_size: int = flag(64, "Sequences per generate call.", min=1, max=MAX_BATCH)
+    seed: int = flag(0, "Random seed; same seed and inputs give the same results on CPU.", min=0, max=MAX_SEED)
 
 
 SEED_HELP = "Random seed; same seed and inputs give the same results on CPU."
@@ -199,33 +221,42 @@ class TinyModelConfig(Checked):
     dataset: str | None = flag(
         None, "GSM8K-format file whose text trains the tokenizer (default: generated arithmetic problems)."
     )
-    vocab_size: int = flag(1024, "Tokenizer vocabulary size, special tokens included.")
+    vocab_size: int = flag(
+        1024,
+        "Tokenizer vocabulary size, special tokens included (the byte alphabet takes 256).",
+        min=300,
+        max=1_000_000,
+    )
     pad_vocab: int = flag(
         0,
         "Embedding and LM-head rows in all, beyond the tokenizer's (as Qwen pads 151,643 tokens to 151,936 "
         "rows), so the head's share of compute is realistic; 0: one row per token.",
         min=0,
+        max=4_000_000,
     )
-    layers: int = flag(2, "Transformer layers.", min=1)
-    hidden: int = flag(64, "Hidden size.", min=8)
-    heads: int = flag(4, "Attention heads.", min=1)
-    kv_heads: int = flag(2, "Key/value heads (grouped-query attention).", min=1)
-    intermediate: int = flag(0, "MLP width (0: 3 x --hidden); Qwen2.5-0.5B's is 4864.", min=0)
-    max_positions: int = flag(2048, "Longest sequence the position embeddings cover.", min=16)
-    seed: int = flag(0, SEED_HELP)
+    layers: int = flag(2, "Transformer layers.", min=1, max=256)
+    hidden: int = flag(64, "Hidden size.", min=8, max=65_536)
+    heads: int = flag(4, "Attention heads.", min=1, max=1024)
+    kv_heads: int = flag(2, "Key/value heads (grouped-query attention).", min=1, max=1024)
+    intermediate: int = flag(0, "MLP width (0: 3 x --hidden); Qwen2.5-0.5B's is 4864.", min=0, max=1_048_576)
+    max_positions: int = flag(2048, "Longest sequence the position embeddings cover.", min=16, max=1_048_576)
+    seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SynthConfig(Checked):
     out: str = flag(help="Directory to write train.jsonl and test.jsonl to.", path=True)
-    n_train: int = flag(2000, "Problems in the train split.", min=1)
-    n_test: int = flag(200, "Problems in the test split (none repeats a train question).", min=1)
-    seed: int = flag(0, SEED_HELP)
-    max_steps: int = flag(3, "Most arithmetic steps per problem (each has 1 to this many).", min=1)
-    max_number: int = flag(20, "Largest number anywhere in a problem, results included.", min=4)
+    n_train: int = flag(2000, "Problems in the train split.", min=1, max=10_000_000)
+    n_test: int = flag(200, "Problems in the test split (none repeats a train question).", min=1, max=10_000_000)
+    seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)
+    max_steps: int = flag(3, "Most arithmetic steps per problem (each has 1 to this many).", min=1, max=100)
+    max_number: int = flag(20, "Largest number anywhere in a problem, results included.", min=4, max=1_000_000_000)
     filler_rate: float = flag(0.3, "Chance of a filler sentence before each calculation line.", min=0.0, max=1.0)
     distractors: int = flag(
-        0, "Sentences per question about someone else's items: numbers the answer does not depend on.", min=0
+        0,
+        "Sentences per question about someone else's items: numbers the answer does not depend on.",
+        min=0,
+        max=100,
     )
     teacher_error_rate: float = flag(
         0.0,
@@ -239,29 +270,31 @@ class SynthConfig(Checked):
 @dataclass(frozen=True, kw_only=True)
 class SftConfig(ModelOptions, DataOptions, PromptOptions, LoraOptions, TrackingOptions):
     out: str = flag(help="Checkpoint directory to write (model and tokenizer).", path=True)
-    steps: int = flag(500, "Optimizer steps.", min=1)
-    lr: float = flag(1e-5, "Peak learning rate (AdamW).")
-    batch_size: int = flag(16, "Examples per optimizer step.", min=1)
-    max_length: int = flag(1024, "Longest prompt + solution, in tokens (longer ones are cut).", min=1)
-    warmup_steps: int = flag(0, "Linear warm-up steps.", min=0)
+    steps: int = flag(500, "Optimizer steps.", min=1, max=MAX_STEPS)
+    lr: float = flag(1e-5, "Peak learning rate (AdamW).", min=0.0)
+    batch_size: int = flag(16, "Examples per optimizer step.", min=1, max=MAX_BATCH)
+    max_length: int = flag(1024, "Longest prompt + solution, in tokens (longer ones are cut).", min=1, max=1_048_576)
+    warmup_steps: int = flag(0, "Linear warm-up steps.", min=0, max=MAX_STEPS)
     lr_schedule: str = flag("cosine", "Learning-rate decay after warm-up.", choices=SFT_SCHEDULES)
     weight_decay: float = flag(0.0, "AdamW weight decay.", min=0.0)
     gradient_checkpointing: bool = flag(False, "Recompute activations in the backward pass (less memory).")
-    seed: int = flag(0, SEED_HELP)
+    seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig(ModelOptions, DataOptions, SamplingOptions):
     out: str = flag(help="rollouts.parquet to write.", path=True)
-    group_size: int = flag(8, "Samples per question (G).", names=("--group-size", "-g"), min=1)
-    iteration: int = flag(0, "Iteration number, part of each rollout_id.", min=0)
+    group_size: int = flag(8, "Samples per question (G).", names=("--group-size", "-g"), min=1, max=MAX_SAMPLES)
+    iteration: int = flag(0, "Iteration number, part of each rollout_id.", min=0, max=MAX_STEPS)
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig(ModelOptions, DataOptions, SamplingOptions):
     out: str = flag(help="eval.parquet to write.", path=True)
     split: str = flag("test", "Dataset split (hub datasets, or <split>.jsonl in a directory).")
-    samples: int = flag(1, "Samples per question (k > 1 adds pass@k and maj@k).", names=("--samples", "-k"), min=1)
+    samples: int = flag(
+        1, "Samples per question (k > 1 adds pass@k and maj@k).", names=("--samples", "-k"), min=1, max=MAX_SAMPLES
+    )
     temperature: float = flag(0.0, "Sampling temperature (0 = greedy; use e.g. 0.6 with --samples).", min=0.0)
 
 
@@ -275,9 +308,9 @@ class SegmentConfig(Checked):
     )
     revision: str | None = flag(None, REVISION_HELP)
     out: str = flag(help="spans.parquet to write.", path=True)
-    max_spans: int = flag(10, "Most reasoning spans kept per rollout (calculations first).")
-    min_tokens: int = flag(5, "Sentences shorter than this are merged into a neighbour.")
-    max_tokens: int = flag(50, "Sentences longer than this are split.")
+    max_spans: int = flag(10, "Most reasoning spans kept per rollout (calculations first).", min=1, max=1000)
+    min_tokens: int = flag(5, "Sentences shorter than this are merged into a neighbour.", min=1, max=100_000)
+    max_tokens: int = flag(50, "Sentences longer than this are split.", min=1, max=100_000)
 
 
 ROLLOUTS_HELP = "rollouts.parquet (from cfiw rollout or another tool)."
@@ -298,7 +331,7 @@ class ScoreConfig(ModelOptions):
     target: str = flag(
         "own", "own: the rollout's own answer tokens; gold: the gold answer in their place.", choices=TARGETS
     )
-    batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).")
+    batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).", min=1, max=MAX_TOKENS_PER_CALL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,13 +365,17 @@ class TrainConfig(LoraOptions, TrackingOptions):
     metrics_out: str | None = flag(None, "train_metrics.parquet (default: inside --out).", path=True)
     weights_out: str | None = flag(None, "weights.parquet (default: inside --out).", path=True)
     lr: float = flag(1e-6, "AdamW learning rate.", min=0.0)
-    warmup_steps: int = flag(0, "Linear warm-up steps.", min=0)
+    warmup_steps: int = flag(0, "Linear warm-up steps.", min=0, max=MAX_STEPS)
     lr_schedule: str = flag("constant", "constant or cosine (over --total-steps).", choices=TRAIN_SCHEDULES)
-    total_steps: int | None = flag(None, "Horizon of the cosine schedule (default: the steps of this call).", min=1)
+    total_steps: int | None = flag(
+        None, "Horizon of the cosine schedule (default: the steps of this call).", min=1, max=MAX_STEPS
+    )
     weight_decay: float = flag(0.0, "AdamW weight decay.", min=0.0)
-    epochs: int = flag(1, "Passes over the batch.", min=1)
-    minibatches: int = flag(1, "Optimizer steps per pass.", min=1)
-    micro_batch_tokens: int = flag(8192, "Padded tokens per forward/backward (gradient accumulation).", min=1)
+    epochs: int = flag(1, "Passes over the batch.", min=1, max=1000)
+    minibatches: int = flag(1, "Optimizer steps per pass.", min=1, max=1_000_000)
+    micro_batch_tokens: int = flag(
+        8192, "Padded tokens per forward/backward (gradient accumulation).", min=1, max=MAX_TOKENS_PER_CALL
+    )
     grad_clip: float = flag(1.0, "Gradient-norm clip (0: off).", min=0.0)
     scale_rewards: str = flag("group", "Advantage scaling: group, batch or none.", choices=REWARD_SCALINGS)
     dynamic_sampling: bool = flag(True, "Drop groups whose rewards are all equal.")
@@ -366,14 +403,47 @@ class TrainConfig(LoraOptions, TrackingOptions):
         None,
         "Temperature T of the log-probs, softmax(logits / T) (default: the rollouts' own, from their manifest "
         "or a temperature column; top-p is not applied).",
+        above=0.0,
     )
     max_new_tokens: int | None = flag(
         None,
         "dr_grpo normalizer (default: the rollouts' own --max-new-tokens; required for files that do not record it).",
         min=1,
+        max=MAX_NEW_TOKENS,
     )
     gradient_checkpointing: bool = flag(False, "Trade compute for activation memory.")
-    seed: int = flag(0, SEED_HELP)
+    seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)
+
+
+def parse_iterations(text: str) -> list[int]:
+    """ "0-3,8" -> [0, 1, 2, 3, 8]."""
+    chosen: set[int] = set()
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        first, sep, last = part.partition("-")
+        try:
+            low, high = int(first), int(last) if sep else int(first)
+        except ValueError:
+            raise CfiwError(
+                f"--iterations {text!r} is not a list of numbers and ranges",
+                "e.g. --iterations 0-11 or --iterations 0,4,8",
+            ) from None
+        if low < 0 or high < low or high > MAX_STEPS:
+            raise CfiwError(f"--iterations range {part!r} is empty, negative or too large", "e.g. --iterations 0-11")
+        chosen.update(range(low, high + 1))
+    if not chosen:
+        raise CfiwError(f"--iterations {text!r} names no iteration", "e.g. --iterations 0-11 or --iterations 0,4,8")
+    return sorted(chosen)
+
+
+def parse_modes(text: str) -> list[str]:
+    """ "uniform, cfiw" -> ["uniform", "cfiw"], each a weighting mode."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise CfiwError(
+            f"unknown mode {unknown[0] if unknown else text!r} in --modes", f"choose from {', '.join(MODES)}"
+        )
+    return modes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -381,16 +451,24 @@ class ReplayConfig(Checked):
     run: str = flag(
         help="Run directory written by cfiw loop with kept policies (loop.keep_policies).", path=True, argument=True
     )
-    iterations: str | None = flag(None, "Iterations to replay, e.g. 0-11 or 0,4,8 (default: every kept one).")
-    modes: str = flag("uniform,cfiw,inverted,shuffled,random", "Weighting modes to apply, comma-separated.")
+    iterations: str | None = flag(
+        None, "Iterations to replay, e.g. 0-11 or 0,4,8 (default: every kept one).", check=parse_iterations
+    )
+    modes: str = flag(
+        "uniform,cfiw,inverted,shuffled,random",
+        f"Weighting modes to apply, comma-separated, of: {', '.join(MODES)}.",
+        check=parse_modes,
+    )
     optimizer: str = flag(
         "kept",
         "kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new AdamW and schedule.",
         choices=REPLAY_OPTIMIZERS,
     )
-    seed: int | None = flag(None, "Seed of the minibatch order (default: the loop's).")
-    probe_questions: int | None = flag(None, "Probe questions (default: the loop's probe).", min=1)
-    probe_samples: int | None = flag(None, "Samples per probe question (default: the loop's probe).", min=1)
+    seed: int | None = flag(None, "Seed of the minibatch order (default: the loop's).", min=0, max=MAX_SEED)
+    probe_questions: int | None = flag(None, "Probe questions (default: the loop's probe).", min=1, max=MAX_ROWS)
+    probe_samples: int | None = flag(
+        None, "Samples per probe question (default: the loop's probe).", min=1, max=MAX_SAMPLES
+    )
     out: str | None = flag(None, "replay.parquet to write (default: RUN/replay/replay.parquet).", path=True)
 
 
@@ -410,14 +488,20 @@ class DataSection(Checked):
 
 @dataclass(frozen=True, kw_only=True)
 class LoopSection(Checked):
-    iterations: int = flag(1, "Iterations (rollout, segment, score, train).", min=1)
-    questions: int = flag(8, "Questions per iteration.", min=1)
+    iterations: int = flag(1, "Iterations (rollout, segment, score, train).", min=1, max=MAX_STEPS)
+    questions: int = flag(8, "Questions per iteration.", min=1, max=MAX_ROWS)
     weighting: str = flag("cfiw", "The weighting of every update.", choices=MODES)
-    eval_every: int = flag(1, "Evaluate before every k-th iteration (and after the last).", min=1)
-    eval_limit: int | None = flag(None, "Greedy evaluation on this many questions (default: all).", min=1)
-    seed: int = flag(0, SEED_HELP)
-    train_pool: int | None = flag(None, "Revisit the first this-many train questions (a multiple of questions).", min=1)
-    probe_questions: int = flag(64, "Probe questions (0: no probe).", min=0)
-    probe_samples: int = flag(8, "Samples per probe question.", min=1)
-    keep_policies: int = flag(0, "Keep the policy every k-th iteration started from, for cfiw replay (0: none).", min=0)
-    keep_checkpoints: int = flag(0, "Keep only the newest N of those kept policies (0: all of them).", min=0)
+    eval_every: int = flag(1, "Evaluate before every k-th iteration (and after the last).", min=1, max=MAX_STEPS)
+    eval_limit: int | None = flag(None, "Greedy evaluation on this many questions (default: all).", min=1, max=MAX_ROWS)
+    seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)
+    train_pool: int | None = flag(
+        None, "Revisit the first this-many train questions (a multiple of questions).", min=1, max=MAX_ROWS
+    )
+    probe_questions: int = flag(64, "Probe questions (0: no probe).", min=0, max=MAX_ROWS)
+    probe_samples: int = flag(8, "Samples per probe question.", min=1, max=MAX_SAMPLES)
+    keep_policies: int = flag(
+        0, "Keep the policy every k-th iteration started from, for cfiw replay (0: none).", min=0, max=MAX_STEPS
+    )
+    keep_checkpoints: int = flag(
+        0, "Keep only the newest N of those kept policies (0: all of them).", min=0, max=MAX_STEPS
+    )

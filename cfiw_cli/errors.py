@@ -42,6 +42,8 @@ def describe(exc: BaseException) -> tuple[str, str | None]:
         return f"permission denied: {exc.filename or exc}", "choose a path you can write to"
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return f"no space left on the device ({exc.filename or 'while writing'})", "free some disk space and run again"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}", "check the path, its permissions and the disk"
     if isinstance(exc, MemoryError):
         return "out of memory", "lower --batch-size or --max-new-tokens"
     name = type(exc).__name__
@@ -69,7 +71,7 @@ def exits_cleanly(func: F) -> F:
 
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Exit, typer.Abort, typer.BadParameter, SystemExit):  # a bad flag value exits 2
             raise
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cfiw_cli import adapters
+from cfiw_cli import adapters, hub
 from cfiw_cli.distributed import state
 from cfiw_cli.errors import CfiwError
 
@@ -101,8 +101,12 @@ _pinned: dict[tuple[str, str | None], str | None] | None = None  # inside `pinne
 @contextlib.contextmanager
 def pinned_revisions() -> Iterator[None]:
     """Inside, each hub model and revision is resolved once: every stage of a loop loads the
-    same commit, even when the branch moves during the run, and the hub is asked once."""
+    same commit, even when the branch moves during the run, and the hub is asked once. Nested
+    inside another, it keeps the outer one's commits."""
     global _pinned
+    if _pinned is not None:
+        yield
+        return
     _pinned = {}
     try:
         yield
@@ -129,7 +133,9 @@ def _resolve_on_hub(ref: str, revision: str | None) -> str | None:
 
     wanted = revision or "main"
     problem = "it is not in the local hub cache and the hub is offline (HF_HUB_OFFLINE)"
-    if not constants.HF_HUB_OFFLINE:
+    if not constants.HF_HUB_OFFLINE and not hub.reachable():
+        problem = "the hub cannot be reached and the local hub cache lacks it"
+    elif not constants.HF_HUB_OFFLINE:
         try:
             return HfApi().model_info(ref, revision=wanted).sha
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:

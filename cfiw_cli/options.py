@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from cfiw_cli.algo.weights import MODES
+from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import TRAIN_DTYPES
 from cfiw_cli.tracking import REPORT_TO
 
@@ -49,8 +50,9 @@ def _annotation(config_class: type, item: Field) -> Any:
     optional = type(None) in typing.get_args(declared)
     base: Any = next(a for a in typing.get_args(declared) if a is not type(None)) if optional else declared
     extra: dict[str, Any] = {key: meta[key] for key in ("min", "max") if meta.get(key) is not None}
-    if base is float:
-        extra["callback"] = _finite
+    help_text = meta["help"] + (f" [x>{meta['above']:g}]" if meta.get("above") is not None else "")
+    if base is float or meta.get("check") or meta.get("above") is not None:
+        extra["callback"] = _checker(base is float, meta.get("above"), meta.get("check"))
     if meta.get("choices"):
         base = choice_type(_camel(item.name), meta["choices"])
     elif meta.get("path"):
@@ -58,17 +60,32 @@ def _annotation(config_class: type, item: Field) -> Any:
     if optional:
         base = base | None
     if meta.get("argument"):
-        info = typer.Argument(help=meta["help"])
+        info = typer.Argument(help=help_text)
     else:
-        info = typer.Option(*meta.get("names", ()), help=meta["help"], **extra)
+        info = typer.Option(*meta.get("names", ()), help=help_text, **extra)
     return Annotated[base, info]
 
 
-def _finite(value: float | None) -> float | None:
-    """Typer parses `nan` and `inf` as floats; no float setting takes them (exit 2, like a range)."""
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"{value} is not a finite number")
-    return value
+def _checker(number: bool, above: float | None, check: Any) -> Any:
+    """A Typer callback for what a range cannot say, as a bad flag value (exit 2): Typer parses
+    `nan` and `inf` as floats, and no float setting takes them; a strict lower bound; a
+    field's own check."""
+
+    def checked(value: Any) -> Any:
+        if value is None:
+            return value
+        if number and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number")
+        if above is not None and not value > above:
+            raise typer.BadParameter(f"{value} is not above {above:g}")
+        if check is not None:
+            try:
+                check(value)
+            except CfiwError as exc:
+                raise typer.BadParameter(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
+        return value
+
+    return checked
 
 
 def parameters(config_class: type) -> list[inspect.Parameter]:
@@ -96,7 +113,15 @@ def build_config(config_class: type, values: dict[str, Any]) -> Any:
 
 
 # Options of commands without a config (loop's overrides, validate, sql, analyze).
-Force = Annotated[bool, typer.Option("--force", "-f", help="Recompute even if the output is up to date.")]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        "-f",
+        help="Recompute even if the output is up to date, and replace an output this command did not write "
+        "(never an input).",
+    ),
+]
 WeightingChoice = choice_type("WeightingChoice", MODES)
 ReportToChoice = choice_type("ReportToChoice", REPORT_TO)
 TrainDtypeChoice = choice_type("TrainDtypeChoice", TRAIN_DTYPES)

@@ -80,7 +80,7 @@ def update_best(policy: Path, best: Path, iteration: int, metric: str, value: fl
     atomically, when `value` beats the value `best` records; returns whether it did. Ties keep
     the earlier policy."""
     record = best / BEST_RECORD
-    if record.exists() and json.loads(record.read_text())["value"] >= value:
+    if record.exists() and best_value(record) >= value:
         return False
     with staged_directory(best) as tmp:
         for file in sorted(p for p in policy.iterdir() if p.is_file() and p.name not in OPTIMIZER_FILES):
@@ -89,6 +89,22 @@ def update_best(policy: Path, best: Path, iteration: int, metric: str, value: fl
             json.dumps({"iteration": iteration, "metric": metric, "value": value}, indent=2) + "\n"
         )
     return True
+
+
+def best_value(record: Path) -> float:
+    """The value a best.json records."""
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))["value"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        recorded, problem = None, exc
+    else:
+        problem = f"value = {recorded!r}"
+    if isinstance(recorded, bool) or not isinstance(recorded, int | float):
+        raise CfiwError(
+            f"{record} is corrupt ({problem})",
+            f"delete {record.parent}: the loop then keeps the next evaluated policy there",
+        )
+    return float(recorded)
 
 
 def keep_command(config: KeepConfig) -> str:

@@ -8,6 +8,7 @@ large_string -> string) are applied, so files written by other tools are accepte
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cfiw_cli.errors import CfiwError
 
@@ -171,9 +172,54 @@ def validate(table: pa.Table, kind: str, path: str = "") -> pa.Table:
                 f"rewrite the {kind} file with the schema documented in the README",
             )
         index = table.column_names.index(field.name)
-        table = table.set_column(index, field.name, column.cast(field.type))
+        try:
+            cast = column.cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise CfiwError(
+                f"column '{field.name}'{where} holds a value that does not fit {field.type}: {exc}",
+                f"rewrite the {kind} file with the schema documented in the README",
+            ) from exc
+        table = table.set_column(index, field.name, cast)
     _check_values(table, kind, where)
+    if kind == "rollouts":
+        _check_token_ids(table, where)
+    if kind == "spans":
+        _check_spans_disjoint(table, where)
     return table
+
+
+def _check_token_ids(table: pa.Table, where: str) -> None:
+    """Token ids are vocabulary indices: never negative (they fit int32 once cast)."""
+    for name in ("prompt_ids", "completion_ids"):
+        column = table.column(name)
+        lowest = pc.min(pc.list_flatten(column)).as_py()
+        if lowest is None or lowest >= 0:
+            continue
+        row = next(i for i, ids in enumerate(column.to_pylist()) if ids and min(ids) < 0)
+        raise CfiwError(
+            f"column '{name}'{where} holds a negative token id ({lowest}) in row {row}",
+            "token ids index the model's vocabulary: rewrite the rollouts with the model's tokenizer",
+        )
+
+
+def _check_spans_disjoint(table: pa.Table, where: str) -> None:
+    """The spans of a rollout are token ranges that do not overlap (each token has one span)."""
+    columns = (table.column(c).to_pylist() for c in ("rollout_id", "tok_start", "tok_end", "span_idx"))
+    previous: dict[str, tuple[int, int]] = {}
+    for rollout_id, start, end, index in sorted(zip(*columns, strict=True), key=lambda r: (r[0], r[1], r[2])):
+        if end <= start:
+            raise CfiwError(
+                f"span {index} of rollout {rollout_id!r}{where} is empty or reversed ([{start}, {end}))",
+                "each span needs tok_start < tok_end: cut the rollouts again with cfiw segment",
+            )
+        if rollout_id in previous and start < previous[rollout_id][1]:
+            other, other_end = previous[rollout_id]
+            raise CfiwError(
+                f"spans {other} and {index} of rollout {rollout_id!r}{where} overlap (tokens {start} to "
+                f"{min(end, other_end)})",
+                "each token belongs to one span at most: cut the rollouts again with cfiw segment",
+            )
+        previous[rollout_id] = (index, end)
 
 
 def _check_values(table: pa.Table, kind: str, where: str) -> None:

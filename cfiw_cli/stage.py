@@ -11,10 +11,18 @@ A file output (`--out x.parquet`) is checked writable on entry and written to a 
 renamed into place; a directory output (a checkpoint, a dataset) is built in `<out>.tmp` and
 swapped in whole. Either way a killed stage leaves nothing under the final name. "Up to date"
 means the output's manifest records the same stage, settings and input hashes.
+
+What may be replaced (`guard_inputs`, `guard_outputs`): an output is never an input, never lies
+inside an input directory and never holds an input, whatever `--force` says. An existing output
+is replaced only when the same stage wrote it (its manifest says so), or with `--force`; a
+directory the stage wrote keeps the files it did not write (a user's notes) when replaced. Each
+output is locked while the stage runs, so a second cfiw process writing it stops at once.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from filelock import FileLock, Timeout
 
 from cfiw_cli.artifacts import (
+    DIRECTORY_MANIFEST,
     build_manifest,
     input_record,
+    manifest_if_any,
     prepare_output,
     read_directory_manifest,
     read_manifest,
@@ -35,10 +46,11 @@ from cfiw_cli.artifacts import (
     up_to_date,
     write_directory_manifest,
     write_table,
+    written_files,
 )
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.modeling import holds_model, resolve_revision
+from cfiw_cli.modeling import resolve_revision
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -47,6 +59,92 @@ def _same(a: Path, b: Path) -> bool:
 
 def _inside(path: Path, directory: Path) -> bool:
     return directory.expanduser().resolve() in path.expanduser().resolve().parents
+
+
+def guard_inputs(outputs: dict[str, Path], refs: dict[str, str], *, in_place: Path | None = None) -> None:
+    """No output may be an input, lie inside an input directory, or hold an input (a directory
+    output replaced whole would delete it). `in_place`: the checkpoint a stage updates, which is
+    its `model` input and its output at once. `--force` does not lift any of this."""
+    for flag, output in outputs.items():
+        for key, ref in refs.items():
+            source = Path(ref).expanduser()
+            if not source.exists() or (in_place is not None and key == "model" and _same(source, in_place)):
+                continue
+            name = f"--{key.replace('_', '-')}"
+            if _same(output, source):
+                problem = f"{flag} {output} is the input {name} {ref}"
+            elif source.is_dir() and _inside(output, source):
+                problem = f"{flag} {output} lies inside the input {name} {ref}"
+            elif _inside(source, output):
+                problem = f"{flag} {output} holds the input {name} {ref}"
+            else:
+                continue
+            raise CfiwError(problem, f"choose a path for {flag} that is not one of the inputs and holds none of them")
+
+
+def guard_outputs(
+    outputs: dict[str, Path], stage: str, *, directory: Path | None = None, replaces: bool = False, force: bool = False
+) -> None:
+    """An existing file output is replaced only when stage `stage` wrote it, and the directory
+    output (`directory`) only when the stage `replaces` its own (a checkpoint trained again:
+    a model or dataset that other commands may read is rebuilt with `force` alone)."""
+    for flag, output in outputs.items():
+        if force or not (output.exists() or output.is_symlink()):
+            continue
+        is_directory_output = directory is not None and _same(output, directory)
+        manifest = manifest_if_any(output)
+        if is_directory_output and not output.is_dir():
+            what = "is a file"
+        elif not is_directory_output and output.is_dir():
+            what = "is a directory"
+        else:
+            what = f"is not a cfiw {stage} output" if not output.is_dir() else "holds something else"
+            if manifest and manifest.get("stage") == stage and (replaces or not is_directory_output):
+                continue
+            if manifest and output.is_dir() and manifest.get("stage") != stage:
+                what = f"holds a cfiw {manifest.get('stage')} output, not a {stage} one"
+            elif manifest and output.is_dir():
+                what = f"holds a cfiw {stage} output made with other settings or inputs"
+        raise CfiwError(
+            f"{flag} {output} already exists and {what}", "pass --force to replace it, or choose another path"
+        )
+
+
+class OutputLocks:
+    """An exclusive lock per output (`.NAME.lock` beside it) while a stage writes; the lock
+    files are removed when released. A second process finds the lock taken and stops."""
+
+    def __init__(self, outputs: list[Path]) -> None:
+        self.locks: list[tuple[Path, FileLock]] = []
+        for output in outputs:
+            lock_path = output.parent / f".{output.name}.lock"
+            lock = FileLock(str(lock_path), timeout=0)
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+            except Timeout:
+                self.release()
+                raise CfiwError(
+                    f"another cfiw process is writing {output}", "wait for it to finish, or choose another output path"
+                ) from None
+            except OSError as exc:
+                self.release()
+                raise CfiwError(
+                    f"cannot write to output directory {output.parent}: {exc.strerror or exc}",
+                    "choose an output path in a writable directory",
+                ) from exc
+            self.locks.append((lock_path, lock))
+
+    def release(self) -> None:
+        for lock_path, lock in reversed(self.locks):
+            lock_path.unlink(missing_ok=True)  # while still held: no other process can hold this file
+            lock.release()
+        self.locks = []
+
+
+def _writes_here() -> bool:
+    """Under `accelerate launch` only the main process (torchrun's RANK 0) writes outputs."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _remove_stale_temp_files(out: Path) -> None:
@@ -71,7 +169,7 @@ class StageRun:
     stage's other output files (flag -> path); `exclude` lists config fields that only say
     where those go; `requires` are files that must also exist for the output to count as up to
     date. For an output that is one part of a larger command (a replay cell), `out` and
-    `settings` stand in for the config.
+    `settings` stand in for the config; `recompute` writes it whatever its manifest says.
 
     Nothing is clobbered: an output may not be one of the inputs (or lie inside an input
     directory), and an existing output is replaced only when it is this stage's own artifact,
@@ -94,8 +192,10 @@ class StageRun:
         requires: tuple[Path, ...] = (),
         out: Path | None = None,
         settings: dict[str, Any] | None = None,
+        recompute: bool = False,
     ) -> None:
         self.name, self.force, self.directory, self.replaces = name, force, directory, replaces
+        self.recompute = recompute  # never up to date (a summary of parts that may have changed)
         self.out = Path(out if out is not None else config.out)
         self.outputs = {"--out": self.out, **(outputs or {})}
         self.settings = settings if settings is not None else settings_of(config, *exclude)
@@ -112,7 +212,17 @@ class StageRun:
         return self.replaces and model is not None and _same(Path(model), self.out)
 
     def __enter__(self) -> StageRun:
-        self._refuse_clobbering_inputs()
+        self.guard_inputs()
+        outputs = [p for p in self.outputs.values() if not (self.directory and _inside(p, self.out))]  # its own lock
+        self.locks = OutputLocks(outputs if _writes_here() else [])
+        try:
+            self._prepare()
+        except BaseException:
+            self.locks.release()
+            raise
+        return self
+
+    def _prepare(self) -> None:
         if self.directory:
             recover_directory(self.out)  # a commit a kill interrupted is finished (or undone) first
         else:
@@ -125,47 +235,28 @@ class StageRun:
         }
         compared = {k: v for k, v in self.inputs.items() if not (self.in_place and k == "model")}
         fresh = up_to_date(self.out, self.name, self.settings, compared, partial=self.in_place)
-        self.up_to_date = fresh and all(p.exists() for p in self.requires) and not self.force
+        self.up_to_date = fresh and all(p.exists() for p in self.requires) and not (self.force or self.recompute)
         if self.up_to_date:
             info(f"{self.out} is up to date (use --force to recompute)")
         else:
-            self._refuse_clobbering_outputs()
+            self.guard_outputs()
         self.started = time.perf_counter()
-        return self
 
     def __exit__(self, *exc: object) -> bool:
+        self.locks.release()
         return False
 
-    def _refuse_clobbering_inputs(self) -> None:
-        for flag, output in self.outputs.items():
-            for key, ref in self.refs.items():
-                source = Path(ref).expanduser()
-                if not source.exists() or (self.in_place and key == "model" and _same(source, self.out)):
-                    continue
-                inside = source.is_dir() and _inside(output, source) and not (self.in_place and key == "model")
-                if _same(output, source) or inside:
-                    where = "is" if _same(output, source) else "lies inside"
-                    raise CfiwError(
-                        f"{flag} {output} {where} the input --{key.replace('_', '-')} {ref}",
-                        f"choose a path for {flag} that is not one of the inputs",
-                    )
+    def guard_inputs(self) -> None:
+        guard_inputs(self.outputs, self.refs, in_place=self.out if self.in_place else None)
 
-    def _refuse_clobbering_outputs(self) -> None:
-        """An existing output that is not up to date is replaced only when this stage wrote it
-        (a file), or it is the checkpoint the stage trains again; else only with --force."""
-        for flag, output in self.outputs.items():
-            if self.force or not output.exists():
-                continue
-            if self.directory and output == self.out:
-                ours = self.replaces and output.is_dir() and holds_model(output)
-                what = "holds something else" if output.is_dir() else "is a file"
-            else:
-                ours = output.is_file() and (read_manifest(output) or {}).get("stage") == self.name
-                what = f"is not a cfiw {self.name} output"
-            if not ours:
-                raise CfiwError(
-                    f"{flag} {output} already exists and {what}", "pass --force to replace it, or choose another path"
-                )
+    def guard_outputs(self) -> None:
+        """An existing output that is not up to date is replaced only when this stage wrote it;
+        else only with --force. The checks of `guard_inputs` and these, without entering, are
+        what a command that writes its output last (replay) runs first."""
+        guard_outputs(
+            self.outputs, self.name, directory=self.out if self.directory else None, replaces=self.replaces,
+            force=self.force,
+        )  # fmt: skip
         if self.directory:
             try:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,5 +298,26 @@ class StageRun:
         then the manifest is written and the copy replaces `out`."""
         with staged_directory(self.out) as staging:
             fill(staging)
+            manifest["files"] = written_files(staging)
+            keep_files_not_ours(self.out, staging, self.name)
             write_directory_manifest(staging, manifest)
         return StageResult(self.out, False, manifest["metrics"], model)
+
+
+def keep_files_not_ours(out: Path, staging: Path, stage: str) -> None:
+    """Files in the directory being replaced that stage `stage` did not write (its manifest
+    lists what it wrote) move into the new version: a user's notes survive an update."""
+    previous = read_directory_manifest(out) if out.is_dir() else None
+    if not previous or previous.get("stage") != stage or not isinstance(previous.get("files"), list):
+        return
+    ours = set(previous["files"]) | {DIRECTORY_MANIFEST}
+    for path in sorted(out.rglob("*")):
+        relative = path.relative_to(out)
+        if not path.is_file() or str(relative) in ours or (staging / relative).exists():
+            continue
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)

@@ -10,7 +10,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["rollout_bench.py", "score_bench.py", "train_bench.py", "loop_bench.py"])
+@pytest.mark.parametrize(
+    "script", ["rollout_bench.py", "score_bench.py", "train_bench.py", "loop_bench.py", "sql_bench.py"]
+)
 def test_benchmark_quick_mode_prints_a_ratio(script):
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True, timeout=600

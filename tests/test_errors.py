@@ -57,10 +57,16 @@ def test_dataset_with_unparseable_gold(cli, tmp_path, tiny_model):
     assert leftovers(tmp_path) == ["bad.jsonl"]
 
 
-@pytest.mark.parametrize("selection", [("--limit", "0"), ("--offset", "16"), ("--offset", "500", "--limit", "3")])
+@pytest.mark.parametrize("selection", [("--offset", "16"), ("--offset", "500", "--limit", "3")])
 def test_empty_selection(cli, tmp_path, tiny_model, mini_dataset, selection):
     out = tmp_path / "rollouts.parquet"
     assert_clean_error(rollout(cli, tiny_model, mini_dataset, out, *selection), "empty selection")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_limit_of_zero_is_a_bad_flag_value(cli, tmp_path, tiny_model, mini_dataset):
+    done = rollout(cli, tiny_model, mini_dataset, tmp_path / "rollouts.parquet", "--limit", "0")
+    assert done.exit_code == 2 and "--limit" in done.stderr
     assert leftovers(tmp_path) == []
 
 

@@ -247,7 +247,11 @@ def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
 def test_unknown_preset(cli, tmp_path):
     unknown = cli("loop", "--preset", "nope", "--run", tmp_path / "r")
     assert unknown.exit_code == 2 and "tiny" in unknown.stderr  # the choices are listed
-    assert_clean_error(cli("loop", "--run", tmp_path / "r"), "exactly one of")
+    neither = cli("loop", "--run", tmp_path / "r")  # a usage error: exit 2, the presets listed
+    assert neither.exit_code == 2 and "exactly one of" in neither.stderr and "tiny" in neither.stderr
+    both = cli("loop", "--preset", "tiny", "--config", tmp_path / "x.toml", "--run", tmp_path / "r")
+    assert both.exit_code == 2 and "exactly one of" in both.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_the_probe_samples_fixed_questions_at_the_rollout_temperature():

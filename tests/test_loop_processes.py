@@ -2,6 +2,8 @@
 group, the main process writing; the files match a one-process loop, and a killed run resumes."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,12 +113,17 @@ def test_an_error_stops_every_process_cleanly(task_config, tmp_path):
     process's alone."""
     config = tmp_path / "bad.toml"
     text = task_config.read_text()
-    config.write_text(text.replace('dataset = "', f'dataset = "{tmp_path}/no-such-', 1))
+    task = Path(re.search(r'dataset = "([^"]+)"', text).group(1))
+    shutil.copytree(task, tmp_path / "task")
+    lines = (tmp_path / "task" / "train.jsonl").read_text().splitlines()
+    lines[8] = json.dumps({"question": "How many?", "answer": "#### many"})  # iteration 1's first question
+    (tmp_path / "task" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    config.write_text(text.replace(f'dataset = "{task}"', f'dataset = "{tmp_path / "task"}"'))
     done = subprocess.run(loop_argv(config, tmp_path / "run", 2, 29594), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert done.stderr.count("Error: dataset not found") == 2
+    assert done.stderr.count("Error: row 8 of") == 2
     assert "terminate called" not in done.stderr and "exitcode: -6" not in done.stderr
-    assert done.stderr.count("[loop] iteration 0: eval") == 1
+    assert done.stderr.count("[loop] iteration 1: rollout") == 1
 
 
 def test_a_finished_run_started_again_logs_once(runs, task_config):

@@ -181,8 +181,9 @@ def test_the_likelihood_probe_matches_a_plain_forward(sharpening_task):
 def test_bad_replays_are_clean_errors(looped, cli, tmp_path):
     assert_clean_error(cli("replay", tmp_path / "missing"), "run directory not found")
     assert_clean_error(cli("replay", tmp_path), "not a loop run")
-    assert_clean_error(cli("replay", looped, "--modes", "uniform,best"), "unknown mode 'best'")
-    assert_clean_error(cli("replay", looped, "--iterations", "3-1"), "empty or negative")
+    for flag, value, fragment in (("--modes", "uniform,best", "unknown mode 'best'"), ("--iterations", "3-1", "empty")):
+        bad = cli("replay", looped, flag, value)  # a bad flag value: exit 2
+        assert bad.exit_code == 2 and fragment in bad.stderr, bad.stderr
     assert_clean_error(cli("replay", looped, "--iterations", "0-5"), "iteration 3")
     old = cli("replay", looped, "--optimizer", "old")
     assert old.exit_code == 2 and "fresh" in old.stderr  # a choice flag: the choices are listed

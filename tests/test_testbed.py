@@ -73,6 +73,7 @@ def test_full_run_tiny_writes_the_whole_chain_then_resumes_as_up_to_date(tmp_pat
     report = {f"report/{name}.json" for name in REPORT_TABLES} | {
         "report/report.md",
         "report/report.html",
+        "report/cfiw_manifest.json",
         "report/accuracy.png",
         "report/reward.png",
         "report/probe.png",

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cfiw_cli import distributed, modeling, schemas
+from cfiw_cli import distributed, memory, modeling, schemas
 from cfiw_cli.checks import check_sampling
 from cfiw_cli.configs import EvalConfig
 from cfiw_cli.console import info
@@ -89,9 +89,17 @@ def run(
     Under `accelerate launch` the questions are split across the processes, unless `shard` is
     off: then this process evaluates them all, alone (a replay measures on its main process)."""
     check(config)
-    if model is None:
-        modeling.check_model_ref(config.model)
-    rows = load_questions(config.dataset, config.split, config.offset, config.limit)
+    with modeling.pinned_revisions():  # a hub id is resolved once, before the dataset loads
+        if model is None:
+            modeling.check_model_ref(config.model)
+            modeling.resolve_revision(config.model, config.revision)
+        rows = load_questions(config.dataset, config.split, config.offset, config.limit)
+        if model is None:
+            memory.check_stage_fits(config, rows, config.samples, memory.flags("--samples"))
+        return _run(config, force, rows, model, tokenizer, shard)
+
+
+def _run(config: EvalConfig, force: bool, rows: list[dict], model: Any, tokenizer: Any, shard: bool) -> StageResult:
     inputs = {"model": config.model, "dataset": config.dataset}
     with StageRun("eval", config, inputs, force=force, revision=config.revision) as stage:
         if stage.up_to_date:

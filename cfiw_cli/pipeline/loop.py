@@ -33,19 +33,20 @@ the main process alone segments, keeps policies, picks best/ and writes the loop
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from cfiw_cli import distributed, modeling, sharding
-from cfiw_cli.artifacts import recover_directory, write_text_atomic
+from cfiw_cli import distributed, memory, modeling, sharding
+from cfiw_cli.artifacts import read_directory_manifest, recover_directory, sha256_of, write_text_atomic
 from cfiw_cli.configs import (
     DataSection,
     EvalConfig,
@@ -64,6 +65,7 @@ from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import rollout, score, segment, train
 from cfiw_cli.policies import KeepConfig, keep, keep_command, prune_kept, update_best
 from cfiw_cli.runs import ITERATION_KINDS, RunLayout
+from cfiw_cli.tasks.gsm8k import load_questions
 from cfiw_cli.tracking import Tracker, check_report_to, log_train_steps, prefixed
 
 PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mode or seed draw alike
@@ -78,7 +80,11 @@ def load_config(preset: str | None, config_file: str | None) -> dict[str, Any]:
     if source is None or not source.is_file():
         raise CfiwError(f"no such {'config file' if config_file else 'preset'}: {config_file or preset}", hint)
     try:
-        return tomllib.loads(source.read_text())
+        return tomllib.loads(source.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CfiwError(
+            f"{config_file} is not UTF-8 text ({exc.reason} at byte {exc.start})", "save it as UTF-8"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise CfiwError(f"{config_file or f'preset {preset}'} is not valid TOML: {exc}", "fix the file") from exc
 
@@ -353,30 +359,43 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
 
 
 def _run(config: dict[str, Any], run: Path, steps: list[tuple[int, str, Any]], report_to: str) -> None:
-    """Every planned stage, from where an interrupted run stopped."""
+    """Every planned stage, from where an interrupted run stopped. Everything that can refuse
+    the start (the run directory, the model, the dataset, another configuration) is checked
+    before the first file is written, so a refused start leaves nothing behind."""
     layout = RunLayout(run)
     base = str(config["model"]["id"])
     dataset = config["data"]["dataset"]
     builds = f"build it first: `just tiny-sft {base} 1000 {dataset}` (the warm start of the tiny presets)"
     builds = builds if "tiny" in Path(base).name else None
     modeling.check_model_ref(base, builds)
-    run.mkdir(parents=True, exist_ok=True)
+    _check_run_directory(layout, {"model": base, "dataset": dataset})
     resolved = _to_toml(config)
-    if layout.config.exists() and layout.config.read_text() != resolved:
+    if layout.config.is_file() and _read_text(layout.config) != resolved:
         raise CfiwError(
             f"{run} was started with another configuration", f"compare {layout.config}, or choose another --run"
         )
+    _check_memory(steps, base)  # loads the questions: a dataset that cannot load fails here, before any write
     main = distributed.is_main()  # under accelerate launch: the process that writes
-    if main:
-        write_text_atomic(layout.config, resolved)
+    if main and run.is_dir():
         recover_directory(layout.policy)  # a checkpoint commit that a kill interrupted
     distributed.barrier()
-    completed = json.loads(layout.state.read_text())["completed"] if layout.state.exists() else 0
+    recorded = _recorded_state(layout)
+    completed = max(recorded, _trained_iteration(layout) + 1)  # the policy's commit may have outrun the state
     current_ref = str(config["model"]["id"]) if completed == 0 else str(layout.policy)
     commit = modeling.resolve_revision(current_ref, config["model"].get("revision"))
     tokenizer = modeling.load_tokenizer(current_ref, commit)
     model = modeling.load_model(current_ref, "float32", revision=commit)
+    if main:  # the start is accepted: now the run directory is written
+        run.mkdir(parents=True, exist_ok=True)
+        for stale in (*run.glob(f".{layout.config.name}.*.tmp"), *run.glob(f".{layout.state.name}.*.tmp")):
+            stale.unlink(missing_ok=True)  # a kill mid-replace of the config or the state left it
+        write_text_atomic(layout.config, resolved)
+        if completed != recorded:
+            write_text_atomic(layout.state, json.dumps({"completed": completed}))
+    distributed.barrier()
     tracker = Tracker(report_to, layout.tracking, run.name, config) if report_to != "none" and main else None
+    if tracker is not None and completed > recorded and layout.artifact(completed - 1, "train_metrics").exists():
+        log_train_steps(tracker, pq.read_table(layout.artifact(completed - 1, "train_metrics")).to_pylist())
     step = optimizer_steps(layout.policy) if completed else 0
     loop = _section(config, "loop", LoopSection)
     judge = "probe" if loop.probe_questions > 0 else "eval"  # the evaluation that picks best/
@@ -403,6 +422,95 @@ def _run(config: dict[str, Any], run: Path, steps: list[tuple[int, str, Any]], r
                 write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
     if tracker is not None:
         tracker.close()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CfiwError(f"cannot read {path}: {exc}", "restore the file, or choose another --run") from exc
+
+
+def _check_run_directory(layout: RunLayout, inputs: dict[str, str]) -> None:
+    """`--run` is a directory (or not there yet), is no input and lies inside none, and no input
+    lies where the loop writes (the policy, kept policies, best/, an iteration, evaluations)."""
+    run = layout.root
+    if run.exists() and not run.is_dir():
+        raise CfiwError(f"--run {run} is a file", "pass a directory for the run, e.g. runs/NAME")
+    owned = [layout.policy, layout.policies, layout.best, layout.replay, layout.tracking, run / "eval", run / "probe"]
+    for key, ref in inputs.items():
+        source = Path(ref).expanduser()
+        if not source.exists():
+            continue
+        source, root = source.resolve(), run.expanduser().resolve()
+        if source == root or (source.is_dir() and source in root.parents):
+            where = "is" if source == root else "lies inside"
+            raise CfiwError(f"--run {run} {where} the input {key} {ref}", "choose a new directory, e.g. runs/NAME")
+        for place in owned + list(run.glob("iter-*")):
+            place = place.expanduser().resolve()
+            if source == place or place in source.parents:
+                raise CfiwError(
+                    f"the input {key} {ref} lies where the loop writes, in --run {run}",
+                    "move it out of the run directory, or choose another --run",
+                )
+
+
+# How the loop's config spells the knobs of its sampling stages, for memory errors.
+_KNOBS = {
+    "rollout": {"samples": "rollout.group_size", "limit": "loop.questions"},
+    "eval": {"samples": "eval.samples", "limit": "loop.eval_limit"},
+    "probe": {"samples": "loop.probe_samples", "limit": "loop.probe_questions"},
+}
+
+
+def _check_memory(steps: list[tuple[int, str, Any]], base: str) -> None:
+    """The first rollout, greedy evaluation and probe of the plan fit in memory (estimated from
+    the starting model's shape, before it loads; every iteration samples alike)."""
+    firsts: dict[str, Any] = {}
+    for _, command, stage_config in steps:
+        kind = Path(stage_config.out).parent.name if command == "eval" else command
+        if command in ("rollout", "eval") and kind not in firsts:
+            firsts[kind] = stage_config
+    for kind, stage_config in firsts.items():
+        section = "rollout" if kind in ("rollout", "probe") else "eval"
+        names = {**_KNOBS[kind], "max_new_tokens": f"{section}.max_new_tokens", "batch_size": f"{section}.batch_size"}
+        if kind == "probe":
+            names["batch_size"] = "eval.batch_size"
+        samples = stage_config.group_size if kind == "rollout" else stage_config.samples
+        rows = load_questions(stage_config.dataset, stage_config.split, stage_config.offset, stage_config.limit)
+        memory.check_stage_fits(replace(stage_config, model=base), rows, samples, names)
+
+
+def _recorded_state(layout: RunLayout) -> int:
+    """Iterations `loop_state.json` says are complete."""
+    if not layout.state.exists():
+        return 0
+    try:
+        completed = json.loads(_read_text(layout.state))["completed"]
+    except (ValueError, KeyError, TypeError) as exc:
+        completed, problem = None, exc
+    else:
+        problem = f"completed = {completed!r}"
+    if not isinstance(completed, int) or isinstance(completed, bool) or completed < 0:
+        raise CfiwError(
+            f"{layout.state} is corrupt ({problem})",
+            "delete it: the loop then counts the completed iterations from the policy's manifest",
+        )
+    return completed
+
+
+def _trained_iteration(layout: RunLayout) -> int:
+    """The iteration whose rollouts the run's policy was last trained on (its manifest records
+    their path and sha256), or -1. A kill between the policy's commit and the state's write
+    leaves the state one behind; this tells."""
+    manifest = read_directory_manifest(layout.policy) if layout.policy.is_dir() else None
+    recorded = ((manifest or {}).get("inputs") or {}).get("rollouts") or {}
+    name = Path(str(recorded.get("path", ""))).parent.name
+    if not re.fullmatch(r"iter-\d+", name):
+        return -1
+    iteration = int(name.removeprefix("iter-"))
+    rollouts = layout.artifact(iteration, "rollouts")
+    return iteration if rollouts.is_file() and sha256_of(rollouts) == recorded.get("sha256") else -1
 
 
 # Stages whose work is split across the processes of `accelerate launch` (each samples,

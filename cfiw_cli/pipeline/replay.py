@@ -36,9 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfiw_cli import distributed, modeling
-from cfiw_cli.algo.weights import MODES
-from cfiw_cli.artifacts import settings_of, sha256_of
-from cfiw_cli.configs import REPLAY_OPTIMIZERS, ReplayConfig
+from cfiw_cli.artifacts import prepare_output, settings_of, sha256_of
+from cfiw_cli.configs import REPLAY_OPTIMIZERS, ReplayConfig, parse_iterations, parse_modes
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.likelihood import reference_likelihood, reference_sequences
@@ -47,28 +46,10 @@ from cfiw_cli.pipeline import train
 from cfiw_cli.pipeline.loop import plan
 from cfiw_cli.policies import kept_iterations, policy_at
 from cfiw_cli.runs import RunLayout, iteration_name
-from cfiw_cli.stage import StageRun
+from cfiw_cli.stage import StageRun, guard_inputs, guard_outputs
 from cfiw_cli.tasks.gsm8k import load_questions
 
 START = "start"  # the cell of policy_k itself
-
-
-def parse_iterations(text: str) -> list[int]:
-    """ "0-3,8" -> [0, 1, 2, 3, 8]."""
-    chosen: set[int] = set()
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        first, sep, last = part.partition("-")
-        try:
-            low, high = int(first), int(last) if sep else int(first)
-        except ValueError:
-            raise CfiwError(
-                f"--iterations {text!r} is not a list of numbers and ranges",
-                "e.g. --iterations 0-11 or --iterations 0,4,8",
-            ) from None
-        if low < 0 or high < low:
-            raise CfiwError(f"--iterations range {part!r} is empty or negative", "e.g. --iterations 0-11")
-        chosen.update(range(low, high + 1))
-    return sorted(chosen)
 
 
 def _loop_plan(run: Path) -> tuple[dict[str, Any], list]:
@@ -83,12 +64,7 @@ def _loop_plan(run: Path) -> tuple[dict[str, Any], list]:
 def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], list[str], dict[int, Any], Any]:
     """The iterations and modes to replay, each iteration's planned train stage, and the probe."""
 
-    modes = [m.strip() for m in config.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise CfiwError(
-            f"unknown mode {unknown[0] if unknown else config.modes!r} in --modes", f"choose from {', '.join(MODES)}"
-        )
+    modes = parse_modes(config.modes)
     if config.optimizer not in REPLAY_OPTIMIZERS:
         raise CfiwError(f"unknown --optimizer {config.optimizer!r}", "choose kept or fresh")
     kept = kept_iterations(run)
@@ -113,6 +89,23 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
         probes[0], limit=config.probe_questions or probes[0].limit, samples=config.probe_samples or probes[0].samples
     )
     return iterations, modes, trains, probe
+
+
+def _guard_summary(out: Path, run: Path, trains: list[Any], force: bool) -> None:
+    """Before any cell runs: `--out` is not the run's config, a replayed file or a kept policy,
+    and it replaces only a replay summary (or anything, with --force)."""
+    layout = RunLayout(run)
+    refs = {"config": str(layout.config), "policies": str(layout.policies)}
+    for step in trains:
+        refs |= {
+            f"{key} of {Path(step.rollouts).parent.name}": getattr(step, key) for key in ("rollouts", "spans", "scores")
+        }
+    try:
+        guard_inputs({"--out": out}, refs)
+    except CfiwError as exc:
+        raise CfiwError(exc.message.replace("the input --", "the run's "), exc.hint) from exc
+    guard_outputs({"--out": out}, "replay", force=force)
+    prepare_output(out)
 
 
 def weights_sha256(model_dir: str) -> str | None:
@@ -152,17 +145,21 @@ def _measure(
     return result
 
 
-def run(config: ReplayConfig) -> Path:
-
+def run(config: ReplayConfig, force: bool = False) -> Path:
+    """Every cell, then the summary `--out`, which is checked first: it is never one of the
+    replayed files, and an existing file there is replaced only when it is a replay summary
+    (or with `force`)."""
     run_dir = Path(config.run)
     if not run_dir.is_dir():
-        raise CfiwError(f"run directory not found: {run_dir}", "pass a directory written by cfiw loop")
+        what = "is a file, not a run directory" if run_dir.exists() else "not found"
+        raise CfiwError(f"run directory {what}: {run_dir}", "pass a directory written by cfiw loop")
     loop_config, steps = _loop_plan(run_dir)
     iterations, modes, trains, probe = _cells(config, run_dir, steps)
     seed = int(loop_config.get("loop", {}).get("seed", 0)) if config.seed is None else config.seed
     base = str(loop_config["model"]["id"])
     root = RunLayout(run_dir).replay
     out = Path(config.out) if config.out else root / "replay.parquet"
+    _guard_summary(out, run_dir, [trains[i] for i in iterations], force)
     rows_of_questions = load_questions(probe.dataset, probe.split, probe.offset, probe.limit)
     keep_optimizer = config.optimizer == "kept"
     main = distributed.is_main()
@@ -232,7 +229,7 @@ def run(config: ReplayConfig) -> Path:
                 )
                 rows.append(row)
         summary = {"modes": modes, "iterations": iterations, "optimizer": config.optimizer, "seed": seed}
-        with StageRun("replay", None, {}, force=True, out=out, settings=summary) as stage:
+        with StageRun("replay", None, {}, force=force, recompute=True, out=out, settings=summary) as stage:
             stage.write_table(pa.Table.from_pylist(rows), stage.manifest(rows=len(rows), metrics={}))
         info(f"wrote {len(rows)} replays ({len(iterations)} iterations x {len(modes)} modes) to {out}")
     distributed.finish()

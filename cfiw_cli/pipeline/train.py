@@ -48,8 +48,8 @@ from cfiw_cli.console import info, progress_bar
 from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.logprobs import completion_logprobs
-from cfiw_cli.stage import StageResult, StageRun
-from cfiw_cli.tracking import beside_output, check_report_to, log_train_steps
+from cfiw_cli.stage import StageResult, StageRun, guard_inputs
+from cfiw_cli.tracking import beside_output, check_report_to, check_tracking_dir, log_train_steps
 
 if TYPE_CHECKING:
     import torch
@@ -304,12 +304,20 @@ def run(
     out = Path(config.out)
     # by default the step metrics and token weights go inside the checkpoint, written with it
     # atomically, so updates of one batch in several modes (to several --out) never collide
-    metrics_out = prepare_output(config.metrics_out) if config.metrics_out else out / "train_metrics.parquet"
-    weights_out = prepare_output(config.weights_out) if config.weights_out else out / "weights.parquet"
-    modeling.check_model_ref(config.model)
-    batch = read_batch(config)
+    metrics_out = Path(config.metrics_out) if config.metrics_out else out / "train_metrics.parquet"
+    weights_out = Path(config.weights_out) if config.weights_out else out / "weights.parquet"
     inputs = {name: getattr(config, name) for name in ("model", "rollouts", "spans", "scores")}
     outputs = {"--metrics-out": metrics_out, "--weights-out": weights_out}
+    in_place = out if Path(config.model).expanduser().resolve() == out.expanduser().resolve() else None
+    guard_inputs({"--out": out, **outputs}, {k: v for k, v in inputs.items() if v}, in_place=in_place)
+    check_tracking_dir(config, inputs)
+    if in_place is not None:
+        recover_directory(out)  # `--model P --out P` killed mid-commit: P is whole again before it is read
+    for path in (config.metrics_out, config.weights_out):
+        if path:
+            prepare_output(path)
+    modeling.check_model_ref(config.model)
+    batch = read_batch(config)
     with StageRun(
         "train", config, inputs, force=force, revision=config.revision, directory=True, replaces=True,
         outputs=outputs, exclude=("metrics_out", "weights_out", *TRACKING_FIELDS), requires=(metrics_out, weights_out),

@@ -31,6 +31,7 @@ import base64
 import html
 import json
 import math
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfiw_cli.algo.spans import decode_with_offsets
+from cfiw_cli.artifacts import build_manifest, staged_directory, write_directory_manifest, written_files
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import load_tokenizer
-from cfiw_cli.runs import RunLayout, create_views
+from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, RunLayout
+from cfiw_cli.stage import OutputLocks, guard_outputs, keep_files_not_ours
 from cfiw_cli.stats import t_quantile
+from cfiw_cli.views import connect as connect_views
+from cfiw_cli.views import labels_of, layout_files, message_of
 
 Z = 1.959963984540054
 WILSON = (
@@ -57,10 +62,10 @@ _NORMALIZED = "regexp_replace(trim(regexp_replace({text}, '\\s+', ' ', 'g'), ' .
 
 
 def connect(runs: list[Path]) -> Any:
-    """Views over all runs, each with `run` (directory name) and `iteration` columns."""
-
-    con = duckdb.connect()
-    create_views(con, runs, run_column=True)
+    """Views over all runs, each with `run` (the run's label: its directory name, with as many
+    parent directories as tell two runs of one name apart) and `iteration` columns."""
+    labels = labels_of(runs)
+    con = connect_views(runs, labels=labels)
     if _has(con, "spans") and _has(con, "rollouts") and _has_column(con, "rollouts", "labels"):
         # A label is a function of the sentence's form, so one run-wide lookup serves every span.
         con.execute(
@@ -72,7 +77,10 @@ def connect(runs: list[Path]) -> Any:
             from spans s join reference r on {_NORMALIZED.format(text="s.text")} = r.sentence"""
         )
     con.execute("create table modes (run varchar, mode varchar, seed integer)")
-    con.executemany("insert into modes values (?, ?, ?)", [(run.name, *_mode_and_seed(run)) for run in runs])
+    con.executemany(
+        "insert into modes values (?, ?, ?)",
+        [(label, *_mode_and_seed(run)) for label, run in zip(labels, runs, strict=True)],
+    )
     _create_steps(con)
     return con
 
@@ -573,7 +581,7 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
+def _coloured_rollouts(con: Any, runs: dict[str, Path], limit: int = 6) -> str:
     """HTML of a few rollouts, each token's background coloured by its training weight."""
     if not (_has(con, "weights") and _has(con, "rollouts")):
         return "<p>(no weights)</p>"
@@ -587,8 +595,7 @@ def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
     parts = []
     tokenizers: dict[str, Any] = {}
     for row in rows:
-        run = next(r for r in runs if r.name == row["run"])
-        policy = RunLayout(run).policy
+        policy = RunLayout(runs[row["run"]]).policy
         source = policy if (policy / "tokenizer_config.json").exists() else None
         if source is None:
             continue
@@ -608,43 +615,96 @@ def _coloured_rollouts(con: Any, runs: list[Path], limit: int = 6) -> str:
     return "\n".join(parts) or "<p>(no weighted rollouts)</p>"
 
 
-def run(runs: list[str], out: str) -> dict[str, list[dict]]:
+def run(runs: list[str], out: str, force: bool = False) -> dict[str, list[dict]]:
+    """The report of `runs` in directory `out`, built in `<out>.tmp` and swapped in whole. An
+    existing `out` is replaced when it is a report (`cfiw_manifest.json` says analyze) or with
+    `force`; it may never be a run nor hold one's files, whatever `force` says."""
+    started = time.perf_counter()
     run_dirs = [Path(r) for r in runs]
     for run in run_dirs:
         if not run.is_dir():
-            raise CfiwError(f"run directory not found: {run}", "pass directories written by cfiw loop")
+            what = "is a file, not a run directory" if run.exists() else "not found"
+            raise CfiwError(f"run directory {what}: {run}", "pass directories written by cfiw loop")
+    labels = labels_of(run_dirs)
+    out_dir = Path(out)
+    _guard_report(out_dir, run_dirs, force)
+    locks = OutputLocks([out_dir])
     try:
-        con = connect(run_dirs)
-        results = tables(con)
-    except duckdb.Error as exc:
-        raise CfiwError(
-            f"cannot read the runs' files: {str(exc).strip().splitlines()[0]}",
-            "check each file with `cfiw validate FILE` (a killed copy or a foreign file?)",
-        ) from exc
-    if not results:
-        raise CfiwError("the runs hold no artifacts to analyze", "run cfiw loop first")
-    out_dir = Path(out)  # created only now: a failed analysis leaves no empty report directory
+        try:
+            con = connect(run_dirs)
+            results = tables(con)
+        except duckdb.Error as exc:
+            raise CfiwError(
+                f"cannot read the runs' files: {message_of(exc)}",
+                "check each file with `cfiw validate FILE` (a killed copy or a foreign file?)",
+            ) from exc
+        if not results:
+            raise CfiwError("the runs hold no artifacts to analyze", "run cfiw loop first")
+        runs_by_label = dict(zip(labels, run_dirs, strict=True))
+        with staged_directory(out_dir) as staging:
+            _write_report(results, con, runs_by_label, staging)
+            inputs = {label: {"path": str(run), "sha256": None} for label, run in runs_by_label.items()}
+            manifest = build_manifest(
+                "analyze", {"runs": labels}, inputs, rows=len(results), seconds=time.perf_counter() - started
+            )
+            manifest["files"] = written_files(staging)
+            keep_files_not_ours(out_dir, staging, "analyze")
+            write_directory_manifest(staging, manifest)
+    finally:
+        locks.release()
+    return results
+
+
+def _guard_report(out: Path, runs: list[Path], force: bool) -> None:
+    """The report directory is never a run, never holds a run or a file a run's analysis reads
+    (it is replaced whole), and replaces only an earlier report without `force`."""
+    for run in runs:
+        read = [run, run / "config.toml", RunLayout(run).policy]
+        read += [
+            run / name for kind in (*ITERATION_KINDS, *EVALUATION_KINDS, "replay") for name in layout_files(run, kind)
+        ]
+        for path in read:
+            if path.exists() and (_resolved(path) == _resolved(out) or _resolved(out) in _resolved(path).parents):
+                where = "is" if _resolved(path) == _resolved(out) else "holds"
+                what = "the input run" if path == run else "a file of the input run"
+                raise CfiwError(f"--out {out} {where} {what} {path}", "choose a new directory, e.g. RUN/report")
+    guard_outputs({"--out": out}, "analyze", directory=out, replaces=True, force=force or _older_report(out))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CfiwError(f"cannot create {out_dir}: {exc.strerror or exc}", "choose a writable --out") from exc
+        raise CfiwError(f"cannot create {out.parent}: {exc.strerror or exc}", "choose a writable --out") from exc
+
+
+def _older_report(out: Path) -> bool:
+    """A report written before reports had a manifest: report.md, report.html and nothing but
+    the tables and plots analyze writes."""
+    if not out.is_dir() or not ((out / "report.md").is_file() and (out / "report.html").is_file()):
+        return False
+    return all(p.is_file() and p.suffix in (".json", ".png", ".parquet", ".md", ".html") for p in out.iterdir())
+
+
+def _resolved(path: Path) -> Path:
+    return path.expanduser().resolve()
+
+
+def _write_report(results: dict[str, list[dict]], con: Any, runs: dict[str, Path], out_dir: Path) -> None:
     for name, rows in results.items():
         (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
     _write_curves(results, out_dir)
     images = _plot(results, con, out_dir)
-    markdown = ["# cfiw report", "", f"Runs: {', '.join(r.name for r in run_dirs)}", ""]
+    markdown = ["# cfiw report", "", f"Runs: {', '.join(runs)}", ""]
     for name, rows in results.items():
         markdown += [f"## {name.replace('_', ' ')}", "", _markdown_table(rows)]
     markdown += [f"![{p.stem}]({p.name})" for p in images]
     (out_dir / "report.md").write_text("\n".join(markdown) + "\n")
-    body = [f"<h1>cfiw report</h1><p>Runs: {html.escape(', '.join(r.name for r in run_dirs))}</p>"]
+    body = [f"<h1>cfiw report</h1><p>Runs: {html.escape(', '.join(runs))}</p>"]
     for name, rows in results.items():
         body.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2>" + _html_table(rows))
     for path in images:
         data = base64.b64encode(path.read_bytes()).decode()
         body.append(f'<h2>{html.escape(path.stem)}</h2><img alt="{path.stem}" src="data:image/png;base64,{data}">')
     body.append(
-        "<h2>Rollouts coloured by token weight (red: above 1, blue: below 1)</h2>" + _coloured_rollouts(con, run_dirs)
+        "<h2>Rollouts coloured by token weight (red: above 1, blue: below 1)</h2>" + _coloured_rollouts(con, runs)
     )
     style = (
         "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} "
@@ -654,7 +714,6 @@ def run(runs: list[str], out: str) -> dict[str, list[dict]]:
         f'<!doctype html><html><head><meta charset="utf-8"><title>cfiw report</title><style>{style}</style></head>'
         f"<body>{''.join(body)}</body></html>\n"
     )
-    return results
 
 
 def _html_table(rows: list[dict]) -> str:

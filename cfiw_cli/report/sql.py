@@ -1,10 +1,14 @@
-"""`cfiw sql`: DuckDB over every artifact of a run, one view per artifact kind.
+"""`cfiw sql`: DuckDB over every artifact of a run, one view per artifact kind, read-only.
 
 Views: `rollouts`, `spans`, `scores`, `weights`, `train_metrics` (all iterations, with an
 `iteration` column taken from the `iter-NNNN` directory), `eval` (from `eval/iter-NNNN.parquet`),
 `probe` (from `probe/iter-NNNN.parquet`), `replay` (`replay/replay.parquet` of `cfiw replay`)
-and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run). The
-views are `cfiw_cli.runs.create_views` over this one run.
+and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
+
+Two walls keep a query from changing anything. The statement must be one that reads: DuckDB's
+parser classes it as SELECT, or as an EXPLAIN of a SELECT (`EXPLAIN ANALYZE` runs what it
+explains, so what it explains is checked too). And the connection itself cannot write: it sees
+the run through a read-only filesystem and nothing else (`cfiw_cli.views`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,67 +25,63 @@ from rich.console import Console
 from rich.table import Table
 
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.runs import create_views
+from cfiw_cli.views import connect as connect_views
+from cfiw_cli.views import message_of
 
 FORMATS = ("table", "csv", "json")
 
 
-def connect(run: str | Path) -> Any:
-    """An in-memory DuckDB connection with the run's views, sealed: it reads files under the
-    run directory only, writes none, loads no extension, and its settings are locked."""
+def connect(run: str | Path, manifests: bool = True) -> Any:
+    """A sealed in-memory DuckDB connection with the run's views (and the manifests table,
+    which reads every file's footer: `query` builds it only for a query that names it)."""
     run = Path(run)
     if not run.is_dir():
-        raise CfiwError(f"run directory not found: {run}", "pass a directory such as runs/NAME")
-    con = duckdb.connect()
+        what = "is a file, not a run directory" if run.exists() else "not found"
+        raise CfiwError(f"run directory {what}: {run}", "pass a directory such as runs/NAME")
     try:
-        create_views(con, [run], run_column=False)
-        every = sorted(str(f) for f in run.rglob("*.parquet"))
-        if every:
-            listing = ", ".join(f"'{f}'" for f in every)
-            con.execute(
-                "create view manifests as select file_name as file, json_extract_string(decode(value), '$.stage') "
-                "as stage, "
-                f"decode(value) as manifest from parquet_kv_metadata([{listing}]) where decode(key) = 'cfiw'"
-            )
+        return connect_views([run], manifests=manifests)
+    except CfiwError as exc:
+        raise CfiwError(f"query failed: {exc.message}", exc.hint) from exc
+
+
+_EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
+
+
+def statement_kind(con: Any, sql: str) -> str:
+    """DuckDB's class of the one statement in `sql`; for an EXPLAIN, `EXPLAIN <class of what it
+    explains>`, so `EXPLAIN ANALYZE COPY ...` is not mistaken for a read."""
+    try:
+        statements = con.extract_statements(sql)
     except duckdb.Error as exc:
-        raise CfiwError(
-            f"query failed: cannot read the run's files: {str(exc).strip().splitlines()[0]}",
-            "check each file with `cfiw validate FILE` (a killed copy or a foreign file?)",
-        ) from exc
-    con.execute("set allowed_directories = ?", [[str(run) + "/", str(run.resolve()) + "/"]])
-    con.execute("set enable_external_access = false")  # no file outside the run, no extension
-    con.execute("set lock_configuration = true")  # and the query cannot undo either
-    return con
+        raise CfiwError(f"query failed: {message_of(exc)}", "check the SQL syntax") from exc
+    if len(statements) != 1:
+        raise CfiwError(f"cfiw sql runs one statement, not {len(statements)}", "pass a single select query")
+    kind = statements[0].type.name
+    if kind != "EXPLAIN":
+        return kind
+    inner = _EXPLAIN.sub("", statements[0].query, count=1)
+    # what cannot be peeled (a comment between the words, say) stays EXPLAIN: refused below
+    return "EXPLAIN " + (statement_kind(con, inner) if inner != statements[0].query else "EXPLAIN")
 
 
-# DuckDB's own parser classifies the statement; a query is one statement that reads.
-READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN SELECT")
 
 
 def query(run: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
     """Columns and rows of one read-only statement over the run's views."""
-    con = connect(run)
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise CfiwError(f"query failed: {str(exc).strip().splitlines()[0]}", "check the SQL syntax") from exc
-    if len(statements) != 1:
-        raise CfiwError(f"cfiw sql runs one statement, not {len(statements)}", "pass a single select query")
-    kind = statements[0].type.name
+    con = connect(run, manifests="manifests" in sql.lower())
+    kind = statement_kind(con, sql)
     if kind not in READ_ONLY_STATEMENTS:
         raise CfiwError(
-            f"cfiw sql is read-only: a {kind} statement is refused",
+            f"cfiw sql is read-only: {'an' if kind[0] in 'AEIOU' else 'a'} {kind} statement is refused",
             "query the views with select; write results with --format csv > FILE",
         )
     try:
-        result = con.execute(statements[0])
+        result = con.execute(con.extract_statements(sql)[0])
     except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()[0]
-        views = [
-            row[0]
-            for row in con.execute("select view_name from duckdb_views() where not internal order by 1").fetchall()
-        ]
-        raise CfiwError(f"query failed: {first}", f"this run's views: {', '.join(views) or 'none'}") from exc
+        names = "select table_name from information_schema.tables where table_schema = 'main'"
+        views = sorted({row[0] for row in con.execute(names).fetchall()} | {"manifests"})
+        raise CfiwError(f"query failed: {message_of(exc)}", f"this run's views: {', '.join(views) or 'none'}") from exc
     columns = [d[0] for d in result.description or []]
     return columns, result.fetchall()
 

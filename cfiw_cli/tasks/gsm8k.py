@@ -15,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from cfiw_cli import hub
 from cfiw_cli.errors import CfiwError
 
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
@@ -173,7 +174,16 @@ def load_questions(dataset: str, split: str = "train", offset: int = 0, limit: i
             source = local.stem
         else:
             hub_id, config = (HUB_ID, HUB_CONFIG) if dataset == "gsm8k" else (dataset, None)
-            rows = datasets.load_dataset(hub_id, config, split=split)
+            with hub.offline_unless_reachable() as online:
+                try:
+                    rows = datasets.load_dataset(hub_id, config, split=split)
+                except Exception as exc:  # noqa: BLE001 - offline, any failure means: not in the cache
+                    if online:
+                        raise
+                    raise CfiwError(
+                        f"could not load dataset {dataset!r}: the hub cannot be reached and the local cache lacks it",
+                        "pass a local GSM8K-format .jsonl/.parquet file, or load it once where the hub is reachable",
+                    ) from exc
             source = split
     except CfiwError:
         raise
@@ -201,6 +211,12 @@ def load_questions(dataset: str, split: str = "train", offset: int = 0, limit: i
     selected = rows.select(range(offset, stop))
     out = []
     for index, row in zip(range(offset, stop), selected, strict=True):
+        for column in ("question", "answer"):
+            if not isinstance(row[column], str) or not row[column].strip():
+                raise CfiwError(
+                    f"row {index} of {dataset} has no {column} ({column}: {row[column]!r})",
+                    f"every row needs a non-empty {column} string",
+                )
         try:
             gold = parse_gold(str(row["answer"]))
         except CfiwError as exc:

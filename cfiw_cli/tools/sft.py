@@ -21,7 +21,7 @@ from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun
 from cfiw_cli.tasks.gsm8k import build_prompt, load_questions
-from cfiw_cli.tracking import Tracker, beside_output, check_report_to, prefixed
+from cfiw_cli.tracking import Tracker, beside_output, check_report_to, check_tracking_dir, prefixed
 
 
 def _check(config: SftConfig) -> None:
@@ -89,15 +89,18 @@ def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) ->
 
 def run(config: SftConfig, force: bool = False) -> StageResult:
     _check(config)
-    modeling.check_model_ref(config.model)
-    rows = load_questions(config.dataset, config.split, config.offset, config.limit)
     inputs = {"model": config.model, "dataset": config.dataset}
-    with StageRun(
-        "sft", config, inputs, force=force, revision=config.revision, directory=True, exclude=TRACKING_FIELDS
-    ) as stage:
-        if stage.up_to_date:
-            return stage.skipped()
-        return _fine_tune(config, stage, rows)
+    check_tracking_dir(config, inputs)
+    modeling.check_model_ref(config.model)
+    with modeling.pinned_revisions():  # a hub id is resolved once, before the dataset loads
+        modeling.resolve_revision(config.model, config.revision)
+        rows = load_questions(config.dataset, config.split, config.offset, config.limit)
+        with StageRun(
+            "sft", config, inputs, force=force, revision=config.revision, directory=True, exclude=TRACKING_FIELDS
+        ) as stage:
+            if stage.up_to_date:
+                return stage.skipped()
+            return _fine_tune(config, stage, rows)
 
 
 def _fine_tune(config: SftConfig, stage: StageRun, rows: list[dict]) -> StageResult:

@@ -97,8 +97,6 @@ def run(config: TinyModelConfig, force: bool = False) -> StageResult:
             f"--pad-vocab {config.pad_vocab} is below --vocab-size {config.vocab_size}",
             "pad to at least the tokenizer's size (it counts all rows), or pass 0",
         )
-    if config.vocab_size < 300:
-        raise CfiwError("--vocab-size must be at least 300", "the byte alphabet alone takes 256 entries")
     with StageRun("tiny-model", config, {"dataset": config.dataset}, force=force, directory=True) as stage:
         if stage.up_to_date:
             return stage.skipped()
