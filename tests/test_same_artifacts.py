@@ -31,9 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 # bits; then the commit that gave each sampled sequence its own random stream, which changes
 # every rollout; then the commit that added `revision` to the model-loading configs; then the
 # commit that made every manifest record the resolved dtype; then the commit that added
-# `tiny-model --intermediate`; then the one after the loop began to keep best/; now the commit
-# that added the LoRA settings to train's and sft's manifests).
-BASELINE = "dde8813ef6085fc502746f22cc421bcf7e6de2ec"
+# `tiny-model --intermediate`; then the one after the loop began to keep best/; then the commit
+# that added the LoRA settings to train's and sft's manifests; now the commit after which a
+# directory's manifest lists the files its stage wrote and a report has a manifest).
+BASELINE = "94d626bd351b7edd414b56b856c40d2211e2029c"
 
 # decided by the clock or the checkout, not by the computation
 VOLATILE_MANIFEST_KEYS = {"wall_seconds", "git_commit", "libraries"}
