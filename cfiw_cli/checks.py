@@ -1,5 +1,5 @@
 """Input checks that more than one stage makes, kept below the stages so that no stage imports
-a sibling: sampling settings (rollout, eval), the manifest chain rollouts -> spans -> scores
+a sibling: sampling settings and questions (rollout, eval), the manifest chain rollouts -> spans -> scores
 (score, train) and finite rewards and log-probs."""
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from cfiw_cli import memory, modeling
 from cfiw_cli.artifacts import input_record, read_manifest
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.tasks.gsm8k import load_questions
 
 
 def check_sampling(temperature: float, top_p: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
@@ -16,6 +18,20 @@ def check_sampling(temperature: float, top_p: float, samples: int, max_new_token
         raise CfiwError("--temperature must be >= 0 and --top-p in (0, 1]", "e.g. --temperature 1.0 --top-p 1.0")
     if min(samples, max_new_tokens, batch_size) < 1:
         raise CfiwError("group size, --max-new-tokens and --batch-size must be >= 1", "pass positive values")
+
+
+def sampling_questions(config: Any, model: Any, samples: int, samples_flag: str) -> list[dict]:
+    """The questions a sampling stage (rollout, eval) draws from, after what needs no model
+    loaded: a local model exists and a hub id resolves (both before the dataset loads), and,
+    when the stage loads the model itself, the sampling fits in memory. Call it inside
+    `modeling.pinned_revisions()`, so that the stage loads the commit resolved here."""
+    if model is None:
+        modeling.check_model_ref(config.model)
+        modeling.resolve_revision(config.model, config.revision)
+    rows = load_questions(config.dataset, config.split, config.offset, config.limit)
+    if model is None:
+        memory.check_stage_fits(config, rows, samples, memory.flags(samples_flag))
+    return rows
 
 
 def check_spans_match(rollouts: Any, spans: Any, rollouts_path: str, spans_path: str) -> None:

@@ -16,14 +16,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from cfiw_cli import distributed, memory, modeling, schemas
-from cfiw_cli.checks import check_sampling
+from cfiw_cli import distributed, modeling, schemas
+from cfiw_cli.checks import check_sampling, sampling_questions
 from cfiw_cli.configs import EvalConfig
 from cfiw_cli.console import info
 from cfiw_cli.generation import sample_questions
 from cfiw_cli.stage import StageResult, StageRun
 from cfiw_cli.stats import Z_95, mean_and_standard_error, wilson_interval
-from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, numbers_equal, reward
+from cfiw_cli.tasks.gsm8k import extract_answer, numbers_equal, reward
 
 
 def accuracy_metrics(records: list[dict]) -> dict[str, Any]:
@@ -90,21 +90,12 @@ def run(
     off: then this process evaluates them all, alone (a replay measures on its main process)."""
     check(config)
     with modeling.pinned_revisions():  # a hub id is resolved once, before the dataset loads
-        if model is None:
-            modeling.check_model_ref(config.model)
-            modeling.resolve_revision(config.model, config.revision)
-        rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-        if model is None:
-            memory.check_stage_fits(config, rows, config.samples, memory.flags("--samples"))
-        return _run(config, force, rows, model, tokenizer, shard)
-
-
-def _run(config: EvalConfig, force: bool, rows: list[dict], model: Any, tokenizer: Any, shard: bool) -> StageResult:
-    inputs = {"model": config.model, "dataset": config.dataset}
-    with StageRun("eval", config, inputs, force=force, revision=config.revision) as stage:
-        if stage.up_to_date:
-            return stage.skipped()
-        return _evaluate(config, stage, rows, model, tokenizer, shard)
+        rows = sampling_questions(config, model, config.samples, "--samples")
+        inputs = {"model": config.model, "dataset": config.dataset}
+        with StageRun("eval", config, inputs, force=force, revision=config.revision) as stage:
+            if stage.up_to_date:
+                return stage.skipped()
+            return _evaluate(config, stage, rows, model, tokenizer, shard)
 
 
 def _evaluate(

@@ -6,13 +6,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from cfiw_cli import distributed, memory, modeling, schemas
-from cfiw_cli.checks import check_sampling
+from cfiw_cli import distributed, modeling, schemas
+from cfiw_cli.checks import check_sampling, sampling_questions
 from cfiw_cli.configs import RolloutConfig
 from cfiw_cli.console import info
 from cfiw_cli.generation import sample_questions
 from cfiw_cli.stage import StageResult, StageRun
-from cfiw_cli.tasks.gsm8k import extract_answer, load_questions, reward
+from cfiw_cli.tasks.gsm8k import extract_answer, reward
 
 
 def sampling_seed(seed: int, iteration: int) -> int:
@@ -30,21 +30,12 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
     """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
     check(config)
     with modeling.pinned_revisions():  # a hub id is resolved once, before the dataset loads
-        if model is None:
-            modeling.check_model_ref(config.model)
-            modeling.resolve_revision(config.model, config.revision)
-        rows = load_questions(config.dataset, config.split, config.offset, config.limit)
-        if model is None:
-            memory.check_stage_fits(config, rows, config.group_size, memory.flags("--group-size"))
-        return _run(config, force, rows, model, tokenizer)
-
-
-def _run(config: RolloutConfig, force: bool, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
-    inputs = {"model": config.model, "dataset": config.dataset}
-    with StageRun("rollout", config, inputs, force=force, revision=config.revision) as stage:
-        if stage.up_to_date:
-            return stage.skipped()
-        return _sample(config, stage, rows, model, tokenizer)
+        rows = sampling_questions(config, model, config.group_size, "--group-size")
+        inputs = {"model": config.model, "dataset": config.dataset}
+        with StageRun("rollout", config, inputs, force=force, revision=config.revision) as stage:
+            if stage.up_to_date:
+                return stage.skipped()
+            return _sample(config, stage, rows, model, tokenizer)
 
 
 def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
