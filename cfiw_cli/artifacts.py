@@ -36,6 +36,21 @@ DIRECTORY_MANIFEST = "cfiw_manifest.json"  # the manifest of a stage whose outpu
 _LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "pyarrow", "accelerate", "trl")
 
 
+def same_path(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def lies_inside(path: Path, directory: Path) -> bool:
+    """Whether `path` is below `directory` (not `directory` itself), links resolved."""
+    return Path(directory).expanduser().resolve() in Path(path).expanduser().resolve().parents
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Temp files a killed atomic write of `out` left beside it (`.NAME.*.tmp`)."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def prepare_output(path: str | os.PathLike) -> Path:
     """Create the parent directory and prove it is writable before any expensive work."""
     out = Path(path)

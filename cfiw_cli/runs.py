@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,12 @@ EVALUATION_KINDS = ("eval", "probe")  # RUN/KIND/iter-NNNN.parquet
 
 def iteration_name(iteration: int) -> str:
     return f"iter-{iteration:04d}"
+
+
+def iteration_of(name: str) -> int | None:
+    """The iteration an `iter-NNNN` name (a directory, or a file's stem) stands for, else None."""
+    match = re.fullmatch(r"iter-(\d{4,})", name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)

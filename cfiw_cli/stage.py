@@ -36,11 +36,14 @@ from cfiw_cli.artifacts import (
     DIRECTORY_MANIFEST,
     build_manifest,
     input_record,
+    lies_inside,
     manifest_if_any,
     prepare_output,
     read_directory_manifest,
     read_manifest,
     recover_directory,
+    remove_stale_temp_files,
+    same_path,
     settings_of,
     staged_directory,
     up_to_date,
@@ -51,32 +54,36 @@ from cfiw_cli.artifacts import (
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import resolve_revision
+from cfiw_cli.tracking import tracking_directory
 
 
-def _same(a: Path, b: Path) -> bool:
-    return a.expanduser().resolve() == b.expanduser().resolve()
+def _input_flag(key: str) -> str:
+    return f"the input --{key.replace('_', '-')}"
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    return directory.expanduser().resolve() in path.expanduser().resolve().parents
-
-
-def guard_inputs(outputs: dict[str, Path], refs: dict[str, str], *, in_place: Path | None = None) -> None:
+def guard_inputs(
+    outputs: dict[str, Path],
+    refs: dict[str, str],
+    *,
+    in_place: Path | None = None,
+    named: Callable[[str], str] = _input_flag,
+) -> None:
     """No output may be an input, lie inside an input directory, or hold an input (a directory
     output replaced whole would delete it). `in_place`: the checkpoint a stage updates, which is
-    its `model` input and its output at once. `--force` does not lift any of this."""
+    its `model` input and its output at once; `named(key)` says what an input is in an error.
+    `--force` does not lift any of this."""
     for flag, output in outputs.items():
         for key, ref in refs.items():
             source = Path(ref).expanduser()
-            if not source.exists() or (in_place is not None and key == "model" and _same(source, in_place)):
+            if not source.exists() or (in_place is not None and key == "model" and same_path(source, in_place)):
                 continue
-            name = f"--{key.replace('_', '-')}"
-            if _same(output, source):
-                problem = f"{flag} {output} is the input {name} {ref}"
-            elif source.is_dir() and _inside(output, source):
-                problem = f"{flag} {output} lies inside the input {name} {ref}"
-            elif _inside(source, output):
-                problem = f"{flag} {output} holds the input {name} {ref}"
+            name = named(key)
+            if same_path(output, source):
+                problem = f"{flag} {output} is {name} {ref}"
+            elif source.is_dir() and lies_inside(output, source):
+                problem = f"{flag} {output} lies inside {name} {ref}"
+            elif lies_inside(source, output):
+                problem = f"{flag} {output} holds {name} {ref}"
             else:
                 continue
             raise CfiwError(problem, f"choose a path for {flag} that is not one of the inputs and holds none of them")
@@ -91,7 +98,7 @@ def guard_outputs(
     for flag, output in outputs.items():
         if force or not (output.exists() or output.is_symlink()):
             continue
-        is_directory_output = directory is not None and _same(output, directory)
+        is_directory_output = directory is not None and same_path(output, directory)
         manifest = manifest_if_any(output)
         if is_directory_output and not output.is_dir():
             what = "is a file"
@@ -147,10 +154,28 @@ def _writes_here() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def _remove_stale_temp_files(out: Path) -> None:
-    """Temp files a killed write of `out` left beside it (`.NAME.*.tmp`)."""
-    for stale in out.parent.glob(f".{out.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+def guard_tracking_dir(config: Any, inputs: dict[str, str | None]) -> None:
+    """The tracking directory of a stage with `TrackingOptions` (train, sft) is an output like
+    any other, checked before any work: not a file, not an input nor inside one (event files
+    would change a model's hash), and not inside `--out` (replaced whole when the stage saves).
+    It may hold inputs: it is written into, never replaced."""
+    directory = tracking_directory(config)
+    if directory is None:
+        return
+    flag = "--tracking-dir" if config.tracking_dir else "the tracking directory"
+    if directory.exists() and not directory.is_dir():
+        raise CfiwError(f"{flag} {directory} is a file", "pass a directory for the curves (created if missing)")
+    places = {_input_flag(key): ref for key, ref in inputs.items() if ref}
+    for what, ref in {**places, "the output --out": config.out}.items():
+        source = Path(ref).expanduser()
+        if source.is_dir() and (same_path(directory, source) or lies_inside(directory, source)):
+            raise CfiwError(
+                f"{flag} {directory} lies inside {what} {ref}", "pass a --tracking-dir outside the inputs and --out"
+            )
+    resolved = directory.expanduser().resolve()
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise CfiwError(f"cannot write {flag} {directory}", "pass a --tracking-dir in a writable directory")
 
 
 @dataclass(frozen=True)
@@ -209,11 +234,11 @@ class StageRun:
     @property
     def in_place(self) -> bool:
         model = self.refs.get("model")
-        return self.replaces and model is not None and _same(Path(model), self.out)
+        return self.replaces and model is not None and same_path(Path(model), self.out)
 
     def __enter__(self) -> StageRun:
         self.guard_inputs()
-        outputs = [p for p in self.outputs.values() if not (self.directory and _inside(p, self.out))]  # its own lock
+        outputs = [p for p in self.outputs.values() if not (self.directory and lies_inside(p, self.out))]  # its lock
         self.locks = OutputLocks(outputs if _writes_here() else [])
         try:
             self._prepare()
@@ -227,7 +252,7 @@ class StageRun:
             recover_directory(self.out)  # a commit a kill interrupted is finished (or undone) first
         else:
             prepare_output(self.out)
-            _remove_stale_temp_files(self.out)
+            remove_stale_temp_files(self.out)
         if "model" in self.refs:
             self.commit = resolve_revision(self.refs["model"], self.revision)
         self.inputs = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -91,29 +90,6 @@ def tracking_directory(config: Any) -> Path | None:
     if config.report_to == "none":
         return None
     return Path(config.tracking_dir) if config.tracking_dir else Path(config.out).parent / "tracking"
-
-
-def check_tracking_dir(config: Any, inputs: dict[str, str | None]) -> None:
-    """The tracking directory is an output like any other, checked before any work: not a
-    file, not an input nor inside one (event files would change a model's hash), and not
-    inside `--out` (replaced whole when the stage saves)."""
-    directory = tracking_directory(config)
-    if directory is None:
-        return
-    flag = "--tracking-dir" if config.tracking_dir else "the tracking directory"
-    if directory.exists() and not directory.is_dir():
-        raise CfiwError(f"{flag} {directory} is a file", "pass a directory for the curves (created if missing)")
-    resolved = directory.expanduser().resolve()
-    places = {f"the input --{key.replace('_', '-')}": ref for key, ref in inputs.items() if ref}
-    for what, ref in {**places, "the output --out": config.out}.items():
-        source = Path(ref).expanduser().resolve()
-        if source.is_dir() and (resolved == source or source in resolved.parents):
-            raise CfiwError(
-                f"{flag} {directory} lies inside {what} {ref}", "pass a --tracking-dir outside the inputs and --out"
-            )
-    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise CfiwError(f"cannot write {flag} {directory}", "pass a --tracking-dir in a writable directory")
 
 
 def beside_output(config: Any) -> Tracker | None:

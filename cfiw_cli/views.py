@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cfiw_cli.artifacts import manifest_if_any
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS
+from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, iteration_of
 
 PROTOCOL = "cfiwrun"
-_ITERATION = re.compile(r"iter-\d{4,}")
 # Applied in this order: external access is closed while the local filesystem still answers
 # (DuckDB checks its temp directory), then the local filesystem goes, then the lock.
 _SEAL = (
@@ -148,9 +146,9 @@ def layout_files(run: Path, kind: str) -> list[str]:
     """The run's files of one kind, as paths under its protocol: only names of the layout
     (`iter-NNNN/KIND.parquet`, `KIND/iter-NNNN.parquet`, `replay/replay.parquet`)."""
     if kind in ITERATION_KINDS:
-        found = [f"{d.name}/{kind}.parquet" for d in run.glob("iter-*") if _ITERATION.fullmatch(d.name)]
+        found = [f"{d.name}/{kind}.parquet" for d in run.glob("iter-*") if iteration_of(d.name) is not None]
     elif kind in EVALUATION_KINDS:
-        found = [f"{kind}/{f.name}" for f in run.glob(f"{kind}/iter-*.parquet") if _ITERATION.fullmatch(f.stem)]
+        found = [f"{kind}/{f.name}" for f in run.glob(f"{kind}/iter-*.parquet") if iteration_of(f.stem) is not None]
     else:
         found = ["replay/replay.parquet"]
     return sorted(name for name in found if (run / name).is_file())

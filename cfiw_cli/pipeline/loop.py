@@ -33,7 +33,6 @@ the main process alone segments, keeps policies, picks best/ and writes the loop
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import time
 import tomllib
@@ -46,7 +45,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from cfiw_cli import distributed, memory, modeling, sharding
-from cfiw_cli.artifacts import read_directory_manifest, recover_directory, sha256_of, write_text_atomic
+from cfiw_cli.artifacts import (
+    lies_inside,
+    read_directory_manifest,
+    recover_directory,
+    remove_stale_temp_files,
+    same_path,
+    sha256_of,
+    write_text_atomic,
+)
 from cfiw_cli.configs import (
     DataSection,
     EvalConfig,
@@ -64,7 +71,7 @@ from cfiw_cli.options import ordered_fields
 from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import rollout, score, segment, train
 from cfiw_cli.policies import KeepConfig, keep, keep_command, prune_kept, update_best
-from cfiw_cli.runs import ITERATION_KINDS, RunLayout
+from cfiw_cli.runs import ITERATION_KINDS, RunLayout, iteration_of
 from cfiw_cli.tasks.gsm8k import load_questions
 from cfiw_cli.tracking import Tracker, check_report_to, log_train_steps, prefixed
 
@@ -387,8 +394,8 @@ def _run(config: dict[str, Any], run: Path, steps: list[tuple[int, str, Any]], r
     model = modeling.load_model(current_ref, "float32", revision=commit)
     if main:  # the start is accepted: now the run directory is written
         run.mkdir(parents=True, exist_ok=True)
-        for stale in (*run.glob(f".{layout.config.name}.*.tmp"), *run.glob(f".{layout.state.name}.*.tmp")):
-            stale.unlink(missing_ok=True)  # a kill mid-replace of the config or the state left it
+        remove_stale_temp_files(layout.config)  # a kill mid-replace of the config or the state left them
+        remove_stale_temp_files(layout.state)
         write_text_atomic(layout.config, resolved)
         if completed != recorded:
             write_text_atomic(layout.state, json.dumps({"completed": completed}))
@@ -442,13 +449,11 @@ def _check_run_directory(layout: RunLayout, inputs: dict[str, str]) -> None:
         source = Path(ref).expanduser()
         if not source.exists():
             continue
-        source, root = source.resolve(), run.expanduser().resolve()
-        if source == root or (source.is_dir() and source in root.parents):
-            where = "is" if source == root else "lies inside"
+        if same_path(source, run) or (source.is_dir() and lies_inside(run, source)):
+            where = "is" if same_path(source, run) else "lies inside"
             raise CfiwError(f"--run {run} {where} the input {key} {ref}", "choose a new directory, e.g. runs/NAME")
         for place in owned + list(run.glob("iter-*")):
-            place = place.expanduser().resolve()
-            if source == place or place in source.parents:
+            if same_path(source, place) or lies_inside(source, place):
                 raise CfiwError(
                     f"the input {key} {ref} lies where the loop writes, in --run {run}",
                     "move it out of the run directory, or choose another --run",
@@ -505,10 +510,9 @@ def _trained_iteration(layout: RunLayout) -> int:
     leaves the state one behind; this tells."""
     manifest = read_directory_manifest(layout.policy) if layout.policy.is_dir() else None
     recorded = ((manifest or {}).get("inputs") or {}).get("rollouts") or {}
-    name = Path(str(recorded.get("path", ""))).parent.name
-    if not re.fullmatch(r"iter-\d+", name):
+    iteration = iteration_of(Path(str(recorded.get("path", ""))).parent.name)
+    if iteration is None:
         return -1
-    iteration = int(name.removeprefix("iter-"))
     rollouts = layout.artifact(iteration, "rollouts")
     return iteration if rollouts.is_file() and sha256_of(rollouts) == recorded.get("sha256") else -1
 

@@ -100,10 +100,7 @@ def _guard_summary(out: Path, run: Path, trains: list[Any], force: bool) -> None
         refs |= {
             f"{key} of {Path(step.rollouts).parent.name}": getattr(step, key) for key in ("rollouts", "spans", "scores")
         }
-    try:
-        guard_inputs({"--out": out}, refs)
-    except CfiwError as exc:
-        raise CfiwError(exc.message.replace("the input --", "the run's "), exc.hint) from exc
+    guard_inputs({"--out": out}, refs, named=lambda key: f"the run's {key}")
     guard_outputs({"--out": out}, "replay", force=force)
     prepare_output(out)
 

@@ -48,8 +48,8 @@ from cfiw_cli.console import info, progress_bar
 from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.logprobs import completion_logprobs
-from cfiw_cli.stage import StageResult, StageRun, guard_inputs
-from cfiw_cli.tracking import beside_output, check_report_to, check_tracking_dir, log_train_steps
+from cfiw_cli.stage import StageResult, StageRun, guard_inputs, guard_tracking_dir
+from cfiw_cli.tracking import beside_output, check_report_to, log_train_steps
 
 if TYPE_CHECKING:
     import torch
@@ -310,7 +310,7 @@ def run(
     outputs = {"--metrics-out": metrics_out, "--weights-out": weights_out}
     in_place = out if Path(config.model).expanduser().resolve() == out.expanduser().resolve() else None
     guard_inputs({"--out": out, **outputs}, {k: v for k, v in inputs.items() if v}, in_place=in_place)
-    check_tracking_dir(config, inputs)
+    guard_tracking_dir(config, inputs)
     if in_place is not None:
         recover_directory(out)  # `--model P --out P` killed mid-commit: P is whole again before it is read
     for path in (config.metrics_out, config.weights_out):

@@ -41,7 +41,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfiw_cli.algo.spans import decode_with_offsets
-from cfiw_cli.artifacts import build_manifest, staged_directory, write_directory_manifest, written_files
+from cfiw_cli.artifacts import (
+    build_manifest,
+    lies_inside,
+    same_path,
+    staged_directory,
+    write_directory_manifest,
+    written_files,
+)
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import load_tokenizer
 from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, RunLayout
@@ -664,8 +671,8 @@ def _guard_report(out: Path, runs: list[Path], force: bool) -> None:
             run / name for kind in (*ITERATION_KINDS, *EVALUATION_KINDS, "replay") for name in layout_files(run, kind)
         ]
         for path in read:
-            if path.exists() and (_resolved(path) == _resolved(out) or _resolved(out) in _resolved(path).parents):
-                where = "is" if _resolved(path) == _resolved(out) else "holds"
+            if path.exists() and (same_path(path, out) or lies_inside(path, out)):
+                where = "is" if same_path(path, out) else "holds"
                 what = "the input run" if path == run else "a file of the input run"
                 raise CfiwError(f"--out {out} {where} {what} {path}", "choose a new directory, e.g. RUN/report")
     guard_outputs({"--out": out}, "analyze", directory=out, replaces=True, force=force or _older_report(out))
@@ -681,10 +688,6 @@ def _older_report(out: Path) -> bool:
     if not out.is_dir() or not ((out / "report.md").is_file() and (out / "report.html").is_file()):
         return False
     return all(p.is_file() and p.suffix in (".json", ".png", ".parquet", ".md", ".html") for p in out.iterdir())
-
-
-def _resolved(path: Path) -> Path:
-    return path.expanduser().resolve()
 
 
 def _write_report(results: dict[str, list[dict]], con: Any, runs: dict[str, Path], out_dir: Path) -> None:

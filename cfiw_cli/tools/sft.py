@@ -19,9 +19,9 @@ from cfiw_cli import adapters, modeling
 from cfiw_cli.configs import SFT_SCHEDULES, TRACKING_FIELDS, SftConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.stage import StageResult, StageRun
+from cfiw_cli.stage import StageResult, StageRun, guard_tracking_dir
 from cfiw_cli.tasks.gsm8k import build_prompt, load_questions
-from cfiw_cli.tracking import Tracker, beside_output, check_report_to, check_tracking_dir, prefixed
+from cfiw_cli.tracking import Tracker, beside_output, check_report_to, prefixed
 
 
 def _check(config: SftConfig) -> None:
@@ -90,7 +90,7 @@ def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) ->
 def run(config: SftConfig, force: bool = False) -> StageResult:
     _check(config)
     inputs = {"model": config.model, "dataset": config.dataset}
-    check_tracking_dir(config, inputs)
+    guard_tracking_dir(config, inputs)
     modeling.check_model_ref(config.model)
     with modeling.pinned_revisions():  # a hub id is resolved once, before the dataset loads
         modeling.resolve_revision(config.model, config.revision)
