@@ -17,7 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import lru_cache
 from importlib import metadata
@@ -351,6 +351,21 @@ def recover_directory(final: Path) -> None:
 
 def write_directory_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     (directory / DIRECTORY_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def recorded_value(path: Path, key: str, valid: Callable[[Any], bool], hint: str) -> Any:
+    """`key` of the JSON object in one of a run's small records (loop_state.json, best.json);
+    an unreadable file, a missing key or a value that is not `valid` is a `CfiwError` naming
+    the file, with `hint` saying what to do."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))[key]
+    except OSError as exc:
+        raise CfiwError(f"cannot read {path}: {exc}", hint) from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CfiwError(f"{path} is corrupt ({exc})", hint) from exc
+    if isinstance(value, bool) or not valid(value):
+        raise CfiwError(f"{path} is corrupt ({key} = {value!r})", hint)
+    return value
 
 
 def read_directory_manifest(directory: Path) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfiw_cli.artifacts import staged_directory
+from cfiw_cli.artifacts import recorded_value, staged_directory
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import holds_model
 from cfiw_cli.runs import RunLayout
@@ -93,18 +93,8 @@ def update_best(policy: Path, best: Path, iteration: int, metric: str, value: fl
 
 def best_value(record: Path) -> float:
     """The value a best.json records."""
-    try:
-        recorded = json.loads(record.read_text(encoding="utf-8"))["value"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        recorded, problem = None, exc
-    else:
-        problem = f"value = {recorded!r}"
-    if isinstance(recorded, bool) or not isinstance(recorded, int | float):
-        raise CfiwError(
-            f"{record} is corrupt ({problem})",
-            f"delete {record.parent}: the loop then keeps the next evaluated policy there",
-        )
-    return float(recorded)
+    hint = f"delete {record.parent}: the loop then keeps the next evaluated policy there"
+    return float(recorded_value(record, "value", lambda value: isinstance(value, int | float), hint))
 
 
 def keep_command(config: KeepConfig) -> str:

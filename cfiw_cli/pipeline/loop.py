@@ -48,6 +48,7 @@ from cfiw_cli import distributed, memory, modeling, sharding
 from cfiw_cli.artifacts import (
     lies_inside,
     read_directory_manifest,
+    recorded_value,
     recover_directory,
     remove_stale_temp_files,
     same_path,
@@ -490,18 +491,12 @@ def _recorded_state(layout: RunLayout) -> int:
     """Iterations `loop_state.json` says are complete."""
     if not layout.state.exists():
         return 0
-    try:
-        completed = json.loads(_read_text(layout.state))["completed"]
-    except (ValueError, KeyError, TypeError) as exc:
-        completed, problem = None, exc
-    else:
-        problem = f"completed = {completed!r}"
-    if not isinstance(completed, int) or isinstance(completed, bool) or completed < 0:
-        raise CfiwError(
-            f"{layout.state} is corrupt ({problem})",
-            "delete it: the loop then counts the completed iterations from the policy's manifest",
-        )
-    return completed
+    return recorded_value(
+        layout.state,
+        "completed",
+        lambda completed: isinstance(completed, int) and completed >= 0,
+        "delete it: the loop then counts the completed iterations from the policy's manifest",
+    )
 
 
 def _trained_iteration(layout: RunLayout) -> int:
