@@ -8,6 +8,9 @@ bin := venv / "bin"
 # PyTorch's CPU build: CFIW_TORCH_INDEX=https://download.pytorch.org/whl/cpu just setup
 torch := env("CFIW_TORCH", "torch")
 torch_index := env("CFIW_TORCH_INDEX", "")
+# per mode: % of the kept rollouts' token weight on calculation and scaffolding spans, and the
+# weight of a calculation token over that of a scaffolding token
+weight_share_query := "with tokens as (select mode, iteration, rollout_id, unnest(token_weights) as weight, unnest(generate_series(0, len(token_weights) - 1)) as t from replay_weights where kept), typed as (select k.mode, k.weight, coalesce(s.kind, 'none') as kind from tokens k left join spans s on s.iteration = k.iteration and s.rollout_id = k.rollout_id and k.t >= s.tok_start and k.t < s.tok_end) select mode, round(100 * sum(weight) filter (where kind = 'calculation') / sum(weight), 1) as calculation_pct, round(100 * sum(weight) filter (where kind = 'scaffolding') / sum(weight), 1) as scaffolding_pct, round(avg(weight) filter (where kind = 'calculation') / avg(weight) filter (where kind = 'scaffolding'), 2) as calculation_over_scaffolding from typed group by mode order by calculation_pct"
 
 default:
     @just --list
@@ -132,6 +135,14 @@ paired *args:
     printf '%s\0' "${commands[@]}" | OMP_NUM_THREADS=$threads xargs -0 -P "$jobs" -n 1 bash -c
     {{bin}}/cfiw analyze "${runs[@]}" --out "$out/report"
     echo "report: $out/report/report.html (tables and plots: $out/report/report.md)"
+
+# the share of the token weight each mode puts on calculation and scaffolding spans, on one batch:
+# iteration 0 of a one-iteration tiny run, replayed in every mode, measured by one cfiw sql query
+weight-shares run="runs/tiny-shares" sft="runs/tiny-sft" sft_steps="1000":
+    {{just_executable()}} --justfile {{justfile()}} _warm tiny {{sft}} {{sft_steps}}
+    {{bin}}/cfiw loop --preset tiny --model {{sft}} --run {{run}} --iterations 1 --set loop.eval_limit=8 --set loop.probe_questions=8 --set loop.probe_samples=2
+    {{bin}}/cfiw replay {{run}} --iterations 0 --modes uniform,cfiw,cfiw@0,inverted,oracle,entropy --probe-questions 8 --probe-samples 2
+    {{bin}}/cfiw sql {{run}} "{{weight_share_query}}"
 
 # tables, plots and report.html of one run
 report run:

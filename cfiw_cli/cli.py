@@ -259,7 +259,11 @@ SqlFormat = options.choice_type("SqlFormat", ("table", "csv", "json"))
 def sql(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/NAME).")],
     query: Annotated[
-        str, typer.Argument(help="SQL over the views rollouts, spans, scores, weights, train_metrics, eval, manifests.")
+        str,
+        typer.Argument(
+            help="SQL over the views rollouts, spans, scores, weights, train_metrics, eval, probe, replay, "
+            "replay_weights, manifests."
+        ),
     ],
     format: Annotated[SqlFormat, typer.Option("--format", help="Output format.")] = "table",
 ) -> None:
@@ -301,6 +305,10 @@ def loop(
         ),
     ] = None,
     weighting: Annotated[options.WeightingChoice | None, typer.Option(help="Override the weighting.")] = None,
+    profile: Annotated[
+        options.ProfileChoice | None,
+        typer.Option(help="Override the profile of segment, score and train: cfiw or authors (loop.profile)."),
+    ] = None,
     eval_every: Annotated[
         int | None,
         typer.Option(min=1, max=configs.MAX_STEPS, help="Evaluate before every k-th iteration (and after the last)."),
@@ -357,6 +365,7 @@ def loop(
         "loop.iterations": iterations,
         **{f"{section}.dtype": dtype.value if dtype else None for section in ("rollout", "score", "eval", "train")},
         "loop.weighting": weighting.value if weighting else None,
+        "loop.profile": profile.value if profile else None,
         "loop.eval_every": eval_every,
         "loop.seed": seed,
         "loop.keep_checkpoints": keep_checkpoints,

@@ -39,7 +39,17 @@ ARCHS = ("qwen2", "llama")
 ARTIFACT_KINDS = ("rollouts", "spans", "scores", "weights", "train_metrics", "eval")  # schemas.SCHEMAS, by name
 SFT_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_SCHEDULES = ("constant", "cosine")
-REPLAY_OPTIMIZERS = ("kept", "fresh")
+REPLAY_OPTIMIZER_STATES = ("kept", "fresh")
+OPTIMIZERS = ("adamw", "sgd")
+PROFILE_HELP = (
+    "cfiw (the method as the README states it) or authors (their trainer, exactly: their span detector in "
+    "segment, their answer positions in score, full span drops and formatting tokens x0.1 in train)."
+)
+
+
+def check_quantile(value: float) -> None:
+    if not 0 < value < 1:
+        raise CfiwError(f"--entropy-quantile must lie in (0, 1), not {value!r}", "e.g. --entropy-quantile 0.8")
 
 
 def flag(
@@ -311,6 +321,7 @@ class SegmentConfig(Checked):
     max_spans: int = flag(10, "Most reasoning spans kept per rollout (calculations first).", min=1, max=1000)
     min_tokens: int = flag(5, "Sentences shorter than this are merged into a neighbour.", min=1, max=100_000)
     max_tokens: int = flag(50, "Sentences longer than this are split.", min=1, max=100_000)
+    profile: str = flag("cfiw", PROFILE_HELP, choices=PROFILES)
 
 
 ROLLOUTS_HELP = "rollouts.parquet (from cfiw rollout or another tool)."
@@ -332,6 +343,7 @@ class ScoreConfig(ModelOptions):
         "own", "own: the rollout's own answer tokens; gold: the gold answer in their place.", choices=TARGETS
     )
     batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).", min=1, max=MAX_TOKENS_PER_CALL)
+    profile: str = flag("cfiw", PROFILE_HELP, choices=PROFILES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,30 +359,33 @@ class TrainConfig(LoraOptions, TrackingOptions):
     rollouts: str = flag(help=ROLLOUTS_HELP, names=("--rollouts", "-r"), path=True)
     out: str = flag(help="Checkpoint directory to write (may be --model itself; replaced atomically).", path=True)
     spans: str | None = flag(
-        None, "spans.parquet (needed unless --weighting uniform).", names=("--spans", "-s"), path=True
+        None, "spans.parquet (needed unless --weighting uniform or entropy).", names=("--spans", "-s"), path=True
     )
-    scores: str | None = flag(None, "scores.parquet (needed unless --weighting uniform).", path=True)
+    scores: str | None = flag(None, "scores.parquet (needed by cfiw, inverted, shuffled and random).", path=True)
     weighting: str = flag(
         "cfiw",
-        "cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted) "
-        "or random (i.i.d. U(0,1) importance).",
+        "cfiw, uniform (plain DAPO/GRPO), inverted, shuffled (span deltas permuted), random (i.i.d. U(0,1) "
+        "importance), oracle (ground-truth labels of a cfiw synth dataset) or entropy (1 on the batch's "
+        "highest-entropy tokens, else 0).",
         choices=MODES,
     )
-    profile: str = flag(
-        "cfiw",
-        "cfiw (min-spread, unscored rollouts as uniform; see the README) or authors (the authors' trainer: "
-        "formatting tokens x0.1, inversion over the whole completion).",
-        choices=PROFILES,
-    )
+    profile: str = flag("cfiw", PROFILE_HELP, choices=PROFILES)
     metrics_out: str | None = flag(None, "train_metrics.parquet (default: inside --out).", path=True)
     weights_out: str | None = flag(None, "weights.parquet (default: inside --out).", path=True)
-    lr: float = flag(1e-6, "AdamW learning rate.", min=0.0)
+    optimizer: str = flag(
+        "adamw",
+        "adamw, or sgd (plain gradient steps: the control under which a token's weight scales its gradient "
+        "as written; it needs a far larger --lr).",
+        choices=OPTIMIZERS,
+    )
+    momentum: float = flag(0.0, "SGD momentum (0: none).", min=0.0, max=0.999)
+    lr: float = flag(1e-6, "Learning rate.", min=0.0)
     warmup_steps: int = flag(0, "Linear warm-up steps.", min=0, max=MAX_STEPS)
     lr_schedule: str = flag("constant", "constant or cosine (over --total-steps).", choices=TRAIN_SCHEDULES)
     total_steps: int | None = flag(
         None, "Horizon of the cosine schedule (default: the steps of this call).", min=1, max=MAX_STEPS
     )
-    weight_decay: float = flag(0.0, "AdamW weight decay.", min=0.0)
+    weight_decay: float = flag(0.0, "Weight decay (AdamW's decoupled; SGD's L2).", min=0.0)
     epochs: int = flag(1, "Passes over the batch.", min=1, max=1000)
     minibatches: int = flag(1, "Optimizer steps per pass.", min=1, max=1_000_000)
     micro_batch_tokens: int = flag(
@@ -394,10 +409,23 @@ class TrainConfig(LoraOptions, TrackingOptions):
     min_weight: float = flag(0.5, "Weight of the least important reasoning token (before --conserve).", min=0.0)
     answer_weight: float = flag(1.5, "Weight of answer tokens (before --conserve).", min=0.0)
     conserve: bool = flag(True, "Rescale each rollout's weights to mean 1 (EOS left out, kept at 1).")
+    importance_floor: float = flag(
+        0.5,
+        "F: scaled importance lies in [F, 1] (0.5, the paper's, keeps reasoning weights within 1.6x of each "
+        "other; 0 lets them span [--min-weight, --boost]).",
+        min=0.0,
+        max=1.0,
+    )
     min_spread: float = flag(
         1e-3,
-        "Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets 0.5.",
+        "Importances whose spread (max - min, nats) is below this are flat: every reasoning token gets F.",
         min=0.0,
+    )
+    entropy_quantile: float = flag(
+        0.8,
+        "--weighting entropy: tokens at or above this quantile of the batch's old-policy entropy weigh 1, the rest 0.",
+        above=0.0,
+        check=check_quantile,
     )
     temperature: float | None = flag(
         None,
@@ -435,14 +463,30 @@ def parse_iterations(text: str) -> list[int]:
     return sorted(chosen)
 
 
+def split_mode(mode: str) -> tuple[str, float | None]:
+    """ "cfiw@0" -> ("cfiw", 0.0): a weighting mode and, optionally, its importance floor."""
+    name, sep, floor = mode.partition("@")
+    if name not in MODES:
+        raise CfiwError(f"unknown mode {name!r} in --modes", f"choose from {', '.join(MODES)}")
+    if not sep:
+        return name, None
+    try:
+        value = float(floor)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise CfiwError(f"--modes {mode!r}: the importance floor after @ must lie in [0, 1]", "e.g. cfiw@0")
+    return name, value
+
+
 def parse_modes(text: str) -> list[str]:
-    """ "uniform, cfiw" -> ["uniform", "cfiw"], each a weighting mode."""
+    """ "uniform, cfiw, cfiw@0" -> ["uniform", "cfiw", "cfiw@0"]: weighting modes, each with an
+    optional importance floor."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise CfiwError(
-            f"unknown mode {unknown[0] if unknown else text!r} in --modes", f"choose from {', '.join(MODES)}"
-        )
+    if not modes:
+        raise CfiwError(f"unknown mode {text!r} in --modes", f"choose from {', '.join(MODES)}")
+    for mode in modes:
+        split_mode(mode)
     return modes
 
 
@@ -456,14 +500,20 @@ class ReplayConfig(Checked):
     )
     modes: str = flag(
         "uniform,cfiw,inverted,shuffled,random",
-        f"Weighting modes to apply, comma-separated, of: {', '.join(MODES)}.",
+        f"Weighting modes to apply, comma-separated, of: {', '.join(MODES)}; MODE@F sets its importance floor "
+        "(e.g. cfiw@0).",
         check=parse_modes,
     )
-    optimizer: str = flag(
+    optimizer_state: str = flag(
         "kept",
-        "kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new AdamW and schedule.",
-        choices=REPLAY_OPTIMIZERS,
+        "kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new optimizer and "
+        "schedule.",
+        choices=REPLAY_OPTIMIZER_STATES,
     )
+    optimizer: str | None = flag(
+        None, "adamw or sgd (default: the loop's; another one needs --optimizer-state fresh).", choices=OPTIMIZERS
+    )
+    momentum: float | None = flag(None, "SGD momentum (default: the loop's).", min=0.0, max=0.999)
     seed: int | None = flag(None, "Seed of the minibatch order (default: the loop's).", min=0, max=MAX_SEED)
     probe_questions: int | None = flag(None, "Probe questions (default: the loop's probe).", min=1, max=MAX_ROWS)
     probe_samples: int | None = flag(
@@ -491,6 +541,7 @@ class LoopSection(Checked):
     iterations: int = flag(1, "Iterations (rollout, segment, score, train).", min=1, max=MAX_STEPS)
     questions: int = flag(8, "Questions per iteration.", min=1, max=MAX_ROWS)
     weighting: str = flag("cfiw", "The weighting of every update.", choices=MODES)
+    profile: str = flag("cfiw", "The profile of segment, score and train (see --profile).", choices=PROFILES)
     eval_every: int = flag(1, "Evaluate before every k-th iteration (and after the last).", min=1, max=MAX_STEPS)
     eval_limit: int | None = flag(None, "Greedy evaluation on this many questions (default: all).", min=1, max=MAX_ROWS)
     seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cfiw_cli.algo.weights import MODES
+from cfiw_cli.algo.weights import MODES, PROFILES
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import TRAIN_DTYPES
 from cfiw_cli.tracking import REPORT_TO
@@ -123,6 +123,7 @@ Force = Annotated[
     ),
 ]
 WeightingChoice = choice_type("WeightingChoice", MODES)
+ProfileChoice = choice_type("ProfileChoice", PROFILES)
 ReportToChoice = choice_type("ReportToChoice", REPORT_TO)
 TrainDtypeChoice = choice_type("TrainDtypeChoice", TRAIN_DTYPES)
 NO_TRACKING = ReportToChoice("none")

@@ -10,7 +10,9 @@ file name is never pasted into SQL: every path in a view is a fixed layout name
 
 Views: `rollouts`, `spans`, `scores`, `weights`, `train_metrics` (all iterations, with an
 `iteration` column taken from the `iter-NNNN` directory), `eval`, `probe` (from
-`KIND/iter-NNNN.parquet`), `replay` (`replay/replay.parquet`) and, with `manifests`, a
+`KIND/iter-NNNN.parquet`), `replay` (`replay/replay.parquet`), `replay_weights` (the token
+weights of every replayed update, `replay/MODE/iter-NNNN/weights.parquet`, with `mode` and
+`iteration` columns) and, with `manifests`, a
 `manifests` table (`file`, `stage`, `manifest` JSON of every Parquet file under the run).
 With `labels`, each view also has a `run` column naming the run it came from.
 """
@@ -27,6 +29,7 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from cfiw_cli.artifacts import manifest_if_any
+from cfiw_cli.configs import split_mode
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, iteration_of
 
@@ -142,6 +145,15 @@ def message_of(exc: BaseException) -> str:
     return lines[0]
 
 
+def _is_mode(name: str) -> bool:
+    """A replay cell directory: a weighting mode, perhaps with its floor (`cfiw@0`)."""
+    try:
+        split_mode(name)
+    except CfiwError:
+        return False
+    return True
+
+
 def layout_files(run: Path, kind: str) -> list[str]:
     """The run's files of one kind, as paths under its protocol: only names of the layout
     (`iter-NNNN/KIND.parquet`, `KIND/iter-NNNN.parquet`, `replay/replay.parquet`)."""
@@ -149,6 +161,12 @@ def layout_files(run: Path, kind: str) -> list[str]:
         found = [f"{d.name}/{kind}.parquet" for d in run.glob("iter-*") if iteration_of(d.name) is not None]
     elif kind in EVALUATION_KINDS:
         found = [f"{kind}/{f.name}" for f in run.glob(f"{kind}/iter-*.parquet") if iteration_of(f.stem) is not None]
+    elif kind == "replay_weights":
+        found = [
+            f"replay/{d.parent.name}/{d.name}/weights.parquet"
+            for d in run.glob("replay/*/iter-*")
+            if iteration_of(d.name) is not None and _is_mode(d.parent.name)
+        ]
     else:
         found = ["replay/replay.parquet"]
     return sorted(name for name in found if (run / name).is_file())
@@ -191,6 +209,11 @@ def create_views(con: Any, runs: list[Path], labels: list[str] | None = None) ->
         )
         _union(con, kind, runs, labels, kind, select)
     _union(con, "replay", runs, labels, "replay", "select * exclude (filename){run} from {source}")
+    replayed = (
+        "select * exclude (filename){run}, regexp_extract(filename, 'replay/([^/]+)/iter-', 1) as mode, "
+        f"{iteration} from {{source}}"
+    )
+    _union(con, "replay_weights", runs, labels, "replay_weights", replayed)
 
 
 def _create_manifests(con: Any, runs: list[Path]) -> None:

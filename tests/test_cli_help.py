@@ -154,7 +154,8 @@ def test_the_loops_command_lines_parse_back_to_the_same_configs(tmp_path, monkey
     for module in modules.values():
         monkeypatch.setattr(importlib.import_module(f"cfiw_cli.{module}"), "run", capture)
     config = load_config("tiny", None)
-    config["train"] |= {"beta": 0.01, "lr_schedule": "cosine", "profile": "authors"}
+    config["train"] |= {"beta": 0.01, "lr_schedule": "cosine", "importance_floor": 0.0, "optimizer": "sgd"}
+    config["loop"] |= {"profile": "authors", "weighting": "oracle"}
     steps = [(command, stage) for _, command, stage in plan(config, tmp_path / "run") if command in modules]
     assert {command for command, _ in steps} == set(modules)
     for command, stage_config in steps:

@@ -151,6 +151,53 @@ def test_chained_commands_give_identical_files(uninterrupted, tiny_model, tmp_pa
     assert kept_files(run) == kept_files(uninterrupted)  # the shell's copy of the starting policy is the loop's
 
 
+CONTROLS = {
+    "authors-floor0": ["--weighting", "cfiw", "--profile", "authors", "--set", "train.importance_floor=0.0"],
+    "oracle-sgd": [
+        "--weighting",
+        "oracle",
+        "--set",
+        'train.optimizer="sgd"',
+        "--set",
+        "train.momentum=0.9",
+        "--set",
+        "train.lr=0.01",
+    ],  # fmt: skip
+    "entropy": ["--weighting", "entropy", "--set", "train.entropy_quantile=0.5", "--set", "train.mask_truncated=false"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(CONTROLS))
+def test_every_control_runs_end_to_end_as_the_chained_commands_do(tiny_model, tmp_path, variant):
+    """The authors' profile (segment, score and train), the new modes and SGD, one iteration each."""
+    argv = loop_argv(tiny_model, tmp_path / "loop")
+    argv[argv.index("--iterations") + 1] = "1"
+    argv += CONTROLS[variant] + ["--set", "loop.keep_policies=0", "--set", "loop.probe_questions=0"]
+    argv += ["--set", "loop.eval_limit=2"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    staged = [a if a != str(tmp_path / "loop") else str(tmp_path / "staged") for a in argv]
+    commands = subprocess.run(staged + ["--dry-run"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    run_chained(commands, ROOT)
+    assert_same_tables(tmp_path / "loop", tmp_path / "staged")
+    manifests = {
+        stage: json.loads(pq.read_schema(tmp_path / "loop" / "iter-0000" / f"{stage}.parquet").metadata[b"cfiw"])
+        for stage in ("spans", "scores", "weights")
+    }
+    profile = "authors" if variant.startswith("authors") else "cfiw"
+    assert {m["config"]["profile"] for m in manifests.values()} == {profile}
+    train = manifests["weights"]["config"]
+    assert train["weighting"] == CONTROLS[variant][1]
+    assert train["optimizer"] == ("sgd" if variant == "oracle-sgd" else "adamw")
+    assert train["importance_floor"] == (0.0 if variant == "authors-floor0" else 0.5)
+    state = json.loads((tmp_path / "loop" / "policy" / "trainer_state.json").read_text())
+    assert state["optimizer"] == train["optimizer"]
+    if variant == "entropy":
+        weights = pq.read_table(tmp_path / "loop" / "iter-0000" / "weights.parquet").to_pylist()
+        assert {w for row in weights if row["kept"] for w in row["token_weights"]} == {0.0, 1.0}
+
+
 @pytest.mark.slow
 def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_path):
     run = tmp_path / "killed"

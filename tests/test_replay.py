@@ -3,6 +3,7 @@
 The run is the sharpening task (groups whose rewards differ, so every iteration updates),
 3 iterations in cfiw mode with every starting policy kept."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -185,8 +186,41 @@ def test_bad_replays_are_clean_errors(looped, cli, tmp_path):
         bad = cli("replay", looped, flag, value)  # a bad flag value: exit 2
         assert bad.exit_code == 2 and fragment in bad.stderr, bad.stderr
     assert_clean_error(cli("replay", looped, "--iterations", "0-5"), "iteration 3")
-    old = cli("replay", looped, "--optimizer", "old")
+    old = cli("replay", looped, "--optimizer-state", "old")
     assert old.exit_code == 2 and "fresh" in old.stderr  # a choice flag: the choices are listed
+    for modes in ("cfiw@2", "cfiw@x", "best@0"):
+        assert cli("replay", looped, "--modes", modes).exit_code == 2
+    assert_clean_error(cli("replay", looped, "--optimizer", "sgd"), "kept optimizer state")
+
+
+def test_replay_sweeps_floors_and_controls_into_the_replay_weights_view(looped, cli, tmp_path):
+    """`MODE@F` replays a mode at importance floor F; a fresh SGD may replace the loop's AdamW;
+    every replayed update's weights are in the replay_weights view."""
+    run = tmp_path / "run"
+    shutil.copytree(looped, run, ignore=shutil.ignore_patterns("replay"))
+    result = cli(
+        "replay", run, "--modes", "cfiw,cfiw@0,entropy", "--iterations", "1", "--optimizer-state", "fresh",
+        "--optimizer", "sgd", "--momentum", "0.5",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = table(run / "replay" / "replay.parquet")
+    assert [(r["mode"], r["optimizer"], r["optimizer_state"]) for r in rows] == [
+        (mode, "sgd", "fresh") for mode in ("cfiw", "cfiw@0", "entropy")
+    ]
+    query = (
+        "select mode, min(weighting) as weighting, count(*) as rollouts, min(list_min(token_weights)) as low, "
+        "max(list_max(token_weights)) as high from replay_weights where kept group by mode order by mode"
+    )
+    shares = cli("sql", run, query, "--format", "json")
+    assert shares.exit_code == 0, shares.stderr
+    by_mode = {r["mode"]: r for r in json.loads(shares.stdout)}
+    assert sorted(by_mode) == ["cfiw", "cfiw@0", "entropy"]
+    assert by_mode["cfiw@0"]["weighting"] == "cfiw" and by_mode["entropy"]["weighting"] == "entropy"
+    # floor 0 spreads the weights wider than the paper's 0.5; entropy weights are 0 or 1
+    assert by_mode["cfiw@0"]["high"] / by_mode["cfiw@0"]["low"] > by_mode["cfiw"]["high"] / by_mode["cfiw"]["low"]
+    assert (by_mode["entropy"]["low"], by_mode["entropy"]["high"]) == (0.0, 1.0)
+    manifest = json.loads(pq.read_schema(run / "replay" / "cfiw@0" / "iter-0001" / "weights.parquet").metadata[b"cfiw"])
+    assert manifest["config"]["importance_floor"] == 0.0 and manifest["config"]["optimizer"] == "sgd"
 
 
 def test_two_processes_replay_as_one(looped, replayed, tmp_path):

@@ -4,7 +4,14 @@ import random
 
 import pytest
 
-from cfiw_cli.algo.weights import MODES, ScoredSpan, WeightConfig, token_weights
+from cfiw_cli.algo.weights import (
+    SCORED_MODES,
+    ScoredSpan,
+    WeightConfig,
+    entropy_weights,
+    quantile,
+    token_weights,
+)
 
 # 8 completion tokens: reasoning [0, 5), answer [5, 7), EOS at 7.
 # span A = [0, 2) with delta 1.0, span B = [2, 4) with delta 0.2, token 4 in no span.
@@ -29,7 +36,7 @@ def test_conservation_leaves_eos_at_one_and_out_of_the_mean():
     conserved = token_weights(8, SPANS, "cfiw", ends_with_stop=True)
     assert conserved == approx([w / (11.05 / 7) for w in [2.0, 2.0, 1.4, 1.4, 1.25, 1.5, 1.5]] + [1.0])
     assert sum(conserved[:7]) / 7 == pytest.approx(1.0)
-    for mode in MODES:  # the stop decision weighs the same in every mode
+    for mode in ("uniform", *SCORED_MODES):  # the stop decision weighs the same in every mode
         assert token_weights(8, SPANS, mode, ends_with_stop=True, rng=random.Random(0))[7] == 1.0
     # without a stop token (a truncated completion) every token takes part in the mean
     truncated = token_weights(7, SPANS, "cfiw", ends_with_stop=False)
@@ -80,7 +87,7 @@ def test_uniform_and_unscored_rollouts_are_all_ones():
     assert token_weights(8, SPANS, "uniform") == [1.0] * 8
     answer_only = [ScoredSpan("answer", 5, 7)]
     unscored = [ScoredSpan("numeric", 0, 5, None), ScoredSpan("answer", 5, 7)]  # a span left out of scoring
-    for mode in MODES:
+    for mode in ("uniform", *SCORED_MODES):
         assert token_weights(6, [], mode) == [1.0] * 6
         assert token_weights(6, [ScoredSpan("numeric", 0, 2, 0.5)], mode) == [1.0] * 6  # no answer span
         # an answer but no scored reasoning span: exactly as uniform, not the boost
@@ -125,7 +132,8 @@ AUTHORS = WeightConfig(conserve=False, profile="authors")
 
 
 def test_authors_profile_by_hand():
-    # I: A = 0.2 + 0.6/3 = 0.4, B = 0.2 -> Î = [1, 1, 1, .5, .5]; answer and EOS Î = 0.
+    # I: A = 0.2 + 0.6 = 0.8 (the full drop on each token), B = 0.2 -> Î = [1, 1, 1, .5, .5];
+    # answer and EOS Î = 0.
     # " =" is a formatting token with Î > 0: Î = 0.1 -> w = 0.5 + 1.5 * 0.1 = 0.65.
     expected = [2.0, 0.65, 2.0, 1.25, 1.25, 1.5, 1.5, 1.0]
     assert token_weights(8, AUTHOR_SPANS, "cfiw", AUTHORS, ends_with_stop=True, token_texts=TEXTS) == approx(expected)
@@ -138,6 +146,94 @@ def test_authors_profile_by_hand():
         8, AUTHOR_SPANS, "cfiw", WeightConfig(profile="authors"), ends_with_stop=True, token_texts=TEXTS
     )
     assert conserved == approx([w / 1.45 for w in expected[:7]] + [1.0])
+
+
+def test_authors_add_the_full_drop_to_every_token_of_a_span():
+    # (a) Two spans with equal drops, of 3 and 1 tokens: tokens 0-2 in C = [0, 3) with delta
+    # 0.3, token 3 in D = [3, 4) with delta 0.3, token 4 in none; answer [5, 7), EOS at 7.
+    spans = [ScoredSpan("numeric", 0, 3, 0.3), ScoredSpan("numeric", 3, 4, 0.3), ScoredSpan("answer", 5, 7)]
+    texts = ["a", "b", "c", "d", "e", " ####", " 3", "<eos>"]
+    # authors: I = [.5, .5, .5, .5, .2] -> Î = [1, 1, 1, 1, .5] -> w = [2, 2, 2, 2, 1.25]
+    assert token_weights(8, spans, "cfiw", AUTHORS, ends_with_stop=True, token_texts=texts) == approx(
+        [2.0, 2.0, 2.0, 2.0, 1.25, 1.5, 1.5, 1.0]
+    )
+    # cfiw divides by length: I = [.3, .3, .3, .5, .2] -> Î = .5 + .5 (I - .2) / .3
+    # = [2/3, 2/3, 2/3, 1, .5] -> w = .5 + 1.5 Î = [1.5, 1.5, 1.5, 2, 1.25]
+    assert token_weights(8, spans, "cfiw", RAW, ends_with_stop=True) == approx(
+        [1.5, 1.5, 1.5, 2.0, 1.25, 1.5, 1.5, 1.0]
+    )
+
+
+def test_the_formatting_rule_weighs_a_correct_minus_below_a_wrong_plus():
+    # (d) "5 - 4" and "5 + 4" as the only span, each with Î = 1 on every token: the ` -`
+    # operator is a formatting token (x0.1: w = 0.5 + 1.5 * 0.1 = 0.65), ` +` is not (w = 2).
+    spans = [ScoredSpan("calculation", 0, 3, 1.0), ScoredSpan("answer", 4, 5)]
+    for operator, weight in ((" -", 0.65), (" +", 2.0)):
+        texts = ["5", operator, " 4", ".", " ####", "<eos>"]
+        weights = token_weights(6, spans, "cfiw", AUTHORS, ends_with_stop=True, token_texts=texts)
+        assert weights[1] == pytest.approx(weight)
+
+
+def test_the_importance_floor_sets_the_range_of_the_mapping():
+    # SPANS: I = [.7, .7, .3, .3, .2]; (I - min) / (max - min) = [1, 1, .2, .2, 0]
+    # F = 0: Î = [1, 1, .2, .2, 0] -> w = .5 + 1.5 Î = [2, 2, .8, .8, .5]: [min_weight, boost]
+    assert token_weights(8, SPANS, "cfiw", WeightConfig(conserve=False, importance_floor=0.0), True) == approx(
+        [2.0, 2.0, 0.8, 0.8, 0.5, 1.5, 1.5, 1.0]
+    )
+    # F = 0.8: Î = .8 + .2 x = [1, 1, .84, .84, .8] -> w = [2, 2, 1.76, 1.76, 1.7]
+    assert token_weights(8, SPANS, "cfiw", WeightConfig(conserve=False, importance_floor=0.8), True) == approx(
+        [2.0, 2.0, 1.76, 1.76, 1.7, 1.5, 1.5, 1.0]
+    )
+    # F = 1 switches reweighting within the reasoning off: every reasoning token at the boost
+    assert token_weights(8, SPANS, "cfiw", WeightConfig(conserve=False, importance_floor=1.0), True) == approx(
+        [2.0] * 5 + [1.5, 1.5, 1.0]
+    )
+    # inverted at F = 0 flips within [0, 1]: Î' = 1 - Î = [0, 0, .8, .8, 1] -> [.5, .5, 1.7, 1.7, 2]
+    inverted = WeightConfig(conserve=False, importance_floor=0.0)
+    assert token_weights(8, SPANS, "inverted", inverted, True) == approx([0.5, 0.5, 1.7, 1.7, 2.0, 1.5, 1.5, 1.0])
+    # flat importance sits at the floor: F = 0 gives every reasoning token min_weight
+    flat = [ScoredSpan("numeric", 0, 5, 0.0), ScoredSpan("answer", 5, 7)]
+    assert token_weights(7, flat, "cfiw", WeightConfig(conserve=False, importance_floor=0.0)) == approx(
+        [0.5] * 5 + [1.5, 1.5]
+    )
+    # the authors' profile takes the dial too: Î = [1, 1, 1, 0, 0] -> " =" keeps 0.1 x 1
+    authors = WeightConfig(conserve=False, profile="authors", importance_floor=0.0)
+    assert token_weights(8, AUTHOR_SPANS, "cfiw", authors, True, token_texts=TEXTS) == approx(
+        [2.0, 0.65, 2.0, 0.5, 0.5, 1.5, 1.5, 1.0]
+    )
+
+
+def test_oracle_weights_by_hand():
+    # reasoning tokens 0-4: 0, 1 and 4 lie on lines that feed the answer, 2 and 3 do not.
+    relevant = [True, True, False, False, True]
+    # w = [2, 2, .5, .5, 2] (boost / min_weight), answer 1.5, EOS 1; no span score is read
+    assert token_weights(8, SPANS, "oracle", RAW, True, relevant=relevant) == approx(
+        [2.0, 2.0, 0.5, 0.5, 2.0, 1.5, 1.5, 1.0]
+    )
+    # conservation: the seven tokens before EOS sum to 10.0, mean 10/7
+    assert token_weights(8, SPANS, "oracle", WeightConfig(), True, relevant=relevant) == approx(
+        [w * 0.7 for w in [2.0, 2.0, 0.5, 0.5, 2.0, 1.5, 1.5]] + [1.0]
+    )
+    # the same under the authors' profile (no formatting rule: the oracle reads no scores)
+    assert token_weights(8, SPANS, "oracle", AUTHORS, True, relevant=relevant) == approx(
+        [2.0, 2.0, 0.5, 0.5, 2.0, 1.5, 1.5, 1.0]
+    )
+    # no answer span: all ones, as in every mode
+    assert token_weights(8, SPANS[:2], "oracle", RAW, True, relevant=relevant) == [1.0] * 8
+    with pytest.raises(ValueError, match="ground-truth relevance"):
+        token_weights(8, SPANS, "oracle", RAW, True)
+
+
+def test_entropy_weights_by_hand():
+    # q = 0.8 of [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]: position 0.8 x 5 = 4 -> 0.5 exactly
+    assert quantile([0.6, 0.1, 0.5, 0.2, 0.4, 0.3], 0.8) == pytest.approx(0.5)
+    # linear between order statistics: q = 0.5 of [1, 2, 3, 4] is at position 1.5 -> 2.5
+    assert quantile([4.0, 1.0, 3.0, 2.0], 0.5) == pytest.approx(2.5)
+    # at or above the threshold weighs 1, the rest 0; a final stop token weighs 1
+    assert entropy_weights([0.5, 0.49, 0.7, 0.0], 0.5, ends_with_stop=True) == [1.0, 0.0, 1.0, 1.0]
+    assert entropy_weights([0.5, 0.49, 0.7, 0.0], 0.5, ends_with_stop=False) == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="entropy_weights"):
+        token_weights(8, SPANS, "entropy", RAW, True)
 
 
 def test_authors_inversion_spans_the_whole_completion():

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from cfiw_cli.tasks.arith import sentence_form
 from cfiw_cli.tasks.gsm8k import locate_answer
 
 KINDS = ("calculation", "numeric", "scaffolding", "answer")
@@ -346,4 +347,23 @@ def _resolve_overlaps(candidates):
         if t1 > t0:
             out.append((kind, (t0, t1)))
             last_end = t1
+    return out
+
+
+def line_relevance(
+    completion_ids: Sequence[int], tokenizer: Any, reasoning_end: int, labels: dict[str, str], feeds: frozenset[str]
+) -> list[bool]:
+    """Per reasoning token (`[0, reasoning_end)`): whether its line (newline included) has the
+    form of a reference sentence whose label is in `feeds` (see `cfiw_cli.tasks.arith`). A
+    token that crosses lines goes with the line holding most of its characters."""
+    text, offsets = decode_with_offsets(list(completion_ids)[:reasoning_end], tokenizer)
+    lines = [(m.start(), m.end()) for m in re.finditer(r"[^\n]*\n|[^\n]+$", text)]
+    relevant_line = [labels.get(sentence_form(text[a:b])) in feeds for a, b in lines]
+    out = []
+    for a, b in offsets:
+        if a == b:  # continues a character begun by the previous token
+            a, b = max(a - 1, 0), a
+        overlaps = [max(0, min(b, end) - max(a, start)) for start, end in lines]
+        best = max(range(len(lines)), key=lambda i: overlaps[i]) if lines else None
+        out.append(best is not None and overlaps[best] > 0 and relevant_line[best])
     return out

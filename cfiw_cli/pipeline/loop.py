@@ -258,6 +258,7 @@ def _steps(
                     model=current,
                     revision=revision,
                     out=files["spans"],
+                    profile=loop.profile,
                     **config.get("segment", {}),
                 ),
             )
@@ -272,6 +273,7 @@ def _steps(
                     rollouts=files["rollouts"],
                     spans=files["spans"],
                     out=files["scores"],
+                    profile=loop.profile,
                     **config.get("score", {}),
                 ),
             )
@@ -290,6 +292,7 @@ def _steps(
                     metrics_out=files["train_metrics"],
                     weights_out=files["weights"],
                     weighting=loop.weighting,
+                    profile=loop.profile,
                     seed=seed,
                     **train_settings,
                 ),
@@ -301,7 +304,7 @@ def _steps(
 
 # set by the loop itself, not by a preset
 _FIXED = {"model", "revision", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration"}
-_FIXED |= {"weighting", "seed", "metrics_out", "weights_out"}
+_FIXED |= {"weighting", "profile", "seed", "metrics_out", "weights_out"}
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "loop": LoopSection}
 STAGE_CONFIGS: dict[str, type] = {
     "rollout": RolloutConfig,
@@ -324,6 +327,10 @@ def _check_keys(config: dict[str, Any], stages: dict[str, type]) -> None:
         if not isinstance(values, dict):
             raise CfiwError(f"[{section}] must be a table of settings", "see pipelines/tiny.toml")
         unknown = sorted(set(values) - allowed)
+        if section in stages and "profile" in unknown:
+            raise CfiwError(
+                f"{section}.profile is set for the whole loop", "set loop.profile (segment, score and train share it)"
+            )
         if unknown:
             raise CfiwError(f"unknown key {section}.{unknown[0]}", f"[{section}] takes: {', '.join(sorted(allowed))}")
     if "id" not in config.get("model", {}) or "dataset" not in config.get("data", {}):

@@ -3,8 +3,10 @@
 For each kept iteration k of a loop run (policy_k, the policy iteration k started from; see
 `cfiw_cli.policies`) and each mode, replay runs `cfiw train` on iteration k's rollouts, spans
 and scores with the run's own train settings in that mode, starting from policy_k with its
-optimizer state (`--optimizer kept`; in the loop's mode this is the loop's own update,
-exactly) or a fresh AdamW and schedule (`fresh`). The minibatch order depends only on the
+optimizer state (`--optimizer-state kept`; in the loop's mode this is the loop's own update,
+exactly) or a fresh optimizer and schedule (`fresh`; then `--optimizer` may differ from the
+loop's). A mode may carry its own importance floor, `cfiw@0` (see `--importance-floor`), so
+one replay can sweep the mapping. The minibatch order depends only on the
 seed and on which groups are kept, and neither depends on the mode, so the modes differ only
 in the token weights. Each updated policy, and policy_k itself, is measured on the loop's
 probe: the sampled reward (the same questions, samples, temperature and seed as the loop's
@@ -15,6 +17,7 @@ Layout, under RUN/replay/:
 
     start/iter-NNNN/   probe.parquet, result.parquet          policy_k itself
     MODE/iter-NNNN/    train_metrics.parquet, weights.parquet, probe.parquet, result.parquet
+                       (`cfiw sql`'s replay_weights view reads every MODE's weights)
     replay.parquet     one row per iteration x mode: policy_k's and the update's measures
 
 An updated policy is on disk only while it is measured (`.updated/`); policy_k is rebuilt from
@@ -37,7 +40,7 @@ import pyarrow.parquet as pq
 
 from cfiw_cli import distributed, modeling
 from cfiw_cli.artifacts import prepare_output, settings_of, sha256_of
-from cfiw_cli.configs import REPLAY_OPTIMIZERS, ReplayConfig, parse_iterations, parse_modes
+from cfiw_cli.configs import REPLAY_OPTIMIZER_STATES, ReplayConfig, parse_iterations, parse_modes, split_mode
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.likelihood import reference_likelihood, reference_sequences
@@ -65,8 +68,8 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
     """The iterations and modes to replay, each iteration's planned train stage, and the probe."""
 
     modes = parse_modes(config.modes)
-    if config.optimizer not in REPLAY_OPTIMIZERS:
-        raise CfiwError(f"unknown --optimizer {config.optimizer!r}", "choose kept or fresh")
+    if config.optimizer_state not in REPLAY_OPTIMIZER_STATES:
+        raise CfiwError(f"unknown --optimizer-state {config.optimizer_state!r}", "choose kept or fresh")
     kept = kept_iterations(run)
     trains = {i: s for i, c, s in steps if c == "train"}
     completed = [
@@ -89,6 +92,28 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
         probes[0], limit=config.probe_questions or probes[0].limit, samples=config.probe_samples or probes[0].samples
     )
     return iterations, modes, trains, probe
+
+
+def _optimizer(config: ReplayConfig, step: Any) -> dict[str, Any]:
+    """The replayed updates' optimizer: the loop's unless overridden; kept state must be its own."""
+    chosen = {
+        "optimizer": config.optimizer or step.optimizer,
+        "momentum": step.momentum if config.momentum is None else config.momentum,
+    }
+    if config.optimizer_state == "kept" and chosen["optimizer"] != step.optimizer:
+        raise CfiwError(
+            f"the loop trained with {step.optimizer}, so its kept optimizer state cannot start --optimizer "
+            f"{chosen['optimizer']}",
+            "add --optimizer-state fresh",
+        )
+    return chosen
+
+
+def _update_config(step: Any, mode: str, optimizer: dict[str, Any]) -> Any:
+    """The loop's train stage of an iteration, in `mode` (`MODE` or `MODE@FLOOR`)."""
+    weighting, floor = split_mode(mode)
+    floor = step.importance_floor if floor is None else floor
+    return replace(step, weighting=weighting, importance_floor=floor, **optimizer)
 
 
 def _guard_summary(out: Path, run: Path, trains: list[Any], force: bool) -> None:
@@ -158,7 +183,8 @@ def run(config: ReplayConfig, force: bool = False) -> Path:
     out = Path(config.out) if config.out else root / "replay.parquet"
     _guard_summary(out, run_dir, [trains[i] for i in iterations], force)
     rows_of_questions = load_questions(probe.dataset, probe.split, probe.offset, probe.limit)
-    keep_optimizer = config.optimizer == "kept"
+    keep_optimizer = config.optimizer_state == "kept"
+    optimizer = _optimizer(config, trains[iterations[0]])
     main = distributed.is_main()
     results: dict[tuple[int, str], dict] = {}
     for iteration in iterations:
@@ -172,10 +198,11 @@ def run(config: ReplayConfig, force: bool = False) -> Path:
         probe_settings = settings_of(probe, "model")
         for mode in [START, *modes]:
             directory = root / mode / iteration_name(iteration)
-            settings = {"mode": mode, "optimizer": config.optimizer, "seed": seed, "probe": probe_settings}
+            settings = {"mode": mode, "optimizer_state": config.optimizer_state, "seed": seed, "probe": probe_settings}
             if mode != START:
+                update = _update_config(step, mode, optimizer)
                 settings["train"] = settings_of(
-                    step, "model", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed"
+                    update, "model", "rollouts", "spans", "scores", "metrics_out", "weights_out", "weighting", "seed"
                 )
             with StageRun("replay", None, inputs, out=directory / "result.parquet", settings=settings) as cell:
                 if cell.up_to_date:
@@ -189,10 +216,9 @@ def run(config: ReplayConfig, force: bool = False) -> Path:
                     updated = root / ".updated"
                     trained = train.run(
                         replace(
-                            step,
+                            _update_config(step, mode, optimizer),
                             model=policy_dir,
                             out=str(updated),
-                            weighting=mode,
                             seed=seed,
                             metrics_out=str(directory / "train_metrics.parquet"),
                             weights_out=str(directory / "weights.parquet"),
@@ -215,7 +241,13 @@ def run(config: ReplayConfig, force: bool = False) -> Path:
             start = results[(iteration, START)]
             for mode in modes:
                 after = results[(iteration, mode)]
-                row = {"iteration": iteration, "mode": mode, "optimizer": config.optimizer, "seed": seed}
+                row = {
+                    "iteration": iteration,
+                    "mode": mode,
+                    "optimizer": optimizer["optimizer"],
+                    "optimizer_state": config.optimizer_state,
+                    "seed": seed,
+                }
                 for name in ("reward", "loglik_per_token", "answer_loglik"):
                     row[f"{name}_before"], row[f"{name}_after"] = start[name], after[name]
                     row[f"{name}_gain"] = after[name] - start[name]
@@ -225,7 +257,8 @@ def run(config: ReplayConfig, force: bool = False) -> Path:
                     after["weights_sha256"],
                 )
                 rows.append(row)
-        summary = {"modes": modes, "iterations": iterations, "optimizer": config.optimizer, "seed": seed}
+        summary = {"modes": modes, "iterations": iterations, **optimizer, "optimizer_state": config.optimizer_state}
+        summary["seed"] = seed
         with StageRun("replay", None, {}, force=force, recompute=True, out=out, settings=summary) as stage:
             stage.write_table(pa.Table.from_pylist(rows), stage.manifest(rows=len(rows), metrics={}))
         info(f"wrote {len(rows)} replays ({len(iterations)} iterations x {len(modes)} modes) to {out}")

@@ -25,8 +25,16 @@ def gold_target(answer_text: str, gold: str, tokenizer: Any) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_items(rollouts: Any, spans: Any, target: str, tokenizer: Any) -> tuple[list[str], list[list[int]], list[Any]]:
-    """One scoring item per rollout that has an answer span: (rollout ids, span indices, items)."""
+def build_items(
+    rollouts: Any, spans: Any, target: str, tokenizer: Any, profile: str = "cfiw"
+) -> tuple[list[str], list[list[int]], list[Any]]:
+    """One scoring item per rollout that has an answer span: (rollout ids, span indices, items).
+
+    Profile `cfiw` scores exactly the answer span's tokens. Profile `authors` scores what
+    their trainer does: positions reasoning_end + 1 .. seq_len - 1 of the rollout, that is
+    every completion token after the answer's first one, EOS included (their batch's right
+    padding too, which a rollout read alone does not have); a rollout with nothing after
+    the answer's first token is not scored."""
     by_rollout: dict[str, list[dict]] = {}
     for span in spans.select(["rollout_id", "span_idx", "kind", "tok_start", "tok_end", "text"]).to_pylist():
         by_rollout.setdefault(span["rollout_id"], []).append(span)
@@ -42,12 +50,17 @@ def build_items(rollouts: Any, spans: Any, target: str, tokenizer: Any) -> tuple
         answer_ids = completion[answer["tok_start"] : answer["tok_end"]]
         if target == "gold":
             answer_ids = gold_target(answer["text"], rollout["gold"], tokenizer)
-        tokens = prompt + completion[: answer["tok_start"]] + answer_ids
         offset = len(prompt)
+        if profile == "authors":
+            tokens, target_start = prompt + completion, offset + answer["tok_start"] + 1
+            if target_start >= len(tokens):
+                continue
+        else:
+            tokens, target_start = prompt + completion[: answer["tok_start"]] + answer_ids, offset + answer["tok_start"]
         items.append(
             ScoringItem(
                 tokens=tokens,
-                target_start=offset + answer["tok_start"],
+                target_start=target_start,
                 spans=[(offset + s["tok_start"], offset + s["tok_end"]) for s in reasoning],
                 prompt_length=len(prompt),
             )
@@ -63,6 +76,10 @@ def check(config: ScoreConfig) -> None:
         raise CfiwError(f"unknown --mask {config.mask!r}", f"choose one of {', '.join(MASK_MODES)}")
     if config.target not in TARGETS:
         raise CfiwError(f"unknown --target {config.target!r}", "choose own or gold")
+    if config.profile == "authors" and config.target != "own":
+        raise CfiwError(
+            "--profile authors scores the rollout's own answer, as their trainer does", "drop --target gold"
+        )
     if config.batch_tokens < 16:
         raise CfiwError("--batch-tokens must be at least 16", "e.g. --batch-tokens 8192")
 
@@ -90,7 +107,7 @@ def _score(
         rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(),
         config.rollouts,
     )
-    rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer)
+    rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer, config.profile)
     if not items:  # e.g. a policy that has stopped writing reasoning: every rollout will weigh as in uniform
         info(
             f"Warning: no rollout in {config.spans} has both reasoning spans and an answer: nothing to score, "
@@ -148,7 +165,7 @@ def _score(
     result = stage.write_table(table, manifest)
     distributed.finish()
     info(
-        f"wrote {len(records)} span scores ({config.mask}, {config.target} target) for {len(items)} rollouts to "
-        f"{stage.out} in {seconds:.1f}s"
+        f"wrote {len(records)} span scores ({config.mask}, {config.target} target, {config.profile} profile) for "
+        f"{len(items)} rollouts to {stage.out} in {seconds:.1f}s"
     )
     return result

@@ -1,4 +1,7 @@
-"""`cfiw segment`: answer and reasoning spans of every rollout, aligned to its tokens."""
+"""`cfiw segment`: answer and reasoning spans of every rollout, aligned to its tokens.
+
+`--profile cfiw` cuts spans as `cfiw_cli.algo.spans` states; `--profile authors` as the
+authors' trainer does (`cfiw_cli.algo.authors`)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from cfiw_cli import modeling, schemas
+from cfiw_cli.algo.authors import authors_spans
 from cfiw_cli.algo.spans import find_spans
 from cfiw_cli.artifacts import read_artifact
 from cfiw_cli.checks import require_rollouts
@@ -50,7 +54,7 @@ def _segment(config: SegmentConfig, stage: StageRun, rollouts: pa.Table, tokeniz
         for rollout_id, completion, reason in zip(
             rollouts.column("rollout_id").to_pylist(), ids, rollouts.column("finish_reason").to_pylist(), strict=True
         ):
-            spans = find_spans(
+            spans = (authors_spans if config.profile == "authors" else find_spans)(
                 completion,
                 tokenizer,
                 max_spans=config.max_spans,

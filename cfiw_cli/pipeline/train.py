@@ -30,7 +30,17 @@ import pyarrow as pa
 
 from cfiw_cli import adapters, distributed, modeling, schemas, sharding
 from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS, LossConfig, group_advantages, loss_normalizer, policy_loss
-from cfiw_cli.algo.weights import MODES, PROFILES, ScoredSpan, WeightConfig, token_weights
+from cfiw_cli.algo.spans import line_relevance
+from cfiw_cli.algo.weights import (
+    MODES,
+    PROFILES,
+    SCORED_MODES,
+    ScoredSpan,
+    WeightConfig,
+    entropy_weights,
+    quantile,
+    token_weights,
+)
 from cfiw_cli.artifacts import (
     prepare_output,
     read_artifact,
@@ -43,12 +53,13 @@ from cfiw_cli.artifacts import (
 )
 from cfiw_cli.batching import consecutive_runs
 from cfiw_cli.checks import check_finite_rollouts, check_scores_match, check_spans_match, require_rollouts
-from cfiw_cli.configs import TRACKING_FIELDS, TRAIN_SCHEDULES, TrainConfig
+from cfiw_cli.configs import OPTIMIZERS, TRACKING_FIELDS, TRAIN_SCHEDULES, TrainConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.logprobs import completion_logprobs
 from cfiw_cli.stage import StageResult, StageRun, guard_inputs, guard_tracking_dir
+from cfiw_cli.tasks.arith import FEEDS_ANSWER, label_lookup
 from cfiw_cli.tracking import beside_output, check_report_to, log_train_steps
 
 if TYPE_CHECKING:
@@ -81,11 +92,15 @@ def check(config: TrainConfig) -> None:
         raise CfiwError(f"unknown --weighting {config.weighting!r}", f"choose one of {', '.join(MODES)}")
     if config.profile not in PROFILES:
         raise CfiwError(f"unknown --profile {config.profile!r}", f"choose one of {', '.join(PROFILES)}")
-    if config.weighting != "uniform" and not (config.spans and config.scores):
+    if config.weighting in SCORED_MODES and not (config.spans and config.scores):
         raise CfiwError(
             f"--weighting {config.weighting} needs --spans and --scores",
             "run cfiw segment and cfiw score first, or use --weighting uniform",
         )
+    if config.weighting == "oracle" and not config.spans:
+        raise CfiwError("--weighting oracle needs --spans (for the answer region)", "run cfiw segment first")
+    if config.optimizer not in OPTIMIZERS:
+        raise CfiwError(f"unknown --optimizer {config.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
     if config.loss_type not in LOSS_TYPES:
         raise CfiwError(f"unknown --loss-type {config.loss_type!r}", f"choose one of {', '.join(LOSS_TYPES)}")
     if config.lr_schedule not in TRAIN_SCHEDULES:
@@ -168,17 +183,18 @@ def build_sequences(
         "finish_reason",
         "reward",
     ]
-    rows = rollouts.select(columns).to_pylist()
+    oracle = config.weighting == "oracle"
+    rows = rollouts.select(columns + (["labels"] if oracle else [])).to_pylist()
     advantages = group_advantages([r["reward"] for r in rows], [r["prompt_id"] for r in rows], config.scale_rewards)
     rewards_by_group: dict[str, set] = {}
     for row in rows:
         rewards_by_group.setdefault(row["prompt_id"], set()).add(row["reward"])
     flat = {g for g, values in rewards_by_group.items() if len(values) == 1}
     spans_by_rollout: dict[str, list[ScoredSpan]] = {}
-    if spans is not None and scores is not None:
+    if spans is not None:
         deltas = {
             (s["rollout_id"], s["span_idx"]): s["delta"]
-            for s in scores.select(["rollout_id", "span_idx", "delta"]).to_pylist()
+            for s in (scores.select(["rollout_id", "span_idx", "delta"]).to_pylist() if scores is not None else [])
         }
         if any(d is None or not math.isfinite(d) for d in deltas.values()):
             raise CfiwError("the scores file holds a NaN or infinite delta", "rerun cfiw score with --dtype float32")
@@ -195,23 +211,29 @@ def build_sequences(
         config.conserve,
         config.min_spread,
         config.profile,
+        config.importance_floor,
     )
-    needs_text = config.profile == "authors" and config.weighting != "uniform"
+    needs_text = config.profile == "authors" and config.weighting in SCORED_MODES
     token_text = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))  # each id decoded once
     sequences, weight_rows = [], []
     for row, advantage in zip(rows, advantages, strict=True):
         completion = row["completion_ids"]
         rng = random.Random(f"{config.seed}:{row['rollout_id']}")
         texts = [token_text(t) for t in completion] if needs_text else None
-        weights = token_weights(
-            len(completion),
-            spans_by_rollout.get(row["rollout_id"], []),
-            config.weighting,
-            weight_config,
-            ends_with_stop=row["finish_reason"] == "stop",
-            rng=rng,
-            token_texts=texts,
-        )
+        spans_here = spans_by_rollout.get(row["rollout_id"], [])
+        if config.weighting == "entropy":
+            weights = [1.0] * len(completion)  # until the old policy's entropies are known (`weigh_by_entropy`)
+        else:
+            weights = token_weights(
+                len(completion),
+                spans_here,
+                config.weighting,
+                weight_config,
+                ends_with_stop=row["finish_reason"] == "stop",
+                rng=rng,
+                token_texts=texts,
+                relevant=_relevance(row, spans_here, tokenizer) if oracle else None,
+            )
         kept = not (config.dynamic_sampling and row["prompt_id"] in flat)
         truncated = config.mask_truncated and row["finish_reason"] == "length"
         weight_rows.append(
@@ -239,6 +261,36 @@ def build_sequences(
                 )
             )
     return sequences, weight_rows, len(flat) if config.dynamic_sampling else 0
+
+
+def _relevance(row: dict, spans: list[ScoredSpan], tokenizer: Any) -> list[bool] | None:
+    """Per reasoning token of a rollout: whether its line feeds the answer (the oracle)."""
+    answer = next((s for s in spans if s.kind == "answer"), None)
+    if answer is None:
+        return None
+    labels = label_lookup(row["labels"] or [])
+    return line_relevance(row["completion_ids"], tokenizer, answer.tok_start, labels, FEEDS_ANSWER)
+
+
+def weigh_by_entropy(
+    sequences: list[_Sequence], entropies: dict[str, list[float]], stops: dict[str, bool], q: float
+) -> dict[str, list[float]]:
+    """`entropy` mode: every kept sequence's weights from the old policy's per-token entropies.
+    The threshold is the q-quantile over every token that carries loss in the update (a
+    final stop token left out), once for the batch."""
+    population = []
+    for s in sequences:
+        values, mask = entropies[s.rollout_id], s.mask
+        body = len(values) - 1 if stops[s.rollout_id] else len(values)
+        population += [h for h, m in zip(values[:body], mask[:body], strict=True) if m > 0]
+    if not population:
+        return {}
+    threshold = quantile(population, q)
+    weights = {}
+    for s in sequences:
+        s.weights = entropy_weights(entropies[s.rollout_id], threshold, stops[s.rollout_id])
+        weights[s.rollout_id] = s.weights
+    return weights
 
 
 def plan_minibatches(sequences: list[_Sequence], minibatches: int, seed: int, epoch: int) -> list[list[_Sequence]]:
@@ -357,6 +409,13 @@ def read_batch(config: TrainConfig) -> Batch:
     if scores is not None and config.spans:
         check_scores_match(config.scores, config.spans, config.rollouts)
     check_finite_rollouts(rollouts, config.rollouts)
+    if config.weighting == "oracle" and "labels" not in rollouts.column_names:
+        raise CfiwError(
+            f"--weighting oracle needs the labels column (ground-truth sentence labels), and {config.rollouts} "
+            "has none",
+            "sample the rollouts from a cfiw synth dataset, or choose another --weighting",
+        )
+    check_resumable(config)
     return Batch(rollouts, spans, scores, sampling_settings(config, rollouts))
 
 
@@ -395,6 +454,10 @@ def _update(
     if sequences:
         steps = optimize(policy, reference, optimizer, scheduler, sequences, config, context, start_step, steps_here)
         check_finite_parameters(policy)
+        if config.weighting == "entropy":  # the weights the entropy pass chose
+            chosen = {s.rollout_id: s.weights for s in sequences}
+            for row in weight_rows:
+                row["token_weights"] = chosen.get(row["rollout_id"], row["token_weights"])
     else:
         steps = []
         info(
@@ -418,7 +481,7 @@ def _update(
             weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
         }
         saved = trained if trained is not None else policy  # a sharded policy saves the gathered weights
-        checkpoint = Checkpoint(saved, weights, optimizer_state, scheduler.state_dict())
+        checkpoint = Checkpoint(saved, weights, optimizer_state, scheduler.state_dict(), config.optimizer)
         result = save(stage, checkpoint, tokenizer, start_step + len(steps), manifest, tables)
         track(config, step_rows, metrics)
         if steps:
@@ -476,7 +539,14 @@ def optimize(
     """Every optimizer step of the update: `epochs` passes, each dealt into minibatches of
     whole groups; the old log-probs come from the loaded policy, before the first step."""
     first_pass = _plan(sequences, config, 0, context)
-    old = old_logprobs(policy, reference, first_pass, context)
+    entropies: dict[str, list[float]] | None = {} if config.weighting == "entropy" else None
+    old = old_logprobs(policy, reference, first_pass, context, entropies)
+    if entropies is not None:  # every process weighs the whole batch with one threshold
+        if context.world > 1:
+            from accelerate.utils import gather_object
+
+            entropies = {key: value for part in gather_object([entropies]) for key, value in part.items()}
+        weigh_by_entropy(sequences, entropies, context.ends_with_stop, config.entropy_quantile)
     steps: list[StepMetrics] = []
     with progress_bar("train", total=steps_here, unit="steps") as advance:
         for epoch in range(config.epochs):
@@ -538,14 +608,41 @@ def load_reference(config: TrainConfig, device: Any, model_commit: str | None = 
     return modeling.load_model(ref, "float32", device, commit).eval()
 
 
+def saved_optimizer(model: str) -> str | None:
+    """The optimizer whose state a checkpoint holds (None: no state); checkpoints written
+    before SGD existed hold AdamW's."""
+    state = Path(model) / "trainer_state.json"
+    if not (Path(model) / "optimizer.pt").exists() or not state.exists():
+        return None
+    try:
+        return json.loads(state.read_text()).get("optimizer", "adamw")
+    except (json.JSONDecodeError, AttributeError):
+        raise CfiwError(f"{state} is not a JSON record", "train from a checkpoint cfiw train wrote") from None
+
+
+def check_resumable(config: TrainConfig) -> None:
+    """The optimizer state of `--model` is resumed: it must be the state of `--optimizer`."""
+    saved = saved_optimizer(config.model)
+    if saved is not None and saved != config.optimizer:
+        raise CfiwError(
+            f"{config.model} holds {saved} optimizer state, which --optimizer {config.optimizer} cannot resume",
+            f"pass --optimizer {saved}, or start from a checkpoint without optimizer.pt",
+        )
+
+
 def build_optimizer(policy: Any, config: TrainConfig, steps_here: int, sharded: bool = False) -> tuple[Any, Any, int]:
-    """AdamW and its schedule, resumed from the checkpoint's state when `--model` holds one
-    (into each process's shard of a `sharded` policy); returns (optimizer, scheduler, optimizer
-    steps taken before this call)."""
+    """AdamW or SGD and the schedule, resumed from the checkpoint's state when `--model` holds
+    one (into each process's shard of a `sharded` policy); returns (optimizer, scheduler,
+    optimizer steps taken before this call)."""
     import torch
 
     parameters = adapters.trainable_parameters(policy)  # all of them, or a LoRA policy's adapters
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     resume = Path(config.model)
     start_step = 0
     if (resume / "optimizer.pt").exists():
@@ -590,6 +687,7 @@ class UpdateContext:
     rank: int
     world: int
     sharded: bool  # FSDP: every process runs as many forward and backward passes as the others
+    ends_with_stop: dict[str, bool] = field(default_factory=dict)  # per rollout: did it end on a stop token
 
     @classmethod
     def of(
@@ -607,6 +705,14 @@ class UpdateContext:
             rank=accelerator.process_index,
             world=accelerator.num_processes,
             sharded=sharded,
+            ends_with_stop={
+                rollout_id: reason == "stop"
+                for rollout_id, reason in zip(
+                    batch.rollouts.column("rollout_id").to_pylist(),
+                    batch.rollouts.column("finish_reason").to_pylist(),
+                    strict=True,
+                )
+            },
         )
 
 
@@ -620,13 +726,15 @@ def compute_dtype(config: TrainConfig, device: Any) -> Any:
 
 
 def old_logprobs(
-    policy: Any, reference: Any, plan: list, context: UpdateContext
+    policy: Any, reference: Any, plan: list, context: UpdateContext, entropies: dict[str, list[float]] | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:  # per rollout: [C_row] each
     """Per rollout: (log-probs `[C]` of the loaded policy, of the reference or None), computed
-    with the micro-batches of the first pass so that its ratio is exactly 1."""
+    with the micro-batches of the first pass so that its ratio is exactly 1. With `entropies`,
+    each rollout's per-token entropies at T are put there too (this process's rollouts)."""
     import torch
 
     old: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    want_entropy = entropies is not None
     policy.eval()
     with torch.no_grad():
         for micro_batches, _ in plan:
@@ -634,7 +742,9 @@ def old_logprobs(
                 if not batch:  # a sharded policy: join the other processes' forward pass
                     _forward(policy, [_padding(context.pad_id)], context.pad_id, context.temperature, context.autocast)
                     continue
-                logprobs, _ = _forward(policy, batch, context.pad_id, context.temperature, context.autocast)  # [B, C]
+                logprobs, entropy = _forward(
+                    policy, batch, context.pad_id, context.temperature, context.autocast, want_entropy
+                )  # [B, C] each
                 ref = None
                 if reference == ADAPTERS_OFF:
                     adapted = context.accelerator.unwrap_model(policy)
@@ -646,6 +756,8 @@ def old_logprobs(
                     length = len(s.tokens) - s.prompt_length
                     mine = logprobs[row, logprobs.shape[1] - length :]  # [C_row]
                     old[s.rollout_id] = (mine, None if ref is None else ref[row, ref.shape[1] - length :])
+                    if want_entropy:
+                        entropies[s.rollout_id] = entropy[row, entropy.shape[1] - length :].tolist()
     policy.train()
     return old
 
@@ -790,8 +902,9 @@ class Checkpoint:
 
     policy: Any
     weights: dict[str, Any] | None  # a full state dict gathered from a sharded policy, else None (the policy's own)
-    optimizer: dict[str, Any]  # AdamW's state_dict(), one process's layout
+    optimizer: dict[str, Any]  # the optimizer's state_dict(), one process's layout
     scheduler: dict[str, Any]
+    optimizer_name: str = "adamw"
 
 
 def save(
@@ -816,7 +929,8 @@ def save(
         tokenizer.save_pretrained(staging)
         torch.save(checkpoint.optimizer, staging / "optimizer.pt")
         torch.save(checkpoint.scheduler, staging / "scheduler.pt")
-        (staging / "trainer_state.json").write_text(json.dumps({"global_step": global_step}, indent=2))
+        state = {"global_step": global_step, "optimizer": checkpoint.optimizer_name}
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
         for path, table in tables.items():
             inside = path.parent.resolve() == stage.out.resolve()
             write_table(table, staging / path.name if inside else stage_file(staging, path), manifest)

@@ -22,6 +22,7 @@ is one of the reference sentences inherits its label (`cfiw analyze` does this).
 from __future__ import annotations
 
 import random
+import re
 
 NAMES = ["Ava", "Ben", "Chloe", "Dan", "Eva", "Finn", "Gina", "Hugo", "Iris", "Jack", "Kim", "Leo", "Mia", "Noah"]
 ITEMS = ["apples", "books", "coins", "eggs", "marbles", "pencils", "stickers", "shells", "cookies", "cards"]
@@ -34,6 +35,22 @@ FILLERS = [
     "Let us keep track of the total.",
 ]
 LABELS = ("restatement", "calculation", "filler", "distractor", "answer")
+FEEDS_ANSWER = frozenset({"restatement", "calculation"})  # the labels whose lines the answer depends on
+
+
+def sentence_form(text: str) -> str:
+    """What a label is a function of: the words, with whitespace collapsed, outer spaces and
+    full stops trimmed, and every number as N (so a wrong calculation is still a calculation).
+    `cfiw analyze` matches spans to labels by the same form, in SQL."""
+    return re.sub(r"\d+", "N", re.sub(r"\s+", " ", text).strip(" ."))
+
+
+def label_lookup(labels: list[dict]) -> dict[str, str]:
+    """{form: label} of one problem's reference sentences; a form with two labels is left out."""
+    seen: dict[str, set[str]] = {}
+    for sentence in labels or []:
+        seen.setdefault(sentence_form(sentence["text"]), set()).add(sentence["label"])
+    return {form: next(iter(found)) for form, found in seen.items() if len(found) == 1}
 
 
 def _step(rng: random.Random, total: int, item: str, max_number: int) -> tuple[str, str, int]:
