@@ -32,9 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 # every rollout; then the commit that added `revision` to the model-loading configs; then the
 # commit that made every manifest record the resolved dtype; then the commit that added
 # `tiny-model --intermediate`; then the one after the loop began to keep best/; then the commit
-# that added the LoRA settings to train's and sft's manifests; now the commit after which a
-# directory's manifest lists the files its stage wrote and a report has a manifest).
-BASELINE = "94d626bd351b7edd414b56b856c40d2211e2029c"
+# that added the LoRA settings to train's and sft's manifests; then the commit after which a
+# directory's manifest lists the files its stage wrote and a report has a manifest; now the
+# commit that added the profile, importance floor and optimizer settings to the manifests, the
+# optimizer to trainer_state.json and to replay rows, and the authors' full span drop).
+BASELINE = "edc037bf596968a6810b74e5996ca0fc3ee9b2a5"
 
 # decided by the clock or the checkout, not by the computation
 VOLATILE_MANIFEST_KEYS = {"wall_seconds", "git_commit", "libraries"}
