@@ -63,9 +63,11 @@ def one_group() -> Iterator[None]:
     _held = True
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         _held = False
-        _tear_down()  # without waiting: the others may never arrive; a live group aborts the exit
+        if getattr(exc, "on_every_process", False):
+            barrier()  # every process raised it (see `agreed`): leave the group together
+        _tear_down()  # else without waiting: the others may never arrive; a live group aborts the exit
         raise
     _held = False
     finish()
@@ -92,7 +94,9 @@ def agreed(work: Callable[..., T], *args: Any) -> T:
 
         failures = [e for e in gather_object([(error.message, error.hint) if error else None]) if e]
         if failures:
-            raise (error or CfiwError(*failures[0]))
+            agreed_error = error or CfiwError(*failures[0])
+            agreed_error.on_every_process = True  # type: ignore[attr-defined]
+            raise agreed_error
     return result
 
 
