@@ -148,6 +148,11 @@ def test_score_takes_the_authors_answer_positions(cli, tiny_model, tmp_path):
     )
     manifest = json.loads(pq.read_schema(tmp_path / "scores-authors.parquet").metadata[b"cfiw"])
     assert manifest["config"]["profile"] == "authors"
+    # training under the other profile is allowed, never silently
+    mixed = cli("train", "-m", tiny_model, "-r", rollouts, "-s", tmp_path / "spans-authors.parquet", "--scores",
+                tmp_path / "scores-authors.parquet", "--out", tmp_path / "mixed", "--lr", "0")  # fmt: skip
+    assert mixed.exit_code == 0, mixed.stderr
+    assert "was made with --profile authors; training with --profile cfiw" in mixed.stderr
     # their trainer scores the rollout's own answer only
     out, before = tmp_path / "gold.parquet", leftovers(tmp_path)
     result = cli("score", "-m", tiny_model, "-r", rollouts, "-s", tmp_path / "spans-authors.parquet", "--out", out,

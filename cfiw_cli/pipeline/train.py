@@ -416,6 +416,7 @@ def read_batch(config: TrainConfig) -> Batch:
             "sample the rollouts from a cfiw synth dataset, or choose another --weighting",
         )
     check_resumable(config)
+    _warn_on_profile_mismatch(config)
     return Batch(rollouts, spans, scores, sampling_settings(config, rollouts))
 
 
@@ -606,6 +607,18 @@ def load_reference(config: TrainConfig, device: Any, model_commit: str | None = 
     ref = config.reference or config.model
     commit = model_commit if ref == config.model else modeling.resolve_revision(ref, config.revision)
     return modeling.load_model(ref, "float32", device, commit).eval()
+
+
+def _warn_on_profile_mismatch(config: TrainConfig) -> None:
+    """Spans and scores cut under one profile and weighed under the other are allowed (it
+    separates the stages' differences), but never silently."""
+    if config.weighting not in SCORED_MODES:
+        return
+    for name in ("spans", "scores"):
+        path = getattr(config, name)
+        made = ((read_manifest(path) or {}).get("config") or {}).get("profile") if path else None
+        if made is not None and made != config.profile:
+            info(f"Warning: {path} was made with --profile {made}; training with --profile {config.profile}")
 
 
 def saved_optimizer(model: str) -> str | None:
