@@ -353,12 +353,14 @@ def write_directory_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     (directory / DIRECTORY_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
 
-def recorded_value(path: Path, key: str, valid: Callable[[Any], bool], hint: str) -> Any:
-    """`key` of the JSON object in one of a run's small records (loop_state.json, best.json);
-    an unreadable file, a missing key or a value that is not `valid` is a `CfiwError` naming
-    the file, with `hint` saying what to do."""
+def recorded_value(path: Path, key: str, valid: Callable[[Any], bool], hint: str, default: Any = None) -> Any:
+    """`key` of the JSON object in one of the small records (loop_state.json, best.json,
+    trainer_state.json); an unreadable file, a missing key (unless a `default` stands for it,
+    as for records written before the key existed) or a value that is not `valid` is a
+    `CfiwError` naming the file, with `hint` saying what to do."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))[key]
+        record = json.loads(path.read_text(encoding="utf-8"))
+        value = record.get(key, default) if default is not None and isinstance(record, dict) else record[key]
     except OSError as exc:
         raise CfiwError(f"cannot read {path}: {exc}", hint) from exc
     except (ValueError, KeyError, TypeError) as exc:

@@ -425,7 +425,6 @@ class TrainConfig(LoraOptions, TrackingOptions):
         0.8,
         "--weighting entropy: tokens at or above this quantile (0 < q < 1) of the batch's old-policy entropy weigh 1, "
         "the rest 0.",
-        above=0.0,
         check=check_quantile,
     )
     temperature: float | None = flag(

@@ -46,6 +46,7 @@ from cfiw_cli.artifacts import (
     read_artifact,
     read_directory_manifest,
     read_manifest,
+    recorded_value,
     recover_directory,
     sha256_of,
     stage_file,
@@ -78,6 +79,7 @@ class _Sequence:
     weights: list[float]  # one per completion token
     mask: list[float]  # 1 for completion tokens that count
     rollout_logprobs: list[float]  # what the sampler recorded, one per completion token
+    ends_with_stop: bool = False  # its last token is the stop token (weighs 1 in every mode)
 
 
 def check(config: TrainConfig) -> None:
@@ -99,8 +101,6 @@ def check(config: TrainConfig) -> None:
         )
     if config.weighting == "oracle" and not config.spans:
         raise CfiwError("--weighting oracle needs --spans (for the answer region)", "run cfiw segment first")
-    if config.optimizer not in OPTIMIZERS:
-        raise CfiwError(f"unknown --optimizer {config.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
     if config.loss_type not in LOSS_TYPES:
         raise CfiwError(f"unknown --loss-type {config.loss_type!r}", f"choose one of {', '.join(LOSS_TYPES)}")
     if config.lr_schedule not in TRAIN_SCHEDULES:
@@ -258,6 +258,7 @@ def build_sequences(
                     weights,
                     mask,
                     row["completion_logprobs"],
+                    row["finish_reason"] == "stop",
                 )
             )
     return sequences, weight_rows, len(flat) if config.dynamic_sampling else 0
@@ -268,29 +269,24 @@ def _relevance(row: dict, spans: list[ScoredSpan], tokenizer: Any) -> list[bool]
     answer = next((s for s in spans if s.kind == "answer"), None)
     if answer is None:
         return None
-    labels = label_lookup(row["labels"] or [])
+    labels = label_lookup(row["labels"])
     return line_relevance(row["completion_ids"], tokenizer, answer.tok_start, labels, FEEDS_ANSWER)
 
 
-def weigh_by_entropy(
-    sequences: list[_Sequence], entropies: dict[str, list[float]], stops: dict[str, bool], q: float
-) -> dict[str, list[float]]:
+def weigh_by_entropy(sequences: list[_Sequence], entropies: dict[str, list[float]], q: float) -> None:
     """`entropy` mode: every kept sequence's weights from the old policy's per-token entropies.
     The threshold is the q-quantile over every token that carries loss in the update (a
     final stop token left out), once for the batch."""
     population = []
     for s in sequences:
-        values, mask = entropies[s.rollout_id], s.mask
-        body = len(values) - 1 if stops[s.rollout_id] else len(values)
-        population += [h for h, m in zip(values[:body], mask[:body], strict=True) if m > 0]
+        values = entropies[s.rollout_id]
+        body = len(values) - 1 if s.ends_with_stop else len(values)
+        population += [h for h, m in zip(values[:body], s.mask[:body], strict=True) if m > 0]
     if not population:
-        return {}
+        return
     threshold = quantile(population, q)
-    weights = {}
     for s in sequences:
-        s.weights = entropy_weights(entropies[s.rollout_id], threshold, stops[s.rollout_id])
-        weights[s.rollout_id] = s.weights
-    return weights
+        s.weights = entropy_weights(entropies[s.rollout_id], threshold, s.ends_with_stop)
 
 
 def plan_minibatches(sequences: list[_Sequence], minibatches: int, seed: int, epoch: int) -> list[list[_Sequence]]:
@@ -547,7 +543,7 @@ def optimize(
             from accelerate.utils import gather_object
 
             entropies = {key: value for part in gather_object([entropies]) for key, value in part.items()}
-        weigh_by_entropy(sequences, entropies, context.ends_with_stop, config.entropy_quantile)
+        weigh_by_entropy(sequences, entropies, config.entropy_quantile)
     steps: list[StepMetrics] = []
     with progress_bar("train", total=steps_here, unit="steps") as advance:
         for epoch in range(config.epochs):
@@ -627,10 +623,8 @@ def saved_optimizer(model: str) -> str | None:
     state = Path(model) / "trainer_state.json"
     if not (Path(model) / "optimizer.pt").exists() or not state.exists():
         return None
-    try:
-        return json.loads(state.read_text()).get("optimizer", "adamw")
-    except (json.JSONDecodeError, AttributeError):
-        raise CfiwError(f"{state} is not a JSON record", "train from a checkpoint cfiw train wrote") from None
+    hint = "train from a checkpoint cfiw train wrote, or one without optimizer.pt"
+    return recorded_value(state, "optimizer", lambda name: name in OPTIMIZERS, hint, default="adamw")
 
 
 def check_resumable(config: TrainConfig) -> None:
@@ -700,7 +694,6 @@ class UpdateContext:
     rank: int
     world: int
     sharded: bool  # FSDP: every process runs as many forward and backward passes as the others
-    ends_with_stop: dict[str, bool] = field(default_factory=dict)  # per rollout: did it end on a stop token
 
     @classmethod
     def of(
@@ -718,14 +711,6 @@ class UpdateContext:
             rank=accelerator.process_index,
             world=accelerator.num_processes,
             sharded=sharded,
-            ends_with_stop={
-                rollout_id: reason == "stop"
-                for rollout_id, reason in zip(
-                    batch.rollouts.column("rollout_id").to_pylist(),
-                    batch.rollouts.column("finish_reason").to_pylist(),
-                    strict=True,
-                )
-            },
         )
 
 
