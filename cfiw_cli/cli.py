@@ -262,7 +262,7 @@ def sql(
         str,
         typer.Argument(
             help="SQL over the views rollouts, spans, scores, weights, train_metrics, eval, probe, replay, "
-            "replay_weights, manifests."
+            "replay_weights, gradients, manifests."
         ),
     ],
     format: Annotated[SqlFormat, typer.Option("--format", help="Output format.")] = "table",
@@ -391,6 +391,24 @@ def replay(config: configs.ReplayConfig, force: options.Force = False) -> None:
     per iteration x mode to replay.parquet; a killed replay resumes.
     """
     from cfiw_cli.pipeline import replay as stage
+
+    stage.run(config, force=force)
+
+
+@command(
+    "gradients", "cfiw gradients runs/tiny-cfiw --modes uniform,cfiw,cfiw@0,oracle --reference-rollouts 2048",
+    configs.GradientsConfig,
+)  # fmt: skip
+def gradients(config: configs.GradientsConfig, force: options.Force = False) -> None:
+    """Measure what each weighting mode does to the policy gradient, without an update.
+
+    For each kept iteration and mode, on the minibatches train forms from that iteration's
+    rollouts: the gradient's norm, its cosine with uniform's and with a reference gradient (the
+    iteration's questions sampled again, 8x by default), the share of each span kind and synth
+    label, and the cosine between two halves of the minibatch (its noise). Writes
+    RUN/gradients/MODE/iter-NNNN/ and all rows to gradients.parquet; a killed run resumes.
+    """
+    from cfiw_cli.pipeline import gradients as stage
 
     stage.run(config, force=force)
 

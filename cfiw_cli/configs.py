@@ -443,6 +443,12 @@ class TrainConfig(LoraOptions, TrackingOptions):
     seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)
 
 
+MODES_HELP = (
+    f"Weighting modes, comma-separated, of: {', '.join(MODES)}; MODE@F sets its importance floor (e.g. cfiw@0), "
+    "MODE+authors weighs as the authors' trainer does (e.g. cfiw+authors)."
+)
+
+
 def parse_iterations(text: str) -> list[int]:
     """ "0-3,8" -> [0, 1, 2, 3, 8]."""
     chosen: set[int] = set()
@@ -463,30 +469,50 @@ def parse_iterations(text: str) -> list[int]:
     return sorted(chosen)
 
 
-def split_mode(mode: str) -> tuple[str, float | None]:
-    """ "cfiw@0" -> ("cfiw", 0.0): a weighting mode and, optionally, its importance floor."""
-    name, sep, floor = mode.partition("@")
+def split_mode(mode: str) -> tuple[str, float | None, str | None]:
+    """ "cfiw@0+authors" -> ("cfiw", 0.0, "authors"): a weighting mode and, optionally, its
+    importance floor (`@F`) and the profile of its weights (`+PROFILE`)."""
+    rest, plus, profile = mode.partition("+")
+    name, sep, floor = rest.partition("@")
     if name not in MODES:
         raise CfiwError(f"unknown mode {name!r} in --modes", f"choose from {', '.join(MODES)}")
+    if plus and profile not in PROFILES:
+        raise CfiwError(
+            f"--modes {mode!r}: the profile after + must be one of {', '.join(PROFILES)}",
+            "e.g. cfiw+authors",
+        )
     if not sep:
-        return name, None
+        return name, None, profile or None
     try:
         value = float(floor)
     except ValueError:
         value = math.nan
     if not 0 <= value <= 1:
         raise CfiwError(f"--modes {mode!r}: the importance floor after @ must lie in [0, 1]", "e.g. cfiw@0")
-    return name, value
+    return name, value, profile or None
+
+
+def mode_settings(mode: str, train: Any) -> dict[str, Any]:
+    """The train settings of `mode` over those of `train` (a TrainConfig): its weighting, and
+    its floor and profile where the mode names them."""
+    weighting, floor, profile = split_mode(mode)
+    return {
+        "weighting": weighting,
+        "importance_floor": train.importance_floor if floor is None else floor,
+        "profile": train.profile if profile is None else profile,
+    }
 
 
 def parse_modes(text: str) -> list[str]:
     """ "uniform, cfiw, cfiw@0" -> ["uniform", "cfiw", "cfiw@0"]: weighting modes, each with an
-    optional importance floor."""
+    optional importance floor and profile."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
     if not modes:
         raise CfiwError(f"unknown mode {text!r} in --modes", f"choose from {', '.join(MODES)}")
     for mode in modes:
         split_mode(mode)
+    if len(set(modes)) < len(modes):
+        raise CfiwError(f"--modes {text!r} names a mode twice", "name each mode once")
     return modes
 
 
@@ -500,8 +526,7 @@ class ReplayConfig(Checked):
     )
     modes: str = flag(
         "uniform,cfiw,inverted,shuffled,random",
-        f"Weighting modes to apply, comma-separated, of: {', '.join(MODES)}; MODE@F sets its importance floor "
-        "(e.g. cfiw@0).",
+        MODES_HELP,
         check=parse_modes,
     )
     optimizer_state: str = flag(
@@ -520,6 +545,34 @@ class ReplayConfig(Checked):
         None, "Samples per probe question (default: the loop's probe).", min=1, max=MAX_SAMPLES
     )
     out: str | None = flag(None, "replay.parquet to write (default: RUN/replay/replay.parquet).", path=True)
+
+
+GRADIENT_MODES = "uniform,cfiw,cfiw@0,inverted,random,entropy"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientsConfig(Checked):
+    run: str = flag(
+        help="Run directory written by cfiw loop with kept policies (loop.keep_policies).", path=True, argument=True
+    )
+    iterations: str | None = flag(
+        None, "Iterations to measure, e.g. 0-11 or 0,4,8 (default: every kept one).", check=parse_iterations
+    )
+    modes: str = flag(GRADIENT_MODES, MODES_HELP, check=parse_modes)
+    reference_rollouts: int | None = flag(
+        None,
+        "Rollouts of the reference gradient: the iteration's questions sampled again, a whole number of times "
+        "(default: 8x the iteration's rollouts; 0: no reference).",
+        min=0,
+        max=MAX_ROWS,
+    )
+    seed: int | None = flag(
+        None, "Sampling seed of the reference rollouts (default: the loop's seed + 1).", min=0, max=MAX_SEED
+    )
+    shares: bool = flag(
+        True, "Also measure each span kind's and synth label's share (one backward pass per part and mode)."
+    )
+    out: str | None = flag(None, "gradients.parquet to write (default: RUN/gradients/gradients.parquet).", path=True)
 
 
 # The sections of a `cfiw loop` config (a preset or --config) that are not one stage's settings.

@@ -113,6 +113,30 @@ TRAIN_METRICS_WRITTEN = pa.schema(
     ]
 )
 
+SHARES = pa.list_(pa.struct([("part", pa.string()), ("share", pa.float64()), ("tokens", pa.int64())]))
+GRADIENTS = pa.schema(  # cfiw gradients: one row per iteration x mode x minibatch
+    [
+        ("iteration", pa.int32()),
+        ("mode", pa.string()),
+        ("weighting", pa.string()),
+        ("importance_floor", pa.float64()),
+        ("profile", pa.string()),
+        ("minibatch", pa.int32()),
+        ("groups", pa.int32()),
+        ("sequences", pa.int32()),
+        ("tokens", pa.int64()),
+        ("grad_norm", pa.float64()),
+        ("uniform_cosine", pa.float64()),
+        ("reference_cosine", pa.float64()),
+        ("halves_cosine", pa.float64()),
+        ("reference_halves_cosine", pa.float64()),
+        ("reference_rollouts", pa.int64()),
+        ("kind_shares", SHARES),
+        ("label_shares", SHARES),
+        ("parts_residual", pa.float64()),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "rollouts": ROLLOUTS,
     "spans": SPANS,

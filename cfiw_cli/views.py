@@ -12,7 +12,8 @@ Views: `rollouts`, `spans`, `scores`, `weights`, `train_metrics` (all iterations
 `iteration` column taken from the `iter-NNNN` directory), `eval`, `probe` (from
 `KIND/iter-NNNN.parquet`), `replay` (`replay/replay.parquet`), `replay_weights` (the token
 weights of every replayed update, `replay/MODE/iter-NNNN/weights.parquet`, with `mode` and
-`iteration` columns) and, with `manifests`, a
+`iteration` columns), `gradients` (`gradients/gradients.parquet` of `cfiw gradients`) and, with
+`manifests`, a
 `manifests` table (`file`, `stage`, `manifest` JSON of every Parquet file under the run).
 With `labels`, each view also has a `run` column naming the run it came from.
 """
@@ -167,6 +168,8 @@ def layout_files(run: Path, kind: str) -> list[str]:
             for d in run.glob("replay/*/iter-*")
             if iteration_of(d.name) is not None and _is_mode(d.parent.name)
         ]
+    elif kind == "gradients":
+        found = ["gradients/gradients.parquet"]
     else:
         found = ["replay/replay.parquet"]
     return sorted(name for name in found if (run / name).is_file())
@@ -214,6 +217,7 @@ def create_views(con: Any, runs: list[Path], labels: list[str] | None = None) ->
         f"{iteration} from {{source}}"
     )
     _union(con, "replay_weights", runs, labels, "replay_weights", replayed)
+    _union(con, "gradients", runs, labels, "gradients", "select * exclude (filename){run} from {source}")
 
 
 def _create_manifests(con: Any, runs: list[Path]) -> None:

@@ -102,7 +102,7 @@ def test_help_imports_no_heavy_library():
     assert time.perf_counter() - started < 1.0
 
 
-STAGE_COMMANDS = {"tiny-model", "synth", "sft", "rollout", "eval", "segment", "score", "train", "replay"}
+STAGE_COMMANDS = {"tiny-model", "synth", "sft", "rollout", "eval", "segment", "score", "train", "replay", "gradients"}
 
 
 def test_every_stage_command_is_built_from_its_config():

@@ -1,13 +1,14 @@
 """Stages do not import each other: what two stages share lives a layer below them. Only the
-orchestrators, `loop` (one process running every stage) and `replay` (train and eval again on
-a loop's artifacts), call other stages."""
+orchestrators, `loop` (one process running every stage), `replay` (train and eval again on
+a loop's artifacts) and `gradients` (train's gradients, and rollouts for its reference), call
+other stages."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cfiw_cli"
 STAGE_PACKAGES = ("pipeline", "tools", "report")
-ORCHESTRATORS = {"loop", "replay"}
+ORCHESTRATORS = {"loop", "replay", "gradients"}
 
 
 def imported_stages(path: Path) -> set[str]:

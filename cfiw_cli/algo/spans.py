@@ -354,16 +354,22 @@ def line_relevance(
     completion_ids: Sequence[int], tokenizer: Any, reasoning_end: int, labels: dict[str, str], feeds: frozenset[str]
 ) -> list[bool]:
     """Per reasoning token (`[0, reasoning_end)`): whether its line (newline included) has the
-    form of a reference sentence whose label is in `feeds` (see `cfiw_cli.tasks.arith`). A
-    token that crosses lines goes with the line holding most of its characters."""
-    text, offsets = decode_with_offsets(list(completion_ids)[:reasoning_end], tokenizer)
+    form of a reference sentence whose label is in `feeds` (see `cfiw_cli.tasks.arith`)."""
+    return [label in feeds for label in line_labels(completion_ids, tokenizer, reasoning_end, labels)]
+
+
+def line_labels(completion_ids: Sequence[int], tokenizer: Any, end: int, labels: dict[str, str]) -> list[str | None]:
+    """Per token of `completion_ids[:end]`: the label of the reference sentence whose form its
+    line (newline included) has, or None. A token that crosses lines goes with the line
+    holding most of its characters."""
+    text, offsets = decode_with_offsets(list(completion_ids)[:end], tokenizer)
     lines = [(m.start(), m.end()) for m in re.finditer(r"[^\n]*\n|[^\n]+$", text)]
-    relevant_line = [labels.get(sentence_form(text[a:b])) in feeds for a, b in lines]
-    out = []
+    line_label = [labels.get(sentence_form(text[a:b])) for a, b in lines]
+    out: list[str | None] = []
     for a, b in offsets:
         if a == b:  # continues a character begun by the previous token
             a, b = max(a - 1, 0), a
-        overlaps = [max(0, min(b, end) - max(a, start)) for start, end in lines]
+        overlaps = [max(0, min(b, stop) - max(a, start)) for start, stop in lines]
         best = max(range(len(lines)), key=lambda i: overlaps[i]) if lines else None
-        out.append(best is not None and overlaps[best] > 0 and relevant_line[best])
+        out.append(line_label[best] if best is not None and overlaps[best] > 0 else None)
     return out

@@ -166,6 +166,15 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
     return steps
 
 
+def loop_plan(run: Path) -> tuple[dict[str, Any], list]:
+    """A loop run's config and its planned stages (see `cfiw_cli.pipeline.loop.plan`)."""
+    path = RunLayout(run).config
+    if not path.exists():
+        raise CfiwError(f"{run} is not a loop run (no config.toml)", "pass a directory written by cfiw loop")
+    config = tomllib.loads(path.read_text())
+    return config, plan(config, run)
+
+
 def _steps(
     config: dict[str, Any], loop: LoopSection, data: DataSection, model: ModelSection, layout: RunLayout
 ) -> list[tuple[int, str, Any]]:

@@ -30,7 +30,6 @@ the measurements run on the main process.
 from __future__ import annotations
 
 import shutil
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,28 +39,19 @@ import pyarrow.parquet as pq
 
 from cfiw_cli import distributed, modeling
 from cfiw_cli.artifacts import prepare_output, settings_of, sha256_of
-from cfiw_cli.configs import REPLAY_OPTIMIZER_STATES, ReplayConfig, parse_iterations, parse_modes, split_mode
+from cfiw_cli.configs import REPLAY_OPTIMIZER_STATES, ReplayConfig, mode_settings, parse_iterations, parse_modes
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.likelihood import reference_likelihood, reference_sequences
 from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import train
-from cfiw_cli.pipeline.loop import plan
+from cfiw_cli.pipeline.loop import loop_plan
 from cfiw_cli.policies import kept_iterations, policy_at
 from cfiw_cli.runs import RunLayout, iteration_name
 from cfiw_cli.stage import StageRun, guard_inputs, guard_outputs
 from cfiw_cli.tasks.gsm8k import load_questions
 
 START = "start"  # the cell of policy_k itself
-
-
-def _loop_plan(run: Path) -> tuple[dict[str, Any], list]:
-
-    path = RunLayout(run).config
-    if not path.exists():
-        raise CfiwError(f"{run} is not a loop run (no config.toml)", "pass a directory written by cfiw loop")
-    config = tomllib.loads(path.read_text())
-    return config, plan(config, run)
 
 
 def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], list[str], dict[int, Any], Any]:
@@ -110,10 +100,8 @@ def _optimizer(config: ReplayConfig, step: Any) -> dict[str, Any]:
 
 
 def _update_config(step: Any, mode: str, optimizer: dict[str, Any]) -> Any:
-    """The loop's train stage of an iteration, in `mode` (`MODE` or `MODE@FLOOR`)."""
-    weighting, floor = split_mode(mode)
-    floor = step.importance_floor if floor is None else floor
-    return replace(step, weighting=weighting, importance_floor=floor, **optimizer)
+    """The loop's train stage of an iteration, in `mode` (`MODE[@FLOOR][+PROFILE]`)."""
+    return replace(step, **mode_settings(mode, step), **optimizer)
 
 
 def _guard_summary(out: Path, run: Path, trains: list[Any], force: bool) -> None:
@@ -175,7 +163,7 @@ def run(config: ReplayConfig, force: bool = False) -> Path:
     if not run_dir.is_dir():
         what = "is a file, not a run directory" if run_dir.exists() else "not found"
         raise CfiwError(f"run directory {what}: {run_dir}", "pass a directory written by cfiw loop")
-    loop_config, steps = _loop_plan(run_dir)
+    loop_config, steps = loop_plan(run_dir)
     iterations, modes, trains, probe = _cells(config, run_dir, steps)
     seed = int(loop_config.get("loop", {}).get("seed", 0)) if config.seed is None else config.seed
     base = str(loop_config["model"]["id"])

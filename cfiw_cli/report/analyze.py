@@ -299,12 +299,61 @@ def replay_tables(con: Any) -> dict[str, list[dict]]:
                   avg(difference) as mean_difference, coalesce(stddev_samp(difference), 0) as std
            from replay_pairs group by all order by metric, difference""",
     )
-    for row in summary:
-        half = (
-            t_quantile(0.975, row["pairs"] - 1) * row["std"] / math.sqrt(row["pairs"]) if row["pairs"] > 1 else math.nan
-        )
+    out["replay_summary"] = _with_interval(summary)
+    return out
+
+
+GRADIENT_METRICS = ("reference_cosine", "uniform_cosine", "halves_cosine", "grad_norm")
+
+
+def _with_interval(rows: list[dict], count: str = "pairs") -> list[dict]:
+    """Adds the 95% t interval of `mean_difference` (from `std` over `count` pairs)."""
+    for row in rows:
+        n = row[count]
+        half = t_quantile(0.975, n - 1) * row["std"] / math.sqrt(n) if n > 1 else math.nan
         row.update({"ci_low": row["mean_difference"] - half, "ci_high": row["mean_difference"] + half})
-    out["replay_summary"] = summary
+    return rows
+
+
+def gradient_tables(con: Any) -> dict[str, list[dict]]:
+    """`cfiw gradients`: per mode, the mean of each measure; each mode minus uniform paired by
+    run x iteration x minibatch, with a 95% t interval (minibatches of one policy share it,
+    so the pairs are not fully independent); the mean share of each span kind and label."""
+    keys = "r.run = u.run and r.iteration = u.iteration and r.minibatch = u.minibatch"
+    unions = " union all ".join(
+        f"select r.run, r.iteration, r.minibatch, r.mode, '{m}' as metric, r.{m} - u.{m} as difference "
+        f"from gradients r join gradients u on {keys} and u.mode = 'uniform' "
+        f"where r.mode <> 'uniform' and r.{m} is not null and u.{m} is not null"
+        for m in GRADIENT_METRICS
+    )
+    con.execute(f"create temp table gradient_pairs as {unions}")
+    means = ", ".join(f"avg({m}) as {m}" for m in GRADIENT_METRICS)
+    out = {
+        "gradients_by_mode": _rows(
+            con,
+            f"""select mode, count(*) as minibatches, count(distinct run || ':' || iteration) as policies, {means},
+                       avg(reference_halves_cosine) as reference_halves_cosine, max(parts_residual) as parts_residual
+                from gradients group by mode order by reference_cosine desc nulls last""",
+        ),
+        "gradient_differences": _with_interval(
+            _rows(
+                con,
+                """select mode || ' - uniform' as difference, metric, count(*) as pairs,
+                          count(distinct run || ':' || iteration) as policies, avg(difference) as mean_difference,
+                          coalesce(stddev_samp(difference), 0) as std
+                   from gradient_pairs group by all order by metric, mean_difference desc""",
+            )
+        ),
+    }
+    shares = " union all ".join(
+        f"select mode, '{p}' as partition, s.part, s.share, s.tokens from gradients, unnest({p}_shares) as t(s)"
+        for p in ("kind", "label")
+    )
+    out["gradient_shares"] = _rows(
+        con,
+        f"""select mode, partition, part, count(*) as minibatches, avg(share) as mean_share,
+                   sum(tokens) as tokens from ({shares}) group by all order by partition, part, mode""",
+    )
     return out
 
 
@@ -352,6 +401,8 @@ def tables(con: Any) -> dict[str, list[dict]]:
         out.update(probe_tables(con))
     if _has(con, "replay"):
         out.update(replay_tables(con))
+    if _has(con, "gradients"):
+        out.update(gradient_tables(con))
     if _has(con, "rollouts"):
         out["reward"] = _rows(
             con,
@@ -489,6 +540,8 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.suptitle("Paired replay: each mode's update minus uniform's (mean over runs)", fontsize=9)
         written.append(_save(fig, out / "replay_differences.png"))
+    if tables_.get("gradients_by_mode"):
+        written.append(_alignment_plot(tables_, out / "gradient_alignment.png"))
     if tables_.get("reward"):
         curves(
             tables_["reward"],
@@ -567,6 +620,33 @@ def _write_curves(results: dict[str, list[dict]], out: Path) -> None:
     for name, rows in (("curves", per_run), ("curves_by_mode", by_mode)):
         if rows:
             pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
+
+
+def _alignment_plot(tables_: dict[str, list[dict]], path: Path) -> Path:
+    """Per mode: the mean cosine with the reference gradient, and its paired difference from
+    uniform's with the 95% interval."""
+    import matplotlib.pyplot as plt
+
+    by_mode = [r for r in tables_["gradients_by_mode"] if r["reference_cosine"] is not None]
+    differences = {
+        r["difference"].removesuffix(" - uniform"): r
+        for r in tables_["gradient_differences"]
+        if r["metric"] == "reference_cosine"
+    }
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = [r["mode"] for r in by_mode]
+    left.barh(names, [r["reference_cosine"] for r in by_mode], color="tab:blue")
+    left.set(xlabel="cosine with the reference gradient (mean over minibatches)", title="Alignment by mode")
+    chosen = [m for m in names if m in differences]
+    if chosen:
+        mean = [differences[m]["mean_difference"] for m in chosen]
+        low = [differences[m]["mean_difference"] - differences[m]["ci_low"] for m in chosen]
+        high = [differences[m]["ci_high"] - differences[m]["mean_difference"] for m in chosen]
+        right.errorbar(mean, chosen, xerr=[low, high], fmt="o", capsize=3)
+        right.axvline(0, color="grey", linewidth=0.5)
+        pairs = differences[chosen[0]]["pairs"]
+        right.set(xlabel=f"minus uniform's (95% interval over {pairs} minibatch pairs)", title="Paired difference")
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -667,9 +747,8 @@ def _guard_report(out: Path, runs: list[Path], force: bool) -> None:
     (it is replaced whole), and replaces only an earlier report without `force`."""
     for run in runs:
         read = [run, run / "config.toml", RunLayout(run).policy]
-        read += [
-            run / name for kind in (*ITERATION_KINDS, *EVALUATION_KINDS, "replay") for name in layout_files(run, kind)
-        ]
+        kinds = (*ITERATION_KINDS, *EVALUATION_KINDS, "replay", "gradients")
+        read += [run / name for kind in kinds for name in layout_files(run, kind)]
         for path in read:
             if path.exists() and (same_path(path, out) or lies_inside(path, out)):
                 where = "is" if same_path(path, out) else "holds"

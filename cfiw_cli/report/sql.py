@@ -2,8 +2,9 @@
 
 Views: `rollouts`, `spans`, `scores`, `weights`, `train_metrics` (all iterations, with an
 `iteration` column taken from the `iter-NNNN` directory), `eval` (from `eval/iter-NNNN.parquet`),
-`probe` (from `probe/iter-NNNN.parquet`), `replay` (`replay/replay.parquet` of `cfiw replay`)
-and `manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
+`probe` (from `probe/iter-NNNN.parquet`), `replay` (`replay/replay.parquet` of `cfiw replay`),
+`replay_weights`, `gradients` (`gradients/gradients.parquet` of `cfiw gradients`) and
+`manifests` (`file`, `stage`, `manifest` JSON of every Parquet file of the run).
 
 Two walls keep a query from changing anything. The statement must be one that reads: DuckDB's
 parser classes it as SELECT, or as an EXPLAIN of a SELECT (`EXPLAIN ANALYZE` runs what it
