@@ -12,6 +12,9 @@ torch_index := env("CFIW_TORCH_INDEX", "")
 # weight of a calculation token over that of a scaffolding token
 weight_share_query := "with tokens as (select mode, iteration, rollout_id, unnest(token_weights) as weight, unnest(generate_series(0, len(token_weights) - 1)) as t from replay_weights where kept), typed as (select k.mode, k.weight, coalesce(s.kind, 'none') as kind from tokens k left join spans s on s.iteration = k.iteration and s.rollout_id = k.rollout_id and k.t >= s.tok_start and k.t < s.tok_end) select mode, round(100 * sum(weight) filter (where kind = 'calculation') / sum(weight), 1) as calculation_pct, round(100 * sum(weight) filter (where kind = 'scaffolding') / sum(weight), 1) as scaffolding_pct, round(avg(weight) filter (where kind = 'calculation') / avg(weight) filter (where kind = 'scaffolding'), 2) as calculation_over_scaffolding from typed group by mode order by calculation_pct"
 
+# the testbed dial's points, each with a preset tiny-POINT (L: made-up words before every event, N: noise lines)
+dial_points := "L8 L32 N2 L8-N2 L32-N2"
+
 default:
     @just --list
 
@@ -57,9 +60,13 @@ tiny-sft out="runs/tiny-sft" steps="1000" data="data/arith":
     {{bin}}/cfiw tiny-model --out {{out}}-base --dataset {{data}}/train.jsonl --layers 4 --hidden 128
     {{bin}}/cfiw sft --model {{out}}-base --dataset {{data}} --split sft --out {{out}} --steps {{steps}} --lr 3e-3 --batch-size 16
 
-# the warm start of a tiny preset, on the preset's own dataset (up to date: skipped)
+# the warm start of a tiny preset, on the preset's own dataset (a dial point's is written first; up to date: skipped)
 _warm model sft steps:
-    {{just_executable()}} --justfile {{justfile()}} tiny-sft {{sft}} {{steps}} "$({{bin}}/python -c 'import sys, tomllib; print(tomllib.load(open(f"pipelines/{sys.argv[1]}.toml", "rb"))["data"]["dataset"])' {{model}})"
+    #!/usr/bin/env bash
+    set -euo pipefail
+    data="$({{bin}}/python -c 'import sys; from cfiw_cli.pipeline.loop import load_config; print(load_config(sys.argv[1], None)["data"]["dataset"])' {{model}})"
+    if [[ ! -d "$data" && "$data" =~ ^data/arith-([LN][0-9].*)$ ]]; then {{just_executable()}} --justfile {{justfile()}} dial-data "${BASH_REMATCH[1]}"; fi
+    {{just_executable()}} --justfile {{justfile()}} tiny-sft {{sft}} {{steps}} "$data"
 
 # the loop in one process, then its report: just full-run model=tiny|qwen [mode=cfiw iters=N run=DIR sft=DIR sft_steps=N]
 full-run *args:
@@ -136,6 +143,35 @@ paired *args:
     {{bin}}/cfiw analyze "${runs[@]}" --out "$out/report"
     echo "report: $out/report/report.html (tables and plots: $out/report/report.md)"
 
+# Gradient alignment at each point of the testbed dial: per point and seed, a short loop that keeps the
+# policies iterations 0, 2 and 4 start from, then `cfiw gradients` on each (every mode on the same minibatches),
+# then one report whose gradient tables are per point (points=base,L8,... where base is the tiny preset;
+# jobs=N runs N seeds at once; reference=R reference rollouts per policy; logs beside the run directories)
+dose-response *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    points=base,L8,L32,N2,L8-N2,L32-N2 seeds=3 jobs=1 iters=5 keep=2 reference=1024 sft_steps=1000 modes=uniform,cfiw,cfiw@0,inverted,random,oracle,entropy out=runs/dose-response
+    for arg in {{args}}; do case "$arg" in points=*|seeds=*|jobs=*|iters=*|keep=*|reference=*|sft_steps=*|modes=*|out=*) declare "$arg" ;; *) echo "unknown argument: $arg (use points= seeds= jobs= iters= keep= reference= sft_steps= modes= out=)" >&2; exit 2 ;; esac; done
+    runs=() commands=()
+    for point in ${points//,/ }; do
+      preset=tiny; [[ "$point" == base ]] || preset="tiny-$point"
+      sft="runs/$preset-sft"
+      {{just_executable()}} --justfile {{justfile()}} _warm "$preset" "$sft" "$sft_steps"
+      for seed in $(seq 0 $((seeds - 1))); do
+        run="$out/$point/seed$seed"
+        runs+=("$run")
+        mkdir -p "$out/$point"
+        loop="$(printf '%q ' {{bin}}/cfiw loop --preset "$preset" --model "$sft" --seed "$seed" --run "$run" --iterations "$iters" --set "loop.keep_policies=$keep" --set loop.probe_questions=0 --set loop.eval_every=1000 --set loop.eval_limit=16)"
+        measure="$(printf '%q ' {{bin}}/cfiw gradients "$run" --modes "$modes" --no-shares --reference-rollouts "$reference")"
+        commands+=("(SECONDS=0; $loop && echo loop seconds: \$SECONDS && $measure && echo total seconds: \$SECONDS) > $(printf '%q' "$run.log") 2>&1 && echo done: $(printf '%q' "$run")")
+      done
+    done
+    mkdir -p "$out"
+    threads=$(( $(nproc) / jobs )); threads=$(( threads > 0 ? threads : 1 ))
+    printf '%s\0' "${commands[@]}" | OMP_NUM_THREADS=$threads xargs -0 -P "$jobs" -n 1 bash -c
+    {{bin}}/cfiw analyze "${runs[@]}" --out "$out/report"
+    echo "report: $out/report/report.md (gradient tables per dataset; plot: $out/report/gradient_alignment.png)"
+
 # the share of the token weight each mode puts on calculation and scaffolding spans, on one batch:
 # iteration 0 of a one-iteration tiny run, replayed in every mode, measured by one cfiw sql query
 weight-shares run="runs/tiny-shares" sft="runs/tiny-sft" sft_steps="1000":
@@ -173,6 +209,16 @@ bench-sql *args:
     {{bin}}/python benchmarks/sql_bench.py {{args}}
 
 # regenerate the synthetic problems in data/arith and data/arith-distractors (the committed copies)
+# and every point of the testbed dial (data/arith-POINT, checked against data/dial.sha256)
 data:
     {{bin}}/cfiw synth --out data/arith --n-train 2000 --n-test 200 --max-steps 3 --max-number 10 --filler-rate 0.3 --teacher-error-rate 0.5 --seed 0 --force
     {{bin}}/cfiw synth --out data/arith-distractors --n-train 2000 --n-test 200 --max-steps 3 --max-number 20 --filler-rate 0.3 --distractors 2 --teacher-error-rate 0.15 --seed 0 --force
+    for point in {{dial_points}}; do {{just_executable()}} --justfile {{justfile()}} dial-data "$point"; done
+    cd data && sha256sum --check --quiet dial.sha256
+
+# one point of the testbed dial over data/arith's problems: L made-up words before every event, N noise lines (e.g. L8-N2)
+dial-data point out="data":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [[ "{{point}}" =~ ^(L([0-9]+))?-?(N([0-9]+))?$ && -n "{{point}}" ]] || { echo "a dial point is LWORDS, NLINES or LWORDS-NLINES, e.g. L8-N2" >&2; exit 2; }
+    {{bin}}/cfiw synth --out {{out}}/arith-{{point}} --n-train 2000 --n-test 200 --max-steps 3 --max-number 10 --filler-rate 0.3 --teacher-error-rate 0.5 --seed 0 --filler-length "${BASH_REMATCH[2]:-0}" --filler-vocab 256 --noise-lines "${BASH_REMATCH[4]:-0}" --force

@@ -275,6 +275,15 @@ class SynthConfig(Checked):
         min=0.0,
         max=1.0,
     )
+    filler_length: int = flag(
+        0, "Dial: a line of this many made-up, digit-free words before every event (labelled filler).", min=0,
+        max=1000,
+    )  # fmt: skip
+    filler_vocab: int = flag(256, "Dial: how many made-up words the filler lines draw from.", min=1, max=343_000)
+    noise_lines: int = flag(
+        0, "Dial: lines of correct arithmetic that do not feed the answer, per problem (labelled noise).", min=0,
+        max=100,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_same_tables, kill_when, run_chained, tokenizer_files
 from test_errors import assert_clean_error
 
+from cfiw_cli.errors import CfiwError
 from cfiw_cli.pipeline.loop import apply_overrides, command_line, load_config, plan, presets
 
 BIN = Path(sys.executable).parent
@@ -213,7 +214,17 @@ def test_killed_loop_resumes_to_the_same_files(uninterrupted, tiny_model, tmp_pa
 
 def test_every_preset_parses_and_plans():
     names = sorted(presets())
-    assert names == ["llama", "qwen", "qwen-0.5b", "tiny", "tiny-distractors"]
+    assert names == [
+        "llama",
+        "qwen",
+        "qwen-0.5b",
+        "tiny",
+        "tiny-L32",
+        "tiny-L32-N2",
+        "tiny-L8",
+        "tiny-L8-N2",
+        "tiny-N2",
+    ] + ["tiny-distractors"]
     for name in names:
         config = load_config(name, None)
         steps = plan(config, Path("runs/x"))
@@ -228,6 +239,25 @@ def test_every_preset_parses_and_plans():
             else []
         )
     assert load_config("qwen", None)["train"]["lr"] == 1e-6
+
+
+def test_a_dial_preset_is_the_tiny_preset_with_its_own_data(tmp_path):
+    tiny, dial = load_config("tiny", None), load_config("tiny-L8-N2", None)
+    assert "base" not in dial
+    assert dial["data"]["dataset"] == "data/arith-L8-N2" and dial["model"]["id"] == "runs/tiny-L8-N2-sft"
+    assert dial["rollout"]["max_new_tokens"] == 192
+    assert {k: v for k, v in dial["rollout"].items() if k != "max_new_tokens"} == {
+        k: v for k, v in tiny["rollout"].items() if k != "max_new_tokens"
+    }
+    assert dial["train"] == tiny["train"] and dial["loop"] == tiny["loop"]
+    mine = tmp_path / "mine.toml"
+    mine.write_text('base = "tiny-L8"\n[loop]\niterations = 3\n')  # a base may have a base
+    config = load_config(None, str(mine))
+    assert config["loop"]["iterations"] == 3 and config["data"]["dataset"] == "data/arith-L8"
+    for text, problem in (('base = "nope"', "no preset"), ('base = "tiny"\nseed = 1', "every top-level key")):
+        mine.write_text(text + "\n")
+        with pytest.raises(CfiwError, match=problem):
+            load_config(None, str(mine))
 
 
 def test_flags_override_the_preset():

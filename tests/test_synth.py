@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,7 @@ def test_labels_describe_the_solution_and_the_arithmetic_is_right(cli, tmp_path)
                 assert sentence["text"] in FILLERS and not re.search(r"\d", sentence["text"])
             seen.add(sentence["label"])
         assert max(int(n) for n in re.findall(r"\d+", row["question"])) <= 30
-    assert seen == set(LABELS) - {"distractor"}
+    assert seen == set(LABELS) - {"distractor", "noise"}
     no_filler = synth(cli, tmp_path / "e", "--filler-rate", "0")
     assert all(s["label"] != "filler" for row in read(no_filler / "train.jsonl") for s in row["labels"])
 
@@ -166,3 +168,65 @@ def test_distractors_carry_numbers_the_answer_does_not_depend_on(cli, tmp_path):
         manifest["config"]["distractors"] == 2 and manifest["metrics"]["train_sentences_by_label"]["distractor"] == 600
     )
     assert_clean_error(cli("synth", "--out", tmp_path / "bad", "--distractors", "14"), "--distractors")
+
+
+def test_the_dials_add_only_their_own_lines(cli, tmp_path):
+    """Filler lines of L dial words and N noise lines, drawn apart from the problems: removing
+    them gives back the dial-free dataset of the same seed, the teacher's errors included."""
+    from cfiw_cli.tasks.arith import filler_words, label_lookup, sentence_form
+
+    flags = ("--max-number", "10", "--teacher-error-rate", "0.5")
+    plain = synth(cli, tmp_path / "plain", *flags)
+    dialled = synth(
+        cli, tmp_path / "dial", *flags, "--filler-length", "8", "--filler-vocab", "16", "--noise-lines", "2"
+    )
+    words = set(filler_words(16))
+    assert len(words) == 16 and not any(re.search(r"\d", w) for w in words)
+    for split in ("train.jsonl", "test.jsonl", "sft.jsonl"):
+        for base, row in zip(read(plain / split), read(dialled / split), strict=True):
+            assert row["question"] == base["question"]
+            kept = [
+                s for s in row["labels"] if s["label"] not in ("noise",) and not set(s["text"][:-1].split()) <= words
+            ]
+            assert kept == base["labels"]
+            fillers = [s["text"] for s in row["labels"] if s["label"] == "filler" and s not in base["labels"]]
+            events = sum(s["label"] == "calculation" for s in base["labels"])
+            assert len(fillers) == events and all(len(f[:-1].split()) == 8 for f in fillers)
+            noise = [s["text"] for s in row["labels"] if s["label"] == "noise"]
+            assert len(noise) == 2
+            for line in noise:
+                a, op, b, result = re.fullmatch(r"Aside, (\d+) ([-+]) (\d+) = <<\1\2\3=(\d+)>>\4\.", line).groups()
+                assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+                assert max(int(a), int(b), int(result)) <= 10 and min(int(a), int(b), int(result)) >= 1
+            assert row["answer"] == "\n".join(s["text"] for s in row["labels"])
+            # a sampled filler line of other dial words has the same form, so the same label
+            assert label_lookup(row["labels"])[sentence_form(" ".join(sorted(words)[:3]) + ".")] == "filler"
+    assert dialled.joinpath("train.jsonl").read_bytes() != synth(
+        cli, tmp_path / "other", *flags, "--filler-length", "8", "--filler-vocab", "16", "--noise-lines", "2",
+        "--seed", "1",
+    ).joinpath("train.jsonl").read_bytes()  # fmt: skip
+
+
+def test_no_word_of_the_base_problems_looks_like_a_dial_word():
+    from cfiw_cli.tasks.arith import FILLER_RUN
+
+    for name in ("arith", "arith-distractors"):
+        text = (ROOT / "data" / name / "train.jsonl").read_text() + (ROOT / "data" / name / "sft.jsonl").read_text()
+        assert not re.search(FILLER_RUN, text), name
+
+
+@pytest.mark.slow
+def test_just_data_writes_every_dial_point_byte_for_byte(tmp_path):
+    """`just dial-data POINT` (what `just data` runs for each point) against data/dial.sha256."""
+    import hashlib
+
+    expected = dict(line.split()[::-1] for line in (ROOT / "data" / "dial.sha256").read_text().splitlines())
+    points = sorted({name.split("/")[0].removeprefix("arith-") for name in expected})
+    assert points == ["L32", "L32-N2", "L8", "L8-N2", "N2"]
+    just = [str(Path(sys.executable).parent / "just"), "--justfile", str(ROOT / "Justfile")]
+    for point in points:
+        subprocess.run(
+            [*just, "dial-data", point, str(tmp_path)], check=True, capture_output=True, cwd=ROOT, timeout=300
+        )
+    for name, digest in expected.items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name

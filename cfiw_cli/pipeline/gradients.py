@@ -374,12 +374,15 @@ def _minibatch_row(
     reference: dict[str, Any],
 ) -> dict[str, Any]:
     first, second = halves(members)
-    parts: dict[str, Any] = {"whole": None}
+    in_first = {s.rollout_id for s in first}
+    parts: dict[str, Any] = {
+        "whole": None,
+        "half": {s.rollout_id: [float(s.rollout_id in in_first)] * len(s.mask) for s in members},
+    }
     for partition, chosen in partitions.items():
         parts |= {f"{partition}:{name}": selector for name, selector in chosen.items()}
-    grads = part_gradients(model, members, weights, parts, measure)
-    whole = grads["whole"]
-    half = part_gradients(model, first, weights, {"whole": None}, measure, normalizer_of=members)["whole"]
+    grads = part_gradients(model, members, weights, parts, measure)  # one forward pass per micro-batch
+    whole, half = grads["whole"], grads["half"]
     residual, row_shares = 0.0, {}
     for partition in partitions:
         mine = {k.split(":", 1)[1]: v for k, v in grads.items() if k.startswith(f"{partition}:")}

@@ -80,6 +80,8 @@ PROBE_SEED = 0  # one sampling seed for every probe: runs that differ only in mo
 
 
 def load_config(preset: str | None, config_file: str | None) -> dict[str, Any]:
+    """A preset's or config file's settings. A top-level `base = "PRESET"` starts from that
+    preset, whose sections the file's own keys then override one by one."""
     shipped = presets()
     hint = f"presets: {', '.join(sorted(shipped))}"
     if bool(preset) == bool(config_file):
@@ -87,14 +89,31 @@ def load_config(preset: str | None, config_file: str | None) -> dict[str, Any]:
     source: Path | Traversable | None = Path(config_file) if config_file else shipped.get(preset)
     if source is None or not source.is_file():
         raise CfiwError(f"no such {'config file' if config_file else 'preset'}: {config_file or preset}", hint)
+    what = config_file or f"preset {preset}"
+    config = _read_toml(source, what)
+    seen = [preset]
+    while "base" in config:
+        name = config.pop("base")
+        if not isinstance(name, str) or name not in shipped or name in seen:
+            problem = "names itself through its bases" if name in seen else f"has base {name!r}, which is no preset"
+            raise CfiwError(f"{what} {problem}", hint)
+        if any(not isinstance(values, dict) for values in config.values()):
+            raise CfiwError(f"{what}: beside base, every top-level key must be a [section]", hint)
+        seen.append(name)
+        overrides = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+        parent = _read_toml(shipped[name], f"preset {name}")
+        grandparent = parent.pop("base", None)
+        config = apply_overrides(parent, overrides) | ({"base": grandparent} if grandparent is not None else {})
+    return config
+
+
+def _read_toml(source: Path | Traversable, name: str) -> dict[str, Any]:
     try:
         return tomllib.loads(source.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise CfiwError(
-            f"{config_file} is not UTF-8 text ({exc.reason} at byte {exc.start})", "save it as UTF-8"
-        ) from exc
+        raise CfiwError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})", "save it as UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise CfiwError(f"{config_file or f'preset {preset}'} is not valid TOML: {exc}", "fix the file") from exc
+        raise CfiwError(f"{name} is not valid TOML: {exc}", "fix the file") from exc
 
 
 def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -54,8 +54,9 @@ from cfiw_cli.modeling import load_tokenizer
 from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, RunLayout
 from cfiw_cli.stage import OutputLocks, guard_outputs, keep_files_not_ours
 from cfiw_cli.stats import t_quantile
+from cfiw_cli.tasks.arith import FILLER_RUN
 from cfiw_cli.views import connect as connect_views
-from cfiw_cli.views import labels_of, layout_files, message_of
+from cfiw_cli.views import labels_of, layout_files, message_of, sql_string
 
 Z = 1.959963984540054
 WILSON = (
@@ -64,8 +65,13 @@ WILSON = (
 )
 
 
-# A sentence's form: whitespace collapsed, outer spaces and full stops dropped, every number as N.
-_NORMALIZED = "regexp_replace(trim(regexp_replace({text}, '\\s+', ' ', 'g'), ' .'), '\\d+', 'N', 'g')"
+# A sentence's form (`cfiw_cli.tasks.arith.sentence_form`): whitespace collapsed, every run of
+# dial words as W, outer spaces and full stops dropped, every number as N.
+_NORMALIZED = (
+    "regexp_replace(trim(regexp_replace(regexp_replace({text}, '\\s+', ' ', 'g'), "
+    + sql_string(FILLER_RUN).replace("{", "{{").replace("}", "}}")  # a template: {text} is filled in
+    + ", 'W', 'g'), ' .'), '\\d+', 'N', 'g')"
+)
 
 
 def connect(runs: list[Path]) -> Any:
@@ -83,13 +89,19 @@ def connect(runs: list[Path]) -> Any:
             select s.run, s.iteration, s.rollout_id, s.span_idx, r.label
             from spans s join reference r on {_NORMALIZED.format(text="s.text")} = r.sentence"""
         )
-    con.execute("create table modes (run varchar, mode varchar, seed integer)")
+    con.execute("create table modes (run varchar, mode varchar, seed integer, dataset varchar)")
     con.executemany(
-        "insert into modes values (?, ?, ?)",
-        [(label, *_mode_and_seed(run)) for label, run in zip(labels, runs, strict=True)],
+        "insert into modes values (?, ?, ?, ?)",
+        [(label, *_mode_and_seed(run), _dataset(run)) for label, run in zip(labels, runs, strict=True)],
     )
     _create_steps(con)
     return con
+
+
+def _dataset(run: Path) -> str | None:
+    """The dataset a loop run trained on (its config's data.dataset), else None."""
+    config = RunLayout(run).config
+    return tomllib.loads(config.read_text()).get("data", {}).get("dataset") if config.exists() else None
 
 
 def _mode_and_seed(run: Path) -> tuple[str, int]:
@@ -316,43 +328,58 @@ def _with_interval(rows: list[dict], count: str = "pairs") -> list[dict]:
 
 
 def gradient_tables(con: Any) -> dict[str, list[dict]]:
-    """`cfiw gradients`: per mode, the mean of each measure; each mode minus uniform paired by
-    run x iteration x minibatch, with a 95% t interval (minibatches of one policy share it,
-    so the pairs are not fully independent); the mean share of each span kind and label."""
+    """`cfiw gradients`, per dataset (the runs' data.dataset: one point of the testbed dial):
+    per mode, the mean of each measure; each mode minus uniform paired by run x iteration x
+    minibatch, with a 95% t interval (minibatches of one policy share it, so the pairs are not
+    fully independent); the mean share of each span kind and label.
+
+    `aligned` corrects `reference_cosine` for the reference's own noise: the reference r is two
+    halves whose cosine is c, so by Spearman-Brown cos(r, E r) = sqrt(2c / (1 + c)), and a
+    gradient whose noise is independent of r's has cos(g, E r) = cos(g, r) / cos(r, E r)."""
+    con.execute(
+        """create temp view gradient_rows as
+           select g.*, coalesce(m.dataset, '') as dataset,
+                  g.reference_cosine / sqrt(2 * g.reference_halves_cosine / (1 + g.reference_halves_cosine))
+                      as aligned
+           from gradients g left join modes m using (run)"""
+    )
+    metrics = ("aligned", *GRADIENT_METRICS)
     keys = "r.run = u.run and r.iteration = u.iteration and r.minibatch = u.minibatch"
     unions = " union all ".join(
-        f"select r.run, r.iteration, r.minibatch, r.mode, '{m}' as metric, r.{m} - u.{m} as difference "
-        f"from gradients r join gradients u on {keys} and u.mode = 'uniform' "
+        f"select r.dataset, r.run, r.iteration, r.minibatch, r.mode, '{m}' as metric, r.{m} - u.{m} as difference "
+        f"from gradient_rows r join gradient_rows u on {keys} and u.mode = 'uniform' "
         f"where r.mode <> 'uniform' and r.{m} is not null and u.{m} is not null"
-        for m in GRADIENT_METRICS
+        for m in metrics
     )
     con.execute(f"create temp table gradient_pairs as {unions}")
-    means = ", ".join(f"avg({m}) as {m}" for m in GRADIENT_METRICS)
+    means = ", ".join(f"avg({m}) as {m}" for m in metrics)
     out = {
         "gradients_by_mode": _rows(
             con,
-            f"""select mode, count(*) as minibatches, count(distinct run || ':' || iteration) as policies, {means},
+            f"""select dataset, mode, count(*) as minibatches, count(distinct run || ':' || iteration) as policies,
+                       count(distinct run) as runs, {means},
                        avg(reference_halves_cosine) as reference_halves_cosine, max(parts_residual) as parts_residual
-                from gradients group by mode order by reference_cosine desc nulls last""",
+                from gradient_rows group by dataset, mode order by dataset, aligned desc nulls last""",
         ),
         "gradient_differences": _with_interval(
             _rows(
                 con,
-                """select mode || ' - uniform' as difference, metric, count(*) as pairs,
-                          count(distinct run || ':' || iteration) as policies, avg(difference) as mean_difference,
-                          coalesce(stddev_samp(difference), 0) as std
-                   from gradient_pairs group by all order by metric, mean_difference desc""",
+                """select dataset, mode || ' - uniform' as difference, metric, count(*) as pairs,
+                          count(distinct run || ':' || iteration) as policies, count(distinct run) as runs,
+                          avg(difference) as mean_difference, coalesce(stddev_samp(difference), 0) as std
+                   from gradient_pairs group by all order by dataset, metric, mean_difference desc""",
             )
         ),
     }
     shares = " union all ".join(
-        f"select mode, '{p}' as partition, s.part, s.share, s.tokens from gradients, unnest({p}_shares) as t(s)"
+        f"select dataset, mode, '{p}' as partition, s.part, s.share, s.tokens "
+        f"from gradient_rows, unnest({p}_shares) as t(s)"
         for p in ("kind", "label")
     )
     out["gradient_shares"] = _rows(
         con,
-        f"""select mode, partition, part, count(*) as minibatches, avg(share) as mean_share,
-                   sum(tokens) as tokens from ({shares}) group by all order by partition, part, mode""",
+        f"""select dataset, mode, partition, part, count(*) as minibatches, avg(share) as mean_share,
+                   sum(tokens) as tokens from ({shares}) group by all order by dataset, partition, part, mode""",
     )
     return out
 
@@ -623,29 +650,50 @@ def _write_curves(results: dict[str, list[dict]], out: Path) -> None:
 
 
 def _alignment_plot(tables_: dict[str, list[dict]], path: Path) -> Path:
-    """Per mode: the mean cosine with the reference gradient, and its paired difference from
-    uniform's with the 95% interval."""
+    """Per dataset (dial point) and mode: the noise-corrected cosine with the reference
+    gradient, and its paired difference from uniform's with the 95% interval."""
     import matplotlib.pyplot as plt
 
-    by_mode = [r for r in tables_["gradients_by_mode"] if r["reference_cosine"] is not None]
-    differences = {
-        r["difference"].removesuffix(" - uniform"): r
-        for r in tables_["gradient_differences"]
-        if r["metric"] == "reference_cosine"
-    }
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    names = [r["mode"] for r in by_mode]
-    left.barh(names, [r["reference_cosine"] for r in by_mode], color="tab:blue")
-    left.set(xlabel="cosine with the reference gradient (mean over minibatches)", title="Alignment by mode")
-    chosen = [m for m in names if m in differences]
-    if chosen:
-        mean = [differences[m]["mean_difference"] for m in chosen]
-        low = [differences[m]["mean_difference"] - differences[m]["ci_low"] for m in chosen]
-        high = [differences[m]["ci_high"] - differences[m]["mean_difference"] for m in chosen]
-        right.errorbar(mean, chosen, xerr=[low, high], fmt="o", capsize=3)
-        right.axvline(0, color="grey", linewidth=0.5)
-        pairs = differences[chosen[0]]["pairs"]
-        right.set(xlabel=f"minus uniform's (95% interval over {pairs} minibatch pairs)", title="Paired difference")
+    rows = [r for r in tables_["gradients_by_mode"] if r["aligned"] is not None]
+    differences = [r for r in tables_["gradient_differences"] if r["metric"] == "aligned"]
+    datasets = sorted({r["dataset"] for r in rows})
+    names = [Path(d).name or "(unknown)" for d in datasets]
+    modes = sorted({r["mode"] for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for mode in modes:
+        mine = {r["dataset"]: r["aligned"] for r in rows if r["mode"] == mode}
+        xs = [i for i, d in enumerate(datasets) if d in mine]
+        left.plot(xs, [mine[datasets[i]] for i in xs], marker="o", label=mode)
+    others = [m for m in modes if m != "uniform"]
+    for index, mode in enumerate(others):
+        mine = {r["dataset"]: r for r in differences if r["difference"] == f"{mode} - uniform"}
+        xs = [i for i, d in enumerate(datasets) if d in mine]
+        if not xs:
+            continue
+        shift = (index - (len(others) - 1) / 2) * 0.6 / max(len(others), 1)
+        points = [mine[datasets[i]] for i in xs]
+        right.errorbar(
+            [x + shift for x in xs],
+            [r["mean_difference"] for r in points],
+            yerr=[
+                [r["mean_difference"] - r["ci_low"] for r in points],
+                [r["ci_high"] - r["mean_difference"] for r in points],
+            ],
+            fmt="o",
+            capsize=3,
+            label=mode,
+        )
+    right.axhline(0, color="grey", linewidth=0.5)
+    pairs = sorted({r["pairs"] for r in differences})
+    for ax in (left, right):
+        ax.set_xticks(range(len(datasets)), names, fontsize=8)
+        ax.set_xlabel("dataset (dial point)")
+        ax.legend(fontsize=7)
+    left.set(ylabel="cosine with E[uniform gradient] (noise-corrected)", title="Alignment by mode")
+    right.set(
+        ylabel="minus uniform's, 95% interval",
+        title=f"Paired difference ({'/'.join(map(str, pairs)) or 0} policy x minibatch pairs)",
+    )
     return _save(fig, path)
 
 

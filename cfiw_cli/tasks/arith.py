@@ -15,12 +15,24 @@ has one sentence per line, each labelled by what the final answer depends on:
   not depend on it, and folding its number into the running total is the error to unlearn.
 - `answer`: "#### 12"
 
+Two dials add reward-irrelevant text, drawn from a generator of their own so that a problem's
+numbers and events do not depend on them:
+
+- `filler_length` L (`filler`): before every event, a line of L words drawn from a list of
+  `filler_vocab` made-up, digit-free words ("bakotu rimeso ..."): unpredictable text whose
+  tokens the answer does not depend on. A line's form is `W` whatever its words, so a
+  sampled line of other words keeps the label.
+- `noise_lines` N (`noise`): N lines "Aside, 7 - 3 = <<7-3=4>>4." at random places among the
+  events: correct arithmetic with the operators and numbers the answer hangs on, that does
+  not feed the answer.
+
 Each label is a function of the sentence's text, so a span of a generated solution whose text
 is one of the reference sentences inherits its label (`cfiw analyze` does this).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -34,15 +46,44 @@ FILLERS = [
     "This is straightforward.",
     "Let us keep track of the total.",
 ]
-LABELS = ("restatement", "calculation", "filler", "distractor", "answer")
+LABELS = ("restatement", "calculation", "filler", "distractor", "noise", "answer")
 FEEDS_ANSWER = frozenset({"restatement", "calculation"})  # the labels whose lines the answer depends on
+
+
+FILLER_WORD = "(?:[bdfgklmnprstvz][aeiou]){3}"  # a dial word: three consonant-vowel syllables
+FILLER_RUN = rf"\b{FILLER_WORD}\b(?: {FILLER_WORD}\b)*"  # (no word of the base problems has this shape)
 
 
 def sentence_form(text: str) -> str:
     """What a label is a function of: the words, with whitespace collapsed, outer spaces and
-    full stops trimmed, and every number as N (so a wrong calculation is still a calculation).
-    `cfiw analyze` matches spans to labels by the same form, in SQL."""
-    return re.sub(r"\d+", "N", re.sub(r"\s+", " ", text).strip(" ."))
+    full stops trimmed, every number as N (so a wrong calculation is still a calculation) and
+    every run of dial words as W. `cfiw analyze` matches spans to labels by the same form, in SQL."""
+    return re.sub(r"\d+", "N", re.sub(FILLER_RUN, "W", re.sub(r"\s+", " ", text)).strip(" ."))
+
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+MAX_FILLER_VOCAB = len(SYLLABLES) ** 3
+
+
+@functools.cache
+def filler_words(count: int) -> tuple[str, ...]:
+    """`count` distinct dial words, the same list for the same count."""
+    n = len(SYLLABLES)
+    chosen = random.Random(f"filler-words:{count}").sample(range(MAX_FILLER_VOCAB), count)
+    return tuple(SYLLABLES[i // n**2] + SYLLABLES[i // n % n] + SYLLABLES[i % n] for i in chosen)
+
+
+def _noise_line(rng: random.Random, max_number: int) -> str:
+    """Correct arithmetic the answer does not depend on, with the deciding operators."""
+    if rng.random() < 0.5:
+        a = rng.randint(1, max_number - 1)
+        b = rng.randint(1, max_number - a)
+        op, result = "+", a + b
+    else:
+        a = rng.randint(2, max_number)
+        b = rng.randint(1, a - 1)
+        op, result = "-", a - b
+    return f"Aside, {a} {op} {b} = <<{a}{op}{b}={result}>>{result}."
 
 
 def label_lookup(labels: list[dict]) -> dict[str, str]:
@@ -86,6 +127,10 @@ def make_problem(
     distractors: int = 0,
     teacher: random.Random | None = None,
     teacher_error_rate: float = 0.0,
+    filler_length: int = 0,
+    filler_vocab: int = 256,
+    noise_lines: int = 0,
+    dial: random.Random | None = None,
 ) -> dict:
     """{"question", "answer" (GSM8K format), "labels": [{"text", "label"}, ...] one per solution line}.
 
@@ -93,7 +138,9 @@ def make_problem(
     solved by a teacher with a systematic misconception, which at each error site errs with
     probability `teacher_error_rate` (drawn from `teacher`, so `rng`'s problems are unchanged):
     a given-away amount is added instead of subtracted, and a distractor's count is added to
-    the total instead of being set aside. Its later lines continue from its wrong total."""
+    the total instead of being set aside. Its later lines continue from its wrong total.
+    The dials' lines (see the module docstring) are drawn from `dial`, and the teacher writes
+    them as they are."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     total = rng.randint(2, max(2, max_number // 2))
     question = [f"{name} has {total} {item}."]
@@ -104,6 +151,10 @@ def make_problem(
         return teacher is not None and teacher.random() < teacher_error_rate
 
     events = rng.randint(1, max_steps)
+    words = filler_words(filler_vocab) if filler_length else ()
+    if (filler_length or noise_lines) and dial is None:
+        raise ValueError("the dials draw from a generator of their own: pass dial")
+    noise_slots = sorted(dial.randint(0, events - 1) for _ in range(noise_lines)) if noise_lines else []
     others = rng.sample([n for n in NAMES if n != name], distractors) if distractors else []
     # where each distractor goes: before event j (j = events: after the last one)
     slots = sorted(rng.randint(0, events) for _ in others)
@@ -122,6 +173,13 @@ def make_problem(
             break
         sentence, op, operand = _step(rng, total, item, max_number)
         question.append(sentence)
+        dialled = [{"text": _noise_line(dial, max_number), "label": "noise"} for _ in range(noise_slots.count(j))]
+        if filler_length:
+            dialled.append(
+                {"text": " ".join(dial.choice(words) for _ in range(filler_length)) + ".", "label": "filler"}
+            )
+        labels += dialled
+        taught_labels += dialled
         if rng.random() < filler_rate:
             labels.append({"text": rng.choice(FILLERS), "label": "filler"})
             taught_labels.append(labels[-1])

@@ -47,11 +47,16 @@ def generate(config: SynthConfig) -> dict[str, list[dict]]:
         max_number=config.max_number,
         filler_rate=config.filler_rate,
         distractors=config.distractors,
+        filler_length=config.filler_length,
+        filler_vocab=config.filler_vocab,
+        noise_lines=config.noise_lines,
     )
     train_rng, test_rng = random.Random(config.seed), random.Random(config.seed + 1_000_003)
+    # the dials' own generators: a problem's numbers and events are the same at every dial setting
+    train_dial, test_dial = random.Random(config.seed + 3_000_003), random.Random(config.seed + 4_000_003)
     teacher = random.Random(config.seed + 2_000_003) if config.teacher_error_rate > 0 else None
     train = [
-        make_problem(train_rng, teacher=teacher, teacher_error_rate=config.teacher_error_rate, **shape)
+        make_problem(train_rng, teacher=teacher, teacher_error_rate=config.teacher_error_rate, dial=train_dial, **shape)
         for _ in range(config.n_train)
     ]
     sft = (
@@ -66,7 +71,7 @@ def generate(config: SynthConfig) -> dict[str, list[dict]]:
     for _ in range(100 * config.n_test):
         if len(test) == config.n_test:
             break
-        row = make_problem(test_rng, **shape)
+        row = make_problem(test_rng, dial=test_dial, **shape)
         if row["question"] not in seen:
             seen.add(row["question"])
             test.append(row)
