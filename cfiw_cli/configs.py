@@ -526,18 +526,20 @@ def parse_modes(text: str) -> list[str]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReplayConfig(Checked):
+class KeptPoliciesOptions(Checked):
+    """A loop run's kept policies (replay, gradients)."""
+
     run: str = flag(
         help="Run directory written by cfiw loop with kept policies (loop.keep_policies).", path=True, argument=True
     )
     iterations: str | None = flag(
-        None, "Iterations to replay, e.g. 0-11 or 0,4,8 (default: every kept one).", check=parse_iterations
+        None, "Kept iterations to use, e.g. 0-11 or 0,4,8 (default: every kept one).", check=parse_iterations
     )
-    modes: str = flag(
-        "uniform,cfiw,inverted,shuffled,random",
-        MODES_HELP,
-        check=parse_modes,
-    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplayConfig(KeptPoliciesOptions):
+    modes: str = flag("uniform,cfiw,inverted,shuffled,random", MODES_HELP, check=parse_modes)
     optimizer_state: str = flag(
         "kept",
         "kept: start from the optimizer state policy_k had (the loop's own update); fresh: a new optimizer and "
@@ -560,13 +562,7 @@ GRADIENT_MODES = "uniform,cfiw,cfiw@0,inverted,random,entropy"
 
 
 @dataclass(frozen=True, kw_only=True)
-class GradientsConfig(Checked):
-    run: str = flag(
-        help="Run directory written by cfiw loop with kept policies (loop.keep_policies).", path=True, argument=True
-    )
-    iterations: str | None = flag(
-        None, "Iterations to measure, e.g. 0-11 or 0,4,8 (default: every kept one).", check=parse_iterations
-    )
+class GradientsConfig(KeptPoliciesOptions):
     modes: str = flag(GRADIENT_MODES, MODES_HELP, check=parse_modes)
     reference_rollouts: int | None = flag(
         None,

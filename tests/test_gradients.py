@@ -233,3 +233,22 @@ def test_bad_requests_are_one_line_errors(looped, cli, tmp_path):
     shutil.copytree(looped, copy)
     bad = cli("gradients", copy, "--iterations", "0", "--reference-rollouts", "10", "--modes", "uniform")
     assert_clean_error(bad, "fewer than the iteration's 64 rollouts")
+
+
+@pytest.mark.slow
+def test_without_shares_or_reference_only_the_cosines_are_measured(looped, measured, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(looped, run)
+    argv = gradient_argv(run)[:3] + ["--modes", "uniform,cfiw", "--iterations", "1", "--no-shares"]
+    import subprocess
+
+    done = subprocess.run([*argv, "--reference-rollouts", "0"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = {(r["mode"], r["minibatch"]): r for r in rows(run)}
+    full = {(r["mode"], r["minibatch"]): r for r in rows(measured) if r["iteration"] == 1}
+    assert sorted(got) == [("cfiw", 0), ("cfiw", 1), ("uniform", 0), ("uniform", 1)]
+    for key, row in got.items():
+        assert row["kind_shares"] == [] and row["label_shares"] == [] and row["parts_residual"] is None
+        assert row["reference_cosine"] is None and row["reference_rollouts"] == 0
+        for column in ("grad_norm", "uniform_cosine", "halves_cosine"):  # the same as with shares
+            assert row[column] == pytest.approx(full[key][column], rel=1e-6)

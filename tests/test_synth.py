@@ -230,3 +230,35 @@ def test_just_data_writes_every_dial_point_byte_for_byte(tmp_path):
         )
     for name, digest in expected.items():
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_a_line_shaped_as_a_calculation_is_one_whatever_its_operator():
+    """The teacher's misconception writes `5 + 4` where the reference has `5 - 4`: that line
+    still feeds the answer, so the oracle and the gradient shares call it a calculation."""
+    from cfiw_cli.tasks.arith import label_lookup, line_label, sentence_form
+
+    lookup = label_lookup(
+        [
+            {"text": "Noah starts with 5 stickers.", "label": "restatement"},
+            {"text": "Aside, 3 - 1 = <<3-1=2>>2.", "label": "noise"},
+            {"text": "5 - 4 = <<5-4=1>>1.", "label": "calculation"},
+            {"text": "#### 1", "label": "answer"},
+        ]
+    )
+    labels = {
+        text: line_label(sentence_form(text), lookup)
+        for text in (
+            "5 + 4 = <<5+4=9>>9.\n",
+            "Aside, 7 - 2 = <<7-2=5>>5.",
+            "Aside, 7 + 2 = <<7+2=9>>9.",
+            "#### 9",
+            "hm",
+        )
+    }
+    assert labels == {
+        "5 + 4 = <<5+4=9>>9.\n": "calculation",
+        "Aside, 7 - 2 = <<7-2=5>>5.": "noise",
+        "Aside, 7 + 2 = <<7+2=9>>9.": "noise",  # another operator than the problem's noise lines have
+        "#### 9": "answer",
+        "hm": None,
+    }

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from cfiw_cli.tasks.arith import line_label as line_label_of
 from cfiw_cli.tasks.arith import sentence_form
 from cfiw_cli.tasks.gsm8k import locate_answer
 
@@ -359,12 +360,12 @@ def line_relevance(
 
 
 def line_labels(completion_ids: Sequence[int], tokenizer: Any, end: int, labels: dict[str, str]) -> list[str | None]:
-    """Per token of `completion_ids[:end]`: the label of the reference sentence whose form its
-    line (newline included) has, or None. A token that crosses lines goes with the line
-    holding most of its characters."""
+    """Per token of `completion_ids[:end]`: the label of its line (newline included), from the
+    reference sentences' forms (`cfiw_cli.tasks.arith.line_label`), or None. A token that
+    crosses lines goes with the line holding most of its characters."""
     text, offsets = decode_with_offsets(list(completion_ids)[:end], tokenizer)
     lines = [(m.start(), m.end()) for m in re.finditer(r"[^\n]*\n|[^\n]+$", text)]
-    line_label = [labels.get(sentence_form(text[a:b])) for a, b in lines]
+    line_label = [line_label_of(sentence_form(text[a:b]), labels) for a, b in lines]
     out: list[str | None] = []
     for a, b in offsets:
         if a == b:  # continues a character begun by the previous token

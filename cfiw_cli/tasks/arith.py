@@ -86,6 +86,19 @@ def _noise_line(rng: random.Random, max_number: int) -> str:
     return f"Aside, {a} {op} {b} = <<{a}{op}{b}={result}>>{result}."
 
 
+SHAPES = {  # any operator: the misconception's line too, and a noise line of the policy's own
+    "calculation": re.compile(r"N [-+*] N = <<N[-+*]N=N>>N"),
+    "noise": re.compile(r"Aside, N [-+*] N = <<N[-+*]N=N>>N"),
+}
+
+
+def line_label(form: str, lookup: dict[str, str]) -> str | None:
+    """The label of a generated line of sentence form `form`: its reference sentence's, and a
+    line shaped as a calculation (or a noise line) is one whatever its operator (the teacher's
+    misconception writes + where the reference has -, and that line feeds the answer)."""
+    return lookup.get(form) or next((label for label, shape in SHAPES.items() if shape.fullmatch(form)), None)
+
+
 def label_lookup(labels: list[dict]) -> dict[str, str]:
     """{form: label} of one problem's reference sentences; a form with two labels is left out."""
     seen: dict[str, set[str]] = {}
