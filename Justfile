@@ -95,14 +95,16 @@ staged-run *args:
 
 # the paper's experiment: uniform, cfiw, inverted, shuffled, random for each seed from one warm start, then one report over all runs
 # (jobs=N runs N loops at once, each with nproc/N threads; each loop's log is beside its run directory;
-#  modes=uniform,cfiw runs a subset; out=DIR instead of runs/compare-MODEL; no policies are kept)
+#  modes=uniform,cfiw,cfiw@0 runs a subset, MODE@F at importance floor F; sets=train.optimizer="sgd",train.lr=0.5
+#  adds --set assignments to every loop; out=DIR instead of runs/compare-MODEL; no policies are kept)
 compare *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    model=tiny seeds=1 iters= sft= sft_steps=1000 jobs=1 modes=uniform,cfiw,inverted,shuffled,random out=
-    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*|jobs=*|modes=*|out=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps= jobs= modes= out=)" >&2; exit 2 ;; esac; done
+    model=tiny seeds=1 iters= sft= sft_steps=1000 jobs=1 modes=uniform,cfiw,inverted,shuffled,random out= sets=
+    for arg in {{args}}; do case "$arg" in model=*|seeds=*|iters=*|sft=*|sft_steps=*|jobs=*|modes=*|out=*|sets=*) declare "$arg" ;; *) echo "unknown argument: $arg (use model= seeds= iters= sft= sft_steps= jobs= modes= out= sets=)" >&2; exit 2 ;; esac; done
     extra=()
     if [[ "$model" == tiny* ]]; then sft="${sft:-runs/$model-sft}"; {{just_executable()}} --justfile {{justfile()}} _warm "$model" "$sft" "$sft_steps"; extra=(--model "$sft"); fi
+    for assignment in ${sets//,/ }; do extra+=(--set "$assignment"); done
     out="${out:-runs/compare-$model}" modes="${modes//,/ }"
     mkdir -p "$out"
     runs=() commands=()
@@ -110,7 +112,8 @@ compare *args:
       for mode in $modes; do
         run="$out/$mode-seed$seed"
         runs+=("$run")
-        commands+=("$(printf '%q ' {{bin}}/cfiw loop --preset "$model" --weighting "$mode" --seed "$seed" --run "$run" --set loop.keep_policies=0 ${iters:+--iterations "$iters"} "${extra[@]}")> $(printf '%q' "$run.log") 2>&1 && echo done: $(printf '%q' "$run")")
+        floor=(); [[ "$mode" == *@* ]] && floor=(--set "train.importance_floor=${mode#*@}")
+        commands+=("$(printf '%q ' {{bin}}/cfiw loop --preset "$model" --weighting "${mode%@*}" "${floor[@]}" --seed "$seed" --run "$run" --set loop.keep_policies=0 ${iters:+--iterations "$iters"} "${extra[@]}")> $(printf '%q' "$run.log") 2>&1 && echo done: $(printf '%q' "$run")")
       done
     done
     threads=$(( $(nproc) / jobs )); threads=$(( threads > 0 ? threads : 1 ))

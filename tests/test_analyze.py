@@ -389,3 +389,67 @@ def test_paired_replay_differences_by_hand(tmp_path):
         r["loop_seed"] for r in tables["replay"]
     } == {0, 1}
     assert (tmp_path / "report" / "replay_differences.png").exists()
+
+
+def test_a_run_at_another_importance_floor_is_its_own_mode(tmp_path):
+    """`just compare modes=cfiw,cfiw@0` runs both with loop.weighting = cfiw; the tables tell them
+    apart by the floor in the run's config."""
+    from cfiw_cli.report.analyze import _mode_and_seed
+
+    for name, train in (("paper", ""), ("zero", "[train]\nimportance_floor = 0.0\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text(f'[loop]\nweighting = "cfiw"\nseed = 2\n{train}')
+    assert _mode_and_seed(tmp_path / "paper") == ("cfiw", 2)
+    assert _mode_and_seed(tmp_path / "zero") == ("cfiw@0", 2)
+
+
+def gradient_run(root, dataset, values):
+    """A run with a gradients summary: per mode, reference cosines of (iteration 0, minibatch 0)
+    and (iteration 0, minibatch 1); the reference's halves have cosine 1/3 everywhere."""
+    from cfiw_cli.schemas import GRADIENTS
+
+    root.mkdir(parents=True)
+    (root / "config.toml").write_text(f'[loop]\nweighting = "cfiw"\n[data]\ndataset = "{dataset}"\n')
+    rows = [
+        {
+            "iteration": 0,
+            "mode": mode,
+            "minibatch": minibatch,
+            "grad_norm": 1.0,
+            "uniform_cosine": 1.0,
+            "reference_cosine": cosine,
+            "halves_cosine": 0.5,
+            "reference_halves_cosine": 1 / 3,
+            "kind_shares": [{"part": "calculation", "share": 0.75, "tokens": 3}],
+            "label_shares": [],
+        }  # fmt: skip
+        for mode, cosines in values.items()
+        for minibatch, cosine in enumerate(cosines)
+    ]
+    write(root / "gradients" / "gradients.parquet", pa.Table.from_pylist(rows, schema=GRADIENTS).to_pydict())
+    return root
+
+
+def test_gradient_differences_by_hand(tmp_path):
+    runs = [
+        gradient_run(tmp_path / "a0", "data/a", {"uniform": [0.5, 0.5], "cfiw": [0.6, 0.7]}),
+        gradient_run(tmp_path / "a1", "data/a", {"uniform": [0.4, 0.5], "cfiw": [0.5, 0.6]}),
+        gradient_run(tmp_path / "b0", "data/b", {"uniform": [0.5, 0.5], "cfiw": [0.4, 0.4]}),
+    ]
+    tables = analyze([str(r) for r in runs], str(tmp_path / "report"))
+    differences = {(r["dataset"], r["metric"]): r for r in tables["gradient_differences"]}
+    # data/a: cfiw - uniform over the 4 pairs (.1, .2, .1, .1): mean .125, sample std .05,
+    # 95% t interval with 3 degrees of freedom: .125 -/+ 3.1824 * .05 / 2
+    a = differences[("data/a", "reference_cosine")]
+    assert (a["pairs"], a["policies"], a["runs"]) == (4, 2, 2)
+    assert a["mean_difference"] == pytest.approx(0.125) and a["std"] == pytest.approx(0.05)
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx((0.125 - 3.182446 * 0.025, 0.125 + 3.182446 * 0.025), abs=1e-5)
+    # the reference's halves have cosine c = 1/3: cos(r, E r) = sqrt(2c / (1 + c)) = 1/sqrt(2),
+    # so `aligned` is reference_cosine x sqrt(2) and its differences too
+    assert differences[("data/a", "aligned")]["mean_difference"] == pytest.approx(0.125 * 2**0.5)
+    assert differences[("data/b", "reference_cosine")]["mean_difference"] == pytest.approx(-0.1)
+    by_mode = {(r["dataset"], r["mode"]): r for r in tables["gradients_by_mode"]}
+    assert by_mode[("data/a", "uniform")]["aligned"] == pytest.approx(0.475 * 2**0.5)
+    shares = {(r["dataset"], r["mode"], r["part"]): r for r in tables["gradient_shares"]}
+    assert shares[("data/b", "cfiw", "calculation")]["mean_share"] == 0.75
+    assert (tmp_path / "report" / "gradient_alignment.png").exists()

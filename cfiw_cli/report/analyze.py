@@ -33,6 +33,7 @@ import json
 import math
 import time
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from cfiw_cli.artifacts import (
     write_directory_manifest,
     written_files,
 )
+from cfiw_cli.configs import TrainConfig
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import load_tokenizer
 from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, RunLayout
@@ -104,12 +106,20 @@ def _dataset(run: Path) -> str | None:
     return tomllib.loads(config.read_text()).get("data", {}).get("dataset") if config.exists() else None
 
 
+# train's default --importance-floor; a run at another floor is mode `MODE@F` in the tables
+DEFAULT_FLOOR = next(f.default for f in fields(TrainConfig) if f.name == "importance_floor")
+
+
 def _mode_and_seed(run: Path) -> tuple[str, int]:
 
     config = RunLayout(run).config
     if config.exists():
-        loop = tomllib.loads(config.read_text()).get("loop", {})
-        return loop.get("weighting", "cfiw"), int(loop.get("seed", 0))
+        settings = tomllib.loads(config.read_text())
+        loop, train = settings.get("loop", {}), settings.get("train", {})
+        mode = loop.get("weighting", "cfiw")
+        if train.get("importance_floor", DEFAULT_FLOOR) != DEFAULT_FLOOR:  # a compare over the mapping's dial
+            mode += f"@{train['importance_floor']:g}"
+        return mode, int(loop.get("seed", 0))
     manifests = sorted(run.glob("policy/cfiw_manifest.json"))
     if manifests:
         settings = json.loads(manifests[0].read_text()).get("config", {})
