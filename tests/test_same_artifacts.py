@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 # that added the LoRA settings to train's and sft's manifests; then the commit after which a
 # directory's manifest lists the files its stage wrote and a report has a manifest; now the
 # commit that added the profile, importance floor and optimizer settings to the manifests, the
-# optimizer to trainer_state.json and to replay rows, and the authors' full span drop).
-BASELINE = "edc037bf596968a6810b74e5996ca0fc3ee9b2a5"
+# optimizer to trainer_state.json and to replay rows, and the authors' full span drop; now the
+# commit after synth's manifest began to record the testbed dial's settings).
+BASELINE = "64777f8452a3a62e62bc56e221e2306616681aad"
 
 # decided by the clock or the checkout, not by the computation
 VOLATILE_MANIFEST_KEYS = {"wall_seconds", "git_commit", "libraries"}
