@@ -56,14 +56,14 @@ from cfiw_cli import distributed, modeling, schemas
 from cfiw_cli.algo.loss import LossConfig, loss_normalizer, policy_loss
 from cfiw_cli.algo.spans import line_labels
 from cfiw_cli.artifacts import settings_of
-from cfiw_cli.configs import GradientsConfig, mode_settings, parse_iterations, parse_modes
+from cfiw_cli.configs import GradientsConfig, mode_settings, parse_modes
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.logprobs import completion_logprobs
 from cfiw_cli.pipeline import rollout as rollout_stage
 from cfiw_cli.pipeline import train
-from cfiw_cli.pipeline.loop import loop_plan
-from cfiw_cli.policies import kept_iterations, policy_at
+from cfiw_cli.pipeline.loop import kept_scored_iterations, loop_plan
+from cfiw_cli.policies import policy_at
 from cfiw_cli.runs import RunLayout, iteration_name
 from cfiw_cli.stage import StageRun, guard_inputs, guard_outputs
 from cfiw_cli.tasks.arith import label_lookup
@@ -248,16 +248,11 @@ def run(config: GradientsConfig, force: bool = False) -> Path:
 
 
 def _iterations(config: GradientsConfig, run: Path, trains: dict[int, Any]) -> list[int]:
-    kept = kept_iterations(run)
-    scored = {i for i, step in trains.items() if Path(step.rollouts).exists() and Path(step.scores).exists()}
-    completed = [i for i in kept if i in scored]
-    iterations = parse_iterations(config.iterations) if config.iterations else completed
-    missing = [i for i in iterations if i not in completed]
-    if missing or not iterations:
+    iterations = kept_scored_iterations(run, trains, config.iterations, "measured")
+    if not iterations:  # no kept policy at all: the same words as a missing one
         raise CfiwError(
-            f"iteration {missing[0] if missing else 0} of {run} has no kept policy or no scored rollouts",
-            f"iterations that can be measured: {', '.join(map(str, completed)) or 'none'} (run the loop with "
-            f"--set loop.keep_policies=1)",
+            f"iteration 0 of {run} has no kept policy or no scored rollouts",
+            "iterations that can be measured: none (run the loop with --set loop.keep_policies=1)",
         )
     return iterations
 

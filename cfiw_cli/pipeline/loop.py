@@ -64,6 +64,7 @@ from cfiw_cli.configs import (
     ScoreConfig,
     SegmentConfig,
     TrainConfig,
+    parse_iterations,
     presets,
 )
 from cfiw_cli.console import info
@@ -71,7 +72,7 @@ from cfiw_cli.errors import CfiwError
 from cfiw_cli.options import ordered_fields
 from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import rollout, score, segment, train
-from cfiw_cli.policies import KeepConfig, keep, keep_command, prune_kept, update_best
+from cfiw_cli.policies import KeepConfig, keep, keep_command, kept_iterations, prune_kept, update_best
 from cfiw_cli.runs import ITERATION_KINDS, RunLayout, iteration_of
 from cfiw_cli.tasks.gsm8k import load_questions
 from cfiw_cli.tracking import Tracker, check_report_to, log_train_steps, prefixed
@@ -192,6 +193,23 @@ def loop_plan(run: Path) -> tuple[dict[str, Any], list]:
         raise CfiwError(f"{run} is not a loop run (no config.toml)", "pass a directory written by cfiw loop")
     config = tomllib.loads(path.read_text())
     return config, plan(config, run)
+
+
+def kept_scored_iterations(run: Path, trains: dict[int, Any], chosen: str | None, verb: str) -> list[int]:
+    """The `--iterations` chosen (default: every kept one) of a loop run that `verb` (replayed,
+    measured) needs: each with a kept policy and scored rollouts (`trains`: its planned train
+    stages by iteration)."""
+    scored = {i for i, step in trains.items() if Path(step.rollouts).exists() and Path(step.scores).exists()}
+    completed = [i for i in kept_iterations(run) if i in scored]
+    iterations = parse_iterations(chosen) if chosen else completed
+    missing = [i for i in iterations if i not in completed]
+    if missing:
+        raise CfiwError(
+            f"iteration {missing[0]} of {run} has no kept policy or no scored rollouts",
+            f"iterations that can be {verb}: {', '.join(map(str, completed)) or 'none'} (run the loop with "
+            f"--set loop.keep_policies=1)",
+        )
+    return iterations
 
 
 def _steps(

@@ -39,14 +39,14 @@ import pyarrow.parquet as pq
 
 from cfiw_cli import distributed, modeling
 from cfiw_cli.artifacts import prepare_output, settings_of, sha256_of
-from cfiw_cli.configs import REPLAY_OPTIMIZER_STATES, ReplayConfig, mode_settings, parse_iterations, parse_modes
+from cfiw_cli.configs import REPLAY_OPTIMIZER_STATES, ReplayConfig, mode_settings, parse_modes
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.likelihood import reference_likelihood, reference_sequences
 from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import train
-from cfiw_cli.pipeline.loop import loop_plan
-from cfiw_cli.policies import kept_iterations, policy_at
+from cfiw_cli.pipeline.loop import kept_scored_iterations, loop_plan
+from cfiw_cli.policies import policy_at
 from cfiw_cli.runs import RunLayout, iteration_name
 from cfiw_cli.stage import StageRun, guard_inputs, guard_outputs
 from cfiw_cli.tasks.gsm8k import load_questions
@@ -60,19 +60,8 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
     modes = parse_modes(config.modes)
     if config.optimizer_state not in REPLAY_OPTIMIZER_STATES:
         raise CfiwError(f"unknown --optimizer-state {config.optimizer_state!r}", "choose kept or fresh")
-    kept = kept_iterations(run)
     trains = {i: s for i, c, s in steps if c == "train"}
-    completed = [
-        i for i in kept if i in trains and Path(trains[i].rollouts).exists() and Path(trains[i].scores).exists()
-    ]
-    iterations = parse_iterations(config.iterations) if config.iterations else completed
-    missing = [i for i in iterations if i not in completed]
-    if missing:
-        raise CfiwError(
-            f"iteration {missing[0]} of {run} has no kept policy or no scored rollouts",
-            f"iterations that can be replayed: {', '.join(map(str, completed)) or 'none'} (run the loop with "
-            f"--set loop.keep_policies=1)",
-        )
+    iterations = kept_scored_iterations(run, trains, config.iterations, "replayed")
     probes = [s for _, c, s in steps if c == "eval" and "/probe/" in s.out]
     if not probes:
         raise CfiwError(
