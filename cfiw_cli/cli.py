@@ -440,4 +440,10 @@ def validate(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        from cfiw_cli import distributed
+
+        distributed.exit_launched_process(exc.code)  # returns unless under `accelerate launch`
+        raise

@@ -8,6 +8,8 @@ single-process order, and only the main process writes the file.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -116,3 +118,25 @@ def _tear_down() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_launched_process(code: object) -> None:
+    """End a process started by `accelerate launch` with `code`, without interpreter
+    finalization (nothing returns when a process group was started; a plain process returns).
+
+    By then every output is written and the group is torn down (`finish`, `one_group`), but
+    gloo's worker threads may still hold objects whose destruction takes the GIL: during
+    finalization that aborts the process (SIGABRT, rarely, and more often on a loaded machine),
+    and the launcher then fails a run that has finished. So the process flushes its streams and
+    leaves with `os._exit`."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    _tear_down()  # a no-op when `finish` or `one_group` already did it
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)

@@ -1,6 +1,7 @@
 """Bad input: exit status 1, one `Error:` line plus a hint, no traceback, no output file left."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,3 +133,28 @@ def test_a_full_disk_is_named():
 
     message, hint = describe(OSError(errno.ENOSPC, "No space left on device", "runs/x/rollouts.parquet"))
     assert "no space left" in message and "runs/x/rollouts.parquet" in message and "disk space" in hint
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "printed"), [("0", 0, ""), ("3", 3, ""), ("None", 0, ""), ("'Error: stop'", 1, "Error: stop")]
+)
+def test_a_launched_process_leaves_without_finalization(tmp_path, code, status, printed):
+    """Under `accelerate launch` (WORLD_SIZE > 1) a process ends with its exit status and its
+    flushed output, but without interpreter finalization (where gloo's threads can abort it):
+    the atexit handler registered here never runs. A plain process returns and finalizes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys, torch.distributed\n"
+        "from cfiw_cli import distributed\n"
+        "atexit.register(lambda: print('finalized', flush=True))\n"
+        "print('written', end='')\n"
+        f"distributed.exit_launched_process({code})\n"
+        "print(' returned')\n"
+    )
+    for world, expected in (("2", ("written", status)), ("1", ("written returned\nfinalized", 0))):
+        env = {**os.environ, "WORLD_SIZE": world}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert (done.stdout.strip(), done.returncode) == expected, done.stderr
+        assert printed in done.stderr if world == "2" else not done.stderr
