@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,8 @@ class ReadOnlyRun(DirFileSystem):
     def open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
         if any(flag in mode for flag in "wax+"):
             raise PermissionError(f"the run is read-only: cannot write {path}")
+        if mode == "rb":
+            return PositionalReader(self._join(path))
         return super().open(path, mode, *args, **kwargs)
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
@@ -88,6 +91,74 @@ class ReadOnlyRun(DirFileSystem):
     rm = rm_file = _rm = delete = rmdir = _refuse
     cp_file = copy = mv = put = put_file = pipe = pipe_file = write_text = touch = _refuse
     mkdir = makedirs = _refuse
+
+
+class PositionalReader:
+    """A read-only binary file whose position belongs to each thread, read with `os.pread`.
+
+    DuckDB reads a Python filesystem's file at an offset as `seek(offset)` then `read(n)`, from
+    several scan threads on one handle. It holds the GIL across the pair, but Python code hands
+    the GIL to another thread at its switch interval, so with an ordinary file another thread's
+    seek can land between them and the read returns bytes from elsewhere in the file (DuckDB then
+    fails with "Out of buffer" or a Thrift error, or reads wrong values). Here each thread's
+    seek moves only its own position, and a read at a position is one system call."""
+
+    def __init__(self, path: str) -> None:
+        self.name, self.closed = path, True  # until the file is open
+        self._fd = os.open(path, os.O_RDONLY)
+        self.closed = False
+        self._size = os.fstat(self._fd).st_size
+        self._local = threading.local()
+
+    @property
+    def _position(self) -> int:
+        return getattr(self._local, "position", 0)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._local.position = base + offset
+        return self._local.position
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._position
+        wanted = max(0, self._size - start) if size is None or size < 0 else size
+        chunks, done = [], 0
+        while done < wanted:
+            chunk = os.pread(self._fd, wanted - done, start + done)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            done += len(chunk)
+        self._local.position = start + done
+        return b"".join(chunks)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+
+    def __enter__(self) -> PositionalReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _filesystem(index: int, root: Path) -> ReadOnlyRun:
