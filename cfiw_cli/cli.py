@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from cfiw_cli import __version__, configs, options
+from cfiw_cli import __version__, configs, distributed, options
 from cfiw_cli.errors import exits_cleanly
 
 app = typer.Typer(
@@ -443,7 +443,5 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
-        from cfiw_cli import distributed
-
         distributed.exit_launched_process(exc.code)  # returns unless under `accelerate launch`
         raise
