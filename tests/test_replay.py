@@ -191,6 +191,11 @@ def test_bad_replays_are_clean_errors(looped, cli, tmp_path):
     for modes in ("cfiw@2", "cfiw@x", "best@0"):
         assert cli("replay", looped, "--modes", modes).exit_code == 2
     assert_clean_error(cli("replay", looped, "--optimizer", "sgd"), "kept optimizer state")
+    unscored = tmp_path / "unscored"  # a loop stopped before it scored its first iteration: nothing to replay
+    shutil.copytree(looped, unscored, ignore=shutil.ignore_patterns("policies", "replay"))
+    (unscored / "iter-0000" / "scores.parquet").unlink()
+    assert_clean_error(cli("replay", unscored), "no kept policy or no scored rollouts")
+    assert not (unscored / "replay").exists()
 
 
 def test_replay_sweeps_floors_and_controls_into_the_replay_weights_view(looped, cli, tmp_path):

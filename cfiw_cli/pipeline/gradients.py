@@ -208,7 +208,7 @@ def run(config: GradientsConfig, force: bool = False) -> Path:
     modes = parse_modes(config.modes)
     trains = {i: s for i, c, s in steps if c == "train"}
     rollouts = {i: s for i, c, s in steps if c == "rollout"}
-    iterations = _iterations(config, run_dir, trains)
+    iterations = kept_scored_iterations(run_dir, trains, config.iterations, "measured")
     seed = int(loop_config.get("loop", {}).get("seed", 0)) + 1 if config.seed is None else config.seed
     base = str(loop_config["model"]["id"])
     root = RunLayout(run_dir).root / "gradients"
@@ -245,16 +245,6 @@ def run(config: GradientsConfig, force: bool = False) -> Path:
         stage.write_table(table, stage.manifest(rows=len(rows), metrics={}))
     info(f"wrote {len(rows)} rows ({len(iterations)} iterations x {len(modes)} modes x minibatches) to {out}")
     return out
-
-
-def _iterations(config: GradientsConfig, run: Path, trains: dict[int, Any]) -> list[int]:
-    iterations = kept_scored_iterations(run, trains, config.iterations, "measured")
-    if not iterations:  # no kept policy at all: the same words as a missing one
-        raise CfiwError(
-            f"iteration 0 of {run} has no kept policy or no scored rollouts",
-            "iterations that can be measured: none (run the loop with --set loop.keep_policies=1)",
-        )
-    return iterations
 
 
 def _iteration(

@@ -198,14 +198,14 @@ def loop_plan(run: Path) -> tuple[dict[str, Any], list]:
 def kept_scored_iterations(run: Path, trains: dict[int, Any], chosen: str | None, verb: str) -> list[int]:
     """The `--iterations` chosen (default: every kept one) of a loop run that `verb` (replayed,
     measured) needs: each with a kept policy and scored rollouts (`trains`: its planned train
-    stages by iteration)."""
+    stages by iteration). None at all is an error too: iteration 0, always kept, is unscored."""
     scored = {i for i, step in trains.items() if Path(step.rollouts).exists() and Path(step.scores).exists()}
     completed = [i for i in kept_iterations(run) if i in scored]
     iterations = parse_iterations(chosen) if chosen else completed
     missing = [i for i in iterations if i not in completed]
-    if missing:
+    if missing or not iterations:
         raise CfiwError(
-            f"iteration {missing[0]} of {run} has no kept policy or no scored rollouts",
+            f"iteration {missing[0] if missing else 0} of {run} has no kept policy or no scored rollouts",
             f"iterations that can be {verb}: {', '.join(map(str, completed)) or 'none'} (run the loop with "
             f"--set loop.keep_policies=1)",
         )
