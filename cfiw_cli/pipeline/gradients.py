@@ -92,15 +92,6 @@ def flat_gradient(model: Any) -> list[Any]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _rows(sequences: list[train._Sequence], values: list[list[float]], longest: int) -> torch.Tensor:  # [B, C]
-    import torch
-
-    out = torch.zeros(len(sequences), longest)
-    for row, data in enumerate(values):
-        out[row, longest - len(data) :] = torch.tensor(data, dtype=torch.float32)
-    return out
-
-
 def part_gradients(
     model: Any,
     members: list[train._Sequence],
@@ -118,7 +109,7 @@ def part_gradients(
     params = flat_gradient(model)
     size = sum(p.numel() for p in params)
     counted = normalizer_of or members
-    full_mask = _rows(counted, [s.mask for s in counted], max(len(s.mask) for s in counted))  # [N, C]
+    full_mask = train.right_aligned([s.mask for s in counted], max(len(s.mask) for s in counted))  # [N, C]
     normalizer = max(loss_normalizer(full_mask, measure.loss.loss_type, measure.max_new_tokens), 1.0)
     out = {name: torch.zeros(size, dtype=torch.float64) for name in parts}
     for batch in train._micro_batches(members, measure.micro_batch_tokens):
@@ -127,13 +118,13 @@ def part_gradients(
             measure.autocast,
         )  # fmt: skip  # [B, C]
         longest = logprobs.shape[1]
-        mask = _rows(batch, [s.mask for s in batch], longest)  # [B, C]
-        weight = _rows(batch, [weights[s.rollout_id] for s in batch], longest)  # [B, C]
+        mask = train.right_aligned([s.mask for s in batch], longest)  # [B, C]
+        weight = train.right_aligned([weights[s.rollout_id] for s in batch], longest)  # [B, C]
         advantages = torch.tensor([s.advantage for s in batch])  # [B]
         for name, selector in parts.items():
             chosen = weight
             if selector is not None:
-                chosen = weight * _rows(batch, [selector[s.rollout_id] for s in batch], longest)  # [B, C]
+                chosen = weight * train.right_aligned([selector[s.rollout_id] for s in batch], longest)  # [B, C]
                 if not bool((chosen * mask).any()):
                     continue  # no token of this part here: its gradient is 0
             loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, mask, normalizer, chosen, None, measure.loss)

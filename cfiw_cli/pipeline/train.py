@@ -315,15 +315,18 @@ def _micro_batches(sequences: list[_Sequence], budget: int) -> list[list[_Sequen
     return [[sequences[i] for i in run] for run in runs]
 
 
-def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any) -> torch.Tensor:  # [B, C]
-    """Per-token lists of a batch as a right-aligned `[B, C]` tensor (as `completion_logprobs` returns)."""
+def right_aligned(values: list[list[float]], longest: int, device: Any = "cpu") -> torch.Tensor:  # [B, C]
+    """Per-token lists as a right-aligned `[B, C]` tensor (as `completion_logprobs` returns), zeros before each."""
     import torch
 
-    out = torch.zeros(len(batch), longest, device=device)
-    for row, s in enumerate(batch):
-        data = getattr(s, values)
-        out[row, longest - len(data) :] = torch.tensor(data, device=device)
+    out = torch.zeros(len(values), longest, device=device)
+    for row, data in enumerate(values):
+        out[row, longest - len(data) :] = torch.tensor(data, dtype=torch.float32, device=device)
     return out
+
+
+def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any) -> torch.Tensor:  # [B, C]
+    return right_aligned([getattr(s, values) for s in batch], longest, device)
 
 
 def _plan(
