@@ -325,10 +325,6 @@ def right_aligned(values: list[list[float]], longest: int, device: Any = "cpu") 
     return out
 
 
-def _aligned(batch: list[_Sequence], values: str, longest: int, device: Any) -> torch.Tensor:  # [B, C]
-    return right_aligned([getattr(s, values) for s in batch], longest, device)
-
-
 def _plan(
     sequences: list[_Sequence], config: TrainConfig, epoch: int, context: UpdateContext
 ) -> list[tuple[list[list[_Sequence]], list[_Sequence]]]:
@@ -828,7 +824,7 @@ def train_step(
     started = time.perf_counter()
     accelerator, device = context.accelerator, context.accelerator.device
     metrics = StepMetrics(step, epoch, len(members))
-    full_mask = _aligned(members, "mask", max(len(s.mask) for s in members), "cpu")  # [N, C]
+    full_mask = right_aligned([s.mask for s in members], max(len(s.mask) for s in members))  # [N, C]
     normalizer = max(loss_normalizer(full_mask, context.loss.loss_type, context.max_new_tokens), 1.0)
     work = micro_batches or [[]]
     for index, batch in enumerate(work):
@@ -881,9 +877,9 @@ def _accumulate(
     longest = logprobs.shape[1]
     old_lp = _right_pad([old[s.rollout_id][0] for s in batch], longest)  # [B, C]
     ref = _right_pad([old[s.rollout_id][1] for s in batch], longest) if context.has_reference else None  # [B, C]
-    mask = _aligned(batch, "mask", longest, device)  # [B, C]
-    weights = _aligned(batch, "weights", longest, device)  # [B, C]
-    sampled = _aligned(batch, "rollout_logprobs", longest, device)  # [B, C]
+    mask = right_aligned([s.mask for s in batch], longest, device)  # [B, C]
+    weights = right_aligned([s.weights for s in batch], longest, device)  # [B, C]
+    sampled = right_aligned([s.rollout_logprobs for s in batch], longest, device)  # [B, C]
     advantages = torch.tensor([s.advantage for s in batch], device=device)  # [B]
     loss, metrics = policy_loss(logprobs, old_lp, advantages, mask, normalizer, weights, ref, context.loss)
     # DDP averages gradients over processes; the normalizer is already global.
