@@ -217,11 +217,28 @@ def run_tables(run: Path) -> dict[str, object]:
 
 
 def assert_same_tables(expected: Path, got: Path) -> None:
-    """Two runs wrote the same Parquet files with the same contents."""
+    """Two runs wrote the same Parquet files with the same contents: every column equal, but
+    float columns only to 1e-5 relative. The CPU's BLAS does not promise the same last bits
+    of a float32 reduction in two processes, and a CI run once saw a score differ by 5e-7."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     want, have = run_tables(expected), run_tables(got)
     assert sorted(have) == sorted(want)
     for name, table in want.items():
-        assert have[name].equals(table), name
+        other = have[name]
+        assert other.schema == table.schema and other.num_rows == table.num_rows, name
+        for column in table.column_names:
+            a, b = table.column(column), other.column(column)
+            if pa.types.is_list(a.type) and pa.types.is_floating(a.type.value_type):
+                assert pc.list_value_length(a).equals(pc.list_value_length(b)), f"{name}: {column}"
+                a, b = pc.list_flatten(a), pc.list_flatten(b)
+            if pa.types.is_floating(a.type):
+                a, b = a.to_numpy(zero_copy_only=False), b.to_numpy(zero_copy_only=False)
+                assert np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True), f"{name}: {column}"
+            else:
+                assert a.equals(b), f"{name}: {column}"
 
 
 def run_chained(commands: str, cwd: Path, timeout: int = 900) -> None:
