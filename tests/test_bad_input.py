@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import COMPLETIONS, run_cli, write_rollouts
+from tests.conftest import COMPLETIONS, lock_held_elsewhere, run_cli, write_rollouts
 
 pytestmark = pytest.mark.slow
 
@@ -839,23 +839,11 @@ def test_the_sql_connection_cannot_write_even_past_the_statement_gate(ws, tmp_pa
 
 def test_a_second_writer_of_an_output_is_told(ws, tmp_path):
     """While one process holds an output's lock, another cfiw command writing it stops at once."""
-    import subprocess
-    import sys
-
     out = tmp_path / "spans.parquet"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
-         "print('held', flush=True); time.sleep(60)", str(tmp_path / ".spans.parquet.lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(tmp_path / ".spans.parquet.lock"):
         done = run_cli(*_segment(ws, "it/rollouts.parquet")[:-2], "--out", out)
         assert done.exit_code == 1 and f"another cfiw process is writing {out}" in done.stderr
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert run_cli(*_segment(ws, "it/rollouts.parquet")[:-2], "--out", out).exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spans.parquet"]  # the lock file is gone
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_same_tables, kill_when, run_chained, tokenizer_files
+from conftest import assert_same_tables, kill_when, lock_held_elsewhere, run_chained, tokenizer_files
 from test_errors import assert_clean_error
 
 from cfiw_cli.errors import CfiwError
@@ -139,6 +139,17 @@ def test_loop_writes_the_run_layout(uninterrupted):
     assert {r["iteration"] for r in rollouts} == {1} and {r["prompt_id"] for r in rollouts} == {
         f"train-{i}" for i in range(8, 16)
     }
+
+
+@pytest.mark.slow
+def test_a_second_loop_on_a_running_run_is_refused(uninterrupted, tiny_model, tmp_path):
+    """Two loops on one run directory would both redo its next iteration, from other policies."""
+    run = tmp_path / "run"
+    with lock_held_elsewhere(tmp_path / ".run.lock"):  # as a running loop holds it
+        done = subprocess.run(loop_argv(tiny_model, run), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 1 and f"Error: another cfiw process is writing {run}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not run.exists()
+    assert not (uninterrupted.parent / f".{uninterrupted.name}.lock").exists()  # a finished loop lets go
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import rollout, score, segment, train
 from cfiw_cli.policies import KeepConfig, keep, keep_command, kept_iterations, prune_kept, update_best
 from cfiw_cli.runs import ITERATION_KINDS, RunLayout, iteration_of
+from cfiw_cli.stage import OutputLocks
 from cfiw_cli.tasks.gsm8k import load_questions
 from cfiw_cli.tracking import Tracker, check_report_to, log_train_steps, prefixed
 
@@ -437,6 +438,25 @@ def _run(config: dict[str, Any], run: Path, steps: list[tuple[int, str, Any]], r
         )
     _check_memory(steps, base)  # loads the questions: a dataset that cannot load fails here, before any write
     main = distributed.is_main()  # under accelerate launch: the process that writes
+    # One loop per run directory: a second copy would read the same state, then redo and
+    # overwrite the first one's iterations from another policy.
+    locks = distributed.agreed(OutputLocks, [run] if main else [])
+    try:
+        _resume(config, run, layout, steps, report_to, resolved, main)
+    finally:
+        locks.release()
+
+
+def _resume(
+    config: dict[str, Any],
+    run: Path,
+    layout: RunLayout,
+    steps: list[tuple[int, str, Any]],
+    report_to: str,
+    resolved: str,
+    main: bool,
+) -> None:
+    """The planned stages from the first one not yet completed, under the run's lock."""
     if main and run.is_dir():
         recover_directory(layout.policy)  # a checkpoint commit that a kill interrupted
     distributed.barrier()
