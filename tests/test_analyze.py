@@ -1,6 +1,7 @@
 """`cfiw analyze`: exact tables on hand-made runs; plots and reports on a real tiny run."""
 
 import json
+import math
 
 import pyarrow as pa
 import pytest
@@ -403,9 +404,9 @@ def test_a_run_at_another_importance_floor_is_its_own_mode(tmp_path):
     assert _mode_and_seed(tmp_path / "zero") == ("cfiw@0", 2)
 
 
-def gradient_run(root, dataset, values):
+def gradient_run(root, dataset, values, reference_halves=(1 / 3, 1 / 3)):
     """A run with a gradients summary: per mode, reference cosines of (iteration 0, minibatch 0)
-    and (iteration 0, minibatch 1); the reference's halves have cosine 1/3 everywhere."""
+    and (iteration 0, minibatch 1); the reference's halves have cosine 1/3 unless told."""
     from cfiw_cli.schemas import GRADIENTS
 
     root.mkdir(parents=True)
@@ -419,7 +420,7 @@ def gradient_run(root, dataset, values):
             "uniform_cosine": 1.0,
             "reference_cosine": cosine,
             "halves_cosine": 0.5,
-            "reference_halves_cosine": 1 / 3,
+            "reference_halves_cosine": reference_halves[minibatch],
             "kind_shares": [{"part": "calculation", "share": 0.75, "tokens": 3}],
             "label_shares": [],
         }  # fmt: skip
@@ -453,3 +454,18 @@ def test_gradient_differences_by_hand(tmp_path):
     shares = {(r["dataset"], r["mode"], r["part"]): r for r in tables["gradient_shares"]}
     assert shares[("data/b", "cfiw", "calculation")]["mean_share"] == 0.75
     assert (tmp_path / "report" / "gradient_alignment.png").exists()
+
+
+def test_alignment_is_left_out_where_the_reference_is_all_noise(tmp_path):
+    """A reference whose halves point apart (c <= 0) has no correction: its minibatch has no
+    `aligned`, and the other measures keep it."""
+    run = gradient_run(tmp_path / "a0", "data/a", {"uniform": [0.5, 0.1], "cfiw": [0.6, 0.3]}, (1 / 3, -0.1))
+    tables = analyze([str(run)], str(tmp_path / "report"))
+    differences = {r["metric"]: r for r in tables["gradient_differences"]}
+    assert differences["reference_cosine"]["pairs"] == 2  # (.1 + .2) / 2
+    assert differences["reference_cosine"]["mean_difference"] == pytest.approx(0.15)
+    assert differences["aligned"]["pairs"] == 1  # minibatch 0 alone, at c = 1/3: .1 x sqrt(2)
+    assert differences["aligned"]["mean_difference"] == pytest.approx(0.1 * 2**0.5)
+    uniform = next(r for r in tables["gradients_by_mode"] if r["mode"] == "uniform")
+    assert (uniform["minibatches"], uniform["aligned_minibatches"]) == (2, 1)
+    assert uniform["aligned"] == pytest.approx(0.5 * 2**0.5) and math.isfinite(uniform["reference_cosine"])

@@ -345,12 +345,14 @@ def gradient_tables(con: Any) -> dict[str, list[dict]]:
 
     `aligned` corrects `reference_cosine` for the reference's own noise: the reference r is two
     halves whose cosine is c, so by Spearman-Brown cos(r, E r) = sqrt(2c / (1 + c)), and a
-    gradient whose noise is independent of r's has cos(g, E r) = cos(g, r) / cos(r, E r)."""
+    gradient whose noise is independent of r's has cos(g, E r) = cos(g, r) / cos(r, E r).
+    Where c <= 0 the reference's noise drowns its signal and the correction is undefined:
+    `aligned` is null there, and the tables count only the minibatches that have it."""
     con.execute(
         """create temp view gradient_rows as
            select g.*, coalesce(m.dataset, '') as dataset,
-                  g.reference_cosine / sqrt(2 * g.reference_halves_cosine / (1 + g.reference_halves_cosine))
-                      as aligned
+                  case when g.reference_halves_cosine > 0 then g.reference_cosine
+                      / sqrt(2 * g.reference_halves_cosine / (1 + g.reference_halves_cosine)) end as aligned
            from gradients g left join modes m using (run)"""
     )
     metrics = ("aligned", *GRADIENT_METRICS)
@@ -367,7 +369,7 @@ def gradient_tables(con: Any) -> dict[str, list[dict]]:
         "gradients_by_mode": _rows(
             con,
             f"""select dataset, mode, count(*) as minibatches, count(distinct run || ':' || iteration) as policies,
-                       count(distinct run) as runs, {means},
+                       count(distinct run) as runs, count(aligned) as aligned_minibatches, {means},
                        avg(reference_halves_cosine) as reference_halves_cosine, max(parts_residual) as parts_residual
                 from gradient_rows group by dataset, mode order by dataset, aligned desc nulls last""",
         ),
