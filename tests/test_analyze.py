@@ -469,3 +469,17 @@ def test_alignment_is_left_out_where_the_reference_is_all_noise(tmp_path):
     uniform = next(r for r in tables["gradients_by_mode"] if r["mode"] == "uniform")
     assert (uniform["minibatches"], uniform["aligned_minibatches"]) == (2, 1)
     assert uniform["aligned"] == pytest.approx(0.5 * 2**0.5) and math.isfinite(uniform["reference_cosine"])
+
+
+def test_dial_points_sort_by_their_numbers():
+    from cfiw_cli.report.analyze import _by_numbers
+
+    points = ["data/arith-N2", "data/arith-L32", "data/arith", "data/arith-L8-N2", "data/arith-L8", "data/arith-L32-N2"]
+    assert sorted(points, key=_by_numbers) == [
+        "data/arith",
+        "data/arith-L8",
+        "data/arith-L8-N2",
+        "data/arith-L32",
+        "data/arith-L32-N2",
+        "data/arith-N2",
+    ]

@@ -31,6 +31,7 @@ import base64
 import html
 import json
 import math
+import re
 import time
 import tomllib
 from dataclasses import fields
@@ -661,6 +662,11 @@ def _write_curves(results: dict[str, list[dict]], out: Path) -> None:
             pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
 
 
+def _by_numbers(text: str) -> list[str | int]:
+    """A sort key that reads the digits in `text` as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def _alignment_plot(tables_: dict[str, list[dict]], path: Path) -> Path:
     """Per dataset (dial point) and mode: the noise-corrected cosine with the reference
     gradient, and its paired difference from uniform's with the 95% interval."""
@@ -668,7 +674,7 @@ def _alignment_plot(tables_: dict[str, list[dict]], path: Path) -> Path:
 
     rows = [r for r in tables_["gradients_by_mode"] if r["aligned"] is not None]
     differences = [r for r in tables_["gradient_differences"] if r["metric"] == "aligned"]
-    datasets = sorted({r["dataset"] for r in rows})
+    datasets = sorted({r["dataset"] for r in rows}, key=_by_numbers)  # arith-L8 before arith-L32
     names = [Path(d).name or "(unknown)" for d in datasets]
     modes = sorted({r["mode"] for r in rows})
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
