@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cfiw_cli.batching import left_padded_batch
 from cfiw_cli.console import progress_bar
+from cfiw_cli.kv_cache import cache_argument, growing_cache
 from cfiw_cli.modeling import stop_token_ids
 from cfiw_cli.tasks.gsm8k import build_prompt
 
@@ -172,12 +173,14 @@ def _complete_batch(model, tokenizer, batch, config, stop_ids, temperature, top_
     dev = next(model.parameters()).device
     input_ids, attention_mask = left_padded_batch(batch, tokenizer.pad_token_id, dev)  # [B, P] each
     processor = _SamplingDistribution(temperature, top_p, seeds, dev)
+    cache = growing_cache()
     with torch.inference_mode():
         sequences = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=[processor],
+            **({cache_argument(model): cache} if cache is not None else {}),
         )  # [B, P + N]
     new_tokens = sequences[:, input_ids.shape[1] :]  # [B, N]
     processor.record(new_tokens[:, -1])

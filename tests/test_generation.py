@@ -79,3 +79,53 @@ def test_a_sequences_sample_does_not_depend_on_its_batch(tiny_model):
         assert torch.allclose(torch.tensor(one.logprobs), torch.tensor(batched.logprobs), atol=1e-5)
     other = generate(model, tokenizer, prompts, batch_size=4, seeds=[s + 1 for s in seeds], **options)
     assert [c.ids for c in other] != [c.ids for c in alone]  # the seed does decide the sample
+
+
+def test_the_growing_cache_samples_what_the_default_cache_samples(tiny_model, monkeypatch):
+    """Sampling with the in-place cache gives the tokens and log-probs of transformers' own
+    concatenating cache, bit for bit, over more steps than its first allocation holds."""
+    import cfiw_cli.generation as generation
+    from cfiw_cli.kv_cache import SLACK
+    from cfiw_cli.modeling import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), "float32")
+    prompts = [tokenizer(text)["input_ids"] for text in ("1 + 1 =", "Tom has 3 apples and", "7", "2 * 4 = 8; 8 -")]
+    seeds = [sequence_seed(3, f"q-{i}", 0) for i in range(len(prompts))]
+    options = dict(stop_ids=[], max_new_tokens=SLACK + 40, temperature=1.0, top_p=1.0, batch_size=4, seeds=seeds)
+    grown = generate(model, tokenizer, prompts, **options)
+    monkeypatch.setattr(generation, "growing_cache", lambda: None)
+    default = generate(model, tokenizer, prompts, **options)
+    assert [c.ids for c in grown] == [c.ids for c in default]
+    assert [c.logprobs for c in grown] == [c.logprobs for c in default]
+    assert all(len(c.ids) == SLACK + 40 for c in grown)  # the buffers grew at least once
+
+
+def test_a_growing_layer_holds_what_a_dynamic_layer_holds():
+    """Updates, a batch selection and a crop leave the same keys and values as transformers'
+    `DynamicLayer`, while the buffers are reallocated only when full."""
+    from transformers.cache_utils import DynamicLayer
+
+    from cfiw_cli.kv_cache import SLACK, growing_cache
+
+    growing = growing_cache().layer_class_to_replicate
+    mine, reference = growing(), DynamicLayer()
+    torch.manual_seed(0)
+    prefill = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)  # [B, H, T, D]
+    for layer in (mine, reference):
+        layer.update(*prefill)
+    first_buffer = mine.buffers[0]
+    assert first_buffer.shape[-2] == 5 + SLACK
+    for _ in range(SLACK + 1):
+        step = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        keys, values = mine.update(*step)
+        expected_keys, expected_values = reference.update(*step)
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert mine.buffers[0] is not first_buffer  # 5 + SLACK + 1 positions: it grew once
+    keep = torch.tensor([2, 0])
+    mine.batch_select_indices(keep)
+    reference.batch_select_indices(keep)
+    mine.crop(-3)
+    reference.crop(-3)
+    assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
+    assert mine.get_seq_length() == reference.get_seq_length() == 5 + SLACK + 1 - 3

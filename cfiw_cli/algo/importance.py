@@ -43,12 +43,12 @@ too), less the shared prompts. Not done: sharing work between the variants thems
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cfiw_cli.batching import consecutive_runs, left_pad
+from cfiw_cli.kv_cache import cache_argument
 from cfiw_cli.logprobs import captured_hidden
 
 if TYPE_CHECKING:
@@ -106,11 +106,6 @@ def variant_suffix(item: ScoringItem, row: int, span: int, mode: str, pad_id: in
     raise ValueError(f"unknown mask mode {mode!r}")
 
 
-def _cache_argument(model: Any) -> str:
-    """Newer transformers call the KV cache argument `cache`, older ones `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:  # per layer: keys, values [B, heads, S, d]
     from transformers import DynamicCache
 
@@ -148,7 +143,7 @@ def _run_suffixes(
         layers = [
             (k[:, :, :past].index_select(0, rows), v[:, :, :past].index_select(0, rows)) for k, v in kv
         ]  # [B, H, P, d]
-        kwargs[_cache_argument(model)] = _cache_from(layers)
+        kwargs[cache_argument(model)] = _cache_from(layers)
     out = model(
         input_ids=torch.tensor(suffix, device=dev),  # [B, S]
         attention_mask=torch.tensor(mask, device=dev),  # [B, P + S]
@@ -236,7 +231,7 @@ def _run_packed(
             position_ids=positions.to(dev),
             use_cache=False,
             logits_to_keep=1,
-            **{_cache_argument(model): _cache_from(layers)},
+            **{cache_argument(model): _cache_from(layers)},
         )
     hidden = captured["hidden"]  # [B, W, H]
     wanted_rows, wanted_cols, targets = [], [], []
