@@ -28,8 +28,8 @@ It records per minibatch:
 
 Differences from `train`'s update: every minibatch is measured at policy_k (train's later
 minibatches see a policy its earlier steps moved), and the KL term is left out. Cost per
-iteration: one forward and, per part, one backward per mode and micro-batch, plus sampling
-and one backward pass over the reference rollouts.
+iteration: per micro-batch one forward pass, which every mode shares, and one backward pass
+per mode and part; plus sampling and one pass over the reference rollouts.
 
 Layout, under RUN/gradients/:
 
@@ -104,6 +104,20 @@ def part_gradients(
     id), restricted to each part: `parts[name]` gives each rollout's per-token 0/1 selector
     (None: every token). The normalizer is that of `normalizer_of` (default: `members`), so
     the parts of a partition, and the gradients of disjoint member sets, add up."""
+    return mode_part_gradients(model, members, {"": weights}, {"": parts}, measure, normalizer_of)[""]
+
+
+def mode_part_gradients(
+    model: Any,
+    members: list[train._Sequence],
+    weights: dict[str, dict[str, list[float]]],
+    parts: dict[str, dict[str, dict[str, list[float]] | None]],
+    measure: Measure,
+    normalizer_of: list[train._Sequence] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:  # mode -> name -> [P]
+    """`part_gradients` for several modes at once (`weights[mode]`, `parts[mode]`): one forward
+    pass per micro-batch serves every mode's backward passes, so a mode costs its backward
+    passes alone. Holds modes x parts flattened gradients in float64."""
     import torch
 
     params = flat_gradient(model)
@@ -111,7 +125,7 @@ def part_gradients(
     counted = normalizer_of or members
     full_mask = train.right_aligned([s.mask for s in counted], max(len(s.mask) for s in counted))  # [N, C]
     normalizer = max(loss_normalizer(full_mask, measure.loss.loss_type, measure.max_new_tokens), 1.0)
-    out = {name: torch.zeros(size, dtype=torch.float64) for name in parts}
+    out = {mode: {name: torch.zeros(size, dtype=torch.float64) for name in parts[mode]} for mode in weights}
     for batch in train._micro_batches(members, measure.micro_batch_tokens):
         logprobs, _ = completion_logprobs(
             model, [(s.tokens, s.prompt_length) for s in batch], measure.pad_id, measure.temperature, False,
@@ -119,22 +133,37 @@ def part_gradients(
         )  # fmt: skip  # [B, C]
         longest = logprobs.shape[1]
         mask = train.right_aligned([s.mask for s in batch], longest)  # [B, C]
-        weight = train.right_aligned([weights[s.rollout_id] for s in batch], longest)  # [B, C]
         advantages = torch.tensor([s.advantage for s in batch])  # [B]
-        for name, selector in parts.items():
-            chosen = weight
-            if selector is not None:
-                chosen = weight * train.right_aligned([selector[s.rollout_id] for s in batch], longest)  # [B, C]
-                if not bool((chosen * mask).any()):
-                    continue  # no token of this part here: its gradient is 0
-            loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, mask, normalizer, chosen, None, measure.loss)
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            out[name] += torch.cat(
-                [
-                    (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                    for g, p in zip(grads, params, strict=True)
-                ]
-            )
+        chosen_tokens: dict[int, Any] = {}  # id(selector) -> [B, C], shared by the modes
+        for mode, by_rollout in weights.items():
+            weight = train.right_aligned([by_rollout[s.rollout_id] for s in batch], longest)  # [B, C]
+            everything = None  # this micro-batch's whole gradient in this mode, once taken
+            for name, selector in parts[mode].items():
+                chosen = weight
+                if selector is not None:
+                    if id(selector) not in chosen_tokens:
+                        chosen_tokens[id(selector)] = train.right_aligned(
+                            [selector[s.rollout_id] for s in batch], longest
+                        )  # [B, C]
+                    chosen = weight * chosen_tokens[id(selector)]  # [B, C]
+                    if not bool((chosen * mask).any()):
+                        continue  # no token of this part here: its gradient is 0
+                    if everything is not None and bool((chosen_tokens[id(selector)] * mask == mask).all()):
+                        out[mode][name] += everything  # every token here is in the part (a half's own micro-batch)
+                        continue
+                loss, _ = policy_loss(
+                    logprobs, logprobs.detach(), advantages, mask, normalizer, chosen, None, measure.loss
+                )
+                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                flat = torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                        for g, p in zip(grads, params, strict=True)
+                    ]
+                )  # [P]
+                out[mode][name] += flat
+                if selector is None:
+                    everything = flat
     return out
 
 
@@ -309,17 +338,23 @@ def _measure_iteration(
     minibatches = train.plan_minibatches(sequences, step.minibatches, step.seed, 0)
     partitions = _partitions(sequences, batch, tokenizer) if config.shares else {}
     reference = _reference(config, iteration, sampling, step, policy_dir, model, tokenizer, seed, measure, root)
-    uniform = [part_gradients(model, m, weights["uniform"], {"whole": None}, measure)["whole"] for m in minibatches]
-    with progress_bar(f"gradients {iteration_name(iteration)}", total=len(modes) * len(minibatches)) as advance:
-        for mode in modes:
-            rows = []
-            for index, members in enumerate(minibatches):
-                rows.append(
-                    _minibatch_row(model, members, weights[mode], partitions, measure, uniform[index], reference)
+    measured = list(dict.fromkeys(["uniform", *modes]))  # uniform's gradient is every row's comparison
+    rows: dict[str, list[dict]] = {mode: [] for mode in modes}
+    with progress_bar(f"gradients {iteration_name(iteration)}", total=len(minibatches)) as advance:
+        for index, members in enumerate(minibatches):
+            parts = _parts(members, partitions)
+            grads = mode_part_gradients(
+                model, members, {m: weights[m] for m in measured},
+                {m: parts if m in modes else {"whole": None} for m in measured}, measure,
+            )  # fmt: skip  # one forward pass per micro-batch for every mode
+            for mode in modes:
+                rows[mode].append(
+                    _minibatch_row(members, grads[mode], partitions, grads["uniform"]["whole"], reference)
                     | {"iteration": iteration, "mode": mode, "minibatch": index, **_mode_columns(mode, step)}
                 )
-                advance(status=mode)
-            write(mode, rows)
+            advance()
+    for mode in modes:
+        write(mode, rows[mode])
 
 
 def _mode_columns(mode: str, step: Any) -> dict[str, Any]:
@@ -340,16 +375,9 @@ def _partitions(sequences: list[train._Sequence], batch: Any, tokenizer: Any) ->
     return out
 
 
-def _minibatch_row(
-    model: Any,
-    members: list[train._Sequence],
-    weights: dict[str, list[float]],
-    partitions: dict[str, dict],
-    measure: Measure,
-    uniform: torch.Tensor,
-    reference: dict[str, Any],
-) -> dict[str, Any]:
-    first, second = halves(members)
+def _parts(members: list[train._Sequence], partitions: dict[str, dict]) -> dict[str, Any]:
+    """The parts measured on a minibatch: the whole, its first half of groups, each partition's parts."""
+    first, _ = halves(members)
     in_first = {s.rollout_id for s in first}
     parts: dict[str, Any] = {
         "whole": None,
@@ -357,7 +385,17 @@ def _minibatch_row(
     }
     for partition, chosen in partitions.items():
         parts |= {f"{partition}:{name}": selector for name, selector in chosen.items()}
-    grads = part_gradients(model, members, weights, parts, measure)  # one forward pass per micro-batch
+    return parts
+
+
+def _minibatch_row(
+    members: list[train._Sequence],
+    grads: dict[str, torch.Tensor],
+    partitions: dict[str, dict],
+    uniform: torch.Tensor,
+    reference: dict[str, Any],
+) -> dict[str, Any]:
+    _, second = halves(members)
     whole, half = grads["whole"], grads["half"]
     residual, row_shares = 0.0, {}
     for partition in partitions:
