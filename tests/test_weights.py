@@ -283,3 +283,28 @@ def test_unknown_mode_and_profile():
         token_weights(3, [], "magic")
     with pytest.raises(ValueError):
         token_weights(3, [], "cfiw", WeightConfig(profile="magic"))
+
+
+def test_every_mode_and_profile_has_its_own_rule():
+    """The registry lists every pair train accepts; only entropy, weighed elsewhere, has none."""
+    from cfiw_cli.algo.weights import MODES, PROFILES, WEIGHTINGS
+
+    assert set(WEIGHTINGS) == {(m, p) for m in MODES for p in PROFILES if m != "entropy"}
+    # the authors' rules and the cfiw profile's differ for every score-reading mode
+    texts = ["a"] * 8
+    for mode in SCORED_MODES:
+        ours = token_weights(8, SPANS, mode, RAW, ends_with_stop=True, rng=random.Random(1), token_texts=texts)
+        theirs = token_weights(
+            8, SPANS, mode, WeightConfig(conserve=False, profile="authors"), ends_with_stop=True,
+            rng=random.Random(1), token_texts=texts,
+        )  # fmt: skip
+        assert ours != theirs, mode
+
+
+def test_a_pair_without_a_rule_is_an_error_not_a_fallback(monkeypatch):
+    from cfiw_cli.algo import weights
+
+    monkeypatch.delitem(weights.WEIGHTINGS, ("inverted", "authors"))
+    with pytest.raises(ValueError, match="no weighting rule for mode 'inverted' under profile 'authors'"):
+        token_weights(8, SPANS, "inverted", WeightConfig(profile="authors"), ends_with_stop=True, token_texts=["a"] * 8)
+    assert token_weights(8, SPANS, "inverted", ends_with_stop=True) != [1.0] * 8  # the cfiw profile's rule stays

@@ -59,12 +59,15 @@ policy rather than inside each loss call by the policy being trained; a micro-ba
 advantages are all equal is not special-cased (they skip weighting there, which depends on
 how rollouts fall into micro-batches); a rollout without an answer span gets all ones.
 `oracle` and `entropy` are the same under both profiles.
+
+Each (mode, profile) pair is one entry of `WEIGHTINGS`, its rule; a pair without an entry
+is an error, so a new mode cannot silently take another mode's rule under a profile.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 MODES = ("cfiw", "uniform", "inverted", "shuffled", "random", "oracle", "entropy")
@@ -94,6 +97,22 @@ class ScoredSpan:
     delta: float | None = None  # None: not scored (answer spans, spans left out of scoring)
 
 
+@dataclass(frozen=True)
+class _Rollout:
+    """What a weighting rule reads of one rollout."""
+
+    body: int  # completion tokens but the stop token
+    reasoning_end: int  # the reasoning region is [0, reasoning_end)
+    scored: Sequence[ScoredSpan]  # reasoning spans with a delta
+    config: WeightConfig
+    rng: random.Random
+    token_texts: Sequence[str] | None
+    relevant: Sequence[bool] | None
+
+
+Rule = Callable[[_Rollout], "list[float] | None"]  # w_t over the body before the answer's; None: all ones
+
+
 def token_weights(
     num_tokens: int,
     spans: Sequence[ScoredSpan],
@@ -109,6 +128,7 @@ def token_weights(
     `rng` drives `shuffled` and `random`; `token_texts` (each token decoded on its own) is
     needed by the `authors` profile for its formatting-token rule; `relevant` (per token:
     whether its line feeds the answer) by `oracle`. `entropy` is `entropy_weights`' job.
+    The rule of each (mode, profile) is its entry in `WEIGHTINGS`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown weighting mode {mode!r}")
@@ -116,34 +136,21 @@ def token_weights(
         raise ValueError(f"unknown weighting profile {config.profile!r}")
     if mode == "entropy":
         raise ValueError("entropy weights need the old policy's entropies: use entropy_weights")
+    rule = WEIGHTINGS.get((mode, config.profile))
+    if rule is None:
+        raise ValueError(f"no weighting rule for mode {mode!r} under profile {config.profile!r}")
     answers = [s for s in spans if s.kind == "answer"]
-    if mode == "uniform" or not answers or num_tokens == 0:
+    if not answers or num_tokens == 0:
         return [1.0] * num_tokens
     body = num_tokens - 1 if ends_with_stop else num_tokens  # every token but EOS
     answer = answers[0]
-    reasoning_end = min(answer.tok_start, body)
     scored = [s for s in spans if s.kind != "answer" and s.delta is not None]
-    rng = rng or random.Random(0)
-    if mode == "oracle":
-        if relevant is None or len(relevant) < reasoning_end:
-            raise ValueError("the oracle needs the ground-truth relevance of every reasoning token")
-        weights = [config.boost if relevant[t] else config.min_weight for t in range(reasoning_end)]
-        weights += [1.0] * (body - reasoning_end)
-    else:
-        if config.profile == "authors":
-            if token_texts is None or len(token_texts) < body:
-                raise ValueError("the authors profile needs the text of every completion token")
-            scaled = _authors_importance(body, reasoning_end, scored, mode, config, rng)
-            scaled = [
-                x * FORMATTING_SCALE if x > 0 and token_texts[t].strip() in FORMATTING_TOKENS else x
-                for t, x in enumerate(scaled)
-            ]
-        else:
-            if not scored:
-                return [1.0] * num_tokens
-            scaled = _cfiw_importance(reasoning_end, scored, mode, config, rng) + [None] * (body - reasoning_end)
-        span = config.boost - config.min_weight
-        weights = [1.0 if x is None else config.min_weight + span * x for x in scaled]  # w_t
+    rollout = _Rollout(
+        body, min(answer.tok_start, body), scored, config, rng or random.Random(0), token_texts, relevant
+    )
+    weights = rule(rollout)
+    if weights is None:
+        return [1.0] * num_tokens
     for t in range(max(answer.tok_start, 0), min(answer.tok_end, body)):
         weights[t] = config.answer_weight
     if config.conserve and body:
@@ -170,9 +177,9 @@ def span_importance(
     return importance
 
 
-def _deltas(scored: Sequence[ScoredSpan], mode: str, rng: random.Random) -> list[float]:
+def _deltas(scored: Sequence[ScoredSpan], shuffle: bool, rng: random.Random) -> list[float]:
     deltas = [s.delta for s in scored]
-    if mode == "shuffled":
+    if shuffle:
         rng.shuffle(deltas)
     return deltas
 
@@ -183,47 +190,110 @@ def _scale(importance: list[float], floor: float) -> list[float]:
     return [floor + (1 - floor) * (i - low) / (high - low) for i in importance]
 
 
-def _cfiw_importance(
-    reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random
-) -> list[float]:
-    """Î_t over the reasoning region (profile cfiw)."""
-    if mode == "random":
-        importance = [rng.random() for _ in range(reasoning_end)]
-    else:
-        importance = span_importance(reasoning_end, scored, _deltas(scored, mode, rng), config.floor)
-    if not importance:
-        return []
-    if max(importance) - min(importance) < config.min_spread:
-        return [config.importance_floor] * len(importance)
-    scaled = _scale(importance, config.importance_floor)
-    if mode == "inverted":
-        top, bottom = max(scaled), min(scaled)
-        scaled = [top + bottom - x for x in scaled]
-    return scaled
+def _to_weights(scaled: Sequence[float | None], config: WeightConfig) -> list[float]:
+    """w_t = min_weight + (boost - min_weight) * Î_t; 1 where Î is None (after the reasoning)."""
+    span = config.boost - config.min_weight
+    return [1.0 if x is None else config.min_weight + span * x for x in scaled]
 
 
-def _authors_importance(
-    body: int, reasoning_end: int, scored: Sequence[ScoredSpan], mode: str, config: WeightConfig, rng: random.Random
-) -> list[float]:
-    """Î_t over every token but EOS, as the authors' trainer computes it (see the module docstring)."""
-    if mode == "random":
-        return [rng.random() for _ in range(body)]
-    after = body - reasoning_end
+def _ones(rollout: _Rollout) -> None:
+    return None
+
+
+def _oracle(rollout: _Rollout) -> list[float]:
+    """`oracle`: boost on a reasoning token whose line feeds the answer, min_weight elsewhere."""
+    relevant, config, end = rollout.relevant, rollout.config, rollout.reasoning_end
+    if relevant is None or len(relevant) < end:
+        raise ValueError("the oracle needs the ground-truth relevance of every reasoning token")
+    return [config.boost if relevant[t] else config.min_weight for t in range(end)] + [1.0] * (rollout.body - end)
+
+
+def _cfiw(shuffle: bool = False, invert: bool = False, draw: bool = False) -> Rule:
+    """Profile `cfiw`: Î_t over the reasoning region from the span deltas (shuffled first, or
+    flipped after scaling), or drawn from U(0, 1) per token; all ones without a scored span."""
+
+    def rule(rollout: _Rollout) -> list[float] | None:
+        if not rollout.scored:
+            return None
+        config, end = rollout.config, rollout.reasoning_end
+        if draw:
+            importance = [rollout.rng.random() for _ in range(end)]
+        else:
+            importance = span_importance(
+                end, rollout.scored, _deltas(rollout.scored, shuffle, rollout.rng), config.floor
+            )
+        if importance and max(importance) - min(importance) < config.min_spread:
+            scaled = [config.importance_floor] * len(importance)
+        elif importance:
+            scaled = _scale(importance, config.importance_floor)
+            if invert:
+                top, bottom = max(scaled), min(scaled)
+                scaled = [top + bottom - x for x in scaled]
+        else:
+            scaled = []
+        return _to_weights(scaled + [None] * (rollout.body - end), config)
+
+    return rule
+
+
+def _authors(shuffle: bool = False, invert: bool = False, draw: bool = False) -> Rule:
+    """Profile `authors`: Î_t over every token but EOS as the authors' trainer computes it (see
+    the module docstring), then its formatting-token rule."""
+
+    def rule(rollout: _Rollout) -> list[float]:
+        texts = rollout.token_texts
+        if texts is None or len(texts) < rollout.body:
+            raise ValueError("the authors profile needs the text of every completion token")
+        if draw:
+            scaled = [rollout.rng.random() for _ in range(rollout.body)]
+        else:
+            scaled = _authors_importance(rollout, shuffle, invert)
+        scaled = [
+            x * FORMATTING_SCALE if x > 0 and texts[t].strip() in FORMATTING_TOKENS else x for t, x in enumerate(scaled)
+        ]
+        return _to_weights(scaled, rollout.config)
+
+    return rule
+
+
+def _authors_importance(rollout: _Rollout, shuffle: bool, invert: bool) -> list[float]:
+    config, end = rollout.config, rollout.reasoning_end
+    after = rollout.body - end
     flat = config.importance_floor
-    if not scored:
-        if mode == "inverted":
-            return [1.0] * reasoning_end + [config.floor] * after
-        return [flat] * reasoning_end + [0.0] * after
-    importance = span_importance(reasoning_end, scored, _deltas(scored, mode, rng), config.floor, per_token=False)
+    if not rollout.scored:
+        if invert:
+            return [1.0] * end + [config.floor] * after
+        return [flat] * end + [0.0] * after
+    deltas = _deltas(rollout.scored, shuffle, rollout.rng)
+    importance = span_importance(end, rollout.scored, deltas, config.floor, per_token=False)
     spread = importance and max(importance) > min(importance)
-    scaled = _scale(importance, config.importance_floor) if spread else [flat] * reasoning_end
+    scaled = _scale(importance, config.importance_floor) if spread else [flat] * end
     scaled += [0.0] * after
-    if mode == "inverted":
+    if invert:
         values = scaled + [0.0]  # their flip also sees the EOS/padding slots, at 0
         top, bottom = max(values), min(values)
         if top > bottom:
             scaled = [top + bottom - x for x in scaled]
     return scaled
+
+
+# Every (mode, profile) `train` accepts, explicitly; a pair without an entry is an error, never
+# a fallback to another mode. `entropy` has none: its weights need the old policy's entropies
+# (`entropy_weights`). `uniform` and `oracle` read no scores and are the same under both profiles.
+WEIGHTINGS: dict[tuple[str, str], Rule] = {
+    ("uniform", "cfiw"): _ones,
+    ("uniform", "authors"): _ones,
+    ("oracle", "cfiw"): _oracle,
+    ("oracle", "authors"): _oracle,
+    ("cfiw", "cfiw"): _cfiw(),
+    ("shuffled", "cfiw"): _cfiw(shuffle=True),
+    ("inverted", "cfiw"): _cfiw(invert=True),
+    ("random", "cfiw"): _cfiw(draw=True),
+    ("cfiw", "authors"): _authors(),
+    ("shuffled", "authors"): _authors(shuffle=True),
+    ("inverted", "authors"): _authors(invert=True),
+    ("random", "authors"): _authors(draw=True),
+}
 
 
 def quantile(values: Sequence[float], q: float) -> float:
