@@ -1,8 +1,14 @@
-"""Batched `cfiw rollout` against one sequence per `generate` call, on the same tiny model.
+"""Batched `cfiw rollout` against one sequence per `generate` call, on the same tiny model; then
+the in-place KV cache against transformers' concatenating one.
 
 Both go through `cfiw_cli.pipeline.rollout.run` with the model already loaded, so the ratio is
 the gain of batching alone. Prints the median of --repeats runs for each batch size and the
 speed-up of each over one-at-a-time.
+
+The cache table samples --cache-questions x G=8 sequences in one batch, up to
+--cache-new-tokens each (the testbed's shape: 256 sequences, completions of 150-300 tokens),
+once with `cfiw_cli.kv_cache`'s growing cache and once with transformers' `DynamicCache`,
+checks that both sample the same tokens and log-probs, and prints the ratio.
 
     python benchmarks/rollout_bench.py            # defaults: 16 questions x G=4, 48 new tokens
     python benchmarks/rollout_bench.py --quick    # a few seconds, for smoke tests
@@ -27,11 +33,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache-questions", type=int, default=32)
+    parser.add_argument("--cache-new-tokens", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     args = parser.parse_args()
     if args.quick:
         args.questions, args.group_size, args.max_new_tokens, args.repeats = 4, 2, 8, 1
         args.layers, args.hidden, args.vocab_size = 2, 64, 512
+        args.cache_questions, args.cache_new_tokens = 4, 80
 
     import torch
 
@@ -47,20 +56,24 @@ def main() -> None:
         )
     ).path
     dataset = work / "questions.jsonl"
-    dataset.write_text("".join(json.dumps(r) + "\n" for r in make_problems(args.questions, seed=0)))
+    rows = make_problems(max(args.questions, args.cache_questions), seed=0)
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir), "float32")
     sequences = args.questions * args.group_size
 
-    def measure(batch_size: int, repeats: int) -> tuple[float, int]:
+    def measure(
+        batch_size: int, repeats: int, questions: int = args.questions, group: int = args.group_size,
+        new_tokens: int = args.max_new_tokens, name: str = "r",
+    ) -> tuple[float, int]:  # fmt: skip
         times, tokens = [], 0
         for repeat in range(repeats):
             config = rollout.RolloutConfig(
                 model=str(model_dir),
                 dataset=str(dataset),
-                out=str(work / f"r-{batch_size}-{repeat}.parquet"),
-                limit=args.questions,
-                group_size=args.group_size,
-                max_new_tokens=args.max_new_tokens,
+                out=str(work / f"{name}-{batch_size}-{repeat}.parquet"),
+                limit=questions,
+                group_size=group,
+                max_new_tokens=new_tokens,
                 batch_size=batch_size,
                 seed=repeat,
             )
@@ -85,6 +98,42 @@ def main() -> None:
         baseline = baseline or rate
         print(f"{batch_size:>10} {seconds:>9.2f} {tokens:>7} {rate:>9.1f} {rate / baseline:>16.2f}x")
     print(f"ratio batched ({sequences}) / one at a time: {rate / baseline:.2f}")
+    compare_caches(args, measure, work)
+
+
+def compare_caches(args, measure, work: Path) -> None:
+    """The growing cache against transformers' own, on one batch of the testbed's shape."""
+    import pyarrow.parquet as pq
+
+    from cfiw_cli import generation
+
+    sequences = args.cache_questions * 8
+    growing = generation.growing_cache
+    print(
+        f"\nKV cache: {args.cache_questions} questions x G=8 = {sequences} sequences in one batch, "
+        f"up to {args.cache_new_tokens} new tokens; median of {args.repeats}"
+    )
+    print(f"{'cache':>30} {'seconds':>9} {'tokens':>7} {'tokens/s':>9}")
+    seconds, samples = {}, {}
+    for name, label, make in (
+        ("concatenating", "concatenating (DynamicCache)", lambda: None),
+        ("in-place", "in place (cfiw_cli.kv_cache)", growing),
+    ):
+        generation.growing_cache = make
+        try:
+            shape = (args.cache_questions, 8, args.cache_new_tokens, name)
+            measure(sequences, 1, *shape)  # warm-up
+            seconds[name], tokens = measure(sequences, args.repeats, *shape)
+        finally:
+            generation.growing_cache = growing
+        table = pq.read_table(work / f"{name}-{sequences}-0.parquet", columns=["completion_ids", "completion_logprobs"])
+        samples[name] = table.to_pylist()
+        print(f"{label:>30} {seconds[name]:>9.2f} {tokens:>7} {tokens / seconds[name]:>9.1f}")
+    same = samples["concatenating"] == samples["in-place"]
+    print(f"same tokens and log-probs, bit for bit: {same}")
+    print(f"ratio concatenating / in place: {seconds['concatenating'] / seconds['in-place']:.2f}")
+    if not same:
+        raise SystemExit("the two caches sampled different completions")
 
 
 if __name__ == "__main__":
