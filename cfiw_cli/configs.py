@@ -216,7 +216,7 @@ class PromptOptions(Checked):
 class SamplingOptions(PromptOptions):
     max_new_tokens: int = flag(512, "Longest completion, in tokens.", min=1, max=MAX_NEW_TOKENS)
     temperature: float = flag(1.0, "Sampling temperature (0 = greedy).", min=0.0)
-    top_p: float = flag(1.0, "Nucleus sampling mass (1.0 = off).", min=0.0, max=1.0)
+    top_p: float = flag(1.0, "Nucleus sampling mass (1.0 = off).", above=0.0, max=1.0)
     batch_size: int = flag(64, "Sequences per generate call.", min=1, max=MAX_BATCH)
     seed: int = flag(0, "Random seed; same seed and inputs give the same results on CPU.", min=0, max=MAX_SEED)
 

@@ -366,7 +366,7 @@ CASES = [
     ("loop-negative-iterations", lambda w: _loop(w, "--iterations", "-2"), 2, "--iterations"),
     ("loop-zero-iterations-set", lambda w: _loop(w, "--set", "loop.iterations=0"), 1, "iterations"),
     ("loop-eval-every-zero", lambda w: _loop(w, "--set", "loop.eval_every=0"), 1, "eval_every"),
-    ("loop-dry-run-checks-too", lambda w: _loop(w, "--dry-run", "--set", "rollout.top_p=0"), 1, "top-p"),
+    ("loop-dry-run-checks-too", lambda w: _loop(w, "--dry-run", "--set", "rollout.top_p=0"), 1, "top_p must be > 0"),
     ("loop-missing-tiny-model", lambda w: _loop(w, "--model", "runs/no-such-tiny-sft"), 1, "model path does not exist"),  # noqa: E501
     # smaller failures and specific messages
     ("segment-no-rollouts", lambda w: _segment(w, "broken/no-rows.parquet"), 1, "holds no rollouts"),

@@ -162,3 +162,9 @@ def test_the_loops_command_lines_parse_back_to_the_same_configs(tmp_path, monkey
         words = shlex.split(command_line(command, stage_config))[1:]
         assert run_cli(*words).exit_code == 0
         assert built.pop() == stage_config, command
+
+
+def test_a_top_p_of_zero_is_refused_where_it_is_declared(cli):
+    """`--top-p` is a mass in (0, 1]: its declaration refuses 0 before anything loads, as a usage error."""
+    result = cli("rollout", "--model", "m", "--dataset", "d", "--out", "o.parquet", "--top-p", "0")
+    assert result.exit_code == 2 and "not above 0" in result.stderr and "Traceback" not in result.stderr
