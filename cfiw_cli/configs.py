@@ -351,7 +351,7 @@ class ScoreConfig(ModelOptions):
     target: str = flag(
         "own", "own: the rollout's own answer tokens; gold: the gold answer in their place.", choices=TARGETS
     )
-    batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).", min=1, max=MAX_TOKENS_PER_CALL)
+    batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).", min=16, max=MAX_TOKENS_PER_CALL)
     profile: str = flag("cfiw", PROFILE_HELP, choices=PROFILES)
 
 

@@ -80,8 +80,6 @@ def check(config: ScoreConfig) -> None:
         raise CfiwError(
             "--profile authors scores the rollout's own answer, as their trainer does", "drop --target gold"
         )
-    if config.batch_tokens < 16:
-        raise CfiwError("--batch-tokens must be at least 16", "e.g. --batch-tokens 8192")
 
 
 def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
