@@ -13,13 +13,6 @@ from cfiw_cli.errors import CfiwError
 from cfiw_cli.tasks.gsm8k import load_questions
 
 
-def check_sampling(temperature: float, top_p: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise CfiwError("--temperature must be >= 0 and --top-p in (0, 1]", "e.g. --temperature 1.0 --top-p 1.0")
-    if min(samples, max_new_tokens, batch_size) < 1:
-        raise CfiwError("group size, --max-new-tokens and --batch-size must be >= 1", "pass positive values")
-
-
 def sampling_questions(config: Any, model: Any, samples: int, samples_flag: str) -> list[dict]:
     """The questions a sampling stage (rollout, eval) draws from, after what needs no model
     loaded: a local model exists and a hub id resolves (both before the dataset loads), and,

@@ -7,7 +7,7 @@ from typing import Any
 import pyarrow as pa
 
 from cfiw_cli import distributed, modeling, schemas
-from cfiw_cli.checks import check_sampling, sampling_questions
+from cfiw_cli.checks import sampling_questions
 from cfiw_cli.configs import RolloutConfig
 from cfiw_cli.console import info
 from cfiw_cli.generation import sample_questions
@@ -21,9 +21,8 @@ def sampling_seed(seed: int, iteration: int) -> int:
 
 
 def check(config: RolloutConfig) -> None:
-    """What the fields' own limits do not say (run before anything loads; `cfiw loop` runs it
-    for every planned stage before the first)."""
-    check_sampling(config.temperature, config.top_p, config.group_size, config.max_new_tokens, config.batch_size)
+    """Rules beyond each field's own limits and choices (checked when the config is built): none
+    for sampling. `cfiw loop` runs every planned stage's check before the first stage."""
 
 
 def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from cfiw_cli import distributed, modeling, schemas
-from cfiw_cli.algo.importance import MASK_MODES, TARGETS, ScoringItem, score_items
+from cfiw_cli.algo.importance import ScoringItem, score_items
 from cfiw_cli.artifacts import read_artifact
 from cfiw_cli.checks import check_spans_match, require_rollouts
 from cfiw_cli.configs import ScoreConfig
@@ -71,11 +71,8 @@ def build_items(
 
 
 def check(config: ScoreConfig) -> None:
-    """What the fields' own limits do not say."""
-    if config.mask not in MASK_MODES:
-        raise CfiwError(f"unknown --mask {config.mask!r}", f"choose one of {', '.join(MASK_MODES)}")
-    if config.target not in TARGETS:
-        raise CfiwError(f"unknown --target {config.target!r}", "choose own or gold")
+    """Rules that tie fields together (each field's own limits and choices are checked when the
+    config is built)."""
     if config.profile == "authors" and config.target != "own":
         raise CfiwError(
             "--profile authors scores the rollout's own answer, as their trainer does", "drop --target gold"
