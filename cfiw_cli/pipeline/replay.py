@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from cfiw_cli import distributed, modeling
 from cfiw_cli.artifacts import prepare_output, settings_of, sha256_of
-from cfiw_cli.configs import REPLAY_OPTIMIZER_STATES, ReplayConfig, mode_settings, parse_modes
+from cfiw_cli.configs import ReplayConfig, mode_settings, parse_modes
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.likelihood import reference_likelihood, reference_sequences
@@ -58,8 +58,6 @@ def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], lis
     """The iterations and modes to replay, each iteration's planned train stage, and the probe."""
 
     modes = parse_modes(config.modes)
-    if config.optimizer_state not in REPLAY_OPTIMIZER_STATES:
-        raise CfiwError(f"unknown --optimizer-state {config.optimizer_state!r}", "choose kept or fresh")
     trains = {i: s for i, c, s in steps if c == "train"}
     iterations = kept_scored_iterations(run, trains, config.iterations, "replayed")
     probes = [s for _, c, s in steps if c == "eval" and "/probe/" in s.out]
