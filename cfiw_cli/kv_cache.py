@@ -10,6 +10,7 @@ sampled is unchanged bit for bit (tested) and a step copies only when the buffer
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -34,56 +35,52 @@ def growing_cache() -> Any | None:
         return None
 
 
-_LAYER_CLASS = None
-
-
+@functools.cache
 def _growing_layer_class() -> type:
-    global _LAYER_CLASS
-    if _LAYER_CLASS is None:
-        from transformers.cache_utils import DynamicLayer
+    """Defined on first use, so that importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
 
-        class GrowingLayer(DynamicLayer):
-            """A `DynamicLayer` whose keys and values are views of buffers with spare capacity."""
+    class GrowingLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values are views of buffers with spare capacity."""
 
-            def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
-                super().lazy_initialization(key_states, value_states)
-                self.buffers = None  # (keys, values), each [B, H, capacity, D]
-                self.length = 0
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self.buffers = None  # (keys, values), each [B, H, capacity, D]
+            self.length = 0
 
-            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
-                start, end = self.length, self.length + key_states.shape[-2]
-                if self.buffers is None or end > self.buffers[0].shape[-2]:
-                    capacity = end + max(SLACK, end // 2)
-                    grown = []
-                    for old, new in zip(self.buffers or (None, None), (key_states, value_states), strict=True):
-                        shape = (*new.shape[:-2], capacity, new.shape[-1])  # [B, H, capacity, D]
-                        buffer = new.new_empty(shape)
-                        if old is not None:
-                            buffer[..., :start, :] = old[..., :start, :]
-                        grown.append(buffer)
-                    self.buffers = tuple(grown)
-                self.buffers[0][..., start:end, :] = key_states
-                self.buffers[1][..., start:end, :] = value_states
-                self.length = end
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self.length, self.length + key_states.shape[-2]
+            if self.buffers is None or end > self.buffers[0].shape[-2]:
+                capacity = end + max(SLACK, end // 2)
+                grown = []
+                for old, new in zip(self.buffers or (None, None), (key_states, value_states), strict=True):
+                    shape = (*new.shape[:-2], capacity, new.shape[-1])  # [B, H, capacity, D]
+                    buffer = new.new_empty(shape)
+                    if old is not None:
+                        buffer[..., :start, :] = old[..., :start, :]
+                    grown.append(buffer)
+                self.buffers = tuple(grown)
+            self.buffers[0][..., start:end, :] = key_states
+            self.buffers[1][..., start:end, :] = value_states
+            self.length = end
+            self._expose()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self.buffers is not None:
+                self.buffers = tuple(buffer[indices, ...] for buffer in self.buffers)
                 self._expose()
-                return self.keys, self.values
 
-            def batch_select_indices(self, indices: Any) -> None:
-                if self.buffers is not None:
-                    self.buffers = tuple(buffer[indices, ...] for buffer in self.buffers)
-                    self._expose()
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove < 0 and self.buffers is not None:
+                self.length = max(self.length + tokens_to_remove, 0)
+                self._expose()
+            else:
+                super().crop(tokens_to_remove)
 
-            def crop(self, tokens_to_remove: int) -> None:
-                if tokens_to_remove < 0 and self.buffers is not None:
-                    self.length = max(self.length + tokens_to_remove, 0)
-                    self._expose()
-                else:
-                    super().crop(tokens_to_remove)
+        def _expose(self) -> None:
+            self.keys, self.values = (buffer[..., : self.length, :] for buffer in self.buffers)  # [B, H, n, D]
 
-            def _expose(self) -> None:
-                self.keys, self.values = (buffer[..., : self.length, :] for buffer in self.buffers)  # [B, H, n, D]
-
-        _LAYER_CLASS = GrowingLayer
-    return _LAYER_CLASS
+    return GrowingLayer
