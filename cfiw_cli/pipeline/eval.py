@@ -77,18 +77,12 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return text
 
 
-def check(config: EvalConfig) -> None:
-    """Rules beyond each field's own limits and choices (checked when the config is built): none
-    for sampling. `cfiw loop` runs every planned stage's check before the first stage."""
-
-
 def run(
     config: EvalConfig, force: bool = False, model: Any = None, tokenizer: Any = None, shard: bool = True
 ) -> StageResult:
     """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`.
     Under `accelerate launch` the questions are split across the processes, unless `shard` is
     off: then this process evaluates them all, alone (a replay measures on its main process)."""
-    check(config)
     with modeling.pinned_revisions():  # a hub id is resolved once, before the dataset loads
         rows = sampling_questions(config, model, config.samples, "--samples")
         inputs = {"model": config.model, "dataset": config.dataset}

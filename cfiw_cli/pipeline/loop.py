@@ -646,11 +646,15 @@ def _train(config: TrainConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
     return result.model.eval(), result.metrics
 
 
+def _fields_only(config: Any) -> None:
+    """A stage with no rule beyond its fields' own limits and choices, checked when it was built."""
+
+
 # What each planned command checks before anything runs (beyond its fields' own checks).
 CHECKS: dict[str, Callable[[Any], None]] = {
-    "keep": lambda config: None,
-    "eval": eval_stage.check,
-    "rollout": rollout.check,
+    "keep": _fields_only,
+    "eval": _fields_only,
+    "rollout": _fields_only,
     "segment": segment.check,
     "score": score.check,
     "train": train.check,

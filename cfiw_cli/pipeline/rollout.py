@@ -20,14 +20,8 @@ def sampling_seed(seed: int, iteration: int) -> int:
     return (seed * 1_000_003 + iteration * 10_007) % (2**31)
 
 
-def check(config: RolloutConfig) -> None:
-    """Rules beyond each field's own limits and choices (checked when the config is built): none
-    for sampling. `cfiw loop` runs every planned stage's check before the first stage."""
-
-
 def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
-    check(config)
     with modeling.pinned_revisions():  # a hub id is resolved once, before the dataset loads
         rows = sampling_questions(config, model, config.group_size, "--group-size")
         inputs = {"model": config.model, "dataset": config.dataset}
