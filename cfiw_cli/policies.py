@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cfiw_cli.artifacts import recorded_value, staged_directory
+from cfiw_cli.checkpoint import STATE_FILES
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import holds_model
 from cfiw_cli.runs import RunLayout
 
-OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 BEST_RECORD = "best.json"  # in RUN/best/: the iteration, the metric and its value
 # files of one checkpoint that change from iteration to iteration; everything else is shared
-PER_ITERATION = ("*.safetensors", "*.safetensors.index.json", *OPTIMIZER_FILES, "cfiw_manifest.json")
+PER_ITERATION = ("*.safetensors", "*.safetensors.index.json", *STATE_FILES, "cfiw_manifest.json")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def update_best(policy: Path, best: Path, iteration: int, metric: str, value: fl
     if record.exists() and best_value(record) >= value:
         return False
     with staged_directory(best) as tmp:
-        for file in sorted(p for p in policy.iterdir() if p.is_file() and p.name not in OPTIMIZER_FILES):
+        for file in sorted(p for p in policy.iterdir() if p.is_file() and p.name not in STATE_FILES):
             shutil.copyfile(file, tmp / file.name)
         (tmp / BEST_RECORD).write_text(
             json.dumps({"iteration": iteration, "metric": metric, "value": value}, indent=2) + "\n"
@@ -128,7 +128,7 @@ def policy_at(run: Path, iteration: int, base: str, optimizer: bool, work: Path,
     `build` off only the path is returned (the other processes of a sharded replay)."""
     if iteration == 0:
         local = Path(base)
-        if optimizer or not local.is_dir() or not any((local / name).exists() for name in OPTIMIZER_FILES):
+        if optimizer or not local.is_dir() or not any((local / name).exists() for name in STATE_FILES):
             return base
         files, shared_dir = [p for p in local.iterdir() if p.is_file()], None
     else:
@@ -146,7 +146,7 @@ def policy_at(run: Path, iteration: int, base: str, optimizer: bool, work: Path,
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for file in files:
-        if not optimizer and file.name in OPTIMIZER_FILES:
+        if not optimizer and file.name in STATE_FILES:
             continue
         (work / file.name).symlink_to(file.resolve())
     return str(work)

@@ -17,7 +17,7 @@ from test_errors import assert_clean_error
 
 from cfiw_cli.algo.loss import LossConfig
 from cfiw_cli.pipeline import gradients
-from cfiw_cli.pipeline.train import _Sequence
+from cfiw_cli.update import TrainSequence
 
 BIN = Path(sys.executable).parent
 MODES = "uniform,cfiw,cfiw@0,inverted,oracle,entropy,cfiw+authors"
@@ -63,7 +63,7 @@ def test_a_two_token_gradient_worked_by_hand():
     #   column e1: -(1/2) * 2   * (e_1 - 1/3) = ( 1/3, -2/3,  1/3)
     #   column e2: -(1/2) * 0.5 * (e_2 - 1/3) = (1/12, 1/12, -1/6)
     model = HandModel(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), vocab=3)
-    sequence = _Sequence("r0", "g0", [0, 1, 2], 1, 1.0, [2.0, 0.5], [1.0, 1.0], [0.0, 0.0])
+    sequence = TrainSequence("r0", "g0", [0, 1, 2], 1, 1.0, [2.0, 0.5], [1.0, 1.0], [0.0, 0.0])
     measure = gradients.Measure(1.0, 2, 1024, LossConfig(), None, 1)
     token = {"first": {"r0": [1.0, 0.0]}, "second": {"r0": [0.0, 1.0]}}
     got = gradients.part_gradients(model, [sequence], {"r0": [2.0, 0.5]}, {"whole": None, **token}, measure)
@@ -83,7 +83,7 @@ def test_a_two_token_gradient_worked_by_hand():
 
 
 def test_halves_split_whole_groups():
-    members = [_Sequence(f"r{i}", f"g{i // 2}", [0, 1], 1, 0.0, [1.0], [1.0], [0.0]) for i in range(6)]
+    members = [TrainSequence(f"r{i}", f"g{i // 2}", [0, 1], 1, 0.0, [1.0], [1.0], [0.0]) for i in range(6)]
     first, second = gradients.halves(members)
     assert [s.group for s in first] == ["g0", "g0", "g1", "g1"]
     assert [s.group for s in second] == ["g2", "g2"]

@@ -74,6 +74,7 @@ def test_the_reference_is_the_base_model_and_the_policy_is_adapted(lora_run, sha
     base checkpoint's exactly, while the adapted policy's differ."""
     from accelerate import Accelerator
 
+    from cfiw_cli import update
     from cfiw_cli.configs import TrainConfig
     from cfiw_cli.modeling import load_model
     from cfiw_cli.pipeline import train
@@ -85,10 +86,10 @@ def test_the_reference_is_the_base_model_and_the_policy_is_adapted(lora_run, sha
     sequences = train.build_sequences(config, batch.rollouts, None, None)[0]
     base = load_model(str(sharpening_task[0]), "float32")
     plans = {}
-    for reference in (train.ADAPTERS_OFF, base):
-        context = train.UpdateContext.of(config, batch, Accelerator(cpu=True), 0, reference)
-        plans[reference is base] = train.old_logprobs(
-            policy, reference, train._plan(sequences, config, 0, context), context
+    for reference in (update.ADAPTERS_OFF, base):
+        context = update.UpdateContext.of(config, batch.sampling, Accelerator(cpu=True), 0, reference)
+        plans[reference is base] = update.old_logprobs(
+            policy, reference, update.plan_epoch(sequences, config, 0, context), context
         )
     disabled, loaded = plans[False], plans[True]
     assert disabled.keys() == loaded.keys() and len(disabled) == len(sequences)

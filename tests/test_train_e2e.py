@@ -223,14 +223,14 @@ def test_two_processes_end_with_the_same_parameters(cli, batch, tiny_model, tmp_
 NAN_ON_ONE_PROCESS = """
 from accelerate import PartialState
 from cfiw_cli.cli import main
-from cfiw_cli.pipeline import train
+from cfiw_cli import update
 
 if PartialState(cpu=True).process_index == 1:
-    policy_loss = train.policy_loss
+    policy_loss = update.policy_loss
     def poisoned(*args, **kwargs):
         loss, metrics = policy_loss(*args, **kwargs)
         return loss * float("nan"), metrics
-    train.policy_loss = poisoned
+    update.policy_loss = poisoned
 main()
 """
 

@@ -7,10 +7,11 @@ import pytest
 
 from cfiw_cli.algo.loss import group_advantages
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.pipeline.train import TrainConfig, _Sequence, plan_minibatches, sampling_settings
+from cfiw_cli.pipeline.train import TrainConfig, sampling_settings
+from cfiw_cli.update import TrainSequence, plan_minibatches
 
 
-def sequences(groups: int, size: int, seed: int = 0) -> list[_Sequence]:
+def sequences(groups: int, size: int, seed: int = 0) -> list[TrainSequence]:
     import random
 
     rng = random.Random(seed)
@@ -20,7 +21,7 @@ def sequences(groups: int, size: int, seed: int = 0) -> list[_Sequence]:
     names = [f"q-{i // size}" for i in range(groups * size)]
     advantages = group_advantages(rewards, names)
     return [
-        _Sequence(f"0:{names[i]}:{i % size}", names[i], [1, 2, 3], 1, a, [1.0, 1.0], [1.0, 1.0], [0.0, 0.0])
+        TrainSequence(f"0:{names[i]}:{i % size}", names[i], [1, 2, 3], 1, a, [1.0, 1.0], [1.0, 1.0], [0.0, 0.0])
         for i, a in enumerate(advantages)
     ]
 

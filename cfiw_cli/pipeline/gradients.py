@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cfiw_cli import distributed, modeling, schemas
+from cfiw_cli import distributed, modeling, schemas, update
 from cfiw_cli.algo.loss import LossConfig, loss_normalizer, policy_loss
 from cfiw_cli.algo.spans import line_labels
 from cfiw_cli.artifacts import settings_of
@@ -67,6 +67,7 @@ from cfiw_cli.policies import policy_at
 from cfiw_cli.runs import RunLayout, iteration_name
 from cfiw_cli.stage import StageRun, guard_inputs, guard_outputs
 from cfiw_cli.tasks.arith import label_lookup
+from cfiw_cli.update import TrainSequence
 
 if TYPE_CHECKING:
     import torch
@@ -94,11 +95,11 @@ def flat_gradient(model: Any) -> list[Any]:
 
 def part_gradients(
     model: Any,
-    members: list[train._Sequence],
+    members: list[TrainSequence],
     weights: dict[str, list[float]],
     parts: dict[str, dict[str, list[float]] | None],
     measure: Measure,
-    normalizer_of: list[train._Sequence] | None = None,
+    normalizer_of: list[TrainSequence] | None = None,
 ) -> dict[str, torch.Tensor]:  # name -> [P]
     """The flattened gradient of the loss over `members` with the token `weights` (per rollout
     id), restricted to each part: `parts[name]` gives each rollout's per-token 0/1 selector
@@ -109,11 +110,11 @@ def part_gradients(
 
 def mode_part_gradients(
     model: Any,
-    members: list[train._Sequence],
+    members: list[TrainSequence],
     weights: dict[str, dict[str, list[float]]],
     parts: dict[str, dict[str, dict[str, list[float]] | None]],
     measure: Measure,
-    normalizer_of: list[train._Sequence] | None = None,
+    normalizer_of: list[TrainSequence] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:  # mode -> name -> [P]
     """`part_gradients` for several modes at once (`weights[mode]`, `parts[mode]`): one forward
     pass per micro-batch serves every mode's backward passes, so a mode costs its backward
@@ -123,26 +124,26 @@ def mode_part_gradients(
     params = flat_gradient(model)
     size = sum(p.numel() for p in params)
     counted = normalizer_of or members
-    full_mask = train.right_aligned([s.mask for s in counted], max(len(s.mask) for s in counted))  # [N, C]
+    full_mask = update.right_aligned([s.mask for s in counted], max(len(s.mask) for s in counted))  # [N, C]
     normalizer = max(loss_normalizer(full_mask, measure.loss.loss_type, measure.max_new_tokens), 1.0)
     out = {mode: {name: torch.zeros(size, dtype=torch.float64) for name in parts[mode]} for mode in weights}
-    for batch in train._micro_batches(members, measure.micro_batch_tokens):
+    for batch in update.micro_batches(members, measure.micro_batch_tokens):
         logprobs, _ = completion_logprobs(
             model, [(s.tokens, s.prompt_length) for s in batch], measure.pad_id, measure.temperature, False,
             measure.autocast,
         )  # fmt: skip  # [B, C]
         longest = logprobs.shape[1]
-        mask = train.right_aligned([s.mask for s in batch], longest)  # [B, C]
+        mask = update.right_aligned([s.mask for s in batch], longest)  # [B, C]
         advantages = torch.tensor([s.advantage for s in batch])  # [B]
         chosen_tokens: dict[int, Any] = {}  # id(selector) -> [B, C], shared by the modes
         for mode, by_rollout in weights.items():
-            weight = train.right_aligned([by_rollout[s.rollout_id] for s in batch], longest)  # [B, C]
+            weight = update.right_aligned([by_rollout[s.rollout_id] for s in batch], longest)  # [B, C]
             everything = None  # this micro-batch's whole gradient in this mode, once taken
             for name, selector in parts[mode].items():
                 chosen = weight
                 if selector is not None:
                     if id(selector) not in chosen_tokens:
-                        chosen_tokens[id(selector)] = train.right_aligned(
+                        chosen_tokens[id(selector)] = update.right_aligned(
                             [selector[s.rollout_id] for s in batch], longest
                         )  # [B, C]
                     chosen = weight * chosen_tokens[id(selector)]  # [B, C]
@@ -182,7 +183,7 @@ def shares(parts: dict[str, torch.Tensor], whole: torch.Tensor) -> list[dict[str
     ]
 
 
-def token_kinds(sequence: train._Sequence, spans: list[dict]) -> list[str]:
+def token_kinds(sequence: TrainSequence, spans: list[dict]) -> list[str]:
     """Per completion token: the kind of the span holding it, else `other`."""
     kinds = [OTHER] * len(sequence.mask)
     for span in spans:
@@ -191,7 +192,7 @@ def token_kinds(sequence: train._Sequence, spans: list[dict]) -> list[str]:
     return kinds
 
 
-def token_labels(sequence: train._Sequence, labels: list[dict], tokenizer: Any) -> list[str]:
+def token_labels(sequence: TrainSequence, labels: list[dict], tokenizer: Any) -> list[str]:
     """Per completion token: the synth label of its line, else `other` (the stop token too)."""
     completion = sequence.tokens[sequence.prompt_length :]
     body = len(completion) - 1 if sequence.ends_with_stop else len(completion)
@@ -207,7 +208,7 @@ def selectors(assignment: dict[str, list[str]]) -> dict[str, dict[str, list[floa
     }
 
 
-def halves(members: list[train._Sequence]) -> tuple[list[train._Sequence], list[train._Sequence]]:
+def halves(members: list[TrainSequence]) -> tuple[list[TrainSequence], list[TrainSequence]]:
     """The first and second half of a minibatch's groups (in its order; the first gets the odd one)."""
     order = list(dict.fromkeys(s.group for s in members))
     first = set(order[: (len(order) + 1) // 2])
@@ -322,7 +323,7 @@ def _measure_iteration(
         pad_id=tokenizer.pad_token_id,
         micro_batch_tokens=step.micro_batch_tokens,
         loss=LossConfig(step.eps_low, step.eps_high, 0.0, step.loss_type),
-        autocast=train.compute_dtype(step, next(model.parameters()).device),
+        autocast=update.compute_dtype(step, next(model.parameters()).device),
         max_new_tokens=batch.sampling["max_new_tokens"] or 1,
     )
     weights, sequences = {}, None
@@ -330,12 +331,12 @@ def _measure_iteration(
         mode_config = replace(step, **mode_settings(mode, step))
         built, _, _ = train.build_sequences(mode_config, batch.rollouts, batch.spans, batch.scores, tokenizer)
         if mode_config.weighting == "entropy":
-            train.weigh_by_entropy(built, _entropies(model, built, measure), mode_config.entropy_quantile)
+            update.weigh_by_entropy(built, _entropies(model, built, measure), mode_config.entropy_quantile)
         weights[mode] = {s.rollout_id: s.weights for s in built}
         sequences = sequences or built
     if not sequences:
         raise CfiwError(f"iteration {iteration}: every group has equal rewards, so there is no gradient", "")
-    minibatches = train.plan_minibatches(sequences, step.minibatches, step.seed, 0)
+    minibatches = update.plan_minibatches(sequences, step.minibatches, step.seed, 0)
     partitions = _partitions(sequences, batch, tokenizer) if config.shares else {}
     reference = _reference(config, iteration, sampling, step, policy_dir, model, tokenizer, seed, measure, root)
     measured = list(dict.fromkeys(["uniform", *modes]))  # uniform's gradient is every row's comparison
@@ -362,7 +363,7 @@ def _mode_columns(mode: str, step: Any) -> dict[str, Any]:
     return {key: chosen[key] for key in ("weighting", "importance_floor", "profile")}
 
 
-def _partitions(sequences: list[train._Sequence], batch: Any, tokenizer: Any) -> dict[str, dict]:
+def _partitions(sequences: list[TrainSequence], batch: Any, tokenizer: Any) -> dict[str, dict]:
     """{partition: {part: selectors}}: span kinds, and synth labels where the rollouts have them."""
     by_rollout: dict[str, list[dict]] = {}
     for span in batch.spans.select(["rollout_id", "kind", "tok_start", "tok_end"]).to_pylist():
@@ -375,7 +376,7 @@ def _partitions(sequences: list[train._Sequence], batch: Any, tokenizer: Any) ->
     return out
 
 
-def _parts(members: list[train._Sequence], partitions: dict[str, dict]) -> dict[str, Any]:
+def _parts(members: list[TrainSequence], partitions: dict[str, dict]) -> dict[str, Any]:
     """The parts measured on a minibatch: the whole, its first half of groups, each partition's parts."""
     first, _ = halves(members)
     in_first = {s.rollout_id for s in first}
@@ -389,7 +390,7 @@ def _parts(members: list[train._Sequence], partitions: dict[str, dict]) -> dict[
 
 
 def _minibatch_row(
-    members: list[train._Sequence],
+    members: list[TrainSequence],
     grads: dict[str, torch.Tensor],
     partitions: dict[str, dict],
     uniform: torch.Tensor,
@@ -420,17 +421,17 @@ def _minibatch_row(
     }
 
 
-def _tokens(members: list[train._Sequence], selector: dict[str, list[float]]) -> int:
+def _tokens(members: list[TrainSequence], selector: dict[str, list[float]]) -> int:
     return int(sum(sum(m * x for m, x in zip(s.mask, selector[s.rollout_id], strict=True)) for s in members))
 
 
-def _entropies(model: Any, sequences: list[train._Sequence], measure: Measure) -> dict[str, list[float]]:
+def _entropies(model: Any, sequences: list[TrainSequence], measure: Measure) -> dict[str, list[float]]:
     """Each sequence's per-token entropies at the policy (what `train`'s entropy mode weighs by)."""
     import torch
 
     out = {}
     with torch.no_grad():
-        for batch in train._micro_batches(sequences, measure.micro_batch_tokens):
+        for batch in update.micro_batches(sequences, measure.micro_batch_tokens):
             _, entropy = completion_logprobs(
                 model, [(s.tokens, s.prompt_length) for s in batch], measure.pad_id, measure.temperature, True,
                 measure.autocast,

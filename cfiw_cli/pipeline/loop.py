@@ -44,7 +44,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cfiw_cli import distributed, memory, modeling, sharding
+from cfiw_cli import checkpoint, distributed, memory, modeling, sharding
 from cfiw_cli.artifacts import (
     lies_inside,
     read_directory_manifest,
@@ -477,7 +477,7 @@ def _resume(
     tracker = Tracker(report_to, layout.tracking, run.name, config) if report_to != "none" and main else None
     if tracker is not None and completed > recorded and layout.artifact(completed - 1, "train_metrics").exists():
         log_train_steps(tracker, pq.read_table(layout.artifact(completed - 1, "train_metrics")).to_pylist())
-    step = optimizer_steps(layout.policy) if completed else 0
+    step = checkpoint.global_step(layout.policy) if completed else 0  # the x axis of its curves
     loop = _section(config, "loop", LoopSection)
     judge = "probe" if loop.probe_questions > 0 else "eval"  # the evaluation that picks best/
     score_name = f"mean@{loop.probe_samples}" if judge == "probe" and loop.probe_samples > 1 else "accuracy"
@@ -588,12 +588,6 @@ def _trained_iteration(layout: RunLayout) -> int:
 # Stages whose work is split across the processes of `accelerate launch` (each samples,
 # scores or trains its share; the main process writes).
 SHARDED = ("eval", "rollout", "score", "train")
-
-
-def optimizer_steps(policy: Path) -> int:
-    """Optimizer steps the run's policy has taken (the x axis of its curves)."""
-    state = policy / "trainer_state.json"
-    return int(json.loads(state.read_text()).get("global_step", 0)) if state.exists() else 0
 
 
 def track(tracker: Tracker, command: str, config: Any, metrics: dict[str, Any], seconds: float, step: int) -> int:

@@ -4,80 +4,48 @@ The batch is the rollouts file. Group advantages are computed per prompt; groups
 are all equal are dropped (dynamic sampling). Every log-prob is of softmax(logits / T), T the
 rollouts' sampling temperature (their manifest, a `temperature` column, or --temperature),
 so the update is for the distribution the rollouts were drawn from; top-p is not applied, as
-in TRL and verl. Old log-probs are recomputed by the loaded policy with the same
-micro-batches as the first pass, so the ratio is exactly 1 on the first minibatch; their mean
-distance to the rollouts' own log-probs is reported (`rollout_logprob_diff`). Each of
-`epochs` passes shuffles the kept GRPO groups (seeded) into `minibatches` optimizer steps,
-each group whole, so a minibatch's advantages sum to zero per group; a step accumulates
-gradients over micro-batches of at most `micro_batch_tokens` padded tokens. Under
+in TRL and verl. This module prepares the update (reads and checks the inputs, weighs every
+token, loads the policy, the reference and the optimizer) and saves its result;
+`cfiw_cli.update` takes the optimizer steps (`epochs` passes of `minibatches` steps over whole
+groups, micro-batches of at most `micro_batch_tokens` padded tokens, old log-probs recomputed
+so the first ratio is exactly 1; the mean distance to the rollouts' own log-probs is reported
+as `rollout_logprob_diff`), and `cfiw_cli.checkpoint` writes the checkpoint. Under
 `accelerate launch` each process takes every n-th rollout of a minibatch; loss normalizers
 are global, so the step equals the single-process one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import math
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
-from cfiw_cli import adapters, distributed, modeling, schemas, sharding
-from cfiw_cli.algo.loss import LossConfig, group_advantages, loss_normalizer, policy_loss
+from cfiw_cli import adapters, checkpoint, distributed, modeling, schemas, sharding
+from cfiw_cli.algo.loss import group_advantages
 from cfiw_cli.algo.spans import line_relevance
-from cfiw_cli.algo.weights import (
-    SCORED_MODES,
-    ScoredSpan,
-    WeightConfig,
-    entropy_weights,
-    quantile,
-    token_weights,
-)
-from cfiw_cli.artifacts import (
-    prepare_output,
-    read_artifact,
-    read_directory_manifest,
-    read_manifest,
-    recorded_value,
-    recover_directory,
-    sha256_of,
-    stage_file,
-    write_table,
-)
-from cfiw_cli.batching import consecutive_runs
+from cfiw_cli.algo.weights import SCORED_MODES, ScoredSpan, WeightConfig, token_weights
+from cfiw_cli.artifacts import prepare_output, read_artifact, read_manifest
 from cfiw_cli.checks import check_finite_rollouts, check_scores_match, check_spans_match, require_rollouts
-from cfiw_cli.configs import OPTIMIZERS, TRACKING_FIELDS, TrainConfig
-from cfiw_cli.console import info, progress_bar
+from cfiw_cli.configs import TRACKING_FIELDS, TrainConfig
+from cfiw_cli.console import info
 from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.logprobs import completion_logprobs
 from cfiw_cli.stage import StageResult, StageRun, guard_inputs, guard_tracking_dir
 from cfiw_cli.tasks.arith import FEEDS_ANSWER, label_lookup
 from cfiw_cli.tracking import beside_output, check_report_to, log_train_steps
-
-if TYPE_CHECKING:
-    import torch
-
-STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
-
-
-@dataclass
-class _Sequence:
-    rollout_id: str
-    group: str  # prompt_id: the GRPO group
-    tokens: list[int]  # prompt + completion
-    prompt_length: int
-    advantage: float
-    weights: list[float]  # one per completion token
-    mask: list[float]  # 1 for completion tokens that count
-    rollout_logprobs: list[float]  # what the sampler recorded, one per completion token
-    ends_with_stop: bool = False  # its last token is the stop token (weighs 1 in every mode)
+from cfiw_cli.update import (
+    ADAPTERS_OFF,
+    TrainSequence,
+    UpdateContext,
+    build_optimizer,
+    check_finite_parameters,
+    optimize,
+)
 
 
 def check(config: TrainConfig) -> None:
@@ -147,7 +115,7 @@ def sampling_settings(config: TrainConfig, rollouts: Any) -> dict[str, Any]:
 
 def build_sequences(
     config: TrainConfig, rollouts: Any, spans: Any, scores: Any, tokenizer: Any = None
-) -> tuple[list[_Sequence], list[dict], int]:
+) -> tuple[list[TrainSequence], list[dict], int]:
     """Kept sequences, one weights.parquet row per rollout, and the number of dropped groups.
     `tokenizer` decodes tokens for the authors profile's formatting-token rule."""
     columns = [
@@ -225,7 +193,7 @@ def build_sequences(
         if kept and completion:
             mask = [0.0 if truncated else 1.0] * len(completion)
             sequences.append(
-                _Sequence(
+                TrainSequence(
                     row["rollout_id"],
                     row["prompt_id"],
                     row["prompt_ids"] + completion,
@@ -249,74 +217,6 @@ def _relevance(row: dict, spans: list[ScoredSpan], tokenizer: Any) -> list[bool]
     return line_relevance(row["completion_ids"], tokenizer, answer.tok_start, labels, FEEDS_ANSWER)
 
 
-def weigh_by_entropy(sequences: list[_Sequence], entropies: dict[str, list[float]], q: float) -> None:
-    """`entropy` mode: every kept sequence's weights from the old policy's per-token entropies.
-    The threshold is the q-quantile over every token that carries loss in the update (a
-    final stop token left out), once for the batch."""
-    population = []
-    for s in sequences:
-        values = entropies[s.rollout_id]
-        body = len(values) - 1 if s.ends_with_stop else len(values)
-        population += [h for h, m in zip(values[:body], s.mask[:body], strict=True) if m > 0]
-    if not population:
-        return
-    threshold = quantile(population, q)
-    for s in sequences:
-        s.weights = entropy_weights(entropies[s.rollout_id], threshold, s.ends_with_stop)
-
-
-def plan_minibatches(sequences: list[_Sequence], minibatches: int, seed: int, epoch: int) -> list[list[_Sequence]]:
-    """Whole GRPO groups, shuffled (seeded per epoch), dealt into min(minibatches, groups)
-    minibatches whose group counts differ by at most one."""
-    groups: dict[str, list[_Sequence]] = {}
-    for sequence in sequences:
-        groups.setdefault(sequence.group, []).append(sequence)
-    order = list(groups)
-    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
-    count = min(minibatches, len(order))
-    if count == 0:
-        return []
-    size, extra = divmod(len(order), count)
-    plan, start = [], 0
-    for index in range(count):
-        end = start + size + (1 if index < extra else 0)
-        plan.append([member for group in order[start:end] for member in groups[group]])
-        start = end
-    return plan
-
-
-def _micro_batches(sequences: list[_Sequence], budget: int) -> list[list[_Sequence]]:
-    """Consecutive runs whose padded size (rows x longest) stays within `budget` tokens."""
-    runs = consecutive_runs(range(len(sequences)), [len(s.tokens) for s in sequences], budget)
-    return [[sequences[i] for i in run] for run in runs]
-
-
-def right_aligned(values: list[list[float]], longest: int, device: Any = "cpu") -> torch.Tensor:  # [B, C]
-    """Per-token lists as a right-aligned `[B, C]` tensor (as `completion_logprobs` returns), zeros before each."""
-    import torch
-
-    out = torch.zeros(len(values), longest, device=device)
-    for row, data in enumerate(values):
-        out[row, longest - len(data) :] = torch.tensor(data, dtype=torch.float32, device=device)
-    return out
-
-
-def _plan(
-    sequences: list[_Sequence], config: TrainConfig, epoch: int, context: UpdateContext
-) -> list[tuple[list[list[_Sequence]], list[_Sequence]]]:
-    """Epoch -> (this process's micro-batches, all members) per minibatch (same on every process).
-    A sharded policy: every process gets as many micro-batches as the busiest, empty ones added."""
-    rank, world = context.rank, context.world
-    plan = []
-    for members in plan_minibatches(sequences, config.minibatches, config.seed, epoch):
-        mine = _micro_batches(members[rank::world], config.micro_batch_tokens)
-        if context.sharded:
-            busiest = max(len(_micro_batches(members[r::world], config.micro_batch_tokens)) for r in range(world))
-            mine = mine + [[]] * (busiest - len(mine))
-        plan.append((mine, members))
-    return plan
-
-
 def run(
     config: TrainConfig, force: bool = False, model: Any = None, tokenizer: Any = None, finish: bool = True
 ) -> StageResult:
@@ -335,7 +235,7 @@ def run(
     guard_inputs({"--out": out, **outputs}, {k: v for k, v in inputs.items() if v}, in_place=in_place)
     guard_tracking_dir(config, inputs)
     if in_place is not None:
-        recover_directory(out)  # `--model P --out P` killed mid-commit: P is whole again before it is read
+        checkpoint.recover(out)  # `--model P --out P` killed mid-commit: P is whole again before it is read
     for path in (config.metrics_out, config.weights_out):
         if path:
             prepare_output(path)
@@ -348,16 +248,6 @@ def run(
         if stage.up_to_date:
             return stage.skipped(model)
         return _update(config, stage, batch, model, tokenizer, finish, metrics_out, weights_out)
-
-
-def is_saved(config: TrainConfig) -> bool:
-    """Whether `config.out` already holds this update: a checkpoint trained on these rollouts
-    (a loop killed after saving it resumes without training twice). A commit that the kill
-    interrupted is finished first."""
-    recover_directory(Path(config.out))
-    manifest = read_directory_manifest(Path(config.out)) or {}
-    recorded = manifest.get("inputs", {}).get("rollouts", {}).get("sha256")
-    return recorded == sha256_of(config.rollouts)
 
 
 @dataclass(frozen=True)
@@ -422,7 +312,7 @@ def _update(
     if config.beta > 0:
         lora = adapters.is_peft(accelerator.unwrap_model(policy))
         reference = ADAPTERS_OFF if lora else load_reference(config, accelerator.device, stage.commit)
-    context = UpdateContext.of(config, batch, accelerator, tokenizer.pad_token_id, reference, sharded)
+    context = UpdateContext.of(config, batch.sampling, accelerator, tokenizer.pad_token_id, reference, sharded)
     if sequences:
         steps = optimize(policy, reference, optimizer, scheduler, sequences, config, context, start_step, steps_here)
         check_finite_parameters(policy)
@@ -453,8 +343,8 @@ def _update(
             weights_out: pa.Table.from_pylist(weight_rows, schema=schemas.WEIGHTS_WRITTEN),
         }
         saved = trained if trained is not None else policy  # a sharded policy saves the gathered weights
-        checkpoint = Checkpoint(saved, weights, optimizer_state, scheduler.state_dict(), config.optimizer)
-        result = save(stage, checkpoint, tokenizer, start_step + len(steps), manifest, tables)
+        saving = checkpoint.Checkpoint(saved, weights, optimizer_state, scheduler.state_dict(), config.optimizer)
+        result = checkpoint.save(stage, saving, tokenizer, start_step + len(steps), manifest, tables)
         track(config, step_rows, metrics)
         if steps:
             info(
@@ -476,60 +366,6 @@ def track(config: TrainConfig, step_rows: list[dict], metrics: dict[str, Any]) -
     last = log_train_steps(tracker, step_rows)
     tracker.log({"time/train_tokens_per_second": metrics["tokens_per_second"]}, last)
     tracker.close()
-
-
-def check_finite_parameters(policy: Any) -> None:
-    """An update that overflowed is never saved over the policy it started from. Each process
-    checks its own parameters (its shard, under FSDP) and every process learns the verdict."""
-    import torch
-    from accelerate.utils import gather_object
-
-    with torch.no_grad():
-        mine = next(
-            (name for name, p in policy.named_parameters() if not torch.isfinite(getattr(p, "_local_tensor", p)).all()),
-            None,
-        )
-    bad = next((name for name in gather_object([mine]) if name), None)
-    if bad is not None:
-        raise CfiwError(
-            f"the update made parameter {bad} non-finite (inf or NaN): nothing was saved, the policy is unchanged",
-            "lower --lr; the previous policy is kept",
-        )
-
-
-def optimize(
-    policy: Any,
-    reference: Any,
-    optimizer: Any,
-    scheduler: Any,
-    sequences: list[_Sequence],
-    config: TrainConfig,
-    context: UpdateContext,
-    start_step: int,
-    steps_here: int,
-) -> list[StepMetrics]:
-    """Every optimizer step of the update: `epochs` passes, each dealt into minibatches of
-    whole groups; the old log-probs come from the loaded policy, before the first step."""
-    first_pass = _plan(sequences, config, 0, context)
-    entropies: dict[str, list[float]] | None = {} if config.weighting == "entropy" else None
-    old = old_logprobs(policy, reference, first_pass, context, entropies)
-    if entropies is not None:  # every process weighs the whole batch with one threshold
-        if context.world > 1:
-            from accelerate.utils import gather_object
-
-            entropies = {key: value for part in gather_object([entropies]) for key, value in part.items()}
-        weigh_by_entropy(sequences, entropies, config.entropy_quantile)
-    steps: list[StepMetrics] = []
-    with progress_bar("train", total=steps_here, unit="steps") as advance:
-        for epoch in range(config.epochs):
-            plan = first_pass if epoch == 0 else _plan(sequences, config, epoch, context)
-            for micro_batches, members in plan:
-                step = start_step + len(steps) + 1
-                steps.append(
-                    train_step(policy, optimizer, scheduler, micro_batches, members, old, context, step, epoch)
-                )
-                advance(status=f"loss {steps[-1].loss:.4f}")
-    return steps
 
 
 def _summary(
@@ -569,9 +405,6 @@ def load_policy(config: TrainConfig, model: Any, rollouts: pa.Table, commit: str
     return policy
 
 
-ADAPTERS_OFF = "adapters-off"  # the reference of a LoRA update: the policy with its adapters disabled
-
-
 def load_reference(config: TrainConfig, device: Any, model_commit: str | None = None) -> Any:
     """The frozen model of the KL term (default: the policy's starting point, at the commit
     `--model` resolved to); a hub `--reference` of its own is taken at `--revision`."""
@@ -592,343 +425,19 @@ def _warn_on_profile_mismatch(config: TrainConfig) -> None:
             info(f"Warning: {path} was made with --profile {made}; training with --profile {config.profile}")
 
 
-def saved_optimizer(model: str) -> str | None:
-    """The optimizer whose state a checkpoint holds (None: no state); checkpoints written
-    before SGD existed hold AdamW's."""
-    state = Path(model) / "trainer_state.json"
-    if not (Path(model) / "optimizer.pt").exists() or not state.exists():
-        return None
-    hint = "train from a checkpoint cfiw train wrote, or one without optimizer.pt"
-    return recorded_value(state, "optimizer", lambda name: name in OPTIMIZERS, hint, default="adamw")
+def is_saved(config: TrainConfig) -> bool:
+    """Whether `config.out` already holds this update (see `checkpoint.is_saved`)."""
+    return checkpoint.is_saved(config.out, config.rollouts)
 
 
 def check_resumable(config: TrainConfig) -> None:
     """The optimizer state of `--model` is resumed: it must be the state of `--optimizer`."""
-    saved = saved_optimizer(config.model)
+    saved = checkpoint.saved_optimizer(config.model)
     if saved is not None and saved != config.optimizer:
         raise CfiwError(
             f"{config.model} holds {saved} optimizer state, which --optimizer {config.optimizer} cannot resume",
-            f"pass --optimizer {saved}, or start from a checkpoint without optimizer.pt",
+            f"pass --optimizer {saved}, or start from a checkpoint without {checkpoint.OPTIMIZER_FILE}",
         )
-
-
-def build_optimizer(policy: Any, config: TrainConfig, steps_here: int, sharded: bool = False) -> tuple[Any, Any, int]:
-    """AdamW or SGD and the schedule, resumed from the checkpoint's state when `--model` holds
-    one (into each process's shard of a `sharded` policy); returns (optimizer, scheduler,
-    optimizer steps taken before this call)."""
-    import torch
-
-    parameters = adapters.trainable_parameters(policy)  # all of them, or a LoRA policy's adapters
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    resume = Path(config.model)
-    start_step = 0
-    if (resume / "optimizer.pt").exists():
-        saved = torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True)
-        if sharded:
-            sharding.load_optimizer_state(policy, optimizer, saved)
-        else:
-            optimizer.load_state_dict(saved)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr
-            group["initial_lr"] = config.lr
-        start_step = json.loads((resume / "trainer_state.json").read_text()).get("global_step", 0)
-    total = config.total_steps or (start_step + steps_here)
-
-    def schedule(step: int) -> float:
-        if config.warmup_steps and step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.lr_schedule == "cosine":
-            progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    if start_step:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return optimizer, scheduler, start_step
-
-
-@dataclass(frozen=True)
-class UpdateContext:
-    """What every step of one update shares."""
-
-    accelerator: Any
-    loss: LossConfig
-    temperature: float  # T of softmax(logits / T): the rollouts' sampling temperature
-    pad_id: int
-    max_new_tokens: int  # the dr_grpo normalizer (1 when unused)
-    grad_clip: float
-    has_reference: bool
-    autocast: Any  # the compute dtype under autocast (weights stay float32), or None for float32
-    rank: int
-    world: int
-    sharded: bool  # FSDP: every process runs as many forward and backward passes as the others
-
-    @classmethod
-    def of(
-        cls, config: TrainConfig, batch: Batch, accelerator: Any, pad_id: int, reference: Any, sharded: bool = False
-    ) -> UpdateContext:
-        return cls(
-            accelerator=accelerator,
-            loss=LossConfig(config.eps_low, config.eps_high, config.beta, config.loss_type),
-            temperature=batch.sampling["temperature"],
-            pad_id=pad_id,
-            max_new_tokens=batch.sampling["max_new_tokens"] or 1,
-            grad_clip=config.grad_clip,
-            has_reference=reference is not None,
-            autocast=compute_dtype(config, accelerator.device),
-            rank=accelerator.process_index,
-            world=accelerator.num_processes,
-            sharded=sharded,
-        )
-
-
-def compute_dtype(config: TrainConfig, device: Any) -> Any:
-    """The dtype of the forward and backward passes under autocast (None: float32). The weights
-    and the optimizer state stay float32; `auto` is bfloat16 on a bf16 GPU, float32 elsewhere."""
-    import torch
-
-    resolved = modeling.resolve_dtype(config.dtype, device)
-    return None if resolved == torch.float32 else resolved
-
-
-def old_logprobs(
-    policy: Any, reference: Any, plan: list, context: UpdateContext, entropies: dict[str, list[float]] | None = None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:  # per rollout: [C_row] each
-    """Per rollout: (log-probs `[C]` of the loaded policy, of the reference or None), computed
-    with the micro-batches of the first pass so that its ratio is exactly 1. With `entropies`,
-    each rollout's per-token entropies at T are put there too (this process's rollouts)."""
-    import torch
-
-    old: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    want_entropy = entropies is not None
-    policy.eval()
-    with torch.no_grad():
-        for micro_batches, _ in plan:
-            for batch in micro_batches:
-                if not batch:  # a sharded policy: join the other processes' forward pass
-                    _forward(policy, [_padding(context.pad_id)], context.pad_id, context.temperature, context.autocast)
-                    continue
-                logprobs, entropy = _forward(
-                    policy, batch, context.pad_id, context.temperature, context.autocast, want_entropy
-                )  # [B, C] each
-                ref = None
-                if reference == ADAPTERS_OFF:
-                    adapted = context.accelerator.unwrap_model(policy)
-                    with adapted.disable_adapter():
-                        ref = _forward(adapted, batch, context.pad_id, context.temperature, context.autocast)[0]
-                elif reference is not None:
-                    ref = _forward(reference, batch, context.pad_id, context.temperature, context.autocast)[0]
-                for row, s in enumerate(batch):
-                    length = len(s.tokens) - s.prompt_length
-                    mine = logprobs[row, logprobs.shape[1] - length :]  # [C_row]
-                    old[s.rollout_id] = (mine, None if ref is None else ref[row, ref.shape[1] - length :])
-                    if want_entropy:
-                        entropies[s.rollout_id] = entropy[row, entropy.shape[1] - length :].tolist()
-    policy.train()
-    return old
-
-
-SUMS = ("tokens", "pg_sum", "kl_sum", "clip_low_sum", "clip_high_sum", "ratio_sum", "entropy_sum", "loss")
-SUMS += ("weight_sum", "weight_sq_sum", "rollout_diff_sum")
-
-
-@dataclass
-class StepMetrics:
-    """One optimizer step: sums over its kept tokens (all processes), and what the row reports."""
-
-    step: int
-    epoch: int
-    sequences: int
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))
-    grad_norm: float = 0.0
-    lr: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def loss(self) -> float:
-        return self.sums["loss"]
-
-    def row(self) -> dict[str, Any]:
-        """One train_metrics row: per-token means over the step's kept tokens."""
-        totals = self.sums
-        tokens = max(totals["tokens"], 1.0)
-        weight_mean = totals["weight_sum"] / tokens
-        return {
-            "step": self.step,
-            "loss": totals["loss"],
-            "pg_loss": totals["pg_sum"] / tokens,
-            "kl": totals["kl_sum"] / tokens,
-            "entropy": totals["entropy_sum"] / tokens,
-            "clip_frac_low": totals["clip_low_sum"] / tokens,
-            "clip_frac_high": totals["clip_high_sum"] / tokens,
-            "grad_norm": self.grad_norm,
-            "lr": self.lr,
-            "tokens": int(totals["tokens"]),
-            "seconds": self.seconds,
-            "ratio_mean": totals["ratio_sum"] / tokens,
-            "weight_mean": weight_mean,
-            "weight_std": math.sqrt(max(totals["weight_sq_sum"] / tokens - weight_mean**2, 0.0)),
-            "rollout_logprob_diff": totals["rollout_diff_sum"] / tokens,
-            "epoch": self.epoch,
-            "sequences": self.sequences,
-        }
-
-
-def train_step(
-    policy: Any,
-    optimizer: Any,
-    scheduler: Any,
-    micro_batches: list[list[_Sequence]],
-    members: list[_Sequence],
-    old: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    context: UpdateContext,
-    step: int,
-    epoch: int,
-) -> StepMetrics:
-    """One optimizer step on a minibatch (`members`, whole groups), accumulating gradients over
-    this process's micro-batches. The normalizer counts the whole minibatch's tokens, so the
-    sum of micro-batch losses is the minibatch loss, on any number of processes."""
-    import torch
-
-    started = time.perf_counter()
-    accelerator, device = context.accelerator, context.accelerator.device
-    metrics = StepMetrics(step, epoch, len(members))
-    full_mask = right_aligned([s.mask for s in members], max(len(s.mask) for s in members))  # [N, C]
-    normalizer = max(loss_normalizer(full_mask, context.loss.loss_type, context.max_new_tokens), 1.0)
-    work = micro_batches or [[]]
-    for index, batch in enumerate(work):
-        last = index == len(work) - 1  # gradients are all-reduced once, after the last micro-batch
-        with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
-            if not batch:  # no rollout for this process here: join the others' collectives with a zero loss
-                logprobs, _ = _forward(
-                    policy, [_padding(context.pad_id)], context.pad_id, context.temperature, context.autocast
-                )
-                accelerator.backward(logprobs.sum() * 0.0)
-                continue
-            _accumulate(policy, batch, old, normalizer, context, metrics.sums, device)
-    # summed over the processes before the step: a non-finite loss on one stops them all, none waits
-    metrics.sums = _sum_across(accelerator, metrics.sums)
-    if not math.isfinite(metrics.sums["loss"]):
-        raise CfiwError(
-            f"the loss became {metrics.sums['loss']} at step {step}: nothing was saved, the policy is unchanged",
-            "lower --lr (or check the rollouts' log-probs); the previous policy is kept",
-        )
-    if context.grad_clip <= 0:
-        grad_norm = torch.tensor(0.0)
-    elif context.sharded:  # the norm over every process's shard
-        grad_norm = sharding.whole(torch.nn.utils.clip_grad_norm_(policy.parameters(), context.grad_clip))
-    else:
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), context.grad_clip)
-    metrics.lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    metrics.grad_norm = float(grad_norm)
-    metrics.seconds = time.perf_counter() - started
-    return metrics
-
-
-def _accumulate(
-    policy: Any,
-    batch: list[_Sequence],
-    old: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    normalizer: float,
-    context: UpdateContext,
-    sums: dict[str, float],
-    device: Any,
-) -> None:
-    """Forward and backward of one micro-batch; its loss is its share of the minibatch loss."""
-    import torch
-
-    logprobs, entropy = _forward(
-        policy, batch, context.pad_id, context.temperature, context.autocast, want_entropy=True
-    )  # [B, C] each
-    longest = logprobs.shape[1]
-    old_lp = _right_pad([old[s.rollout_id][0] for s in batch], longest)  # [B, C]
-    ref = _right_pad([old[s.rollout_id][1] for s in batch], longest) if context.has_reference else None  # [B, C]
-    mask = right_aligned([s.mask for s in batch], longest, device)  # [B, C]
-    weights = right_aligned([s.weights for s in batch], longest, device)  # [B, C]
-    sampled = right_aligned([s.rollout_logprobs for s in batch], longest, device)  # [B, C]
-    advantages = torch.tensor([s.advantage for s in batch], device=device)  # [B]
-    loss, metrics = policy_loss(logprobs, old_lp, advantages, mask, normalizer, weights, ref, context.loss)
-    # DDP averages gradients over processes; the normalizer is already global.
-    context.accelerator.backward(loss * context.world)
-    for key, value in metrics.items():
-        sums[key] += value
-    sums["entropy_sum"] += float((entropy * mask).sum())
-    sums["loss"] += float(loss.detach())
-    sums["weight_sum"] += float((weights * mask).sum())
-    sums["weight_sq_sum"] += float((weights * weights * mask).sum())
-    sums["rollout_diff_sum"] += float(((old_lp - sampled).abs() * mask).sum())
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What an update saves besides the tokenizer."""
-
-    policy: Any
-    weights: dict[str, Any] | None  # a full state dict gathered from a sharded policy, else None (the policy's own)
-    optimizer: dict[str, Any]  # the optimizer's state_dict(), one process's layout
-    scheduler: dict[str, Any]
-    optimizer_name: str = "adamw"
-
-
-def save(
-    stage: StageRun,
-    checkpoint: Checkpoint,
-    tokenizer: Any,
-    global_step: int,
-    manifest: dict[str, Any],
-    tables: dict[Path, pa.Table],
-) -> StageResult:
-    """The checkpoint (weights, tokenizer, optimizer and scheduler state) and each of `tables`,
-    committed together: everything is written into the staged directory (tables that belong
-    elsewhere are staged with it and moved out as the last step of the commit), so a kill at
-    any moment leaves either the old policy or the whole update (see `staged_directory`)."""
-    import torch
-
-    def fill(staging: Path) -> None:
-        if checkpoint.weights is not None:
-            sharding.save(checkpoint.policy, checkpoint.weights, staging)
-        else:
-            adapters.save(checkpoint.policy, staging)
-        tokenizer.save_pretrained(staging)
-        torch.save(checkpoint.optimizer, staging / "optimizer.pt")
-        torch.save(checkpoint.scheduler, staging / "scheduler.pt")
-        state = {"global_step": global_step, "optimizer": checkpoint.optimizer_name}
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        for path, table in tables.items():
-            inside = path.parent.resolve() == stage.out.resolve()
-            write_table(table, staging / path.name if inside else stage_file(staging, path), manifest)
-
-    return stage.write_directory(fill, manifest, model=None if checkpoint.weights is not None else checkpoint.policy)
-
-
-def _forward(
-    model: Any, batch: list[_Sequence], pad_id: int, temperature: float, autocast: Any, want_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:  # [B, C], [B, C]
-    """Log-probs and entropies `[B, C]` of a micro-batch's completion tokens at temperature T."""
-    return completion_logprobs(
-        model, [(s.tokens, s.prompt_length) for s in batch], pad_id, temperature, want_entropy, autocast
-    )
-
-
-def _padding(pad_id: int) -> _Sequence:
-    """A one-token completion of weight 0: what a process without work of its own runs."""
-    return _Sequence("", "", [pad_id] * 2, 1, 0.0, [0.0], [0.0], [0.0])
-
-
-def _right_pad(rows: list[torch.Tensor], longest: int) -> torch.Tensor:  # [C_b] each -> [B, C]
-    import torch
-
-    return torch.stack([torch.nn.functional.pad(r, (longest - len(r), 0)) for r in rows])  # [B, C]
 
 
 def _first_epoch_mean(rows: list[dict], key: str) -> float | None:
@@ -936,12 +445,3 @@ def _first_epoch_mean(rows: list[dict], key: str) -> float | None:
     first = [r for r in rows if r["epoch"] == 0]
     tokens = sum(r["tokens"] for r in first)
     return sum(r[key] * r["tokens"] for r in first) / tokens if tokens else None
-
-
-def _sum_across(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
-    if accelerator.num_processes == 1:
-        return sums
-    from accelerate.utils import gather_object
-
-    gathered = gather_object([sums])
-    return {key: sum(part[key] for part in gathered) for key in sums}
