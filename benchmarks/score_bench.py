@@ -23,7 +23,7 @@ second as a fraction of (a)'s. `--device cuda` with `--shape qwen0.5b` builds a 
 shaped random model instead and adds peak memory and the `cfiw rollout` time of the same
 rollouts.
 
-    python benchmarks/score_bench.py                      # the synthetic figures in the README
+    python benchmarks/score_bench.py                      # the synthetic figures in docs/performance.md
     python benchmarks/score_bench.py --data real --group 4  # the real-text figures
     python benchmarks/score_bench.py --quick              # seconds; smoke test
 """

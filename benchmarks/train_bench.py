@@ -14,7 +14,7 @@ the same loss (|diff| < 1e-5), entropy and gradients.
 Part 2, time: `cfiw_cli.pipeline.train.run` in `uniform` and `cfiw` mode on the same batch of a
 tiny model (the cost of the weights).
 
-    python benchmarks/train_bench.py                 # numbers quoted in the README
+    python benchmarks/train_bench.py                 # numbers quoted in docs/performance.md
     python benchmarks/train_bench.py --vocab 151936  # part 1 at another vocabulary
     python benchmarks/train_bench.py --quick         # seconds; smoke test
 """

@@ -143,7 +143,7 @@ def rollout(config: configs.RolloutConfig, force: options.Force = False) -> None
 
     Generation is batched (left padding, KV cache). completion_logprobs are the log-probs of the
     sampled tokens under the distribution they were drawn from (temperature and top-p applied).
-    Writes one row per completion (schema in the README).
+    Writes one row per completion (schema in docs/commands.md).
     """
     from cfiw_cli.pipeline import rollout as stage
 

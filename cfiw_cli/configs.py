@@ -42,7 +42,7 @@ TRAIN_SCHEDULES = ("constant", "cosine")
 REPLAY_OPTIMIZER_STATES = ("kept", "fresh")
 OPTIMIZERS = ("adamw", "sgd")
 PROFILE_HELP = (
-    "cfiw (the method as the README states it) or authors (their trainer, exactly: their span detector in "
+    "cfiw (the method as docs/method.md states it) or authors (their trainer, exactly: their span detector in "
     "segment, their answer positions in score, full span drops and formatting tokens x0.1 in train)."
 )
 

@@ -193,7 +193,7 @@ def validate(table: pa.Table, kind: str, path: str = "") -> pa.Table:
         if not _castable(column.type, field.type):
             raise CfiwError(
                 f"column '{field.name}'{where} has type {column.type}, expected {field.type}",
-                f"rewrite the {kind} file with the schema documented in the README",
+                f"rewrite the {kind} file with the schema documented in docs/commands.md",
             )
         index = table.column_names.index(field.name)
         try:
@@ -201,7 +201,7 @@ def validate(table: pa.Table, kind: str, path: str = "") -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise CfiwError(
                 f"column '{field.name}'{where} holds a value that does not fit {field.type}: {exc}",
-                f"rewrite the {kind} file with the schema documented in the README",
+                f"rewrite the {kind} file with the schema documented in docs/commands.md",
             ) from exc
         table = table.set_column(index, field.name, cast)
     _check_values(table, kind, where)
