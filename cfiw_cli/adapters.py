@@ -47,12 +47,6 @@ class LoraSettings:
         return cls(config.lora_r, float(config.lora_alpha), config.lora_target_modules)
 
 
-def check(config: Any) -> None:
-    settings = LoraSettings.of(config)
-    if settings is not None and not settings.targets:
-        raise CfiwError("--lora-target-modules names no module", "e.g. --lora-target-modules q_proj,v_proj")
-
-
 def is_adapter(ref: str | Path) -> bool:
     return (Path(ref).expanduser() / ADAPTER_CONFIG).is_file()
 

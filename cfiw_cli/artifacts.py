@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from cfiw_cli import __version__
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.registry import STAGES
 from cfiw_cli.schemas import SCHEMAS, validate
 
 MANIFEST_KEY = b"cfiw"
@@ -483,14 +484,12 @@ def up_to_date(
     return manifest.get("stage") == stage and same_config and same_inputs
 
 
-_STAGE_KINDS = {"rollout": "rollouts", "segment": "spans", "score": "scores", "eval": "eval"}
-
-
 def infer_kind(path: Path, manifest: dict[str, Any] | None) -> str:
     """Artifact kind from the manifest's stage, else from the file name (`rollouts.parquet`),
     else from the columns (train writes two kinds: step metrics and token weights)."""
-    if manifest and manifest.get("stage") in _STAGE_KINDS:
-        return _STAGE_KINDS[manifest["stage"]]
+    writes = STAGES[manifest["stage"]].writes if manifest and manifest.get("stage") in STAGES else None
+    if writes:
+        return writes
     for candidate in (path.stem, path.parent.name):
         if candidate in SCHEMAS:
             return candidate

@@ -14,12 +14,13 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cfiw_cli import __version__, configs, distributed, options
 from cfiw_cli.errors import exits_cleanly
+from cfiw_cli.registry import STAGES
 
 app = typer.Typer(
     name="cfiw",
@@ -34,19 +35,19 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# which config each command builds from its flags (the test of flags walks this)
-COMMAND_CONFIGS: dict[str, type] = {}
 
-
-def command(name: str, example: str, config: type | None = None) -> Callable:
-    """Register a command whose help ends with `example` and whose errors exit cleanly. With
-    `config`, its flags are the config's fields plus the body's own keyword parameters, and
-    the body is called with the built config first."""
+def command(name: str, example: str, section_flags: tuple[options.SectionFlag, ...] = ()) -> Callable:
+    """Register a command whose help ends with `example` and whose errors exit cleanly. For a
+    stage of the registry, its flags are its config's fields plus the body's own keyword
+    parameters, and the body is called with the built config first. With `section_flags`,
+    those flags are added, and the body gets the config keys they set as `overrides`."""
 
     def register(func: Callable) -> Callable:
-        if config is None:
+        if section_flags:
+            return app.command(name, epilog=f"Example: {example}")(exits_cleanly(_with_flags(func, section_flags)))
+        if name not in STAGES:
             return app.command(name, epilog=f"Example: {example}")(exits_cleanly(func))
-        COMMAND_CONFIGS[name] = config
+        config = STAGES[name].config
         own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "config"]
         params = options.parameters(config) + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
@@ -61,6 +62,22 @@ def command(name: str, example: str, config: type | None = None) -> Callable:
         return app.command(name, epilog=f"Example: {example}")(exits_cleanly(with_config))
 
     return register
+
+
+def _with_flags(func: Callable, section_flags: tuple[options.SectionFlag, ...]) -> Callable:
+    """`func` with the generated flags in its signature, called with their `overrides`."""
+    own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "overrides"]
+    params = own + [flag.parameter() for flag in section_flags]
+
+    @functools.wraps(func)
+    def with_flags(**values):
+        overrides = options.section_overrides(section_flags, values)
+        return func(**{p.name: values[p.name] for p in own}, overrides=overrides)
+
+    del with_flags.__wrapped__
+    with_flags.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
+    with_flags.__annotations__ = {p.name: p.annotation for p in params}
+    return with_flags
 
 
 def _version(value: bool) -> None:
@@ -78,9 +95,7 @@ def main_options(
     pass
 
 
-@command(
-    "tiny-model", "cfiw tiny-model --out runs/tiny-model --arch llama --layers 2 --hidden 64", configs.TinyModelConfig
-)
+@command("tiny-model", "cfiw tiny-model --out runs/tiny-model --arch llama --layers 2 --hidden 64")
 def tiny_model(config: configs.TinyModelConfig, force: options.Force = False) -> None:
     """Build a small random-init model and a byte-level BPE tokenizer, offline.
 
@@ -93,11 +108,7 @@ def tiny_model(config: configs.TinyModelConfig, force: options.Force = False) ->
     stage.run(config, force=force)
 
 
-@command(
-    "synth",
-    "cfiw synth --out data/arith-distractors --n-train 2000 --n-test 200 --distractors 2 --seed 0",
-    configs.SynthConfig,
-)
+@command("synth", "cfiw synth --out data/arith-distractors --n-train 2000 --n-test 200 --distractors 2 --seed 0")
 def synth(config: configs.SynthConfig, force: options.Force = False) -> None:
     """Generate GSM8K-format word problems with a ground-truth label per solution sentence.
 
@@ -115,11 +126,7 @@ def synth(config: configs.SynthConfig, force: options.Force = False) -> None:
     stage.run(config, force=force)
 
 
-@command(
-    "sft",
-    "cfiw sft --model runs/tiny-model --dataset data/arith --out runs/tiny-sft --steps 1000 --lr 3e-3",
-    configs.SftConfig,
-)
+@command("sft", "cfiw sft --model runs/tiny-model --dataset data/arith --out runs/tiny-sft --steps 1000 --lr 3e-3")
 def sft(config: configs.SftConfig, force: options.Force = False) -> None:
     """Supervised warm start on the dataset's reference solutions (TRL SFTTrainer).
 
@@ -136,7 +143,6 @@ def sft(config: configs.SftConfig, force: options.Force = False) -> None:
     "rollout",
     "cfiw rollout --model Qwen/Qwen2.5-1.5B-Instruct --dataset gsm8k --limit 64 --group-size 8 "
     "--out runs/x/iter-0000/rollouts.parquet",
-    configs.RolloutConfig,
 )
 def rollout(config: configs.RolloutConfig, force: options.Force = False) -> None:
     """Sample G completions per question with per-token log-probs, answers and rewards.
@@ -153,7 +159,6 @@ def rollout(config: configs.RolloutConfig, force: options.Force = False) -> None
 @command(
     "eval",
     "cfiw eval --model runs/x/policy --dataset gsm8k --split test --limit 200 --out runs/x/eval/iter-0000.parquet",
-    configs.EvalConfig,
 )
 def evaluate(config: configs.EvalConfig, force: options.Force = False) -> None:
     """Evaluate a model: accuracy with its 95% Wilson interval (printed and in the manifest)."""
@@ -168,7 +173,6 @@ def evaluate(config: configs.EvalConfig, force: options.Force = False) -> None:
     "segment",
     "cfiw segment --rollouts runs/x/iter-0000/rollouts.parquet --model runs/tiny-model "
     "--out runs/x/iter-0000/spans.parquet",
-    configs.SegmentConfig,
 )
 def segment(config: configs.SegmentConfig, force: options.Force = False) -> None:
     """Cut each completion into token-aligned spans: calculation, numeric, scaffolding, answer.
@@ -187,7 +191,6 @@ def segment(config: configs.SegmentConfig, force: options.Force = False) -> None
     "score",
     "cfiw score --model runs/tiny-model --rollouts runs/x/iter-0000/rollouts.parquet "
     "--spans runs/x/iter-0000/spans.parquet --out runs/x/iter-0000/scores.parquet --mask pad",
-    configs.ScoreConfig,
 )
 def score(config: configs.ScoreConfig, force: options.Force = False) -> None:
     """Span importance: delta = answer log-prob unmasked - answer log-prob with the span masked.
@@ -207,7 +210,6 @@ def score(config: configs.ScoreConfig, force: options.Force = False) -> None:
     "cfiw train --model runs/x/policy --rollouts runs/x/iter-0000/rollouts.parquet "
     "--spans runs/x/iter-0000/spans.parquet --scores runs/x/iter-0000/scores.parquet --weighting cfiw "
     "--out runs/x/policy",
-    configs.TrainConfig,
 )
 def train(config: configs.TrainConfig, force: options.Force = False) -> None:
     """Importance-weighted DAPO/GRPO update from saved rollouts (and spans + scores).
@@ -281,53 +283,34 @@ def sql(
 PresetChoice = options.choice_type("PresetChoice", tuple(sorted(configs.presets())))
 
 
-@command("loop", "cfiw loop --preset tiny --run runs/tiny-cfiw --iterations 3 --weighting cfiw")
+# `cfiw loop`'s flags beside --set: each sets config keys, declared where the key's field is
+LOOP_FLAGS = (
+    options.SectionFlag("model", configs.ModelSection, "id", ("model.id",), "-m"),
+    options.SectionFlag("revision", configs.ModelSection, "revision", ("model.revision",)),
+    options.SectionFlag("iterations", configs.LoopSection, "iterations", ("loop.iterations",)),
+    options.SectionFlag(
+        "dtype", configs.TrainConfig, "dtype", tuple(f"{s}.dtype" for s in ("rollout", "score", "eval", "train"))
+    ),
+    options.SectionFlag("weighting", configs.LoopSection, "weighting", ("loop.weighting",)),
+    options.SectionFlag("profile", configs.LoopSection, "profile", ("loop.profile",)),
+    options.SectionFlag("eval_every", configs.LoopSection, "eval_every", ("loop.eval_every",)),
+    options.SectionFlag("seed", configs.LoopSection, "seed", ("loop.seed",)),
+    options.SectionFlag("keep_checkpoints", configs.LoopSection, "keep_checkpoints", ("loop.keep_checkpoints",)),
+    options.SectionFlag("lora_r", configs.TrainConfig, "lora_r", ("train.lora_r",)),
+    options.SectionFlag("lora_alpha", configs.TrainConfig, "lora_alpha", ("train.lora_alpha",)),
+    options.SectionFlag(
+        "lora_target_modules", configs.TrainConfig, "lora_target_modules", ("train.lora_target_modules",)
+    ),
+)
+
+
+@command("loop", "cfiw loop --preset tiny --run runs/tiny-cfiw --iterations 3 --weighting cfiw", LOOP_FLAGS)
 def loop(
     run: Annotated[Path, typer.Option(help="Run directory to write (runs/NAME); an interrupted run resumes.")],
+    overrides: dict[str, Any],
     preset: Annotated[PresetChoice | None, typer.Option(help="A preset shipped in the package (pipelines/).")] = None,
     config: Annotated[
         Path | None, typer.Option(help="A TOML file laid out like the presets (instead of --preset).")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Override the preset's model (hub id or directory).")
-    ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub revision of the model (branch, tag or commit; default: main).")
-    ] = None,
-    iterations: Annotated[
-        int | None, typer.Option(min=1, max=configs.MAX_STEPS, help="Override the number of iterations.")
-    ] = None,
-    dtype: Annotated[
-        options.TrainDtypeChoice | None,
-        typer.Option(
-            help="Compute dtype of every stage: auto (bfloat16 on a bf16 GPU, else float32), float32 or bfloat16; "
-            "train keeps float32 weights."
-        ),
-    ] = None,
-    weighting: Annotated[options.WeightingChoice | None, typer.Option(help="Override the weighting.")] = None,
-    profile: Annotated[
-        options.ProfileChoice | None,
-        typer.Option(help="Override the profile of segment, score and train: cfiw or authors (loop.profile)."),
-    ] = None,
-    eval_every: Annotated[
-        int | None,
-        typer.Option(min=1, max=configs.MAX_STEPS, help="Evaluate before every k-th iteration (and after the last)."),
-    ] = None,
-    seed: Annotated[int | None, typer.Option(min=0, max=configs.MAX_SEED, help="Override the seed.")] = None,
-    keep_checkpoints: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=configs.MAX_STEPS, help="Keep only the newest N kept policies (loop.keep_checkpoints; 0: all)."
-        ),
-    ] = None,
-    lora_r: Annotated[
-        int | None,
-        typer.Option(min=0, max=65_536, help="Train LoRA adapters of this rank (train.lora_r; 0: full fine-tuning)."),
-    ] = None,
-    lora_alpha: Annotated[float | None, typer.Option(min=0.0, help="LoRA alpha (train.lora_alpha).")] = None,
-    lora_target_modules: Annotated[
-        str | None,
-        typer.Option(help="Modules with adapters, e.g. q_proj,v_proj or all-linear (train.lora_target_modules)."),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -359,28 +342,14 @@ def loop(
             param_hint="'--preset' / '--config'",
         )
     settings = stage.load_config(preset.value if preset else None, str(config) if config else None)
-    overrides = {
-        "model.id": model,
-        "model.revision": revision,
-        "loop.iterations": iterations,
-        **{f"{section}.dtype": dtype.value if dtype else None for section in ("rollout", "score", "eval", "train")},
-        "loop.weighting": weighting.value if weighting else None,
-        "loop.profile": profile.value if profile else None,
-        "loop.eval_every": eval_every,
-        "loop.seed": seed,
-        "loop.keep_checkpoints": keep_checkpoints,
-        "train.lora_r": lora_r,
-        "train.lora_alpha": lora_alpha,
-        "train.lora_target_modules": lora_target_modules,
-    }
-    flags = {key: value for key, value in overrides.items() if value is not None}  # a flag wins over --set
-    settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **flags})
+    # a flag wins over --set
+    settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **overrides})
     commands = stage.run(settings, str(run), dry_run=dry_run, report_to=report_to.value)
     if dry_run:
         typer.echo("\n".join(commands))
 
 
-@command("replay", "cfiw replay runs/tiny-cfiw --iterations 0-11 --modes uniform,cfiw,inverted", configs.ReplayConfig)
+@command("replay", "cfiw replay runs/tiny-cfiw --iterations 0-11 --modes uniform,cfiw,inverted")
 def replay(config: configs.ReplayConfig, force: options.Force = False) -> None:
     """Replay each kept iteration's update in every weighting mode, from the same policy on the same rollouts.
 
@@ -396,8 +365,7 @@ def replay(config: configs.ReplayConfig, force: options.Force = False) -> None:
 
 
 @command(
-    "gradients", "cfiw gradients runs/tiny-cfiw --modes uniform,cfiw,cfiw@0,oracle --reference-rollouts 2048",
-    configs.GradientsConfig,
+    "gradients", "cfiw gradients runs/tiny-cfiw --modes uniform,cfiw,cfiw@0,oracle --reference-rollouts 2048"
 )  # fmt: skip
 def gradients(config: configs.GradientsConfig, force: options.Force = False) -> None:
     """Measure what each weighting mode does to the policy gradient, without an update.

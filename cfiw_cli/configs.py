@@ -23,9 +23,10 @@ from typing import Any
 
 from cfiw_cli.algo.importance import MASK_MODES, TARGETS
 from cfiw_cli.algo.loss import LOSS_TYPES, REWARD_SCALINGS
-from cfiw_cli.algo.weights import MODES, PROFILES
+from cfiw_cli.algo.weights import MODES, PROFILES, SCORED_MODES
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.modeling import DTYPES, TRAIN_DTYPES
+from cfiw_cli.tasks.arith import NAMES
 from cfiw_cli.tracking import REPORT_TO
 
 
@@ -91,6 +92,11 @@ class Checked:
     def __post_init__(self) -> None:
         for item in fields(self):  # type: ignore[arg-type]
             check_value(item, _field_types(type(self))[item.name], getattr(self, item.name))
+        self.check_rules()
+
+    def check_rules(self) -> None:
+        """The rules that tie fields together, checked once the fields are; a stage's own
+        `check` keeps only what needs the environment (an installed library)."""
 
 
 @cache
@@ -189,6 +195,11 @@ class LoraOptions(Checked):
         "(every linear layer but the LM head).",
     )
 
+    def check_rules(self) -> None:
+        super().check_rules()
+        if self.lora_r and not any(name.strip() for name in self.lora_target_modules.split(",")):
+            raise CfiwError("--lora-target-modules names no module", "e.g. --lora-target-modules q_proj,v_proj")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataOptions(Checked):
@@ -266,7 +277,7 @@ class SynthConfig(Checked):
         0,
         "Sentences per question about someone else's items: numbers the answer does not depend on.",
         min=0,
-        max=100,
+        max=len(NAMES) - 1,  # each about another person
     )
     teacher_error_rate: float = flag(
         0.0,
@@ -290,7 +301,7 @@ class SynthConfig(Checked):
 class SftConfig(ModelOptions, DataOptions, PromptOptions, LoraOptions, TrackingOptions):
     out: str = flag(help="Checkpoint directory to write (model and tokenizer).", path=True)
     steps: int = flag(500, "Optimizer steps.", min=1, max=MAX_STEPS)
-    lr: float = flag(1e-5, "Peak learning rate (AdamW).", min=0.0)
+    lr: float = flag(1e-5, "Peak learning rate (AdamW).", above=0.0)
     batch_size: int = flag(16, "Examples per optimizer step.", min=1, max=MAX_BATCH)
     max_length: int = flag(1024, "Longest prompt + solution, in tokens (longer ones are cut).", min=1, max=1_048_576)
     warmup_steps: int = flag(0, "Linear warm-up steps.", min=0, max=MAX_STEPS)
@@ -332,6 +343,14 @@ class SegmentConfig(Checked):
     max_tokens: int = flag(50, "Sentences longer than this are split.", min=1, max=100_000)
     profile: str = flag("cfiw", PROFILE_HELP, choices=PROFILES)
 
+    def check_rules(self) -> None:
+        super().check_rules()
+        if self.max_tokens < self.min_tokens:
+            raise CfiwError(
+                f"--min-tokens {self.min_tokens} is above --max-tokens {self.max_tokens}",
+                "e.g. --min-tokens 5 --max-tokens 50",
+            )
+
 
 ROLLOUTS_HELP = "rollouts.parquet (from cfiw rollout or another tool)."
 
@@ -353,6 +372,13 @@ class ScoreConfig(ModelOptions):
     )
     batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).", min=16, max=MAX_TOKENS_PER_CALL)
     profile: str = flag("cfiw", PROFILE_HELP, choices=PROFILES)
+
+    def check_rules(self) -> None:
+        super().check_rules()
+        if self.profile == "authors" and self.target != "own":
+            raise CfiwError(
+                "--profile authors scores the rollout's own answer, as their trainer does", "drop --target gold"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -450,6 +476,21 @@ class TrainConfig(LoraOptions, TrackingOptions):
     )
     gradient_checkpointing: bool = flag(False, "Trade compute for activation memory.")
     seed: int = flag(0, SEED_HELP, min=0, max=MAX_SEED)
+
+    def check_rules(self) -> None:
+        super().check_rules()
+        if self.lora_r and self.reference:
+            raise CfiwError(
+                "--reference cannot be used with LoRA: the reference is the policy with its adapters disabled",
+                "drop --reference (the KL term then anchors to the base model)",
+            )
+        if self.weighting in SCORED_MODES and not (self.spans and self.scores):
+            raise CfiwError(
+                f"--weighting {self.weighting} needs --spans and --scores",
+                "run cfiw segment and cfiw score first, or use --weighting uniform",
+            )
+        if self.weighting == "oracle" and not self.spans:
+            raise CfiwError("--weighting oracle needs --spans (for the answer region)", "run cfiw segment first")
 
 
 MODES_HELP = (

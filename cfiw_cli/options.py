@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from dataclasses import MISSING, Field, fields
+from dataclasses import MISSING, Field, dataclass, fields
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -19,9 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cfiw_cli.algo.weights import MODES, PROFILES
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.modeling import TRAIN_DTYPES
 from cfiw_cli.tracking import REPORT_TO
 
 
@@ -44,13 +42,17 @@ def ordered_fields(config_class: type) -> list[Field]:
     return [f for f in every if f.default is MISSING] + [f for f in every if f.default is not MISSING]
 
 
-def _annotation(config_class: type, item: Field) -> Any:
+def _annotation(
+    config_class: type, item: Field, names: tuple[str, ...] | None = None, optional: bool = False, note: str = ""
+) -> Any:
+    """The Typer parameter of a declared field; `names`, `optional` (default None) and `note`
+    (after the help) for a flag that sets the field from elsewhere (`cfiw loop`'s overrides)."""
     meta = item.metadata
     declared = typing.get_type_hints(config_class)[item.name]
-    optional = type(None) in typing.get_args(declared)
-    base: Any = next(a for a in typing.get_args(declared) if a is not type(None)) if optional else declared
+    optional = optional or type(None) in typing.get_args(declared)
+    base: Any = next((a for a in typing.get_args(declared) if a is not type(None)), declared)
     extra: dict[str, Any] = {key: meta[key] for key in ("min", "max") if meta.get(key) is not None}
-    help_text = meta["help"] + (f" [x>{meta['above']:g}]" if meta.get("above") is not None else "")
+    help_text = meta["help"] + (f" [x>{meta['above']:g}]" if meta.get("above") is not None else "") + note
     if base is float or meta.get("check") or meta.get("above") is not None:
         extra["callback"] = _checker(base is float, meta.get("above"), meta.get("check"))
     if meta.get("choices"):
@@ -62,7 +64,7 @@ def _annotation(config_class: type, item: Field) -> Any:
     if meta.get("argument"):
         info = typer.Argument(help=help_text)
     else:
-        info = typer.Option(*meta.get("names", ()), help=help_text, **extra)
+        info = typer.Option(*(names or meta.get("names", ())), help=help_text, **extra)
     return Annotated[base, info]
 
 
@@ -101,15 +103,39 @@ def parameters(config_class: type) -> list[inspect.Parameter]:
     ]
 
 
+def _plain(value: Any) -> Any:
+    """A parsed value as the config holds it: a choice as its value, a path as a string."""
+    if isinstance(value, StrEnum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
+
+
 def build_config(config_class: type, values: dict[str, Any]) -> Any:
-    """The config from parsed parameters: choices as their values, paths as strings."""
+    """The config from parsed parameters."""
+    return config_class(**{name: _plain(value) for name, value in values.items()})
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, StrEnum):
-            return value.value
-        return str(value) if isinstance(value, Path) else value
 
-    return config_class(**{name: plain(value) for name, value in values.items()})
+@dataclass(frozen=True)
+class SectionFlag:
+    """A flag that sets config keys of a run (`cfiw loop --iterations 3` sets loop.iterations):
+    its type, limits, choices and help are those of the field `declared_in.field`."""
+
+    name: str  # the parameter, --name on the command line
+    declared_in: type
+    field: str
+    keys: tuple[str, ...]  # SECTION.KEY set to its value
+    short: str | None = None
+
+    def parameter(self) -> inspect.Parameter:
+        item = next(f for f in fields(self.declared_in) if f.name == self.field)
+        names = ("--" + self.name.replace("_", "-"), *([self.short] if self.short else []))
+        annotation = _annotation(self.declared_in, item, names, optional=True, note=f" ({', '.join(self.keys)})")
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def section_overrides(flags: tuple[SectionFlag, ...], values: dict[str, Any]) -> dict[str, Any]:
+    """{SECTION.KEY: value} of every flag given (None: not given)."""
+    return {key: _plain(values[flag.name]) for flag in flags if values[flag.name] is not None for key in flag.keys}
 
 
 # Options of commands without a config (loop's overrides, validate, sql, analyze).
@@ -122,8 +148,5 @@ Force = Annotated[
         "(never an input).",
     ),
 ]
-WeightingChoice = choice_type("WeightingChoice", MODES)
-ProfileChoice = choice_type("ProfileChoice", PROFILES)
 ReportToChoice = choice_type("ReportToChoice", REPORT_TO)
-TrainDtypeChoice = choice_type("TrainDtypeChoice", TRAIN_DTYPES)
 NO_TRACKING = ReportToChoice("none")

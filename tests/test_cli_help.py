@@ -106,9 +106,9 @@ STAGE_COMMANDS = {"tiny-model", "synth", "sft", "rollout", "eval", "segment", "s
 
 
 def test_every_stage_command_is_built_from_its_config():
-    from cfiw_cli.cli import COMMAND_CONFIGS
+    from cfiw_cli.registry import STAGES
 
-    assert set(COMMAND_CONFIGS) == STAGE_COMMANDS
+    assert set(STAGES) == STAGE_COMMANDS
 
 
 @pytest.mark.parametrize("name", sorted(STAGE_COMMANDS))
@@ -118,9 +118,9 @@ def test_each_config_field_is_exactly_one_flag_with_the_same_default(name):
 
     import typer.main
 
-    from cfiw_cli.cli import COMMAND_CONFIGS
+    from cfiw_cli.registry import STAGES
 
-    config = COMMAND_CONFIGS[name]
+    config = STAGES[name].config
     params = typer.main.get_command(app).commands[name].params
     names = [p.name for p in params]
     for field in fields(config):
@@ -156,7 +156,7 @@ def test_the_loops_command_lines_parse_back_to_the_same_configs(tmp_path, monkey
     config = load_config("tiny", None)
     config["train"] |= {"beta": 0.01, "lr_schedule": "cosine", "importance_floor": 0.0, "optimizer": "sgd"}
     config["loop"] |= {"profile": "authors", "weighting": "oracle"}
-    steps = [(command, stage) for _, command, stage in plan(config, tmp_path / "run") if command in modules]
+    steps = [(s.command, s.config) for s in plan(config, tmp_path / "run").steps if s.command in modules]
     assert {command for command, _ in steps} == set(modules)
     for command, stage_config in steps:
         words = shlex.split(command_line(command, stage_config))[1:]
@@ -168,3 +168,29 @@ def test_a_top_p_of_zero_is_refused_where_it_is_declared(cli):
     """`--top-p` is a mass in (0, 1]: its declaration refuses 0 before anything loads, as a usage error."""
     result = cli("rollout", "--model", "m", "--dataset", "d", "--out", "o.parquet", "--top-p", "0")
     assert result.exit_code == 2 and "not above 0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_loops_flags_are_generated_from_the_fields_they_set():
+    """Each `cfiw loop` flag beside --set takes its type, limits, choices and help from the
+    field it sets, and sets exactly the keys it names."""
+    from dataclasses import fields
+
+    import typer.main
+
+    from cfiw_cli.cli import LOOP_FLAGS
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["loop"].params}
+    for flag in LOOP_FLAGS:
+        declared = next(f for f in fields(flag.declared_in) if f.name == flag.field).metadata
+        param = params[flag.name]
+        assert param.default is None and declared["help"] in param.help and ", ".join(flag.keys) in param.help
+        if declared.get("choices"):
+            assert tuple(c.value for c in param.type_descriptor.annotation) == declared["choices"]
+        assert (param.min, param.max) == (declared.get("min"), declared.get("max")), flag.name
+    done = run_cli("loop", "--preset", "tiny", "--run", "runs/x", "--dry-run", "--dtype", "bfloat16", "-m", "m")
+    assert done.exit_code == 0, done.stderr
+    assert all("--model m " in line for line in done.stdout.splitlines()[:2])
+    stages = [line for line in done.stdout.splitlines() if line.split()[1] in ("rollout", "score", "eval", "train")]
+    assert stages and all("--dtype bfloat16 " in line for line in stages)
+    refused = run_cli("loop", "--preset", "tiny", "--run", "runs/x", "--dry-run", "--iterations", "0")
+    assert refused.exit_code == 2 and "--iterations" in refused.stderr

@@ -1,11 +1,12 @@
 """A field's declared limits and choices are the ones its stage enforces.
 
-For every field of every stage config the loop plans, each value its declaration allows at
-the edge (each choice, the minimum, the maximum, just above an exclusive bound) must both
-construct and pass the stage's `check`; a value just outside must fail at construction. A
-stage check stricter than the declaration (a `--top-p` declared from 0 that the check
-refused at 0, a `--batch-tokens` declared from 1 that the check refused below 16) fails here.
-Rules that tie two fields together, or need an optional package, are listed by name."""
+For every field of every command's config (the stage registry), each value its declaration
+allows at the edge (each choice, the minimum, the maximum, just above an exclusive bound) must
+both construct and pass the stage's environment check; a value just outside must fail at
+construction. A rule stricter than the declaration (a `--top-p` declared from 0 that a check
+refused at 0, a `--batch-tokens` declared from 1 that a check refused below 16, an sft `--lr`
+declared from 0 that a check refused at 0) fails here. Rules that tie two fields together, or
+need an optional package, are listed by name."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import dataclasses
 import pytest
 
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.pipeline.loop import CHECKS, STAGE_CONFIGS
+from cfiw_cli.registry import STAGES
 
 REQUIRED = {
     "model": "m",
@@ -23,6 +24,7 @@ REQUIRED = {
     "rollouts": "r.parquet",
     "spans": "s.parquet",
     "scores": "c.parquet",
+    "run": "runs/x",
 }
 # (stage, field, value) the stage's check refuses for a reason beyond the field itself
 BEYOND_THE_FIELD = {
@@ -58,27 +60,42 @@ def edges(field: dataclasses.Field) -> tuple[list, list]:
 
 
 CASES = [
-    (stage, field) for stage, cls in STAGE_CONFIGS.items() for field in dataclasses.fields(cls) if any(edges(field))
+    (stage, field)
+    for stage, descriptor in STAGES.items()
+    for field in dataclasses.fields(descriptor.config)
+    if any(edges(field))
 ]
 
 
-def test_every_stage_config_is_walked():
-    assert set(STAGE_CONFIGS) == set(CHECKS) - {"keep"}
-    assert len(CASES) >= 40
+def test_every_command_config_is_walked():
+    assert {stage for stage, _ in CASES} == set(STAGES)
+    assert len(CASES) >= 80
 
 
 @pytest.mark.parametrize("stage, field", CASES, ids=[f"{s}.{f.name}" for s, f in CASES])
 def test_declared_limits_are_the_enforced_ones(stage, field):
-    base = baseline(STAGE_CONFIGS[stage])
-    CHECKS[stage](base)
+    descriptor = STAGES[stage]
+    base = baseline(descriptor.config)
+    descriptor.check_environment(base)
     inside, outside = edges(field)
     for value in inside:
-        config = dataclasses.replace(base, **{field.name: value})  # the declaration allows it
         if (stage, field.name, value) in BEYOND_THE_FIELD:
-            with pytest.raises(CfiwError):
-                CHECKS[stage](config)
+            with pytest.raises(CfiwError):  # a rule of two fields at construction, or the environment
+                descriptor.check_environment(dataclasses.replace(base, **{field.name: value}))
             continue
-        CHECKS[stage](config)  # and so does the stage
+        config = dataclasses.replace(base, **{field.name: value})  # the declaration allows it
+        descriptor.check_environment(config)  # and so does the stage
     for value in outside:
         with pytest.raises(CfiwError):
             dataclasses.replace(base, **{field.name: value})
+
+
+def test_a_rule_of_two_fields_is_checked_when_the_config_is_built():
+    from cfiw_cli.configs import ScoreConfig, TrainConfig
+
+    with pytest.raises(CfiwError, match="needs --spans and --scores"):
+        TrainConfig(model="m", rollouts="r", out="o", weighting="cfiw")
+    with pytest.raises(CfiwError, match="cannot be used with LoRA"):
+        TrainConfig(model="m", rollouts="r", out="o", weighting="uniform", lora_r=4, reference="ref")
+    with pytest.raises(CfiwError, match="own answer"):
+        ScoreConfig(model="m", rollouts="r", spans="s", out="o", profile="authors", target="gold")

@@ -173,9 +173,9 @@ def test_the_parts_add_up_to_the_whole(measured, tmp_path):
     from cfiw_cli.pipeline.loop import loop_plan
     from cfiw_cli.policies import policy_at
 
-    config, steps = loop_plan(measured)
-    step = next(s for i, c, s in steps if c == "train" and i == 1)
-    policy = policy_at(measured, 1, config["model"]["id"], False, tmp_path / "policy")
+    planned = loop_plan(measured)
+    step = planned.configs("train")[1]
+    policy = policy_at(measured, 1, planned.model.id, False, tmp_path / "policy")
     model = modeling.load_model(policy, "float32")
     tokenizer = modeling.load_tokenizer(measured / "policy")
     batch = train.read_batch(step)

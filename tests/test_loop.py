@@ -238,12 +238,13 @@ def test_every_preset_parses_and_plans():
     ] + ["tiny-distractors"]
     for name in names:
         config = load_config(name, None)
-        steps = plan(config, Path("runs/x"))
-        assert [c for _, c, _ in steps][:6] == ["eval", "eval", "rollout", "segment", "score", "train"]
-        for _, command, stage_config in steps:
-            expected = "test -d " if command == "keep" else f"cfiw {command} "  # keeping a policy is a shell copy
-            assert command_line(command, stage_config).startswith(expected)
-        kept = [s.out for _, c, s in steps if c == "keep"]
+        steps = plan(config, Path("runs/x")).steps
+        assert [s.command for s in steps][:6] == ["eval", "eval", "rollout", "segment", "score", "train"]
+        assert [s.role for s in steps][:2] == ["greedy", "probe"]
+        for step in steps:
+            expected = "test -d " if step.command == "keep" else f"cfiw {step.command} "  # keeping is a shell copy
+            assert command_line(step.command, step.config).startswith(expected)
+        kept = [s.config.out for s in steps if s.command == "keep"]
         assert kept == (
             [f"runs/x/policies/iter-{i:04d}" for i in range(4, config["loop"]["iterations"], 4)]
             if name.startswith("tiny")
@@ -274,8 +275,7 @@ def test_a_dial_preset_is_the_tiny_preset_with_its_own_data(tmp_path):
 def test_flags_override_the_preset():
     config = apply_overrides(load_config("tiny", None), {"loop.iterations": 5, "model.id": "m", "loop.seed": None})
     assert config["loop"]["iterations"] == 5 and config["model"]["id"] == "m" and config["loop"]["seed"] == 0
-    steps = plan(config, Path("runs/x"))
-    assert sum(c == "train" for _, c, _ in steps) == 5
+    assert len(plan(config, Path("runs/x")).configs("train")) == 5
 
 
 def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
@@ -347,8 +347,9 @@ def test_the_probe_samples_fixed_questions_at_the_rollout_temperature():
         load_config("tiny", None),
         {"loop.iterations": 4, "loop.eval_every": 2, "loop.seed": 3, "loop.weighting": "uniform"},
     )
-    steps = plan(config, Path("runs/x"))
-    probes = [(i, s) for i, c, s in steps if c == "eval" and "/probe/" in s.out]
+    planned = plan(config, Path("runs/x"))
+    probes = list(planned.configs("eval", "probe").items())
+    assert all("/probe/" in s.out for _, s in probes)  # the role decides where it is written
     assert [i for i, _ in probes] == [0, 2, 4]
     for _, probe in probes:
         assert (probe.split, probe.offset, probe.limit, probe.samples) == ("test", 0, 64, 8)
@@ -359,16 +360,16 @@ def test_the_probe_samples_fixed_questions_at_the_rollout_temperature():
         )
     # the same questions and sampling seed whatever the run's seed and mode: only the policy differs
     other = plan(apply_overrides(config, {"loop.seed": 0, "loop.weighting": "cfiw"}), Path("runs/y"))
-    other_probes = [s for _, c, s in other if c == "eval" and "/probe/" in s.out]
+    other_probes = list(other.configs("eval", "probe").values())
     assert [(s.seed, s.limit, s.temperature) for _, s in probes] == [
         (s.seed, s.limit, s.temperature) for s in other_probes
     ]
-    greedy = [s for _, c, s in steps if c == "eval" and "/eval/" in s.out]
+    greedy = list(planned.configs("eval", "greedy").values())
     assert all(s.samples == 1 and s.temperature == 0.0 for s in greedy) and len(greedy) == 3
     templated = plan(apply_overrides(config, {"rollout.prompt_template": "Q: {question}\nA:"}), Path("runs/x"))
-    assert {s.prompt_template for _, c, s in templated if c == "eval" and "/probe/" in s.out} == {"Q: {question}\nA:"}
+    assert {s.prompt_template for s in templated.configs("eval", "probe").values()} == {"Q: {question}\nA:"}
     off = plan(apply_overrides(config, {"loop.probe_questions": 0}), Path("runs/x"))
-    assert not [s for _, c, s in off if c == "eval" and "/probe/" in s.out]
+    assert not off.configs("eval", "probe") and len(off.configs("eval", "greedy")) == 3
 
 
 def test_a_finite_train_pool_is_revisited_and_the_kl_anchor_is_the_start():
@@ -376,9 +377,9 @@ def test_a_finite_train_pool_is_revisited_and_the_kl_anchor_is_the_start():
         load_config("tiny", None),
         {"loop.iterations": 5, "loop.questions": 8, "loop.train_pool": 16, "train.beta": 0.1, "model.id": "warm"},
     )
-    steps = plan(config, Path("runs/x"))
-    assert [s.offset for _, c, s in steps if c == "rollout"] == [0, 8, 0, 8, 0]
-    assert {s.reference for _, c, s in steps if c == "train"} == {"warm"}
+    planned = plan(config, Path("runs/x"))
+    assert [s.offset for s in planned.configs("rollout").values()] == [0, 8, 0, 8, 0]
+    assert {s.reference for s in planned.configs("train").values()} == {"warm"}
     with pytest.raises(Exception, match="multiple of loop.questions"):
         plan(apply_overrides(config, {"loop.train_pool": 12}), Path("runs/x"))
 
@@ -389,8 +390,8 @@ def test_a_cosine_schedule_spans_the_whole_run():
         {"loop.iterations": 6, "train.minibatches": 2, "train.epochs": 1, "train.lr_schedule": "cosine"},
     )
     # 6 iterations x 1 epoch x 2 minibatches: the horizon follows --iterations
-    assert {s.total_steps for _, c, s in plan(config, Path("runs/x")) if c == "train"} == {12}
+    assert {s.total_steps for s in plan(config, Path("runs/x")).configs("train").values()} == {12}
     explicit = apply_overrides(config, {"train.total_steps": 50})
-    assert {s.total_steps for _, c, s in plan(explicit, Path("runs/x")) if c == "train"} == {50}
+    assert {s.total_steps for s in plan(explicit, Path("runs/x")).configs("train").values()} == {50}
     constant = apply_overrides(config, {"train.lr_schedule": "constant"})
-    assert {s.total_steps for _, c, s in plan(constant, Path("runs/x")) if c == "train"} == {None}
+    assert {s.total_steps for s in plan(constant, Path("runs/x")).configs("train").values()} == {None}

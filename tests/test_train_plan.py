@@ -58,13 +58,13 @@ def rollouts_table(**columns):
 
 def test_sampling_settings_from_columns_flags_and_defaults(tmp_path, capsys):
     path = str(tmp_path / "missing.parquet")  # no manifest can be read: settings come from columns or flags
-    config = TrainConfig(model="m", rollouts=path, out="o")
+    config = TrainConfig(model="m", rollouts=path, out="o", weighting="uniform")
     assert sampling_settings(config, rollouts_table(temperature=[0.7, 0.7], max_new_tokens=[64, 64])) == {
         "temperature": 0.7,
         "temperature_source": "rollouts",
         "max_new_tokens": 64,
     }
-    overridden = TrainConfig(model="m", rollouts=path, out="o", temperature=0.6, max_new_tokens=32)
+    overridden = TrainConfig(model="m", rollouts=path, out="o", temperature=0.6, max_new_tokens=32, weighting="uniform")
     assert sampling_settings(overridden, rollouts_table(temperature=[0.7, 0.7])) == {
         "temperature": 0.6,
         "temperature_source": "--temperature",
@@ -80,9 +80,12 @@ def test_sampling_settings_from_columns_flags_and_defaults(tmp_path, capsys):
 def test_sampling_settings_errors(tmp_path):
     path = str(tmp_path / "missing.parquet")
     with pytest.raises(CfiwError, match="several values"):
-        sampling_settings(TrainConfig(model="m", rollouts=path, out="o"), rollouts_table(temperature=[0.7, 1.0]))
+        sampling_settings(
+            TrainConfig(model="m", rollouts=path, out="o", weighting="uniform"), rollouts_table(temperature=[0.7, 1.0])
+        )
     with pytest.raises(CfiwError, match="dr_grpo needs the length limit") as caught:
         sampling_settings(
-            TrainConfig(model="m", rollouts=path, out="o", loss_type="dr_grpo"), rollouts_table(temperature=[1.0, 1.0])
+            TrainConfig(model="m", rollouts=path, out="o", loss_type="dr_grpo", weighting="uniform"),
+            rollouts_table(temperature=[1.0, 1.0]),
         )
     assert "--max-new-tokens" in caught.value.hint

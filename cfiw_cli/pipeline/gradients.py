@@ -225,13 +225,12 @@ def run(config: GradientsConfig, force: bool = False) -> Path:
     if not run_dir.is_dir():
         what = "is a file, not a run directory" if run_dir.exists() else "not found"
         raise CfiwError(f"run directory {what}: {run_dir}", "pass a directory written by cfiw loop")
-    loop_config, steps = loop_plan(run_dir)
+    planned = loop_plan(run_dir)
     modes = parse_modes(config.modes)
-    trains = {i: s for i, c, s in steps if c == "train"}
-    rollouts = {i: s for i, c, s in steps if c == "rollout"}
+    trains, rollouts = planned.configs("train"), planned.configs("rollout")
     iterations = kept_scored_iterations(run_dir, trains, config.iterations, "measured")
-    seed = int(loop_config.get("loop", {}).get("seed", 0)) + 1 if config.seed is None else config.seed
-    base = str(loop_config["model"]["id"])
+    seed = planned.loop.seed + 1 if config.seed is None else config.seed
+    base = planned.model.id
     root = RunLayout(run_dir).root / "gradients"
     out = Path(config.out) if config.out else root / "gradients.parquet"
     refs = {"config": str(RunLayout(run_dir).config)}

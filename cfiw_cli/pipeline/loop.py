@@ -36,8 +36,7 @@ import json
 import shlex
 import time
 import tomllib
-from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,10 @@ from cfiw_cli.configs import (
 from cfiw_cli.console import info
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.options import ordered_fields
-from cfiw_cli.pipeline import eval as eval_stage
-from cfiw_cli.pipeline import rollout, score, segment, train
+from cfiw_cli.pipeline import train
 from cfiw_cli.policies import KeepConfig, keep, keep_command, kept_iterations, prune_kept, update_best
-from cfiw_cli.runs import ITERATION_KINDS, RunLayout, iteration_of
+from cfiw_cli.registry import LOOP_STAGES
+from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, RunLayout, iteration_of
 from cfiw_cli.stage import OutputLocks
 from cfiw_cli.tasks.gsm8k import load_questions
 from cfiw_cli.tracking import Tracker, check_report_to, log_train_steps, prefixed
@@ -157,19 +156,54 @@ def _to_toml(config: dict[str, Any]) -> str:
 
 
 def _section(config: dict[str, Any], name: str, section_class: type, **fixed: Any) -> Any:
-    """A section of the config as its dataclass: a bad value names the section and the key."""
+    """A section of the config as its dataclass, on top of what the loop sets (`fixed`): a bad
+    value names the section and the key."""
     try:
-        return section_class(**fixed, **config.get(name, {}))
+        return section_class(**{**fixed, **config.get(name, {})})  # what the loop sets is no section key
     except CfiwError as exc:
         key = exc.message.split()[0].removeprefix("--").replace("-", "_")
         raise CfiwError(f"[{name}] {exc.message.replace(exc.message.split()[0], key, 1)}", exc.hint) from exc
 
 
-def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
-    """Every stage of the run, in order, as (iteration, command, stage config); the final
-    evaluation has iteration = the number of iterations. Every value is checked here, so a bad
-    config fails before the first stage runs (and `--dry-run` checks it too)."""
-    _check_keys(config, STAGE_CONFIGS)
+@dataclass(frozen=True)
+class Step:
+    """One planned command of a loop run, with exactly the config its command would build."""
+
+    iteration: int  # the final evaluation's is the number of iterations
+    command: str  # keep, eval, rollout, segment, score or train
+    config: Any
+    role: str = ""  # an evaluation's: greedy (RUN/eval/) or probe (RUN/probe/)
+
+    @property
+    def name(self) -> str:
+        """What the run layout, the logs and the curves call it: eval or probe for an evaluation."""
+        return EVALUATION_KINDS[ROLES.index(self.role)] if self.command == "eval" else self.command
+
+
+ROLES = ("greedy", "probe")  # an evaluation's role, in the order of runs.EVALUATION_KINDS
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """A loop run's parsed sections and its planned steps, in order."""
+
+    settings: dict[str, Any]  # the resolved config, as written to RUN/config.toml
+    loop: LoopSection
+    data: DataSection
+    model: ModelSection
+    steps: list[Step]
+
+    def configs(self, command: str, role: str = "") -> dict[int, Any]:
+        """Each iteration's planned config of one command (and evaluation role)."""
+        return {s.iteration: s.config for s in self.steps if s.command == command and s.role == role}
+
+
+def plan(config: dict[str, Any], run: Path) -> LoopPlan:
+    """Every stage of the run, in order. Every value and every rule that ties values together
+    is checked here, when the configs are built, and what needs the environment (a tracker's
+    library) is checked before any stage runs, so a bad config fails before the first stage
+    (and `--dry-run` checks it too)."""
+    _check_keys(config, {name: stage.config for name, stage in LOOP_STAGES.items()})
     loop = _section(config, "loop", LoopSection)
     data = _section(config, "data", DataSection)
     model = _section(config, "model", ModelSection)
@@ -179,21 +213,23 @@ def plan(config: dict[str, Any], run: Path) -> list[tuple[int, str, Any]]:
             f"e.g. --set loop.train_pool={loop.questions * 8}",
         )
     steps = _steps(config, loop, data, model, RunLayout(run))
-    for _, command, stage_config in steps:
-        try:
-            CHECKS[command](stage_config)
-        except CfiwError as exc:
-            raise CfiwError(f"[{command}] {exc.message}", exc.hint) from exc
-    return steps
+    checked = set()
+    for step in steps:
+        if step.command in LOOP_STAGES and step.command not in checked:  # every iteration needs the same
+            checked.add(step.command)
+            try:
+                LOOP_STAGES[step.command].check_environment(step.config)
+            except CfiwError as exc:
+                raise CfiwError(f"[{step.command}] {exc.message}", exc.hint) from exc
+    return LoopPlan(config, loop, data, model, steps)
 
 
-def loop_plan(run: Path) -> tuple[dict[str, Any], list]:
-    """A loop run's config and its planned stages (see `cfiw_cli.pipeline.loop.plan`)."""
+def loop_plan(run: Path) -> LoopPlan:
+    """A loop run's plan (see `plan`), from its config.toml."""
     path = RunLayout(run).config
     if not path.exists():
         raise CfiwError(f"{run} is not a loop run (no config.toml)", "pass a directory written by cfiw loop")
-    config = tomllib.loads(path.read_text())
-    return config, plan(config, run)
+    return plan(tomllib.loads(path.read_text()), run)
 
 
 def kept_scored_iterations(run: Path, trains: dict[int, Any], chosen: str | None, verb: str) -> list[int]:
@@ -215,151 +251,98 @@ def kept_scored_iterations(run: Path, trains: dict[int, Any], chosen: str | None
 
 def _steps(
     config: dict[str, Any], loop: LoopSection, data: DataSection, model: ModelSection, layout: RunLayout
-) -> list[tuple[int, str, Any]]:
-    base, revision = model.id, model.revision  # every stage gets the revision; the run's policy directory ignores it
-    iterations, questions, every, seed = loop.iterations, loop.questions, loop.eval_every, loop.seed
-    pool = loop.train_pool
-    policy = str(layout.policy)
-    sampling = _section(config, "rollout", RolloutConfig, model=base, revision=revision, dataset=data.dataset, out="")
-    probe_questions, probe_samples = loop.probe_questions, loop.probe_samples
-    train_settings = dict(config.get("train", {}))
-    _section(config, "train", TrainConfig, model=base, rollouts="", out="")  # every value checked once, by name
-    _section(config, "segment", SegmentConfig, model=base, rollouts="", out="")
-    _section(config, "score", ScoreConfig, model=base, rollouts="", spans="", out="")
-    _section(config, "eval", EvalConfig, model=base, dataset=data.dataset, out="")
-    if float(train_settings.get("beta", 0.0)) > 0 and not train_settings.get("lora_r"):
+) -> list[Step]:
+    """The steps, each config derived with `dataclasses.replace` from a template built (and so
+    checked) once from its section; every stage gets the revision, which the run's policy
+    directory ignores."""
+    base, revision, seed, policy = model.id, model.revision, loop.seed, str(layout.policy)
+    first = {kind: str(layout.artifact(0, kind)) for kind in ITERATION_KINDS}
+    rollout_template = _section(
+        config, "rollout", RolloutConfig, model=base, revision=revision, dataset=data.dataset, out=first["rollouts"],
+        split=data.train_split, limit=loop.questions, seed=seed,
+    )  # fmt: skip
+    segment_template = _section(
+        config, "segment", SegmentConfig, model=base, revision=revision, rollouts=first["rollouts"],
+        out=first["spans"], profile=loop.profile,
+    )  # fmt: skip
+    score_template = _section(
+        config, "score", ScoreConfig, model=base, revision=revision, rollouts=first["rollouts"], spans=first["spans"],
+        out=first["scores"], profile=loop.profile,
+    )  # fmt: skip
+    train_template = _section(
+        config, "train", TrainConfig, model=base, revision=revision, rollouts=first["rollouts"], spans=first["spans"],
+        scores=first["scores"], out=policy, metrics_out=first["train_metrics"], weights_out=first["weights"],
+        weighting=loop.weighting, profile=loop.profile, seed=seed,
+    )  # fmt: skip
+    if train_template.beta > 0 and not train_template.lora_r and train_template.reference is None:
         # the KL term anchors every iteration to the starting policy (with LoRA: the adapters disabled)
-        train_settings.setdefault("reference", base)
-    if train_settings.get("lr_schedule", "constant") != "constant" or train_settings.get("warmup_steps"):
-        # one schedule over the whole run (the step count carries over from iteration to iteration)
-        steps_per_iteration = int(train_settings.get("epochs", 1)) * int(train_settings.get("minibatches", 1))
-        train_settings.setdefault("total_steps", iterations * steps_per_iteration)
+        train_template = replace(train_template, reference=base)
+    if train_template.total_steps is None and (
+        train_template.lr_schedule != "constant" or train_template.warmup_steps
+    ):  # one schedule over the whole run (the step count carries over from iteration to iteration)
+        total = loop.iterations * train_template.epochs * train_template.minibatches
+        train_template = replace(train_template, total_steps=total)
+    greedy_template = _section(
+        config, "eval", EvalConfig, model=base, revision=revision, dataset=data.dataset, out="",
+        split=data.eval_split, limit=loop.eval_limit, seed=seed,
+        **{"max_new_tokens": rollout_template.max_new_tokens, **config.get("eval", {})},
+    )  # fmt: skip
+    # the probe samples as training does: the rollouts' prompts, dtype and sampling, one fixed seed
+    probe_template = replace(
+        greedy_template,
+        limit=loop.probe_questions or None,
+        samples=loop.probe_samples,
+        seed=PROBE_SEED,
+        batch_size=config.get("eval", {}).get("batch_size", rollout_template.batch_size),
+        **{name: getattr(rollout_template, name) for name in PROBE_SAMPLING},
+    )
 
-    def evaluation(model: str, index: int) -> list[tuple[int, str, Any]]:
-        eval_settings = config.get("eval", {})
-        greedy = EvalConfig(
-            model=model,
-            revision=revision,
-            dataset=data.dataset,
-            out=str(layout.evaluation("eval", index)),
-            split=data.eval_split,
-            limit=loop.eval_limit,
-            seed=seed,
-            **{"max_new_tokens": sampling.max_new_tokens, **eval_settings},
-        )
-        if probe_questions <= 0:
-            return [(index, "eval", greedy)]
-        probe = EvalConfig(
-            model=model,
-            revision=revision,
-            dataset=data.dataset,
-            out=str(layout.evaluation("probe", index)),
-            split=data.eval_split,
-            limit=probe_questions,
-            samples=probe_samples,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-            batch_size=int(eval_settings.get("batch_size", sampling.batch_size)),
-            seed=PROBE_SEED,
-            dtype=sampling.dtype,
-            prompt_template=sampling.prompt_template,
-            chat_template=sampling.chat_template,
-        )  # the rollouts' prompts, dtype and sampling: the probe samples as training does
-        return [(index, "eval", greedy), (index, "eval", probe)]
+    def evaluation(current: str, index: int) -> list[Step]:
+        greedy = replace(greedy_template, model=current, out=str(layout.evaluation("eval", index)))
+        if loop.probe_questions <= 0:
+            return [Step(index, "eval", greedy, "greedy")]
+        probe = replace(probe_template, model=current, out=str(layout.evaluation("probe", index)))
+        return [Step(index, "eval", greedy, "greedy"), Step(index, "eval", probe, "probe")]
 
-    keep_every = loop.keep_policies
     steps = []
-    for i in range(iterations):
+    for i in range(loop.iterations):
         current = base if i == 0 else policy
         files = {kind: str(layout.artifact(i, kind)) for kind in ITERATION_KINDS}
-        if keep_every > 0 and i > 0 and i % keep_every == 0:
-            steps.append((i, "keep", KeepConfig(policy=policy, out=str(layout.kept_policy(i)))))
-        if i % every == 0:
+        if loop.keep_policies > 0 and i > 0 and i % loop.keep_policies == 0:
+            steps.append(Step(i, "keep", KeepConfig(policy=policy, out=str(layout.kept_policy(i)))))
+        if i % loop.eval_every == 0:
             steps += evaluation(current, i)
-        offset = i * questions % pool if pool is not None else i * questions
-        steps.append(
-            (
-                i,
-                "rollout",
-                RolloutConfig(
-                    model=current,
-                    revision=revision,
-                    dataset=data.dataset,
-                    out=files["rollouts"],
-                    split=data.train_split,
-                    offset=offset,
-                    limit=questions,
-                    seed=seed,
-                    iteration=i,
-                    **config.get("rollout", {}),
-                ),
-            )
-        )
-        steps.append(
-            (
-                i,
-                "segment",
-                SegmentConfig(
-                    rollouts=files["rollouts"],
-                    model=current,
-                    revision=revision,
-                    out=files["spans"],
-                    profile=loop.profile,
-                    **config.get("segment", {}),
-                ),
-            )
-        )
-        steps.append(
-            (
-                i,
-                "score",
-                ScoreConfig(
-                    model=current,
-                    revision=revision,
-                    rollouts=files["rollouts"],
-                    spans=files["spans"],
-                    out=files["scores"],
-                    profile=loop.profile,
-                    **config.get("score", {}),
-                ),
-            )
-        )
-        steps.append(
-            (
+        offset = i * loop.questions % loop.train_pool if loop.train_pool is not None else i * loop.questions
+        rollouts, spans, scores = files["rollouts"], files["spans"], files["scores"]
+        steps += [
+            Step(i, "rollout", replace(rollout_template, model=current, out=rollouts, offset=offset, iteration=i)),
+            Step(i, "segment", replace(segment_template, model=current, rollouts=rollouts, out=files["spans"])),
+            Step(i, "score", replace(score_template, model=current, rollouts=rollouts, spans=spans, out=scores)),
+            Step(
                 i,
                 "train",
-                TrainConfig(
+                replace(
+                    train_template,
                     model=current,
-                    revision=revision,
-                    rollouts=files["rollouts"],
-                    spans=files["spans"],
-                    scores=files["scores"],
-                    out=policy,
+                    rollouts=rollouts,
+                    spans=spans,
+                    scores=scores,
                     metrics_out=files["train_metrics"],
                     weights_out=files["weights"],
-                    weighting=loop.weighting,
-                    profile=loop.profile,
-                    seed=seed,
-                    **train_settings,
                 ),
-            )
-        )
-    steps += evaluation(policy, iterations)
+            ),  # fmt: skip
+        ]
+    steps += evaluation(policy, loop.iterations)
     return steps
 
+
+# the probe's settings taken from the rollout section (its seed and batch size are its own)
+PROBE_SAMPLING = ("temperature", "top_p", "max_new_tokens", "dtype", "prompt_template", "chat_template")
 
 # set by the loop itself, not by a preset
 _FIXED = {"model", "revision", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration"}
 _FIXED |= {"weighting", "profile", "seed", "metrics_out", "weights_out"}
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "loop": LoopSection}
-STAGE_CONFIGS: dict[str, type] = {
-    "rollout": RolloutConfig,
-    "segment": SegmentConfig,
-    "score": ScoreConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-}
 
 
 def _check_keys(config: dict[str, Any], stages: dict[str, type]) -> None:
@@ -411,59 +394,50 @@ def run(config: dict[str, Any], run_dir: str, dry_run: bool = False, report_to: 
             "launch the loop with --multi_gpu (DDP), or run cfiw train alone under FSDP",
         )
     run = Path(run_dir)
-    steps = plan(config, run)
-    commands = [command_line(c, s) for _, c, s in steps]
+    planned = plan(config, run)
+    commands = [command_line(step.command, step.config) for step in planned.steps]
     if dry_run:
         return commands
     with modeling.pinned_revisions():  # one commit of a hub model for the whole run
-        _run(config, run, steps, report_to)
+        _run(planned, run, report_to)
     return commands
 
 
-def _run(config: dict[str, Any], run: Path, steps: list[tuple[int, str, Any]], report_to: str) -> None:
+def _run(planned: LoopPlan, run: Path, report_to: str) -> None:
     """Every planned stage, from where an interrupted run stopped. Everything that can refuse
     the start (the run directory, the model, the dataset, another configuration) is checked
     before the first file is written, so a refused start leaves nothing behind."""
     layout = RunLayout(run)
-    base = str(config["model"]["id"])
-    dataset = config["data"]["dataset"]
+    base, dataset = planned.model.id, planned.data.dataset
     builds = f"build it first: `just tiny-sft {base} 1000 {dataset}` (the warm start of the tiny presets)"
     builds = builds if "tiny" in Path(base).name else None
     modeling.check_model_ref(base, builds)
     _check_run_directory(layout, {"model": base, "dataset": dataset})
-    resolved = _to_toml(config)
+    resolved = _to_toml(planned.settings)
     if layout.config.is_file() and _read_text(layout.config) != resolved:
         raise CfiwError(
             f"{run} was started with another configuration", f"compare {layout.config}, or choose another --run"
         )
-    _check_memory(steps, base)  # loads the questions: a dataset that cannot load fails here, before any write
+    _check_memory(planned.steps, base)  # loads the questions: a dataset that cannot load fails here, before any write
     main = distributed.is_main()  # under accelerate launch: the process that writes
     # One loop per run directory: a second copy would read the same state, then redo and
     # overwrite the first one's iterations from another policy.
     locks = distributed.agreed(OutputLocks, [run] if main else [])
     try:
-        _resume(config, run, layout, steps, report_to, resolved, main)
+        _resume(planned, run, layout, report_to, resolved, main)
     finally:
         locks.release()
 
 
-def _resume(
-    config: dict[str, Any],
-    run: Path,
-    layout: RunLayout,
-    steps: list[tuple[int, str, Any]],
-    report_to: str,
-    resolved: str,
-    main: bool,
-) -> None:
+def _resume(planned: LoopPlan, run: Path, layout: RunLayout, report_to: str, resolved: str, main: bool) -> None:
     """The planned stages from the first one not yet completed, under the run's lock."""
     if main and run.is_dir():
         recover_directory(layout.policy)  # a checkpoint commit that a kill interrupted
     distributed.barrier()
     recorded = _recorded_state(layout)
     completed = max(recorded, _trained_iteration(layout) + 1)  # the policy's commit may have outrun the state
-    current_ref = str(config["model"]["id"]) if completed == 0 else str(layout.policy)
-    commit = modeling.resolve_revision(current_ref, config["model"].get("revision"))
+    current_ref = planned.model.id if completed == 0 else str(layout.policy)
+    commit = modeling.resolve_revision(current_ref, planned.model.revision)
     tokenizer = modeling.load_tokenizer(current_ref, commit)
     model = modeling.load_model(current_ref, "float32", revision=commit)
     if main:  # the start is accepted: now the run directory is written
@@ -474,31 +448,34 @@ def _resume(
         if completed != recorded:
             write_text_atomic(layout.state, json.dumps({"completed": completed}))
     distributed.barrier()
-    tracker = Tracker(report_to, layout.tracking, run.name, config) if report_to != "none" and main else None
+    tracker = Tracker(report_to, layout.tracking, run.name, planned.settings) if report_to != "none" and main else None
     if tracker is not None and completed > recorded and layout.artifact(completed - 1, "train_metrics").exists():
         log_train_steps(tracker, pq.read_table(layout.artifact(completed - 1, "train_metrics")).to_pylist())
     step = checkpoint.global_step(layout.policy) if completed else 0  # the x axis of its curves
-    loop = _section(config, "loop", LoopSection)
-    judge = "probe" if loop.probe_questions > 0 else "eval"  # the evaluation that picks best/
-    score_name = f"mean@{loop.probe_samples}" if judge == "probe" and loop.probe_samples > 1 else "accuracy"
+    loop = planned.loop
+    judge = Step(0, "eval", None, "probe" if loop.probe_questions > 0 else "greedy")  # what picks best/
+    score_name = f"mean@{loop.probe_samples}" if judge.role == "probe" and loop.probe_samples > 1 else "accuracy"
     with distributed.one_group():
-        for iteration, command, stage_config in steps:
+        for planned_step in planned.steps:
+            iteration, command = planned_step.iteration, planned_step.command
             if iteration < completed:
                 continue
             if main:
                 info(f"[loop] iteration {iteration}: {command}")
             started = time.perf_counter()
-            work = STAGES[command] if main or command in SHARDED else _wait  # the main process alone segments and keeps
-            model, metrics = distributed.agreed(work, stage_config, model, tokenizer)
+            # the main process alone segments and keeps
+            work = _run_step if main or _shards(command) else _wait
+            model, metrics = distributed.agreed(work, planned_step, model, tokenizer)
             if not main:
                 continue
             if tracker is not None:
-                step = track(tracker, command, stage_config, metrics, time.perf_counter() - started, step)
+                step = track(tracker, planned_step, metrics, time.perf_counter() - started, step)
             if command == "keep":
                 prune_kept(run, loop.keep_checkpoints)
-            if command == "eval" and iteration > 0 and Path(stage_config.out).parent.name == judge:
-                if update_best(layout.policy, layout.best, iteration, f"{judge} {score_name}", metrics[score_name]):
-                    info(f"[loop] best/ is now the policy of iteration {iteration} ({judge} {metrics[score_name]:.3f})")
+            if command == "eval" and iteration > 0 and planned_step.role == judge.role:
+                value, judged = metrics[score_name], f"{judge.name} {score_name}"
+                if update_best(layout.policy, layout.best, iteration, judged, value):
+                    info(f"[loop] best/ is now the policy of iteration {iteration} ({judge.name} {value:.3f})")
             if command == "train":
                 write_text_atomic(layout.state, json.dumps({"completed": iteration + 1}))
     if tracker is not None:
@@ -542,14 +519,13 @@ _KNOBS = {
 }
 
 
-def _check_memory(steps: list[tuple[int, str, Any]], base: str) -> None:
+def _check_memory(steps: list[Step], base: str) -> None:
     """The first rollout, greedy evaluation and probe of the plan fit in memory (estimated from
     the starting model's shape, before it loads; every iteration samples alike)."""
     firsts: dict[str, Any] = {}
-    for _, command, stage_config in steps:
-        kind = Path(stage_config.out).parent.name if command == "eval" else command
-        if command in ("rollout", "eval") and kind not in firsts:
-            firsts[kind] = stage_config
+    for step in steps:
+        if step.command in ("rollout", "eval") and step.name not in firsts:
+            firsts[step.name] = step.config
     for kind, stage_config in firsts.items():
         section = "rollout" if kind in ("rollout", "probe") else "eval"
         names = {**_KNOBS[kind], "max_new_tokens": f"{section}.max_new_tokens", "batch_size": f"{section}.batch_size"}
@@ -585,20 +561,21 @@ def _trained_iteration(layout: RunLayout) -> int:
     return iteration if rollouts.is_file() and sha256_of(rollouts) == recorded.get("sha256") else -1
 
 
-# Stages whose work is split across the processes of `accelerate launch` (each samples,
-# scores or trains its share; the main process writes).
-SHARDED = ("eval", "rollout", "score", "train")
+def _shards(command: str) -> bool:
+    """Whether every process of `accelerate launch` runs the command (each samples, scores or
+    trains its share; the main process writes)."""
+    return command in LOOP_STAGES and LOOP_STAGES[command].shards
 
 
-def track(tracker: Tracker, command: str, config: Any, metrics: dict[str, Any], seconds: float, step: int) -> int:
+def track(tracker: Tracker, planned: Step, metrics: dict[str, Any], seconds: float, step: int) -> int:
     """One stage's numbers at the current optimizer step; returns the step after it. Train logs
     each of its optimizer steps (loss, KL, entropy, clip fractions, grad norm, weight
     statistics) from its train_metrics file; an evaluation logs under eval/ or probe/."""
-    if command == "keep":
+    if planned.command == "keep":
         return step
-    name = Path(config.out).parent.name if command == "eval" else command  # eval/ or probe/
-    if command == "train":
-        last = log_train_steps(tracker, pq.read_table(config.metrics_out).to_pylist())
+    name = planned.name  # eval/ or probe/ for an evaluation
+    if planned.command == "train":
+        last = log_train_steps(tracker, pq.read_table(planned.config.metrics_out).to_pylist())
         step = step if last is None else last
     else:
         tracker.log(prefixed(name, metrics), step)
@@ -606,61 +583,22 @@ def track(tracker: Tracker, command: str, config: Any, metrics: dict[str, Any], 
     return step
 
 
-def _wait(config: Any, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+def _wait(step: Step, model: Any, tokenizer: Any) -> tuple[Any, dict]:
     """What a process other than the main one does during a stage that only the main runs."""
     return model, {}
 
 
-def _keep(config: KeepConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
-    keep(config)
-    return model, {}
-
-
-def _evaluate(config: EvalConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
-    return model, eval_stage.run(config, model=model, tokenizer=tokenizer).metrics
-
-
-def _rollout(config: RolloutConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
-    return model, rollout.run(config, model=model, tokenizer=tokenizer).metrics
-
-
-def _segment(config: SegmentConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
-    return model, segment.run(config, tokenizer=tokenizer).metrics
-
-
-def _score(config: ScoreConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
-    return model, score.run(config, model=model, tokenizer=tokenizer).metrics
-
-
-def _train(config: TrainConfig, model: Any, tokenizer: Any) -> tuple[Any, dict]:
-    """The updated policy: trained now, or loaded when a killed loop had already saved it."""
-    if train.is_saved(config):
-        return modeling.load_model(config.out, "float32").eval(), {}
-    result = train.run(config, force=True, model=model, tokenizer=tokenizer)
-    return result.model.eval(), result.metrics
-
-
-def _fields_only(config: Any) -> None:
-    """A stage with no rule beyond its fields' own limits and choices, checked when it was built."""
-
-
-# What each planned command checks before anything runs (beyond its fields' own checks).
-CHECKS: dict[str, Callable[[Any], None]] = {
-    "keep": _fields_only,
-    "eval": _fields_only,
-    "rollout": _fields_only,
-    "segment": segment.check,
-    "score": score.check,
-    "train": train.check,
-}
-
-# Each planned command, run in this process on the loop's model: (config, model, tokenizer) -> the model
-# after it, and the stage's metrics.
-STAGES: dict[str, Callable[[Any, Any, Any], tuple[Any, dict]]] = {
-    "keep": _keep,
-    "eval": _evaluate,
-    "rollout": _rollout,
-    "segment": _segment,
-    "score": _score,
-    "train": _train,
-}
+def _run_step(step: Step, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+    """One planned command in this process, on the loop's model: the model after it (the
+    trained policy after train) and the stage's metrics."""
+    if step.command == "keep":
+        keep(step.config)
+        return model, {}
+    if step.command == "train":
+        if train.is_saved(step.config):  # a killed loop had already saved this update
+            return modeling.load_model(step.config.out, "float32").eval(), {}
+        result = train.run(step.config, force=True, model=model, tokenizer=tokenizer)
+        return result.model.eval(), result.metrics
+    stage = LOOP_STAGES[step.command]
+    handed = {"model": model, "tokenizer": tokenizer} if stage.takes_model else {"tokenizer": tokenizer}
+    return model, stage.load().run(step.config, **handed).metrics

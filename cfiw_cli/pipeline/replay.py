@@ -45,7 +45,7 @@ from cfiw_cli.errors import CfiwError
 from cfiw_cli.likelihood import reference_likelihood, reference_sequences
 from cfiw_cli.pipeline import eval as eval_stage
 from cfiw_cli.pipeline import train
-from cfiw_cli.pipeline.loop import kept_scored_iterations, loop_plan
+from cfiw_cli.pipeline.loop import LoopPlan, kept_scored_iterations, loop_plan
 from cfiw_cli.policies import policy_at
 from cfiw_cli.runs import RunLayout, iteration_name
 from cfiw_cli.stage import StageRun, guard_inputs, guard_outputs
@@ -54,13 +54,13 @@ from cfiw_cli.tasks.gsm8k import load_questions
 START = "start"  # the cell of policy_k itself
 
 
-def _cells(config: ReplayConfig, run: Path, steps: list) -> tuple[list[int], list[str], dict[int, Any], Any]:
+def _cells(config: ReplayConfig, run: Path, planned: LoopPlan) -> tuple[list[int], list[str], dict[int, Any], Any]:
     """The iterations and modes to replay, each iteration's planned train stage, and the probe."""
 
     modes = parse_modes(config.modes)
-    trains = {i: s for i, c, s in steps if c == "train"}
+    trains = planned.configs("train")
     iterations = kept_scored_iterations(run, trains, config.iterations, "replayed")
-    probes = [s for _, c, s in steps if c == "eval" and "/probe/" in s.out]
+    probes = list(planned.configs("eval", "probe").values())
     if not probes:
         raise CfiwError(
             f"{run} has no probe to copy the sampling settings from", "run the loop with loop.probe_questions > 0"
@@ -150,10 +150,10 @@ def run(config: ReplayConfig, force: bool = False) -> Path:
     if not run_dir.is_dir():
         what = "is a file, not a run directory" if run_dir.exists() else "not found"
         raise CfiwError(f"run directory {what}: {run_dir}", "pass a directory written by cfiw loop")
-    loop_config, steps = loop_plan(run_dir)
-    iterations, modes, trains, probe = _cells(config, run_dir, steps)
-    seed = int(loop_config.get("loop", {}).get("seed", 0)) if config.seed is None else config.seed
-    base = str(loop_config["model"]["id"])
+    planned = loop_plan(run_dir)
+    iterations, modes, trains, probe = _cells(config, run_dir, planned)
+    seed = planned.loop.seed if config.seed is None else config.seed
+    base = planned.model.id
     root = RunLayout(run_dir).replay
     out = Path(config.out) if config.out else root / "replay.parquet"
     _guard_summary(out, run_dir, [trains[i] for i in iterations], force)

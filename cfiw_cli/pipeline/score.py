@@ -70,18 +70,8 @@ def build_items(
     return ids, span_indices, items
 
 
-def check(config: ScoreConfig) -> None:
-    """Rules that tie fields together (each field's own limits and choices are checked when the
-    config is built)."""
-    if config.profile == "authors" and config.target != "own":
-        raise CfiwError(
-            "--profile authors scores the rollout's own answer, as their trainer does", "drop --target gold"
-        )
-
-
 def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
-    check(config)
     rollouts = read_artifact(config.rollouts, "rollouts")
     require_rollouts(rollouts, config.rollouts)
     spans = read_artifact(config.spans, "spans")

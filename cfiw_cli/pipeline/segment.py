@@ -17,21 +17,10 @@ from cfiw_cli.artifacts import read_artifact
 from cfiw_cli.checks import require_rollouts
 from cfiw_cli.configs import SegmentConfig
 from cfiw_cli.console import info, progress_bar
-from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun
 
 
-def check(config: SegmentConfig) -> None:
-    """Rules that tie fields together (each field's own limits are checked when the config is built)."""
-    if config.max_tokens < config.min_tokens:
-        raise CfiwError(
-            f"--min-tokens {config.min_tokens} is above --max-tokens {config.max_tokens}",
-            "e.g. --min-tokens 5 --max-tokens 50",
-        )
-
-
 def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> StageResult:
-    check(config)
     rollouts = read_artifact(config.rollouts, "rollouts")
     require_rollouts(rollouts, config.rollouts)
     inputs = {"rollouts": config.rollouts, "model": config.model}

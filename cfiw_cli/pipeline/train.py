@@ -49,22 +49,9 @@ from cfiw_cli.update import (
 
 
 def check(config: TrainConfig) -> None:
-    """The rules that tie fields together or need the environment; each field's own limits and
-    choices are checked where it is declared, when the config is built."""
+    """What needs the environment: the tracker's library. The fields' own limits and the rules
+    that tie them together are checked when the config is built."""
     check_report_to(config.report_to)
-    adapters.check(config)
-    if config.lora_r and config.reference:
-        raise CfiwError(
-            "--reference cannot be used with LoRA: the reference is the policy with its adapters disabled",
-            "drop --reference (the KL term then anchors to the base model)",
-        )
-    if config.weighting in SCORED_MODES and not (config.spans and config.scores):
-        raise CfiwError(
-            f"--weighting {config.weighting} needs --spans and --scores",
-            "run cfiw segment and cfiw score first, or use --weighting uniform",
-        )
-    if config.weighting == "oracle" and not config.spans:
-        raise CfiwError("--weighting oracle needs --spans (for the answer region)", "run cfiw segment first")
 
 
 def _rollout_setting(rollouts: Any, manifest: dict | None, name: str, path: str) -> Any:

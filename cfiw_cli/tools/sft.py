@@ -16,23 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from cfiw_cli import adapters, modeling
-from cfiw_cli.configs import SFT_SCHEDULES, TRACKING_FIELDS, SftConfig
+from cfiw_cli.configs import TRACKING_FIELDS, SftConfig
 from cfiw_cli.console import info, progress_bar
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun, guard_tracking_dir
 from cfiw_cli.tasks.gsm8k import build_prompt, load_questions
 from cfiw_cli.tracking import Tracker, beside_output, check_report_to, prefixed
-
-
-def _check(config: SftConfig) -> None:
-    check_report_to(config.report_to)
-    adapters.check(config)
-    if min(config.steps, config.batch_size, config.max_length) < 1:
-        raise CfiwError("--steps, --batch-size and --max-length must be at least 1", "e.g. --steps 500 --batch-size 16")
-    if config.lr <= 0 or config.warmup_steps < 0:
-        raise CfiwError("--lr must be positive and --warmup-steps >= 0", "e.g. --lr 1e-5")
-    if config.lr_schedule not in SFT_SCHEDULES:
-        raise CfiwError(f"unknown --lr-schedule {config.lr_schedule!r}", f"choose one of {', '.join(SFT_SCHEDULES)}")
 
 
 def examples(rows: list[dict], tokenizer: Any, template: str | None, chat: bool) -> list[dict[str, str]]:
@@ -88,7 +77,7 @@ def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) ->
 
 
 def run(config: SftConfig, force: bool = False) -> StageResult:
-    _check(config)
+    check_report_to(config.report_to)  # the fields and their rules were checked when the config was built
     inputs = {"model": config.model, "dataset": config.dataset}
     guard_tracking_dir(config, inputs)
     modeling.check_model_ref(config.model)
