@@ -10,6 +10,11 @@ The cache table samples --cache-questions x G=8 sequences in one batch, up to
 once with `cfiw_cli.kv_cache`'s growing cache and once with transformers' `DynamicCache`,
 checks that both sample the same tokens and log-probs, and prints the ratio.
 
+The backend table samples --questions x G sequences with each `--backend` (transformers'
+`generate`, and its continuous batching), greedily and at temperature 1, and prints tokens/s,
+the ratio to `generate`, and whether the two sampled the same tokens (greedy decoding should;
+sampling draws from another random stream and does not).
+
     python benchmarks/rollout_bench.py            # defaults: 16 questions x G=4, 48 new tokens
     python benchmarks/rollout_bench.py --quick    # a few seconds, for smoke tests
 """
@@ -63,7 +68,7 @@ def main() -> None:
 
     def measure(
         batch_size: int, repeats: int, questions: int = args.questions, group: int = args.group_size,
-        new_tokens: int = args.max_new_tokens, name: str = "r",
+        new_tokens: int = args.max_new_tokens, name: str = "r", backend: str = "generate", temperature: float = 1.0,
     ) -> tuple[float, int]:  # fmt: skip
         times, tokens = [], 0
         for repeat in range(repeats):
@@ -76,6 +81,8 @@ def main() -> None:
                 max_new_tokens=new_tokens,
                 batch_size=batch_size,
                 seed=repeat,
+                backend=backend,
+                temperature=temperature,
             )
             started = time.perf_counter()
             result = rollout.run(config, force=True, model=model, tokenizer=tokenizer)
@@ -99,6 +106,7 @@ def main() -> None:
         print(f"{batch_size:>10} {seconds:>9.2f} {tokens:>7} {rate:>9.1f} {rate / baseline:>16.2f}x")
     print(f"ratio batched ({sequences}) / one at a time: {rate / baseline:.2f}")
     compare_caches(args, measure, work)
+    compare_backends(args, measure, work)
 
 
 def compare_caches(args, measure, work: Path) -> None:
@@ -134,6 +142,30 @@ def compare_caches(args, measure, work: Path) -> None:
     print(f"ratio concatenating / in place: {seconds['concatenating'] / seconds['in-place']:.2f}")
     if not same:
         raise SystemExit("the two caches sampled different completions")
+
+
+def compare_backends(args, measure, work: Path) -> None:
+    """Each sampling backend on the same batch, greedy and sampled."""
+    import pyarrow.parquet as pq
+
+    sequences = args.questions * args.group_size
+    print(f"\nbackends: {args.questions} questions x G={args.group_size}, up to {args.max_new_tokens} new tokens, "
+          f"batch {sequences}; median of {args.repeats}")  # fmt: skip
+    print(f"{'backend':>12} {'temperature':>11} {'seconds':>9} {'tokens':>7} {'tokens/s':>9} {'vs generate':>11}")
+    rates, tokens_of = {}, {}
+    for temperature in (0.0, 1.0):
+        for backend in ("generate", "continuous"):
+            name = f"{backend}-{temperature:g}"
+            measure(sequences, 1, name=name, backend=backend, temperature=temperature)  # warm-up
+            seconds, tokens = measure(sequences, args.repeats, name=name, backend=backend, temperature=temperature)
+            rates[name] = tokens / seconds
+            table = pq.read_table(work / f"{name}-{sequences}-0.parquet", columns=["completion_ids"])
+            tokens_of[name] = table.column("completion_ids").to_pylist()
+            ratio = rates[name] / rates[f"generate-{temperature:g}"]
+            print(f"{backend:>12} {temperature:>11g} {seconds:>9.2f} {tokens:>7} {rates[name]:>9.1f} {ratio:>10.2f}x")
+        same = tokens_of[f"generate-{temperature:g}"] == tokens_of[f"continuous-{temperature:g}"]
+        print(f"{'':>12} {'':>11} same tokens as generate at temperature {temperature:g}: {same}")
+    print(f"ratio continuous / generate tokens/s, sampled: {rates['continuous-1'] / rates['generate-1']:.2f}")
 
 
 if __name__ == "__main__":

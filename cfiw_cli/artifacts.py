@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfiw_cli import __version__
+from cfiw_cli.configs import at_quiet_default
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.registry import STAGES
 from cfiw_cli.schemas import SCHEMAS, validate
@@ -459,9 +460,11 @@ def read_artifact(path: str | os.PathLike, kind: str) -> pa.Table:
 
 def settings_of(config: Any, *outputs: str) -> dict[str, Any]:
     """A stage config as recorded in its manifest and compared for "up to date": every field
-    but the output paths (moving an output does not change what it holds)."""
+    but the output paths (moving an output does not change what it holds) and quiet fields at
+    their default (see `configs.flag`)."""
 
-    return {k: v for k, v in asdict(config).items() if k not in ("out", *outputs)}
+    recorded = asdict(config).items()
+    return {k: v for k, v in recorded if k not in ("out", *outputs) and not at_quiet_default(config, k)}
 
 
 def up_to_date(

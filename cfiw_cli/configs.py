@@ -42,6 +42,7 @@ SFT_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_SCHEDULES = ("constant", "cosine")
 REPLAY_OPTIMIZER_STATES = ("kept", "fresh")
 OPTIMIZERS = ("adamw", "sgd")
+SAMPLING_BACKENDS = ("generate", "continuous")  # cfiw_cli.samplers
 PROFILE_HELP = (
     "cfiw (the method as docs/method.md states it) or authors (their trainer, exactly: their span detector in "
     "segment, their answer positions in score, full span drops and formatting tokens x0.1 in train)."
@@ -65,11 +66,14 @@ def flag(
     check: Any = None,
     path: bool = False,
     argument: bool = False,
+    quiet: bool = False,
 ) -> Any:
     """A config field that is also a command-line flag. `names` overrides `--field-name`
     (e.g. a short alias); `min`/`max` bound it, `above` from below strictly; `path` shows it as
     a PATH; `argument` makes it positional; `check(value)` raises a `CfiwError` for a value
-    of the right type that means nothing (a bad list, say)."""
+    of the right type that means nothing (a bad list, say). A `quiet` field is left out of
+    manifests and printed commands while it holds its default: a setting added after outputs
+    were written, which keeps them up to date and the loop's commands unchanged."""
     meta = {
         "help": help,
         "names": names,
@@ -80,8 +84,15 @@ def flag(
         "choices": choices,
         "path": path,
         "argument": argument,
+        "quiet": quiet,
     }
     return field(default=default, metadata=meta)
+
+
+def at_quiet_default(config: Any, name: str) -> bool:
+    """Whether the field `name` is quiet (see `flag`) and holds its default."""
+    item = next(f for f in fields(config) if f.name == name)
+    return bool(item.metadata.get("quiet")) and getattr(config, name) == item.default
 
 
 class Checked:
@@ -230,6 +241,14 @@ class SamplingOptions(PromptOptions):
     top_p: float = flag(1.0, "Nucleus sampling mass (1.0 = off).", above=0.0, max=1.0)
     batch_size: int = flag(64, "Sequences per generate call.", min=1, max=MAX_BATCH)
     seed: int = flag(0, "Random seed; same seed and inputs give the same results on CPU.", min=0, max=MAX_SEED)
+    backend: str = flag(
+        "generate",
+        "Sampling engine: generate (transformers' generate, each sequence its own seeded stream) or continuous "
+        "(transformers' continuous batching: greedy decoding gives the same tokens, sampling does not; "
+        "see docs/scale.md).",
+        choices=SAMPLING_BACKENDS,
+        quiet=True,
+    )
 
 
 SEED_HELP = "Random seed; same seed and inputs give the same results on CPU."

@@ -198,6 +198,17 @@ class QuestionSample:
     text: str  # completion decoded, without its stop token
 
 
+def prompts_of(
+    rows: list[dict], tokenizer: Any, prompt_template: str | None, chat_template: bool
+) -> tuple[list[str], list[list[int]]]:
+    """Each row's prompt text and its token ids, in the chat template when asked and the
+    tokenizer has one."""
+    use_chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    prompts = [build_prompt(row["question"], tokenizer, prompt_template, chat=use_chat) for row in rows]
+    # A chat template already writes the special tokens it needs (BOS included).
+    return prompts, [list(ids) for ids in tokenizer(prompts, add_special_tokens=not use_chat)["input_ids"]]
+
+
 def sample_questions(
     model: Any,
     tokenizer: Any,
@@ -215,10 +226,7 @@ def sample_questions(
 ) -> list[QuestionSample]:
     """`samples` completions per question, the samples of one question kept adjacent."""
 
-    use_chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    prompts = [build_prompt(row["question"], tokenizer, prompt_template, chat=use_chat) for row in rows]
-    # A chat template already writes the special tokens it needs (BOS included).
-    encoded = tokenizer(prompts, add_special_tokens=not use_chat)["input_ids"]
+    prompts, encoded = prompts_of(rows, tokenizer, prompt_template, chat_template)
     stop_ids = stop_token_ids(model, tokenizer)
     jobs = [(i, s) for i in range(len(rows)) for s in range(samples)]
     with progress_bar(description, total=len(jobs), unit="sequences") as advance:

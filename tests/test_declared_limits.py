@@ -32,6 +32,8 @@ BEYOND_THE_FIELD = {
     ("segment", "max_tokens", 1): "--min-tokens <= --max-tokens",
     ("train", "report_to", "wandb"): "needs the wandb package, which is optional",
     ("train", "report_to", "trackio"): "needs the trackio package, which is optional",
+    ("sft", "report_to", "wandb"): "needs the wandb package, which is optional",
+    ("sft", "report_to", "trackio"): "needs the trackio package, which is optional",
 }
 
 

@@ -395,3 +395,19 @@ def test_a_cosine_schedule_spans_the_whole_run():
     assert {s.total_steps for s in plan(explicit, Path("runs/x")).configs("train").values()} == {50}
     constant = apply_overrides(config, {"train.lr_schedule": "constant"})
     assert {s.total_steps for s in plan(constant, Path("runs/x")).configs("train").values()} == {None}
+
+
+def test_a_quiet_setting_is_printed_and_recorded_only_away_from_its_default():
+    """`backend` came after runs were written: at its default the loop's commands and the
+    manifests' settings are what they were, so those runs stay up to date."""
+    from cfiw_cli.artifacts import settings_of
+
+    planned = plan(load_config("tiny", None), Path("runs/x"))
+    rollout = planned.configs("rollout")[0]
+    assert "--backend" not in command_line("rollout", rollout) and "backend" not in settings_of(rollout)
+    chosen = plan(apply_overrides(load_config("tiny", None), {"rollout.backend": "continuous"}), Path("runs/x"))
+    continuous = chosen.configs("rollout")[0]
+    assert "--backend continuous" in command_line("rollout", continuous)
+    assert settings_of(continuous)["backend"] == "continuous"
+    assert chosen.configs("eval", "probe")[0].backend == "continuous"  # the probe samples as training does
+    assert chosen.configs("eval", "greedy")[0].backend == "generate"

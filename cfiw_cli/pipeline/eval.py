@@ -20,7 +20,7 @@ from cfiw_cli import distributed, modeling, schemas
 from cfiw_cli.checks import sampling_questions
 from cfiw_cli.configs import EvalConfig
 from cfiw_cli.console import info
-from cfiw_cli.generation import sample_questions
+from cfiw_cli.samplers import sampler
 from cfiw_cli.stage import StageResult, StageRun
 from cfiw_cli.stats import Z_95, mean_and_standard_error, wilson_interval
 from cfiw_cli.tasks.gsm8k import extract_answer, numbers_equal, reward
@@ -97,19 +97,8 @@ def _evaluate(
 ) -> StageResult:
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer, stage.commit)
     mine = distributed.my_share(rows) if shard else range(len(rows))  # under accelerate launch: a share each
-    samples = sample_questions(
-        model,
-        tokenizer,
-        [rows[i] for i in mine],
-        samples=config.samples,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        prompt_template=config.prompt_template,
-        chat_template=config.chat_template,
-        description="eval",
+    samples = sampler(config.backend, model, tokenizer).sample(
+        [rows[i] for i in mine], config, config.seed, samples=config.samples, description="eval"
     )
     records = [
         {

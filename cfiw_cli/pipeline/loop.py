@@ -63,6 +63,7 @@ from cfiw_cli.configs import (
     ScoreConfig,
     SegmentConfig,
     TrainConfig,
+    at_quiet_default,
     parse_iterations,
     presets,
 )
@@ -337,7 +338,7 @@ def _steps(
 
 
 # the probe's settings taken from the rollout section (its seed and batch size are its own)
-PROBE_SAMPLING = ("temperature", "top_p", "max_new_tokens", "dtype", "prompt_template", "chat_template")
+PROBE_SAMPLING = ("temperature", "top_p", "max_new_tokens", "dtype", "prompt_template", "chat_template", "backend")
 
 # set by the loop itself, not by a preset
 _FIXED = {"model", "revision", "dataset", "out", "rollouts", "spans", "scores", "split", "offset", "limit", "iteration"}
@@ -375,7 +376,7 @@ def command_line(command: str, stage_config: Any) -> str:
     for field in ordered_fields(type(stage_config)):
         value = getattr(stage_config, field.name)
         flag = "--" + field.name.replace("_", "-")
-        if value is None:
+        if value is None or at_quiet_default(stage_config, field.name):
             continue
         if isinstance(value, bool):
             words.append(flag if value else "--no-" + flag[2:])

@@ -10,7 +10,7 @@ from cfiw_cli import distributed, modeling, schemas
 from cfiw_cli.checks import sampling_questions
 from cfiw_cli.configs import RolloutConfig
 from cfiw_cli.console import info
-from cfiw_cli.generation import sample_questions
+from cfiw_cli.samplers import sampler
 from cfiw_cli.stage import StageResult, StageRun
 from cfiw_cli.tasks.gsm8k import extract_answer, reward
 
@@ -34,18 +34,11 @@ def run(config: RolloutConfig, force: bool = False, model: Any = None, tokenizer
 def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any, tokenizer: Any) -> StageResult:
     model, tokenizer, dev = modeling.policy(config.model, config.dtype, model, tokenizer, stage.commit)
     mine = distributed.my_share(rows)  # under accelerate launch, each process samples its share
-    samples = sample_questions(
-        model,
-        tokenizer,
+    samples = sampler(config.backend, model, tokenizer).sample(
         [rows[i] for i in mine],
+        config,
+        sampling_seed(config.seed, config.iteration),  # each sequence's stream: this, its question and index
         samples=config.group_size,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        batch_size=config.batch_size,
-        seed=sampling_seed(config.seed, config.iteration),  # each sequence's stream: this, its question and index
-        prompt_template=config.prompt_template,
-        chat_template=config.chat_template,
         description=f"rollout iter {config.iteration}",
     )
     records = []

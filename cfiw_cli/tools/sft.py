@@ -76,8 +76,14 @@ def _sft_arguments(config: SftConfig, output_dir: str, bf16: bool, cpu: bool) ->
     )
 
 
+def check(config: SftConfig) -> None:
+    """What needs the environment: the tracker's library. The fields' own limits and the rules
+    that tie them together are checked when the config is built."""
+    check_report_to(config.report_to)
+
+
 def run(config: SftConfig, force: bool = False) -> StageResult:
-    check_report_to(config.report_to)  # the fields and their rules were checked when the config was built
+    check(config)
     inputs = {"model": config.model, "dataset": config.dataset}
     guard_tracking_dir(config, inputs)
     modeling.check_model_ref(config.model)
