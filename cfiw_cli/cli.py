@@ -228,6 +228,9 @@ def train(config: configs.TrainConfig, force: options.Force = False) -> None:
     stage.run(config, force=force)
 
 
+ReportFormat = options.choice_type("ReportFormat", ("all", "md", "html"))
+
+
 @command("analyze", "cfiw analyze runs/tiny-cfiw runs/tiny-uniform --out runs/report")
 def analyze(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by cfiw loop.")],
@@ -239,17 +242,30 @@ def analyze(
         ),
     ],
     force: options.Force = False,
+    format: Annotated[
+        ReportFormat, typer.Option("--format", help="Pages to write: all (report.md and report.html), md or html.")
+    ] = "all",
+    explorer_rollouts: Annotated[
+        int,
+        typer.Option(
+            min=0, max=configs.MAX_ROWS, help="Most rollouts embedded in report.html's token explorer (0: none)."
+        ),
+    ] = 512,
 ) -> None:
     """Tables, plots and a report over one or more runs, all aggregates in DuckDB SQL.
 
-    Accuracy per iteration with 95% Wilson intervals, mean reward, span importance by kind,
-    share of token weight by kind, iterations to reach the final uniform accuracy; report.html
-    is self-contained and shows rollouts coloured by token weight.
+    The report leads with a summary (per run: probe and greedy accuracy first -> last, steps,
+    seconds, token weight by span kind; over runs: each mode minus uniform with its 95%
+    interval, and whether any interval excludes zero), then the plots with captions, then every
+    table. report.html is one self-contained file with a token explorer: a rollout's tokens
+    coloured by each mode's weight, span deltas on hover.
     """
     from cfiw_cli.report import analyze as stage
 
-    stage.run([str(r) for r in runs], str(out), force=force)
-    typer.echo(f"report written to {out / 'report.html'} and {out / 'report.md'}")
+    chosen = ReportFormat(format).value
+    stage.run([str(r) for r in runs], str(out), force=force, format=chosen, explorer_rollouts=explorer_rollouts)
+    pages = {"all": ("report.html", "report.md"), "md": ("report.md",), "html": ("report.html",)}[chosen]
+    typer.echo(f"report written to {' and '.join(str(out / page) for page in pages)}")
 
 
 SqlFormat = options.choice_type("SqlFormat", ("table", "csv", "json"))

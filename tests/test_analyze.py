@@ -152,8 +152,28 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
     assert page.count("data:image/png;base64,") == 5  # accuracy, probe, reward, delta and weight by kind
     probe = {r["iteration"]: r for r in json.loads((report / "probe.json").read_text())}
     assert sorted(probe) == [0, 1] and probe[0]["step"] == 0 and probe[1]["step"] >= 0 and probe[1]["samples"] == 2
-    assert page.count('<pre class="rollout">') >= 5 and "background:" in page
-    assert "## delta by kind" in (report / "report.md").read_text()
+    # the answer first, then the plots, then the tables (collapsible), then the explorer
+    order = [page.index(f'<section id="{name}">') for name in ("summary", "plots", "tables", "explorer")]
+    assert order == sorted(order) and page.count("<details>") >= 5 and "(no data)" not in page
+    assert page.count("<figcaption") == 5
+    embedded = page[page.index('id="explorer-data">') + len('id="explorer-data">') :]
+    data = json.loads(embedded[: embedded.index("</script>")])
+    assert data["modes"][:3] == ["cfiw", "uniform", "inverted"] and data["shown"] == data["total"] > 0
+    first = data["rollouts"][0]
+    assert all(len(w) == len(first["tokens"]) for w in first["weights"].values())
+    assert set(first["weights"]["uniform"]) == {1.0}
+    markdown = (report / "report.md").read_text()
+    assert markdown.index("## Summary") < markdown.index("## Plots") < markdown.index("## Tables")
+    assert "### delta by kind" in markdown and "probe reward" in markdown.split("## Plots")[0]
+    capped = subprocess.run(
+        [cfiw, "analyze", str(run), "--out", str(tmp_path / "capped"), "--explorer-rollouts", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    page = (tmp_path / "capped" / "report.html").read_text()
+    assert f"Showing 1 of {data['total']} scored rollouts" in page and f"{data['total'] - 1} left out" in page
 
 
 def test_bad_input(cli, tmp_path):
@@ -483,3 +503,29 @@ def test_dial_points_sort_by_their_numbers():
         "data/arith-L32-N2",
         "data/arith-N2",
     ]
+
+
+def test_the_summary_leads_and_md_alone_writes_no_html(tmp_path):
+    """The summary states each run's numbers first; `--format md` writes report.md only."""
+    from cfiw_cli.page.summary import verdict
+
+    uniform = make_run(
+        tmp_path / "u", "uniform", [[True, False, False, False], [True, True, False, False]], [1.0, -1.0]
+    )
+    cfiw = make_run(tmp_path / "c", "cfiw", [[True, False, False, False], [True, True, True, True]], [3.0, 1.0])
+    analyze([str(uniform), str(cfiw)], str(tmp_path / "md"), format="md")
+    report = tmp_path / "md"
+    assert (report / "report.md").exists() and not (report / "report.html").exists()
+    summary = (report / "report.md").read_text().split("## Plots")[0]
+    # greedy accuracy of run c: 1 of 4 at iteration 0, 4 of 4 at iteration 1; 25% of its weight on calculation
+    assert "**c** (cfiw): greedy accuracy 0.250 -> 1.000" in summary
+    assert "calculation 25%" in summary and "**u** (uniform): greedy accuracy 0.250 -> 0.500" in summary
+    analyze([str(uniform), str(cfiw)], str(tmp_path / "html"), format="html", explorer_rollouts=1)
+    page = (tmp_path / "html" / "report.html").read_text()
+    assert not (tmp_path / "html" / "report.md").exists() and "(no data)" not in page
+    assert 'id="explorer"' not in page  # these hand-made runs keep no tokenizer to decode tokens with
+    # the verdict names what an interval separates, or says that nothing is
+    rows = [{"comparison": "cfiw - uniform", "metric": "auc", "mean": 0.02, "ci_low": 0.01, "ci_high": 0.03}]
+    assert verdict([("t", rows)]) == "1 of 1 intervals exclude zero: cfiw - uniform (auc, +0.020)."
+    rows[0] |= {"ci_low": -0.01}
+    assert verdict([("t", rows)]).startswith("No interval excludes zero")

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from cfiw_cli.tasks.arith import FEEDS_ANSWER, label_lookup, sentence_form
 from cfiw_cli.tasks.arith import line_label as line_label_of
-from cfiw_cli.tasks.arith import sentence_form
 from cfiw_cli.tasks.gsm8k import locate_answer
 
 KINDS = ("calculation", "numeric", "scaffolding", "answer")
@@ -357,6 +357,14 @@ def line_relevance(
     """Per reasoning token (`[0, reasoning_end)`): whether its line (newline included) has the
     form of a reference sentence whose label is in `feeds` (see `cfiw_cli.tasks.arith`)."""
     return [label in feeds for label in line_labels(completion_ids, tokenizer, reasoning_end, labels)]
+
+
+def feeds_the_answer(
+    completion_ids: Sequence[int], sentence_labels: Sequence[dict], answer_start: int, tokenizer: Any
+) -> list[bool]:
+    """The oracle's knowledge: per reasoning token, whether its line feeds the answer, from the
+    ground-truth sentence labels a `cfiw synth` row carries (its `labels` column)."""
+    return line_relevance(completion_ids, tokenizer, answer_start, label_lookup(sentence_labels), FEEDS_ANSWER)
 
 
 def line_labels(completion_ids: Sequence[int], tokenizer: Any, end: int, labels: dict[str, str]) -> list[str | None]:

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from cfiw_cli import adapters, checkpoint, distributed, modeling, schemas, sharding
 from cfiw_cli.algo.loss import group_advantages
-from cfiw_cli.algo.spans import line_relevance
+from cfiw_cli.algo.spans import feeds_the_answer
 from cfiw_cli.algo.weights import SCORED_MODES, ScoredSpan, WeightConfig, token_weights
 from cfiw_cli.artifacts import prepare_output, read_artifact, read_manifest
 from cfiw_cli.checks import check_finite_rollouts, check_scores_match, check_spans_match, require_rollouts
@@ -36,7 +36,6 @@ from cfiw_cli.console import info
 from cfiw_cli.distributed import state as process_state
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.stage import StageResult, StageRun, guard_inputs, guard_tracking_dir
-from cfiw_cli.tasks.arith import FEEDS_ANSWER, label_lookup
 from cfiw_cli.tracking import beside_output, check_report_to, log_train_steps
 from cfiw_cli.update import (
     ADAPTERS_OFF,
@@ -200,8 +199,7 @@ def _relevance(row: dict, spans: list[ScoredSpan], tokenizer: Any) -> list[bool]
     answer = next((s for s in spans if s.kind == "answer"), None)
     if answer is None:
         return None
-    labels = label_lookup(row["labels"])
-    return line_relevance(row["completion_ids"], tokenizer, answer.tok_start, labels, FEEDS_ANSWER)
+    return feeds_the_answer(row["completion_ids"], row["labels"], answer.tok_start, tokenizer)
 
 
 def run(

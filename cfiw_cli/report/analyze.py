@@ -42,7 +42,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cfiw_cli.algo.spans import decode_with_offsets
 from cfiw_cli.artifacts import (
     build_manifest,
     lies_inside,
@@ -53,7 +52,8 @@ from cfiw_cli.artifacts import (
 )
 from cfiw_cli.configs import TrainConfig
 from cfiw_cli.errors import CfiwError
-from cfiw_cli.modeling import load_tokenizer
+from cfiw_cli.page.explorer import DEFAULT_ROLLOUTS, EXPLORER_STYLE, explorer_data, explorer_html
+from cfiw_cli.page.summary import Summary, summarize
 from cfiw_cli.runs import EVALUATION_KINDS, ITERATION_KINDS, RunLayout
 from cfiw_cli.stage import OutputLocks, guard_outputs, keep_files_not_ours
 from cfiw_cli.stats import t_quantile
@@ -486,7 +486,9 @@ def tables(con: Any) -> dict[str, list[dict]]:
     return out
 
 
-def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
+def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[tuple[Path, str]]:
+    """Every plot the tables allow, each with a caption saying what was measured and on how many
+    runs, seeds or pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,6 +503,7 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
         title: str,
         ylabel: str,
         name: str,
+        caption: str,
         x: str = "step",
     ) -> None:
         """One line per `group` value over optimizer steps (or `x`), with an optional shaded band."""
@@ -513,9 +516,11 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
                 ax.fill_between(xs, [r[band[0]] for r in mine], [r[band[1]] for r in mine], alpha=0.15)
         ax.set(xlabel="optimizer step" if x == "step" else x, ylabel=ylabel, title=title)
         ax.legend(fontsize=7)
-        written.append(_save(fig, out / name))
+        written.append((_save(fig, out / name), caption))
 
-    written: list[Path] = []
+    written: list[tuple[Path, str]] = []
+    runs_of = lambda table: len({r["run"] for r in tables_.get(table, [])})  # noqa: E731
+    seeds_of = lambda table: max((r["runs"] for r in tables_.get(table, [])), default=0)  # noqa: E731
     by_run = lambda run, rows: f"{run} ({rows[0]['mode']})"  # noqa: E731
     if tables_.get("accuracy"):
         curves(
@@ -525,8 +530,10 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             ("ci_low", "ci_high"),
             by_run,
             "Accuracy (95% Wilson interval)",
-            "accuracy",
+            "greedy accuracy (fraction correct)",
             "accuracy.png",
+            f"Greedy accuracy on the evaluation questions at each evaluated step, per run ({runs_of('accuracy')} "
+            "runs); band: 95% Wilson interval over questions.",
         )
     by_mode = lambda mode, rows: f"{mode} ({max(r['runs'] for r in rows)} runs)"  # noqa: E731
     if any(r["runs"] > 1 for r in tables_.get("accuracy_by_mode", [])):  # several seeds of a mode
@@ -537,8 +544,10 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             ("min_accuracy", "max_accuracy"),
             by_mode,
             "Greedy accuracy by mode (mean over seeds; band: min to max)",
-            "greedy accuracy",
+            "greedy accuracy (fraction correct)",
             "accuracy_by_mode.png",
+            f"Greedy accuracy by weighting mode: mean over each mode's runs (up to {seeds_of('accuracy_by_mode')} "
+            "seeds); band: the lowest to the highest run.",
         )
     if tables_.get("probe"):
         curves(
@@ -548,8 +557,10 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             ("ci_low", "ci_high"),
             by_run,
             "Probe: sampled reward (95% interval over questions)",
-            "probe reward (mean@k)",
+            "probe reward (mean@k, fraction correct)",
             "probe.png",
+            f"Probe reward (mean of k samples per probe question) at each evaluated step, per run "
+            f"({runs_of('probe')} runs); band: 95% interval over questions.",
         )
     if any(r["runs"] > 1 for r in tables_.get("probe_by_mode", [])):
         curves(
@@ -559,8 +570,10 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             ("min_reward", "max_reward"),
             by_mode,
             "Probe reward by mode (mean over seeds; band: min to max)",
-            "probe reward (mean@k)",
+            "probe reward (mean@k, fraction correct)",
             "probe_by_mode.png",
+            f"Probe reward by weighting mode: mean over each mode's runs (up to {seeds_of('probe_by_mode')} "
+            "seeds); band: the lowest to the highest run.",
         )
     if tables_.get("replay_differences"):
         fig, axes = plt.subplots(1, len(REPLAY_METRICS), figsize=(12, 3.6))
@@ -579,9 +592,22 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             ax.set(xlabel="iteration replayed", ylabel=f"{metric} after the update, minus uniform's", title=metric)
             ax.legend(fontsize=7)
         fig.suptitle("Paired replay: each mode's update minus uniform's (mean over runs)", fontsize=9)
-        written.append(_save(fig, out / "replay_differences.png"))
+        pairs = max((r["pairs"] for r in tables_.get("replay_summary", [])), default=0)
+        caption = (
+            "Paired replay: after one update of the same policy on the same rollouts, each mode's measure minus "
+            f"uniform's, by replayed iteration (mean over runs; {pairs} pairs per mode in all)."
+        )
+        written.append((_save(fig, out / "replay_differences.png"), caption))
+    if tables_.get("paired_differences"):
+        written.append(_paired_plot(tables_["paired_differences"], out / "paired_differences.png"))
     if tables_.get("gradients_by_mode"):
-        written.append(_alignment_plot(tables_, out / "gradient_alignment.png"))
+        pairs = max((r["pairs"] for r in tables_.get("gradient_differences", [])), default=0)
+        caption = (
+            "Gradient alignment: cosine of each mode's minibatch gradient with the expected uniform gradient "
+            f"(noise-corrected), and its paired difference from uniform with a 95% interval (up to {pairs} "
+            "policy x minibatch pairs per point)."
+        )
+        written.append((_alignment_plot(tables_, out / "gradient_alignment.png"), caption))
     if tables_.get("reward"):
         curves(
             tables_["reward"],
@@ -590,8 +616,9 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             None,
             by_run,
             "Training reward",
-            "mean reward of the rollouts",
+            "mean reward of the rollouts (fraction correct)",
             "reward.png",
+            f"Mean reward of each iteration's training rollouts, per run ({runs_of('reward')} runs).",
             x="iteration",
         )
     if _has(con, "spans") and _has(con, "scores"):
@@ -603,21 +630,50 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[Path]:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.boxplot([[r["delta"] for r in rows if r["kind"] == k] for k in kinds], tick_labels=kinds)
             ax.axhline(0, color="grey", linewidth=0.5)
-            ax.set(ylabel="delta (answer log-prob drop)", title="Span importance by kind")
-            written.append(_save(fig, out / "delta_by_kind.png"))
+            ax.set(xlabel="span kind", ylabel="delta (answer log-prob drop, nats)", title="Span importance by kind")
+            caption = f"Delta of every scored span by kind ({len(rows):,} spans of all runs and iterations)."
+            written.append((_save(fig, out / "delta_by_kind.png"), caption))
     if tables_.get("weight_by_kind"):
         fig, ax = plt.subplots(figsize=(6, 4))
-        runs = sorted({r["run"] for r in tables_["weight_by_kind"]})
-        kinds = sorted({r["kind"] for r in tables_["weight_by_kind"]})
-        width = 0.8 / max(len(runs), 1)
-        for i, run in enumerate(runs):
-            shares = {r["kind"]: r["share"] for r in tables_["weight_by_kind"] if r["run"] == run}
-            ax.bar([k + i * width for k in range(len(kinds))], [shares.get(k, 0) for k in kinds], width, label=run)
-        ax.set_xticks([k + width * (len(runs) - 1) / 2 for k in range(len(kinds))], kinds, fontsize=8)
-        ax.set(ylabel="share of total token weight", title="Token weight by span kind")
+        rows = [r for r in tables_["weight_by_kind"] if r["share"] is not None]
+        modes = sorted({r["mode"] for r in rows})
+        kinds = sorted({r["kind"] for r in rows})
+        width = 0.8 / max(len(modes), 1)
+        for i, mode in enumerate(modes):
+            mine = [r for r in rows if r["mode"] == mode]
+            runs = len({r["run"] for r in mine})
+            shares = [sum(r["share"] for r in mine if r["kind"] == k) / runs for k in kinds]
+            ax.bar([k + i * width for k in range(len(kinds))], shares, width, label=f"{mode} ({runs} runs)")
+        ax.set_xticks([k + width * (len(modes) - 1) / 2 for k in range(len(kinds))], kinds, fontsize=8)
+        ax.set(xlabel="span kind", ylabel="share of total token weight", title="Token weight by span kind and mode")
         ax.legend(fontsize=7)
-        written.append(_save(fig, out / "weight_by_kind.png"))
+        caption = (
+            "Share of all training token weight that falls in each span kind, by weighting mode (mean over the "
+            f"mode's runs; {runs_of('weight_by_kind')} runs)."
+        )
+        written.append((_save(fig, out / "weight_by_kind.png"), caption))
     return written
+
+
+def _paired_plot(rows: list[dict], path: Path) -> tuple[Path, str]:
+    """The compare's paired differences: each mode minus uniform, per metric, with 95% intervals."""
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({r["metric"] for r in rows})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        mine = [r for r in rows if r["metric"] == metric]
+        means = [r["mean_difference"] for r in mine]
+        low = [m - r["ci_low"] if r["ci_low"] == r["ci_low"] else 0 for m, r in zip(means, mine, strict=True)]
+        high = [r["ci_high"] - m if r["ci_high"] == r["ci_high"] else 0 for m, r in zip(means, mine, strict=True)]
+        ax.errorbar(range(len(mine)), means, yerr=[low, high], fmt="o", capsize=4)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xticks(range(len(mine)), [r["mode"] for r in mine], fontsize=8)
+        label = "area under the probe curve" if metric == "auc" else "final probe reward"
+        ax.set(xlabel="mode - uniform", ylabel=f"difference in {label}", title=label)
+    seeds = max((r["seeds"] for r in rows), default=0)
+    caption = f"Each mode minus uniform, paired by seed ({seeds} seeds), mean and 95% t interval."
+    return _save(fig, path), caption
 
 
 def _write_curves(results: dict[str, list[dict]], out: Path) -> None:
@@ -734,44 +790,21 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _coloured_rollouts(con: Any, runs: dict[str, Path], limit: int = 6) -> str:
-    """HTML of a few rollouts, each token's background coloured by its training weight."""
-    if not (_has(con, "weights") and _has(con, "rollouts")):
-        return "<p>(no weights)</p>"
-
-    rows = _rows(
-        con,
-        f"""select run, rollout_id, completion_ids, token_weights, reward from weights join rollouts using (run,
-            iteration, rollout_id)
-            order by weighting = 'uniform', run, iteration, rollout_id limit {limit}""",
-    )
-    parts = []
-    tokenizers: dict[str, Any] = {}
-    for row in rows:
-        policy = RunLayout(runs[row["run"]]).policy
-        source = policy if (policy / "tokenizer_config.json").exists() else None
-        if source is None:
-            continue
-        tokenizer = tokenizers.setdefault(row["run"], load_tokenizer(str(source)))
-        text, offsets = decode_with_offsets(row["completion_ids"], tokenizer)
-        spans = []
-        for (start, end), weight in zip(offsets, row["token_weights"], strict=True):
-            strength = max(-1.0, min(1.0, weight - 1.0))
-            colour = f"rgba(220, 80, 40, {strength:.2f})" if strength > 0 else f"rgba(40, 100, 220, {-strength:.2f})"
-            spans.append(
-                f'<span title="{weight:.3f}" style="background:{colour}">{html.escape(text[start:end])}</span>'
-            )
-        parts.append(
-            f"<h4>{html.escape(row['rollout_id'])} ({html.escape(row['run'])}, reward {row['reward']})</h4>"
-            f'<pre class="rollout">{"".join(spans)}</pre>'
-        )
-    return "\n".join(parts) or "<p>(no weighted rollouts)</p>"
+FORMATS = ("all", "md", "html")
 
 
-def run(runs: list[str], out: str, force: bool = False) -> dict[str, list[dict]]:
+def run(
+    runs: list[str],
+    out: str,
+    force: bool = False,
+    format: str = "all",
+    explorer_rollouts: int = DEFAULT_ROLLOUTS,
+) -> dict[str, list[dict]]:
     """The report of `runs` in directory `out`, built in `<out>.tmp` and swapped in whole. An
     existing `out` is replaced when it is a report (`cfiw_manifest.json` says analyze) or with
-    `force`; it may never be a run nor hold one's files, whatever `force` says."""
+    `force`; it may never be a run nor hold one's files, whatever `force` says. `format`: both
+    pages, or only report.md or report.html (with its token explorer of at most
+    `explorer_rollouts` rollouts)."""
     started = time.perf_counter()
     run_dirs = [Path(r) for r in runs]
     for run in run_dirs:
@@ -795,7 +828,7 @@ def run(runs: list[str], out: str, force: bool = False) -> dict[str, list[dict]]
             raise CfiwError("the runs hold no artifacts to analyze", "run cfiw loop first")
         runs_by_label = dict(zip(labels, run_dirs, strict=True))
         with staged_directory(out_dir) as staging:
-            _write_report(results, con, runs_by_label, staging)
+            _write_report(results, con, runs_by_label, staging, format, explorer_rollouts)
             inputs = {label: {"path": str(run), "sha256": None} for label, run in runs_by_label.items()}
             manifest = build_manifest(
                 "analyze", {"runs": labels}, inputs, rows=len(results), seconds=time.perf_counter() - started
@@ -835,33 +868,94 @@ def _older_report(out: Path) -> bool:
     return all(p.is_file() and p.suffix in (".json", ".png", ".parquet", ".md", ".html") for p in out.iterdir())
 
 
-def _write_report(results: dict[str, list[dict]], con: Any, runs: dict[str, Path], out_dir: Path) -> None:
+def _write_report(
+    results: dict[str, list[dict]], con: Any, runs: dict[str, Path], out_dir: Path, format: str, rollouts: int
+) -> None:
+    """The answer first (the summary), then the plots with their captions, then the tables (each
+    collapsible in the HTML; empty ones left out), then the token explorer (HTML only)."""
     for name, rows in results.items():
         (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
     _write_curves(results, out_dir)
     images = _plot(results, con, out_dir)
-    markdown = ["# cfiw report", "", f"Runs: {', '.join(runs)}", ""]
-    for name, rows in results.items():
-        markdown += [f"## {name.replace('_', ' ')}", "", _markdown_table(rows)]
-    markdown += [f"![{p.stem}]({p.name})" for p in images]
-    (out_dir / "report.md").write_text("\n".join(markdown) + "\n")
-    body = [f"<h1>cfiw report</h1><p>Runs: {html.escape(', '.join(runs))}</p>"]
-    for name, rows in results.items():
-        body.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2>" + _html_table(rows))
-    for path in images:
-        data = base64.b64encode(path.read_bytes()).decode()
-        body.append(f'<h2>{html.escape(path.stem)}</h2><img alt="{path.stem}" src="data:image/png;base64,{data}">')
-    body.append(
-        "<h2>Rollouts coloured by token weight (red: above 1, blue: below 1)</h2>" + _coloured_rollouts(con, runs)
-    )
+    summary = summarize(results, runs)
+    filled = {name: rows for name, rows in results.items() if rows}
+    if format in ("all", "md"):
+        (out_dir / "report.md").write_text(_markdown(summary, images, filled, runs))
+    if format in ("all", "html"):
+        explorer = explorer_data(con, runs, rollouts)
+        (out_dir / "report.html").write_text(_html(summary, images, filled, runs, explorer))
+
+
+def _markdown(summary: Summary, images: list[tuple[Path, str]], tables_: dict, runs: dict[str, Path]) -> str:
+    lines = ["# cfiw report", "", f"Runs: {', '.join(runs)}", "", "## Summary", ""]
+    lines += [f"- {line}" for line in summary.lines] + [""]
+    for title, rows in summary.comparisons:
+        lines += [f"### {title}", "", _markdown_table(_interval_rows(rows))]
+    lines += ["## Plots", ""]
+    for path, caption in images:
+        lines += [f"![{path.stem}]({path.name})", "", f"*{caption}*", ""]
+    lines += ["## Tables", ""]
+    for name, rows in tables_.items():
+        lines += [f"### {name.replace('_', ' ')}", "", _markdown_table(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _interval_rows(rows: list[dict]) -> list[dict]:
+    """A comparison's rows as a reader wants them: mean and interval side by side."""
+    return [
+        {
+            "comparison": r["comparison"],
+            "metric": r["metric"],
+            "n": r["n"],
+            "mean": r["mean"],
+            "95% interval": f"{r['ci_low']:+.4f} to {r['ci_high']:+.4f}",
+        }
+        for r in rows
+    ]
+
+
+def _html(
+    summary: Summary, images: list[tuple[Path, str]], tables_: dict, runs: dict[str, Path], explorer: dict | None
+) -> str:
+    body = [
+        f"<h1>cfiw report</h1><p>Runs: {html.escape(', '.join(runs))}</p>",
+        '<section id="summary"><h2>Summary</h2>',
+    ]
+    body.append("<ul>" + "".join(f"<li>{_inline(line)}</li>" for line in summary.lines) + "</ul>")
+    for title, rows in summary.comparisons:
+        body.append(f"<h3>{html.escape(title)}</h3>" + _html_table(_interval_rows(rows)))
+    body.append("</section>")
+    if images:
+        body.append('<section id="plots"><h2>Plots</h2>')
+        for path, caption in images:
+            data = base64.b64encode(path.read_bytes()).decode()
+            body.append(
+                f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+                f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>'
+            )
+        body.append("</section>")
+    body.append('<section id="tables"><h2>Tables</h2>')
+    for name, rows in tables_.items():
+        title = f"{name.replace('_', ' ')} ({len(rows)} rows)"
+        body.append(f"<details><summary>{html.escape(title)}</summary>{_html_table(rows)}</details>")
+    body.append("</section>")
+    if explorer is not None:
+        body.append(explorer_html(explorer))
     style = (
-        "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} "
-        "td,th{border:1px solid #ccc;padding:2px 6px} pre.rollout{white-space:pre-wrap}"
+        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em} table{border-collapse:collapse}"
+        " td,th{border:1px solid #ccc;padding:2px 6px} pre.rollout{white-space:pre-wrap;line-height:1.6}"
+        " img{max-width:100%} .caption{color:#444;font-size:90%} details{margin:.3em 0}" + EXPLORER_STYLE
     )
-    (out_dir / "report.html").write_text(
+    return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>cfiw report</title><style>{style}</style></head>'
         f"<body>{''.join(body)}</body></html>\n"
     )
+
+
+def _inline(line: str) -> str:
+    """A summary line's **bold** as <b>, the rest escaped."""
+    parts = html.escape(line).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def _html_table(rows: list[dict]) -> str:
