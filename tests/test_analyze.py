@@ -162,6 +162,9 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
     first = data["rollouts"][0]
     assert all(len(w) == len(first["tokens"]) for w in first["weights"].values())
     assert set(first["weights"]["uniform"]) == {1.0}
+    tokens = sum(len(r["tokens"]) for r in data["rollouts"])
+    payload = len(json.dumps(data, separators=(",", ":")))
+    assert payload / tokens < 60  # bytes per token: 512 completions of 160 tokens stay under 5 MB
     markdown = (report / "report.md").read_text()
     assert markdown.index("## Summary") < markdown.index("## Plots") < markdown.index("## Tables")
     assert "### delta by kind" in markdown and "probe reward" in markdown.split("## Plots")[0]
