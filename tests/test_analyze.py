@@ -532,3 +532,13 @@ def test_the_summary_leads_and_md_alone_writes_no_html(tmp_path):
     assert verdict([("t", rows)]) == "1 of 1 intervals exclude zero: cfiw - uniform (auc, +0.020)."
     rows[0] |= {"ci_low": -0.01}
     assert verdict([("t", rows)]).startswith("No interval excludes zero")
+
+
+def test_a_comparison_on_one_seed_says_it_has_no_interval():
+    from cfiw_cli.page.summary import verdict
+    from cfiw_cli.report.analyze import _interval_rows
+
+    rows = [{"comparison": "cfiw - uniform", "metric": "auc", "n": 1, "mean": 0.0, "ci_low": math.nan}]
+    rows[0]["ci_high"] = math.nan
+    assert verdict([("t", rows)]) == "No interval could be computed: every comparison rests on a single seed or pair."
+    assert _interval_rows(rows)[0]["95% interval"] == "none from 1 (needs 2 or more)"

@@ -105,8 +105,13 @@ def comparisons(results: dict[str, list[dict]]) -> list[tuple[str, list[dict]]]:
 
 def verdict(tables_: list[tuple[str, list[dict]]]) -> str:
     """One sentence: which differences have a 95% interval that excludes zero, if any."""
-    rows = [(title, r) for title, rows in tables_ for r in rows if not math.isnan(r["ci_low"] or math.nan)]
+    every = [r for _, rows in tables_ for r in rows]
+    rows = [
+        (title, r) for title, rows in tables_ for r in rows if r["ci_low"] is not None and r["ci_low"] == r["ci_low"]
+    ]
     separated = [(t, r) for t, r in rows if r["ci_low"] > 0 or r["ci_high"] < 0]
+    if every and not rows:
+        return "No interval could be computed: every comparison rests on a single seed or pair."
     if not rows:
         return ""
     if not separated:

@@ -672,7 +672,9 @@ def _paired_plot(rows: list[dict], path: Path) -> tuple[Path, str]:
         label = "area under the probe curve" if metric == "auc" else "final probe reward"
         ax.set(xlabel="mode - uniform", ylabel=f"difference in {label}", title=label)
     seeds = max((r["seeds"] for r in rows), default=0)
-    caption = f"Each mode minus uniform, paired by seed ({seeds} seeds), mean and 95% t interval."
+    caption = (
+        f"Each mode minus uniform, paired by seed ({seeds} seed{'s' if seeds != 1 else ''}), mean and 95% t interval."
+    )
     return _save(fig, path), caption
 
 
@@ -908,7 +910,9 @@ def _interval_rows(rows: list[dict]) -> list[dict]:
             "metric": r["metric"],
             "n": r["n"],
             "mean": r["mean"],
-            "95% interval": f"{r['ci_low']:+.4f} to {r['ci_high']:+.4f}",
+            "95% interval": f"{r['ci_low']:+.4f} to {r['ci_high']:+.4f}"
+            if r["ci_low"] == r["ci_low"]  # not NaN
+            else f"none from {r['n']} (needs 2 or more)",
         }
         for r in rows
     ]
