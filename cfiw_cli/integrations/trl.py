@@ -1,0 +1,218 @@
+"""CFIW inside TRL: a `GRPOTrainer` whose per-token advantages carry counterfactual importance.
+
+TRL generates and rewards a batch as it always does (plain `generate`, vLLM or transformers'
+continuous batching; any number of processes, each with its share). Then, in the process and
+on the device, `CFIWGRPOTrainer` weighs every completion token the way `cfiw train` would:
+
+1. it cuts each completion into spans with `cfiw segment`'s code (`find_spans`, or the
+   authors' detector under `profile="authors"`);
+2. it scores every reasoning span with `cfiw score`'s exact prefix-cached scorer, without
+   gradients, with the policy as it sampled;
+3. it turns the scores into token weights with `cfiw train`'s own code (`build_sequences`, so
+   the same mapping, conservation, EOS rule and per-rollout random streams);
+4. it multiplies the advantages by the weights: shape (B, T). For a positive weight this is
+   the clipped policy-gradient term multiplied by the weight, as `cfiw train` does.
+
+In `uniform` mode nothing is computed and the trainer is stock `GRPOTrainer`, bit for bit.
+`CFIWConfig` holds the settings under the names, defaults and checks of `cfiw train`'s,
+`cfiw score`'s and `cfiw segment`'s flags, taken from their declarations. What cannot work
+here is an error when the trainer is built: `oracle` (TRL's batch has no synth labels) and
+`entropy` (TRL's own `top_entropy_quantile` is that baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from cfiw_cli.algo.authors import authors_spans
+from cfiw_cli.algo.importance import score_items
+from cfiw_cli.algo.spans import find_spans
+from cfiw_cli.configs import Checked, ScoreConfig, SegmentConfig, TrainConfig
+from cfiw_cli.errors import CfiwError
+from cfiw_cli.pipeline.score import build_items
+from cfiw_cli.pipeline.train import build_sequences
+
+
+def _declared(config_class: type, name: str) -> Any:
+    """The field `name` exactly as `config_class` declares it (default, help, limits, choices)."""
+    declared = config_class.__dataclass_fields__[name]
+    return dataclasses.field(default=declared.default, metadata=declared.metadata)
+
+
+UNSUPPORTED = {
+    "oracle": "needs the synth labels of each rollout, which TRL's batch does not carry",
+    "entropy": "is TRL's own GRPOConfig(top_entropy_quantile=0.2); use that",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CFIWConfig(Checked):
+    """The CFIW settings of a TRL run, declared where `cfiw train`, `score` and `segment` declare them."""
+
+    weighting: str = _declared(TrainConfig, "weighting")
+    profile: str = _declared(TrainConfig, "profile")
+    floor: float = _declared(TrainConfig, "floor")
+    boost: float = _declared(TrainConfig, "boost")
+    min_weight: float = _declared(TrainConfig, "min_weight")
+    answer_weight: float = _declared(TrainConfig, "answer_weight")
+    conserve: bool = _declared(TrainConfig, "conserve")
+    importance_floor: float = _declared(TrainConfig, "importance_floor")
+    min_spread: float = _declared(TrainConfig, "min_spread")
+    seed: int = _declared(TrainConfig, "seed")
+    mask: str = _declared(ScoreConfig, "mask")
+    target: str = _declared(ScoreConfig, "target")
+    batch_tokens: int = _declared(ScoreConfig, "batch_tokens")
+    max_spans: int = _declared(SegmentConfig, "max_spans")
+    min_tokens: int = _declared(SegmentConfig, "min_tokens")
+    max_tokens: int = _declared(SegmentConfig, "max_tokens")
+
+    def check_rules(self) -> None:
+        super().check_rules()
+        if self.weighting in UNSUPPORTED:
+            raise CfiwError(f"weighting {self.weighting!r} {UNSUPPORTED[self.weighting]}", "choose another weighting")
+        self.stage_configs()  # the rules that tie these settings together, as the stages check them
+
+    def stage_configs(self) -> tuple[SegmentConfig, ScoreConfig, TrainConfig]:
+        """The segment, score and train configs these settings stand for (paths are placeholders)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        own = {name: getattr(self, name) for name in names}
+        pick = lambda cls: {k: v for k, v in own.items() if k in {f.name for f in dataclasses.fields(cls)}}  # noqa: E731
+        segment = SegmentConfig(model="policy", rollouts="batch", out="spans", **pick(SegmentConfig))
+        score = ScoreConfig(model="policy", rollouts="batch", spans="spans", out="scores", **pick(ScoreConfig))
+        train = TrainConfig(
+            model="policy", rollouts="batch", spans="spans", scores="scores", out="policy", **pick(TrainConfig)
+        )
+        return segment, score, train
+
+
+def batch_tables(
+    prompts: list[list[int]], completions: list[list[int]], stops: list[bool], ids: list[str], groups: list[str]
+) -> pa.Table:
+    """The batch as a rollouts table: the columns segment, score and train read."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "rollout_id": rollout_id,
+                "prompt_id": group,
+                "prompt_ids": prompt,
+                "completion_ids": completion,
+                "completion_logprobs": [0.0] * len(completion),
+                "finish_reason": "stop" if stop else "length",
+                "reward": 0.0,
+                "gold": "",
+            }
+            for rollout_id, group, prompt, completion, stop in zip(
+                ids, groups, prompts, completions, stops, strict=True
+            )
+        ]
+    )
+
+
+def token_weights_of(
+    config: CFIWConfig, model: Any, tokenizer: Any, rollouts: pa.Table
+) -> tuple[list[list[float]], pa.Table, pa.Table]:
+    """Per rollout its token weights (one per completion token), and the spans and scores tables."""
+    segment, score, train = config.stage_configs()
+    detector = authors_spans if config.profile == "authors" else find_spans
+    span_rows = []
+    for row in rollouts.select(["rollout_id", "completion_ids", "finish_reason"]).to_pylist():
+        spans = detector(
+            row["completion_ids"],
+            tokenizer,
+            max_spans=segment.max_spans,
+            min_tokens=segment.min_tokens,
+            max_tokens=segment.max_tokens,
+            ends_with_stop=row["finish_reason"] == "stop",
+        )
+        span_rows += [
+            {"rollout_id": row["rollout_id"], "span_idx": i, **dataclasses.asdict(s)} for i, s in enumerate(spans)
+        ]
+    spans = pa.Table.from_pylist(span_rows) if span_rows else None
+    score_rows = []
+    if spans is not None:
+        ids, span_indices, items = build_items(rollouts, spans, score.target, tokenizer, score.profile)
+        results = score_items(model, items, score.mask, tokenizer.pad_token_id, batch_tokens=score.batch_tokens)
+        for rollout_id, indices, result in zip(ids, span_indices, results, strict=True):
+            score_rows += [
+                {"rollout_id": rollout_id, "span_idx": i, "delta": result.base - masked}
+                for i, masked in zip(indices, result.masked, strict=True)
+            ]
+    scores = pa.Table.from_pylist(score_rows) if score_rows else None
+    if spans is None or scores is None:  # nothing scored: every rollout weighs as in uniform
+        return [[1.0] * len(c) for c in rollouts.column("completion_ids").to_pylist()], spans, scores
+    _, weight_rows, _ = build_sequences(
+        dataclasses.replace(train, dynamic_sampling=False), rollouts, spans, scores, tokenizer
+    )
+    return [row["token_weights"] for row in weight_rows], spans, scores
+
+
+def _trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class CFIWGRPOTrainer(GRPOTrainer):
+        """TRL's `GRPOTrainer` with counterfactual importance in its per-token advantages."""
+
+        def __init__(self, *args: Any, cfiw: CFIWConfig | None = None, **kwargs: Any) -> None:
+            self.cfiw = cfiw if cfiw is not None else CFIWConfig()
+            super().__init__(*args, **kwargs)
+            if getattr(self.model.config, "vision_config", None) is not None:
+                raise CfiwError("CFIW scores text spans; a multimodal model is not supported", "use a text model")
+            self._cfiw_batches = 0
+
+        def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+            output = super()._generate_and_score_completions(inputs)
+            if self.cfiw.weighting == "uniform":
+                return output
+            output["advantages"] = self.cfiw_advantages(output)
+            return output
+
+        def cfiw_advantages(self, output: dict[str, Any]) -> Any:
+            """(B, T) advantages: each completion token's advantage times its CFIW weight."""
+            import torch
+
+            rollouts = self.cfiw_rollouts(output)
+            model = self.accelerator.unwrap_model(self.model)
+            training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    weights, _, _ = token_weights_of(self.cfiw, model, self.processing_class, rollouts)
+            finally:
+                model.train(training)
+            completion = output["completion_ids"]  # [B, T]
+            table = torch.ones(completion.shape, dtype=output["advantages"].dtype, device=completion.device)  # [B, T]
+            for row, values in enumerate(weights):
+                table[row, : len(values)] = torch.tensor(values, dtype=table.dtype, device=table.device)
+            advantages = output["advantages"]
+            return (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)) * table  # [B, T]
+
+        def cfiw_rollouts(self, output: dict[str, Any]) -> pa.Table:
+            """This process's share of the batch as a rollouts table (ids: batch:process:row)."""
+            prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]  # [B, P] each, left padded
+            completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]  # [B, T] each
+            eos = self.processing_class.eos_token_id
+            prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+            completions = [
+                ids[: int(mask.sum())].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)
+            ]
+            stops = [bool(c) and c[-1] == eos for c in completions]
+            batch, rank = self._cfiw_batches, self.accelerator.process_index
+            self._cfiw_batches += 1
+            ids = [f"{batch}:{rank}:{row}" for row in range(len(completions))]
+            groups = [f"{batch}:{rank}:{row // self.num_generations}" for row in range(len(completions))]
+            return batch_tables(prompts, completions, stops, ids, groups)
+
+    return CFIWGRPOTrainer
+
+
+def __getattr__(name: str) -> Any:
+    """`CFIWGRPOTrainer` is built on first use, so importing this module does not import TRL."""
+    if name == "CFIWGRPOTrainer":
+        trainer = _trainer_class()
+        globals()[name] = trainer
+        return trainer
+    raise AttributeError(name)

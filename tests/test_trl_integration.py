@@ -1,0 +1,151 @@
+"""CFIW inside TRL's GRPOTrainer: the same settings as `cfiw train`, the same weights as
+`cfiw train` on the same rollouts, and stock GRPO, bit for bit, in `uniform` mode."""
+
+import dataclasses
+
+import pytest
+
+from cfiw_cli.configs import ScoreConfig, SegmentConfig, TrainConfig
+from cfiw_cli.errors import CfiwError
+from cfiw_cli.integrations.trl import CFIWConfig
+
+
+def test_the_settings_are_the_stages_declarations():
+    sources = (TrainConfig, ScoreConfig, SegmentConfig)
+    for field in dataclasses.fields(CFIWConfig):
+        source = next(c for c in sources if field.name in c.__dataclass_fields__)
+        declared = source.__dataclass_fields__[field.name]
+        assert field.default == declared.default and dict(field.metadata) == dict(declared.metadata), field.name
+    for bad in ({"weighting": "nope"}, {"importance_floor": 1.5}, {"min_tokens": 60, "max_tokens": 50}):
+        with pytest.raises(CfiwError):
+            CFIWConfig(**bad)
+    with pytest.raises(CfiwError, match="top_entropy_quantile"):
+        CFIWConfig(weighting="entropy")
+    with pytest.raises(CfiwError, match="synth labels"):
+        CFIWConfig(weighting="oracle")
+    with pytest.raises(CfiwError, match="own answer"):
+        CFIWConfig(profile="authors", target="gold")
+
+
+PROMPT = "Tom has 1 apple and gets 2 more. How many apples does Tom have?"
+
+
+def grpo(policy, tmp_path, trainer_class, steps=2, **extra):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(policy))
+    data = Dataset.from_list([{"prompt": PROMPT, "answer": "3"}] * 16)
+
+    def reward(completions, answer, **_):
+        return [1.0 if c.strip().endswith(a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=24, max_steps=steps, learning_rate=1e-3, logging_steps=1, report_to="none",
+        use_cpu=True, seed=0, save_strategy="no", bf16=False, temperature=1.0,
+    )  # fmt: skip
+    trainer = trainer_class(
+        model=str(policy), reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer, **extra
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.slow
+def test_uniform_is_stock_grpo_bit_for_bit(sharpening_task, tmp_path):
+    from trl import GRPOTrainer
+
+    from cfiw_cli.integrations.trl import CFIWGRPOTrainer
+
+    policy, _ = sharpening_task
+    stock = grpo(policy, tmp_path / "stock", GRPOTrainer)
+    ours = grpo(policy, tmp_path / "ours", CFIWGRPOTrainer, cfiw=CFIWConfig(weighting="uniform"))
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (stock, ours)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    theirs, mine = stock.model.state_dict(), ours.model.state_dict()
+    assert theirs.keys() == mine.keys() and all(theirs[k].equal(mine[k]) for k in theirs)
+
+
+@pytest.mark.slow
+def test_cfiw_trains_with_per_token_advantages(sharpening_task, tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    from cfiw_cli.integrations.trl import CFIWGRPOTrainer
+
+    seen = []
+    compute_loss = GRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        seen.append((inputs["advantages"].clone(), inputs["completion_mask"].clone()))
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
+    policy, _ = sharpening_task
+    grpo(policy, tmp_path, CFIWGRPOTrainer, cfiw=CFIWConfig(weighting="cfiw"))
+    assert seen and all(advantages.dim() == 2 for advantages, _ in seen)
+    # some group had rewards that differ, and there the weights vary along the completion
+    varied = [
+        row[mask.bool()]
+        for advantages, masks in seen
+        for row, mask in zip(advantages, masks, strict=True)
+        if mask.any()
+    ]
+    assert any(len(set(row.tolist())) > 1 for row in varied if row.abs().sum() > 0)
+
+
+@pytest.mark.slow
+def test_the_weights_are_cfiw_trains_on_the_same_rollouts(sharpening_task, cli, tmp_path):
+    """Rollouts written to Parquet, then segment, score and train in each mode: the weights
+    train writes equal the integration's, computed in memory from the same rollouts."""
+    import pyarrow.parquet as pq
+
+    from cfiw_cli import modeling
+    from cfiw_cli.integrations.trl import token_weights_of
+
+    policy, task = sharpening_task
+    run = tmp_path / "it"
+    common = ["--model", policy]
+    rollouts, spans, scores = run / "rollouts.parquet", run / "spans.parquet", run / "scores.parquet"
+    steps = [
+        ["rollout", *common, "--dataset", task, "--limit", "4", "--group-size", "4", "--max-new-tokens", "24",
+         "--temperature", "1.0", "--out", rollouts],
+        ["segment", *common, "--rollouts", rollouts, "--out", spans],
+        ["score", *common, "--rollouts", rollouts, "--spans", spans, "--out", scores],
+    ]  # fmt: skip
+    for step in steps:
+        done = cli(*step)
+        assert done.exit_code == 0, done.stderr
+    model = modeling.load_model(str(policy), "float32").eval()
+    tokenizer = modeling.load_tokenizer(str(policy))
+    table = pq.read_table(rollouts)
+    compared = 0
+    for mode in ("cfiw", "inverted", "shuffled", "random"):
+        done = cli(
+            "train", *common, "--rollouts", rollouts, "--spans", spans, "--scores", scores, "--weighting", mode,
+            "--no-dynamic-sampling", "--lr", "0", "--out", tmp_path / f"policy-{mode}",
+        )  # fmt: skip
+        assert done.exit_code == 0, done.stderr
+        written = pq.read_table(tmp_path / f"policy-{mode}" / "weights.parquet").to_pylist()
+        ours, _, _ = token_weights_of(CFIWConfig(weighting=mode), model, tokenizer, table)
+        assert [r["rollout_id"] for r in written] == table.column("rollout_id").to_pylist()
+        for row, mine in zip(written, ours, strict=True):
+            assert len(row["token_weights"]) == len(mine)
+            assert max((abs(a - b) for a, b in zip(row["token_weights"], mine, strict=True)), default=0) < 1e-6
+            compared += any(w != 1.0 for w in mine)
+    assert compared > 0  # some rollouts were reweighed, not all left at 1
+
+    # inverted reweighs the other way: on every reasoning token it moves, a rollout's cfiw and
+    # inverted weights sum to one constant (the scaled importance Î' = max + min - Î), so the
+    # tokens cfiw raises above that midpoint, inverted lowers below it
+    cfiw, _, _ = token_weights_of(CFIWConfig(weighting="cfiw", conserve=False), model, tokenizer, table)
+    inverted, _, _ = token_weights_of(CFIWConfig(weighting="inverted", conserve=False), model, tokenizer, table)
+    moved = 0
+    for row_a, row_b in zip(cfiw, inverted, strict=True):
+        pairs = [(a, b) for a, b in zip(row_a, row_b, strict=True) if a != b]
+        if pairs:
+            total = pairs[0][0] + pairs[0][1]
+            assert all(abs(a + b - total) < 1e-9 and (a > total / 2) == (b < total / 2) for a, b in pairs)
+            moved += len(pairs)
+    assert moved > 0
