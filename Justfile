@@ -195,6 +195,10 @@ bench-loop *args:
 bench-rollout *args:
     {{bin}}/python benchmarks/rollout_bench.py {{args}}
 
+# CFIW's share of a TRL GRPOTrainer step (segment + exact scoring + weights), against stock GRPO
+bench-trl *args:
+    {{bin}}/python benchmarks/trl_bench.py {{args}}
+
 # span scoring: cfiw score against one forward per variant and padded batches
 bench-score *args:
     {{bin}}/python benchmarks/score_bench.py {{args}}

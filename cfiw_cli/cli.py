@@ -365,6 +365,39 @@ def loop(
         typer.echo("\n".join(commands))
 
 
+@command("trl-train", "cfiw trl-train --preset tiny --out runs/trl-tiny --steps 8 --set loop.weighting=cfiw")
+def trl_train(
+    out: Annotated[Path, typer.Option(help="Directory for TRL's output and the trained policy.")],
+    preset: Annotated[PresetChoice | None, typer.Option(help="A preset shipped in the package (pipelines/).")] = None,
+    config: Annotated[Path | None, typer.Option(help="A TOML file laid out like the presets.")] = None,
+    steps: Annotated[int, typer.Option(min=1, max=configs.MAX_STEPS, help="Optimizer steps.")] = 8,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a preset value, SECTION.KEY=VALUE, e.g. --set loop.weighting=uniform."),
+    ] = None,
+) -> None:
+    """Train with TRL's GRPOTrainer and CFIW per-token advantages, from a loop preset.
+
+    The preset's model, train split and cfiw's reward (the answer equals the gold number); its
+    rollout and train settings become GRPOConfig's, its weighting, profile and train, score and
+    segment settings the trainer's CFIWConfig. Each generated batch is segmented and scored in
+    process, and its advantages multiplied by the token weights (see docs/scale.md).
+    """
+    import torch
+
+    from cfiw_cli.integrations import trl_run
+    from cfiw_cli.pipeline import loop as loop_stage
+
+    if (preset is None) == (config is None):
+        raise typer.BadParameter("pass exactly one of them", param_hint="'--preset' / '--config'")
+    settings = loop_stage.load_config(preset.value if preset else None, str(config) if config else None)
+    settings = loop_stage.apply_overrides(settings, loop_stage.parse_assignments(set_ or []))
+    loop_stage.plan(settings, out / "plan")  # every value checked as cfiw loop checks it, before anything loads
+    trl_run.cfiw_settings(settings)  # and what TRL's batch cannot serve (oracle, entropy)
+    trl_run.run(settings, str(out), steps, use_cpu=not torch.cuda.is_available())
+    typer.echo(f"trained {steps} steps with TRL; the policy is in {out}")
+
+
 @command("replay", "cfiw replay runs/tiny-cfiw --iterations 0-11 --modes uniform,cfiw,inverted")
 def replay(config: configs.ReplayConfig, force: options.Force = False) -> None:
     """Replay each kept iteration's update in every weighting mode, from the same policy on the same rollouts.

@@ -64,7 +64,8 @@ HEAVY_LIBRARIES = {
 
 
 def function_level_imports(path: Path, root: Path = PACKAGE) -> list[str]:
-    """Imports inside functions other than of a heavy library (and, in cli.py, of a stage)."""
+    """Imports inside functions other than of a heavy library (and, in cli.py, of a stage or an
+    integration, which a command's body loads)."""
     found = []
     for function in ast.walk(ast.parse(path.read_text())):
         if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -73,7 +74,7 @@ def function_level_imports(path: Path, root: Path = PACKAGE) -> list[str]:
             if isinstance(node, ast.Import | ast.ImportFrom):
                 module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
                 parts = (module or "").split(".")
-                stage = path.name == "cli.py" and len(parts) > 1 and parts[1] in STAGE_PACKAGES
+                stage = path.name == "cli.py" and len(parts) > 1 and parts[1] in (*STAGE_PACKAGES, "integrations")
                 if parts[0] not in HEAVY_LIBRARIES and not stage:
                     found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
     return found

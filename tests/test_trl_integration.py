@@ -149,3 +149,30 @@ def test_the_weights_are_cfiw_trains_on_the_same_rollouts(sharpening_task, cli, 
             assert all(abs(a + b - total) < 1e-9 and (a > total / 2) == (b < total / 2) for a, b in pairs)
             moved += len(pairs)
     assert moved > 0
+
+
+@pytest.mark.slow
+def test_trl_train_runs_a_preset_in_one_line_and_the_example_runs(sharpening_task, cli, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    policy, task = sharpening_task
+    sizes = ["loop.questions=4", "rollout.group_size=4", "rollout.max_new_tokens=24"]
+    common = ["--preset", "tiny", "--steps", "2", "--set", f'model.id="{policy}"', "--set", f'data.dataset="{task}"']
+    common += [word for s in sizes for word in ("--set", s)]
+    done = cli("trl-train", *common, "--out", tmp_path / "run")
+    assert done.exit_code == 0, done.stderr
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    refused = cli("trl-train", *common, "--out", tmp_path / "bad", "--set", "loop.weighting=entropy")
+    assert refused.exit_code == 1 and "top_entropy_quantile" in refused.stderr and "Traceback" not in refused.stderr
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_cfiw.py"
+    ran = subprocess.run(
+        [sys.executable, str(example), str(policy), str(task)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert (tmp_path / "runs" / "trl-example" / "model.safetensors").exists()
