@@ -8,7 +8,7 @@ stock with `top_entropy_quantile=0.2` (TRL's own token selection, the second ref
 weighing (segment + exact scoring + weights, timed around `token_weights_of`) and that as a
 share of its step, and the ratio of CFIW's step to stock's.
 
-    python benchmarks/trl_bench.py            # 8 questions x G=8, 48 new tokens, 6 steps
+    python benchmarks/trl_bench.py            # 8 questions x G=8, 48 new tokens, 16 steps
     python benchmarks/trl_bench.py --quick    # smaller, for smoke tests
 """
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     args = parser.parse_args()
