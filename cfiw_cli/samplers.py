@@ -124,13 +124,13 @@ class ContinuousBatchingSampler:
 
 
 BACKENDS: dict[str, type] = {"generate": GenerateSampler, "continuous": ContinuousBatchingSampler}
-_SAMPLERS: dict[str, Sampler] = {}  # one per backend and process, kept between stages
 
 
 def sampler(backend: str, model: Any, tokenizer: Any) -> Sampler:
-    """The process's sampler of `backend`, holding `model` from now on."""
-    if backend not in _SAMPLERS:
-        _SAMPLERS[backend] = BACKENDS[backend]()
-    chosen = _SAMPLERS[backend]
+    """A sampler of `backend` holding `model`. A new one per stage: these engines keep no state of
+    their own, and holding the stage's model (a dtype-cast copy, on a GPU) past the stage would
+    keep its memory while score and train run. An engine with its own copy of the weights would
+    be kept instead, and receive each new policy through `load_weights`."""
+    chosen = BACKENDS[backend]()
     chosen.load_weights(model, tokenizer)
     return chosen

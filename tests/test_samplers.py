@@ -32,12 +32,15 @@ def sample(backend, policy, samples=1, seed=0, **settings):
     return sampler(backend, model, tokenizer).sample(ROWS, options(**settings), seed, samples=samples)
 
 
-def test_each_backend_is_one_sampler_per_process_holding_the_latest_weights(policy):
+def test_each_backend_is_a_sampler_holding_the_weights_it_was_given(policy):
     model, tokenizer = policy
     first = sampler("generate", model, tokenizer)
     assert isinstance(first, GenerateSampler) and first.model is model
     other = modeling.load_model(str(model.name_or_path), "float32")
-    assert sampler("generate", other, tokenizer) is first and first.model is other  # load_weights swapped it
+    first.load_weights(other, tokenizer)  # the next policy
+    assert first.model is other
+    second = sampler("generate", model, tokenizer)  # a stage's own: no model is kept past its stage
+    assert second is not first and second.model is model
     assert isinstance(sampler("continuous", model, tokenizer), ContinuousBatchingSampler)
 
 
