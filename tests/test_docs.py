@@ -134,3 +134,11 @@ def test_the_checks_see_a_broken_link_and_a_stale_flag(tmp_path):
     assert shown_commands(page) == [("train", ["--model", "m", "--no-such-flag", "3"])]
     train = typer.main.get_command(app).commands["train"]
     assert "--no-such-flag" not in accepted_flags(train) and "--model" in accepted_flags(train)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_code_block_is_closed(page):
+    """An unclosed fence turns the rest of the page into code (and hides its links from the checks)."""
+    fences = [line for line in page.read_text().splitlines() if line.startswith("```")]
+    assert len(fences) % 2 == 0
+    assert all(opening != "```" or closing == "```" for opening, closing in zip(fences[::2], fences[1::2], strict=True))
