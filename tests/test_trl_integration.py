@@ -176,3 +176,72 @@ def test_trl_train_runs_a_preset_in_one_line_and_the_example_runs(sharpening_tas
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert (tmp_path / "runs" / "trl-example" / "model.safetensors").exists()
+
+
+# Two processes of `accelerate launch` train with CFIWGRPOTrainer at lr 0 (the policy stays the
+# one that sampled); each records the rollouts it weighed and the weights it gave them.
+TWO_PROCESSES = """
+import json, sys
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import GRPOConfig
+from cfiw_cli.integrations import trl as integration
+
+policy, out = sys.argv[1], sys.argv[2]
+seen, weigh = [], integration.token_weights_of
+def recording(config, model, tokenizer, rollouts):
+    weights, spans, scores = weigh(config, model, tokenizer, rollouts)
+    columns = [rollouts.column(c).to_pylist() for c in ("prompt_ids", "completion_ids", "finish_reason")]
+    seen.extend({"prompt": p, "completion": c, "finish": f, "weights": w} for p, c, f, w in zip(*columns, weights))
+    return weights, spans, scores
+integration.token_weights_of = recording
+data = Dataset.from_list([{"prompt": "Tom has 1 apple and gets 2 more. How many apples does Tom have?"}] * 16)
+args = GRPOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=24,
+                  max_steps=2, learning_rate=0.0, report_to="none", use_cpu=True, seed=0, save_strategy="no",
+                  bf16=False, disable_tqdm=True)
+trainer = integration.CFIWGRPOTrainer(model=policy, reward_funcs=lambda completions, **_: [0.0] * len(completions),
+    args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(policy))
+trainer.train()
+with open(f"{out}/seen-{trainer.accelerator.process_index}.json", "w") as f:
+    json.dump({"world": trainer.accelerator.num_processes, "seen": seen}, f)
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()  # the process group goes down before the interpreter does
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_weigh_their_shares_as_one_process_weighs_them(sharpening_task, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cfiw_cli import modeling
+    from cfiw_cli.integrations.trl import batch_tables, token_weights_of
+
+    policy, _ = sharpening_task
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29631"]
+    done = subprocess.run(
+        [*launch, str(script), str(policy), str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((tmp_path / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world"] == 2 and r["seen"] for r in records)
+    rows = [row for record in records for row in record["seen"]]
+    # one process, the same policy, every row of both processes in one batch
+    model = modeling.load_model(str(policy), "float32").eval()
+    tokenizer = modeling.load_tokenizer(str(policy))
+    table = batch_tables(
+        [r["prompt"] for r in rows],
+        [r["completion"] for r in rows],
+        [r["finish"] == "stop" for r in rows],
+        [f"r{i}" for i in range(len(rows))],
+        [f"g{i // 4}" for i in range(len(rows))],
+    )
+    alone, _, _ = token_weights_of(CFIWConfig(), model, tokenizer, table)
+    for row, mine in zip(rows, alone, strict=True):
+        assert max((abs(a - b) for a, b in zip(row["weights"], mine, strict=True)), default=0) < 1e-5
+    assert any(w != 1.0 for row in rows for w in row["weights"])  # some completion was reweighed
