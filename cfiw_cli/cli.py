@@ -299,6 +299,22 @@ def sql(
 PresetChoice = options.choice_type("PresetChoice", tuple(sorted(configs.presets())))
 
 
+def _run_settings(
+    preset: Any, config: Path | None, assignments: list[str] | None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A run's settings: exactly one of a preset and a config file, then `--set`, then the flags
+    that set config keys (a flag wins over --set)."""
+    from cfiw_cli.pipeline import loop as stage
+
+    if (preset is None) == (config is None):
+        raise typer.BadParameter(
+            "pass exactly one of them (presets: " + ", ".join(sorted(configs.presets())) + ")",
+            param_hint="'--preset' / '--config'",
+        )
+    settings = stage.load_config(preset.value if preset else None, str(config) if config else None)
+    return stage.apply_overrides(settings, {**stage.parse_assignments(assignments or []), **(overrides or {})})
+
+
 # `cfiw loop`'s flags beside --set: each sets config keys, declared where the key's field is
 LOOP_FLAGS = (
     options.SectionFlag("model", configs.ModelSection, "id", ("model.id",), "-m"),
@@ -352,14 +368,7 @@ def loop(
     """
     from cfiw_cli.pipeline import loop as stage
 
-    if (preset is None) == (config is None):
-        raise typer.BadParameter(
-            "pass exactly one of them (presets: " + ", ".join(sorted(configs.presets())) + ")",
-            param_hint="'--preset' / '--config'",
-        )
-    settings = stage.load_config(preset.value if preset else None, str(config) if config else None)
-    # a flag wins over --set
-    settings = stage.apply_overrides(settings, {**stage.parse_assignments(set_ or []), **overrides})
+    settings = _run_settings(preset, config, set_, overrides)
     commands = stage.run(settings, str(run), dry_run=dry_run, report_to=report_to.value)
     if dry_run:
         typer.echo("\n".join(commands))
@@ -388,10 +397,7 @@ def trl_train(
     from cfiw_cli.integrations import trl_run
     from cfiw_cli.pipeline import loop as loop_stage
 
-    if (preset is None) == (config is None):
-        raise typer.BadParameter("pass exactly one of them", param_hint="'--preset' / '--config'")
-    settings = loop_stage.load_config(preset.value if preset else None, str(config) if config else None)
-    settings = loop_stage.apply_overrides(settings, loop_stage.parse_assignments(set_ or []))
+    settings = _run_settings(preset, config, set_)
     loop_stage.plan(settings, out / "plan")  # every value checked as cfiw loop checks it, before anything loads
     trl_run.cfiw_settings(settings)  # and what TRL's batch cannot serve (oracle, entropy)
     trl_run.run(settings, str(out), steps, use_cpu=not torch.cuda.is_available())

@@ -206,6 +206,16 @@ def connect(runs: list[Path], *, labels: list[str] | None = None, manifests: boo
     return con
 
 
+def has_view(con: Any, name: str) -> bool:
+    """Whether the connection holds a table or view of that name (a run without that artifact has none)."""
+    query = "select count(*) from information_schema.tables where table_name = ?"
+    return bool(con.execute(query, [name]).fetchall()[0][0])
+
+
+def has_column(con: Any, view: str, column: str) -> bool:
+    return any(row[0] == column for row in con.execute(f"describe {view}").fetchall())
+
+
 def message_of(exc: BaseException) -> str:
     """The one line of a DuckDB error that says what went wrong (an error raised by the
     Python filesystem arrives as a traceback: its last line)."""

@@ -128,7 +128,7 @@ def test_the_weights_are_cfiw_trains_on_the_same_rollouts(sharpening_task, cli, 
         )  # fmt: skip
         assert done.exit_code == 0, done.stderr
         written = pq.read_table(tmp_path / f"policy-{mode}" / "weights.parquet").to_pylist()
-        ours, _, _ = token_weights_of(CFIWConfig(weighting=mode), model, tokenizer, table)
+        ours = token_weights_of(CFIWConfig(weighting=mode), model, tokenizer, table)
         assert [r["rollout_id"] for r in written] == table.column("rollout_id").to_pylist()
         for row, mine in zip(written, ours, strict=True):
             assert len(row["token_weights"]) == len(mine)
@@ -139,8 +139,8 @@ def test_the_weights_are_cfiw_trains_on_the_same_rollouts(sharpening_task, cli, 
     # inverted reweighs the other way: on every reasoning token it moves, a rollout's cfiw and
     # inverted weights sum to one constant (the scaled importance Î' = max + min - Î), so the
     # tokens cfiw raises above that midpoint, inverted lowers below it
-    cfiw, _, _ = token_weights_of(CFIWConfig(weighting="cfiw", conserve=False), model, tokenizer, table)
-    inverted, _, _ = token_weights_of(CFIWConfig(weighting="inverted", conserve=False), model, tokenizer, table)
+    cfiw = token_weights_of(CFIWConfig(weighting="cfiw", conserve=False), model, tokenizer, table)
+    inverted = token_weights_of(CFIWConfig(weighting="inverted", conserve=False), model, tokenizer, table)
     moved = 0
     for row_a, row_b in zip(cfiw, inverted, strict=True):
         pairs = [(a, b) for a, b in zip(row_a, row_b, strict=True) if a != b]
@@ -190,10 +190,10 @@ from cfiw_cli.integrations import trl as integration
 policy, out = sys.argv[1], sys.argv[2]
 seen, weigh = [], integration.token_weights_of
 def recording(config, model, tokenizer, rollouts):
-    weights, spans, scores = weigh(config, model, tokenizer, rollouts)
+    weights = weigh(config, model, tokenizer, rollouts)
     columns = [rollouts.column(c).to_pylist() for c in ("prompt_ids", "completion_ids", "finish_reason")]
     seen.extend({"prompt": p, "completion": c, "finish": f, "weights": w} for p, c, f, w in zip(*columns, weights))
-    return weights, spans, scores
+    return weights
 integration.token_weights_of = recording
 data = Dataset.from_list([{"prompt": "Tom has 1 apple and gets 2 more. How many apples does Tom have?"}] * 16)
 args = GRPOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=24,
@@ -241,7 +241,7 @@ def test_two_processes_weigh_their_shares_as_one_process_weighs_them(sharpening_
         [f"r{i}" for i in range(len(rows))],
         [f"g{i // 4}" for i in range(len(rows))],
     )
-    alone, _, _ = token_weights_of(CFIWConfig(), model, tokenizer, table)
+    alone = token_weights_of(CFIWConfig(), model, tokenizer, table)
     for row, mine in zip(rows, alone, strict=True):
         assert max((abs(a - b) for a, b in zip(row["weights"], mine, strict=True)), default=0) < 1e-5
     assert any(w != 1.0 for row in rows for w in row["weights"])  # some completion was reweighed

@@ -28,12 +28,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from cfiw_cli.algo.authors import authors_spans
 from cfiw_cli.algo.importance import score_items
-from cfiw_cli.algo.spans import find_spans
 from cfiw_cli.configs import Checked, ScoreConfig, SegmentConfig, TrainConfig
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.pipeline.score import build_items
+from cfiw_cli.pipeline.segment import spans_of
 from cfiw_cli.pipeline.train import build_sequences
 
 
@@ -112,22 +111,12 @@ def batch_tables(
     )
 
 
-def token_weights_of(
-    config: CFIWConfig, model: Any, tokenizer: Any, rollouts: pa.Table
-) -> tuple[list[list[float]], pa.Table, pa.Table]:
-    """Per rollout its token weights (one per completion token), and the spans and scores tables."""
+def token_weights_of(config: CFIWConfig, model: Any, tokenizer: Any, rollouts: pa.Table) -> list[list[float]]:
+    """Per rollout its token weights, one per completion token."""
     segment, score, train = config.stage_configs()
-    detector = authors_spans if config.profile == "authors" else find_spans
     span_rows = []
     for row in rollouts.select(["rollout_id", "completion_ids", "finish_reason"]).to_pylist():
-        spans = detector(
-            row["completion_ids"],
-            tokenizer,
-            max_spans=segment.max_spans,
-            min_tokens=segment.min_tokens,
-            max_tokens=segment.max_tokens,
-            ends_with_stop=row["finish_reason"] == "stop",
-        )
+        spans = spans_of(row["completion_ids"], tokenizer, segment, ends_with_stop=row["finish_reason"] == "stop")
         span_rows += [
             {"rollout_id": row["rollout_id"], "span_idx": i, **dataclasses.asdict(s)} for i, s in enumerate(spans)
         ]
@@ -143,11 +132,11 @@ def token_weights_of(
             ]
     scores = pa.Table.from_pylist(score_rows) if score_rows else None
     if spans is None or scores is None:  # nothing scored: every rollout weighs as in uniform
-        return [[1.0] * len(c) for c in rollouts.column("completion_ids").to_pylist()], spans, scores
+        return [[1.0] * len(c) for c in rollouts.column("completion_ids").to_pylist()]
     _, weight_rows, _ = build_sequences(
         dataclasses.replace(train, dynamic_sampling=False), rollouts, spans, scores, tokenizer
     )
-    return [row["token_weights"] for row in weight_rows], spans, scores
+    return [row["token_weights"] for row in weight_rows]
 
 
 def _trainer_class() -> type:
@@ -180,7 +169,7 @@ def _trainer_class() -> type:
             model.eval()
             try:
                 with torch.no_grad():
-                    weights, _, _ = token_weights_of(self.cfiw, model, self.processing_class, rollouts)
+                    weights = token_weights_of(self.cfiw, model, self.processing_class, rollouts)
             finally:
                 model.train(training)
             completion = output["completion_ids"]  # [B, T]

@@ -27,6 +27,7 @@ from cfiw_cli.algo.weights import ScoredSpan, WeightConfig, token_weights
 from cfiw_cli.configs import TrainConfig
 from cfiw_cli.modeling import load_tokenizer
 from cfiw_cli.runs import RunLayout
+from cfiw_cli.views import has_column, has_view
 
 DEFAULT_ROLLOUTS = 512
 # (name shown, weighting mode, profile)
@@ -50,12 +51,11 @@ def _tokenizer(run: Path) -> Any:
 
 def explorer_data(con: Any, runs: dict[str, Path], limit: int = DEFAULT_ROLLOUTS) -> dict[str, Any] | None:
     """The explorer's JSON: {modes, rollouts: [...], shown, total}; None without scored spans."""
-    views = {row[0] for row in con.execute("select table_name from information_schema.tables").fetchall()}
-    if not {"rollouts", "spans", "scores"} <= views:
+    if not all(has_view(con, view) for view in ("rollouts", "spans", "scores")):
+        return None
+    if not has_column(con, "rollouts", "completion_ids"):
         return None
     columns = {c[0] for c in con.execute("describe rollouts").fetchall()}
-    if "completion_ids" not in columns:
-        return None
     total = con.execute("select count(distinct run || '/' || rollout_id) from spans").fetchone()[0]
     # files written by other tools may lack the columns cfiw rollout always writes
     fallback = {"prompt_id": "split_part(r.rollout_id, ':', 2)", "sample_idx": "0", "reward": "null"}
@@ -72,14 +72,18 @@ def explorer_data(con: Any, runs: dict[str, Path], limit: int = DEFAULT_ROLLOUTS
     ).fetchall()
     names = ["run", "iteration", "rollout_id", "prompt_id", "sample_idx", "ids", "reward", "finish", "labels", "spans"]
     tokenizers: dict[str, Any] = {}
+    settings: dict[str, dict[str, WeightConfig]] = {}  # per run and profile, read once
     shown_modes: list[str] = []
     rollouts = []
     for values in rows:
         row = dict(zip(names, values, strict=True))
-        tokenizer = tokenizers.setdefault(row["run"], _tokenizer(runs[row["run"]]))
-        if tokenizer is None:
+        run = runs[row["run"]]
+        if row["run"] not in tokenizers:
+            tokenizers[row["run"]] = _tokenizer(run)
+            settings[row["run"]] = {profile: weight_config(run, profile) for profile in {p for _, _, p in MODES}}
+        if tokenizers[row["run"]] is None:
             continue
-        rollouts.append(_rollout(row, tokenizer, runs[row["run"]]))
+        rollouts.append(_rollout(row, tokenizers[row["run"]], settings[row["run"]]))
         shown_modes += [m for m in rollouts[-1]["weights"] if m not in shown_modes]
     if not rollouts:
         return None
@@ -87,7 +91,7 @@ def explorer_data(con: Any, runs: dict[str, Path], limit: int = DEFAULT_ROLLOUTS
     return {"modes": order, "rollouts": rollouts, "shown": len(rollouts), "total": int(total)}
 
 
-def _rollout(row: dict, tokenizer: Any, run: Path) -> dict[str, Any]:
+def _rollout(row: dict, tokenizer: Any, settings: dict[str, WeightConfig]) -> dict[str, Any]:
     ids = row["ids"]
     text, offsets = decode_with_offsets(ids, tokenizer)
     tokens = [text[a:b] for a, b in offsets]
@@ -101,7 +105,7 @@ def _rollout(row: dict, tokenizer: Any, run: Path) -> dict[str, Any]:
             if row["labels"] is None or answer is None:
                 continue
             relevant = feeds_the_answer(ids, row["labels"], answer.tok_start, tokenizer)
-        config = weight_config(run, profile)
+        config = settings[profile]
         texts = [tokenizer.decode([t]) for t in ids] if profile == "authors" else None
         rng = random.Random(f"0:{row['rollout_id']}")
         values = token_weights(len(ids), scored, mode, config, stop, rng, texts, relevant)

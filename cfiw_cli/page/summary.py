@@ -10,6 +10,7 @@ with its 95% interval, and one sentence saying whether any interval excludes zer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +37,6 @@ def stage_seconds(run: Path) -> float:
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _signed(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:+.3f}"
-
-
-def _interval(row: dict) -> str:
-    return f"{_signed(row['mean_difference'])} ({_signed(row['ci_low'])} to {_signed(row['ci_high'])})"
 
 
 def _run_line(run: str, results: dict[str, list[dict]], seconds: float) -> str:
@@ -74,9 +67,9 @@ def _run_line(run: str, results: dict[str, list[dict]], seconds: float) -> str:
     return f"**{run}** ({mode or 'unknown mode'}): " + "; ".join(parts) + "." if parts else ""
 
 
-def _rows(title: str, rows: list[dict], label: str) -> tuple[str, list[dict]] | None:
+def _rows(title: str, rows: list[dict], label: Callable[[dict], str]) -> tuple[str, list[dict]] | None:
     kept = [
-        {"comparison": r[label], "metric": r.get("metric", ""), "n": r.get("seeds") or r.get("pairs"), **_ends(r)}
+        {"comparison": label(r), "metric": r.get("metric", ""), "n": r.get("seeds") or r.get("pairs"), **_ends(r)}
         for r in rows
     ]
     return (title, kept) if kept else None
@@ -90,16 +83,20 @@ def comparisons(results: dict[str, list[dict]]) -> list[tuple[str, list[dict]]]:
     """Every mode - uniform table the results hold, as (title, rows)."""
     found = []
     if results.get("paired_differences"):
-        found.append(_rows("Compare: each mode minus uniform, paired by seed", results["paired_differences"], "mode"))
+        compare = results["paired_differences"]
+        found.append(_rows("Compare: each mode minus uniform, paired by seed", compare, lambda r: r["mode"]))
     if results.get("replay_summary"):
         found.append(
-            _rows("Paired replay: each mode's update minus uniform's", results["replay_summary"], "difference")
+            _rows(
+                "Paired replay: each mode's update minus uniform's",
+                results["replay_summary"],
+                lambda r: r["difference"],
+            )
         )
     aligned = [r for r in results.get("gradient_differences", []) if r["metric"] == "aligned"]
-    if aligned:
-        for row in aligned:
-            row.setdefault("label", f"{Path(row['dataset']).name or 'dataset'}: {row['difference']}")
-        found.append(_rows("Gradient alignment: each mode minus uniform", aligned, "label"))
+    if aligned:  # named by dial point, without writing into the results' rows
+        name = lambda r: f"{Path(r['dataset']).name or 'dataset'}: {r['difference']}"  # noqa: E731
+        found.append(_rows("Gradient alignment: each mode minus uniform", aligned, name))
     return [f for f in found if f]
 
 

@@ -20,6 +20,19 @@ from cfiw_cli.console import info, progress_bar
 from cfiw_cli.stage import StageResult, StageRun
 
 
+def spans_of(completion: list[int], tokenizer: Any, config: SegmentConfig, ends_with_stop: bool) -> list[Any]:
+    """One completion's spans under the config's profile (the authors' detector, or cfiw's)."""
+    detector = authors_spans if config.profile == "authors" else find_spans
+    return detector(
+        completion,
+        tokenizer,
+        max_spans=config.max_spans,
+        min_tokens=config.min_tokens,
+        max_tokens=config.max_tokens,
+        ends_with_stop=ends_with_stop,
+    )
+
+
 def run(config: SegmentConfig, force: bool = False, tokenizer: Any = None) -> StageResult:
     rollouts = read_artifact(config.rollouts, "rollouts")
     require_rollouts(rollouts, config.rollouts)
@@ -43,14 +56,7 @@ def _segment(config: SegmentConfig, stage: StageRun, rollouts: pa.Table, tokeniz
         for rollout_id, completion, reason in zip(
             rollouts.column("rollout_id").to_pylist(), ids, rollouts.column("finish_reason").to_pylist(), strict=True
         ):
-            spans = (authors_spans if config.profile == "authors" else find_spans)(
-                completion,
-                tokenizer,
-                max_spans=config.max_spans,
-                min_tokens=config.min_tokens,
-                max_tokens=config.max_tokens,
-                ends_with_stop=reason == "stop",
-            )
+            spans = spans_of(completion, tokenizer, config, ends_with_stop=reason == "stop")
             for index, span in enumerate(spans):
                 records.append({"rollout_id": rollout_id, "span_idx": index, **asdict(span)})
             advance()

@@ -59,7 +59,7 @@ from cfiw_cli.stage import OutputLocks, guard_outputs, keep_files_not_ours
 from cfiw_cli.stats import t_quantile
 from cfiw_cli.tasks.arith import FILLER_RUN
 from cfiw_cli.views import connect as connect_views
-from cfiw_cli.views import labels_of, layout_files, message_of, sql_string
+from cfiw_cli.views import has_column, has_view, labels_of, layout_files, message_of, sql_string
 
 Z = 1.959963984540054
 WILSON = (
@@ -82,7 +82,7 @@ def connect(runs: list[Path]) -> Any:
     parent directories as tell two runs of one name apart) and `iteration` columns."""
     labels = labels_of(runs)
     con = connect_views(runs, labels=labels)
-    if _has(con, "spans") and _has(con, "rollouts") and _has_column(con, "rollouts", "labels"):
+    if has_view(con, "spans") and has_view(con, "rollouts") and has_column(con, "rollouts", "labels"):
         # A label is a function of the sentence's form, so one run-wide lookup serves every span.
         con.execute(
             f"""create view span_labels as
@@ -131,10 +131,12 @@ def _mode_and_seed(run: Path) -> tuple[str, int]:
 def _create_steps(con: Any) -> None:
     """`steps(run, iteration, step)`: optimizer steps taken before each evaluated iteration,
     counted from the train_metrics rows (one per step); the iteration itself without them."""
-    evaluated = " union ".join(f"select distinct run, iteration from {v}" for v in ("eval", "probe") if _has(con, v))
+    evaluated = " union ".join(
+        f"select distinct run, iteration from {v}" for v in ("eval", "probe") if has_view(con, v)
+    )
     if not evaluated:
         return
-    if _has(con, "train_metrics"):
+    if has_view(con, "train_metrics"):
         con.execute(
             f"""create view steps as
             with per_iteration as (select run, iteration, count(*) as n from train_metrics group by all)
@@ -151,16 +153,6 @@ def _rows(con: Any, sql: str) -> list[dict]:
     result = con.execute(sql)
     columns = [d[0] for d in result.description]
     return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
-
-
-def _has(con: Any, view: str) -> bool:
-    return bool(
-        con.execute(f"select count(*) from information_schema.tables where table_name = '{view}'").fetchall()[0][0]
-    )
-
-
-def _has_column(con: Any, view: str, column: str) -> bool:
-    return any(row[0] == column for row in con.execute(f"describe {view}").fetchall())
 
 
 AUROC = """
@@ -399,7 +391,7 @@ def gradient_tables(con: Any) -> dict[str, list[dict]]:
 
 def tables(con: Any) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    if _has(con, "eval"):
+    if has_view(con, "eval"):
         out["accuracy"] = _rows(
             con,
             f"""with a as (select run, iteration, count(*) as n, avg(correct::int) as acc from eval group by run,
@@ -437,19 +429,19 @@ def tables(con: Any) -> dict[str, list[dict]]:
                    min(acc) as min_accuracy, max(acc) as max_accuracy
             from last join modes using (run) group by mode order by mode""",
         )
-    if _has(con, "probe"):
+    if has_view(con, "probe"):
         out.update(probe_tables(con))
-    if _has(con, "replay"):
+    if has_view(con, "replay"):
         out.update(replay_tables(con))
-    if _has(con, "gradients"):
+    if has_view(con, "gradients"):
         out.update(gradient_tables(con))
-    if _has(con, "rollouts"):
+    if has_view(con, "rollouts"):
         out["reward"] = _rows(
             con,
             "select run, mode, iteration, count(*) as rollouts, avg(reward) as mean_reward "
             "from rollouts join modes using (run) group by all order by run, iteration",
         )
-    if _has(con, "spans") and _has(con, "scores"):
+    if has_view(con, "spans") and has_view(con, "scores"):
         out["delta_by_kind"] = _rows(
             con,
             """select run, mode, kind, count(*) as spans, avg(delta) as mean_delta, median(delta) as median_delta,
@@ -457,7 +449,7 @@ def tables(con: Any) -> dict[str, list[dict]]:
                from spans join scores using (run, iteration, rollout_id, span_idx) join modes using (run)
                group by all order by run, kind""",
         )
-    if _has(con, "span_labels") and _has(con, "scores"):
+    if has_view(con, "span_labels") and has_view(con, "scores"):
         out["delta_by_label"] = _rows(
             con,
             """with labelled as (
@@ -468,7 +460,7 @@ def tables(con: Any) -> dict[str, list[dict]]:
                from labelled join modes using (run) group by all order by run, label""",
         )
         out["importance_auroc"] = _rows(con, AUROC)
-    if _has(con, "spans") and _has(con, "weights"):
+    if has_view(con, "spans") and has_view(con, "weights"):
         out["weight_by_kind"] = _rows(
             con,
             """with per_span as (
@@ -621,7 +613,7 @@ def _plot(tables_: dict[str, list[dict]], con: Any, out: Path) -> list[tuple[Pat
             f"Mean reward of each iteration's training rollouts, per run ({runs_of('reward')} runs).",
             x="iteration",
         )
-    if _has(con, "spans") and _has(con, "scores"):
+    if has_view(con, "spans") and has_view(con, "scores"):
         rows = _rows(
             con, "select kind, delta from spans join scores using (run, iteration, rollout_id, span_idx) order by kind"
         )
@@ -790,9 +782,6 @@ def _markdown_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
     return "\n".join(lines) + "\n"
-
-
-FORMATS = ("all", "md", "html")
 
 
 def run(
