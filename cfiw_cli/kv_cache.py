@@ -35,6 +35,10 @@ def growing_cache() -> Any | None:
         return None
 
 
+def _takes_values(layer_class: type) -> bool:
+    return "value_states" in inspect.signature(layer_class.lazy_initialization).parameters
+
+
 @functools.cache
 def _growing_layer_class() -> type:
     """Defined on first use, so that importing this module does not import transformers."""
@@ -43,13 +47,16 @@ def _growing_layer_class() -> type:
     class GrowingLayer(DynamicLayer):
         """A `DynamicLayer` whose keys and values are views of buffers with spare capacity."""
 
-        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
-            super().lazy_initialization(key_states, value_states)
+        def lazy_initialization(self, key_states: Any, value_states: Any = None) -> None:
+            if _takes_values(DynamicLayer):
+                super().lazy_initialization(key_states, value_states)
+            else:  # transformers 4.x: from the keys alone
+                super().lazy_initialization(key_states)
             self.buffers = None  # (keys, values), each [B, H, capacity, D]
             self.length = 0
 
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            if not self.is_initialized:
+            if getattr(self, "length", None) is None:  # the first update (4.x layers have no is_initialized)
                 self.lazy_initialization(key_states, value_states)
             start, end = self.length, self.length + key_states.shape[-2]
             if self.buffers is None or end > self.buffers[0].shape[-2]:

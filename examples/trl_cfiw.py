@@ -10,14 +10,13 @@ import sys
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
 from trl import GRPOConfig
 
-from cfiw_cli.integrations.trl import CFIWConfig, CFIWGRPOTrainer
+from cfiw_cli.integrations.trl import CFIWConfig, CFIWGRPOTrainer, load_tokenizer
 from cfiw_cli.tasks.gsm8k import build_prompt, load_questions, reward
 
 model, data = sys.argv[1], sys.argv[2]
-tokenizer = AutoTokenizer.from_pretrained(model)
+tokenizer = load_tokenizer(model)
 rows = load_questions(data, "train", limit=64)
 dataset = Dataset.from_list([{"prompt": build_prompt(r["question"], tokenizer), "gold": r["gold"]} for r in rows])
 
@@ -45,7 +44,8 @@ trainer = CFIWGRPOTrainer(
     ),
     train_dataset=dataset,
     processing_class=tokenizer,
-    cfiw=CFIWConfig(weighting="cfiw", importance_floor=0.5),  # cfiw train's settings and defaults
+    # cfiw train's settings and defaults; each batch is logged for `cfiw sql runs/trl-example`
+    cfiw=CFIWConfig(weighting="cfiw", importance_floor=0.5, log_dir="runs/trl-example"),
 )
 trainer.train()
 trainer.save_model("runs/trl-example")

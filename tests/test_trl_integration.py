@@ -13,6 +13,8 @@ from cfiw_cli.integrations.trl import CFIWConfig
 def test_the_settings_are_the_stages_declarations():
     sources = (TrainConfig, ScoreConfig, SegmentConfig)
     for field in dataclasses.fields(CFIWConfig):
+        if field.name == "log_dir":  # the integration's own setting
+            continue
         source = next(c for c in sources if field.name in c.__dataclass_fields__)
         declared = source.__dataclass_fields__[field.name]
         assert field.default == declared.default and dict(field.metadata) == dict(declared.metadata), field.name
@@ -32,10 +34,11 @@ PROMPT = "Tom has 1 apple and gets 2 more. How many apples does Tom have?"
 
 def grpo(policy, tmp_path, trainer_class, steps=2, **extra):
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import GRPOConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(str(policy))
+    from cfiw_cli.integrations.trl import load_tokenizer
+
+    tokenizer = load_tokenizer(str(policy))
     data = Dataset.from_list([{"prompt": PROMPT, "answer": "3"}] * 16)
 
     def reward(completions, answer, **_):
@@ -164,6 +167,11 @@ def test_trl_train_runs_a_preset_in_one_line_and_the_example_runs(sharpening_tas
     done = cli("trl-train", *common, "--out", tmp_path / "run")
     assert done.exit_code == 0, done.stderr
     assert (tmp_path / "run" / "model.safetensors").exists()
+    logged = sorted(p.name for p in (tmp_path / "run").glob("iter-*/*.parquet"))
+    # train.minibatches = 2: the 2 steps train on one generated batch, logged as iteration 0
+    assert logged == [f"{k}.parquet" for k in ("rollouts", "scores", "spans", "weights")]
+    again = cli("trl-train", *common, "--out", tmp_path / "run")  # a second run never overwrites the batches
+    assert again.exit_code == 1 and "already holds logged batches" in again.stderr
     refused = cli("trl-train", *common, "--out", tmp_path / "bad", "--set", "loop.weighting=entropy")
     assert refused.exit_code == 1 and "top_entropy_quantile" in refused.stderr and "Traceback" not in refused.stderr
     example = Path(__file__).resolve().parents[1] / "examples" / "trl_cfiw.py"
@@ -176,6 +184,7 @@ def test_trl_train_runs_a_preset_in_one_line_and_the_example_runs(sharpening_tas
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert (tmp_path / "runs" / "trl-example" / "model.safetensors").exists()
+    assert (tmp_path / "runs" / "trl-example" / "iter-0000" / "weights.parquet").exists()
 
 
 # Two processes of `accelerate launch` train with CFIWGRPOTrainer at lr 0 (the policy stays the
@@ -183,24 +192,24 @@ def test_trl_train_runs_a_preset_in_one_line_and_the_example_runs(sharpening_tas
 TWO_PROCESSES = """
 import json, sys
 from datasets import Dataset
-from transformers import AutoTokenizer
 from trl import GRPOConfig
 from cfiw_cli.integrations import trl as integration
 
 policy, out = sys.argv[1], sys.argv[2]
-seen, weigh = [], integration.token_weights_of
+seen, weigh = [], integration.weigh
 def recording(config, model, tokenizer, rollouts):
-    weights = weigh(config, model, tokenizer, rollouts)
+    batch = weigh(config, model, tokenizer, rollouts)
+    weights = [row["token_weights"] for row in batch.weights]
     columns = [rollouts.column(c).to_pylist() for c in ("prompt_ids", "completion_ids", "finish_reason")]
     seen.extend({"prompt": p, "completion": c, "finish": f, "weights": w} for p, c, f, w in zip(*columns, weights))
-    return weights
-integration.token_weights_of = recording
+    return batch
+integration.weigh = recording
 data = Dataset.from_list([{"prompt": "Tom has 1 apple and gets 2 more. How many apples does Tom have?"}] * 16)
 args = GRPOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=24,
                   max_steps=2, learning_rate=0.0, report_to="none", use_cpu=True, seed=0, save_strategy="no",
                   bf16=False, disable_tqdm=True)
 trainer = integration.CFIWGRPOTrainer(model=policy, reward_funcs=lambda completions, **_: [0.0] * len(completions),
-    args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(policy))
+    args=args, train_dataset=data, processing_class=integration.load_tokenizer(policy))
 trainer.train()
 with open(f"{out}/seen-{trainer.accelerator.process_index}.json", "w") as f:
     json.dump({"world": trainer.accelerator.num_processes, "seen": seen}, f)

@@ -13,27 +13,43 @@ on the device, `CFIWGRPOTrainer` weighs every completion token the way `cfiw tra
 4. it multiplies the advantages by the weights: shape (B, T). For a positive weight this is
    the clipped policy-gradient term multiplied by the weight, as `cfiw train` does.
 
+The weights are computed once per generated batch, before TRL shuffles and splits it into
+`steps_per_generation` slices and reuses it `num_iterations` times, so every slice, accumulation
+step and iteration trains on the weights of the policy that sampled the batch, as `cfiw train`'s
+epochs do.
+
 In `uniform` mode nothing is computed and the trainer is stock `GRPOTrainer`, bit for bit.
 `CFIWConfig` holds the settings under the names, defaults and checks of `cfiw train`'s,
 `cfiw score`'s and `cfiw segment`'s flags, taken from their declarations. What cannot work
-here is an error when the trainer is built: `oracle` (TRL's batch has no synth labels) and
-`entropy` (TRL's own `top_entropy_quantile` is that baseline).
+here is an error when the trainer is built: `oracle` (TRL's batch has no synth labels),
+`entropy` (TRL's own `top_entropy_quantile` is that baseline), a multimodal model, a TRL older
+than per-token advantages, and `target="gold"` without a gold column.
+
+With `log_dir`, every generated batch is written as `LOG_DIR/iter-NNNN/{rollouts,spans,scores,
+weights}.parquet` in the stages' schemas (see `trl_log.py`), so `cfiw sql` and `cfiw analyze`
+read it as they read a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from cfiw_cli.algo.importance import score_items
+from cfiw_cli.algo.weights import SCORED_MODES
 from cfiw_cli.configs import Checked, ScoreConfig, SegmentConfig, TrainConfig
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.pipeline.score import build_items
 from cfiw_cli.pipeline.segment import spans_of
 from cfiw_cli.pipeline.train import build_sequences
+from cfiw_cli.schemas import empty_table
+
+MIN_TRL = "0.26.0"  # the first TRL whose loss takes (B, T) advantages from a subclass
+GOLD_COLUMNS = ("gold", "answer")  # where a dataset row's gold answer may be, in this order
 
 
 def _declared(config_class: type, name: str) -> Any:
@@ -68,6 +84,10 @@ class CFIWConfig(Checked):
     max_spans: int = _declared(SegmentConfig, "max_spans")
     min_tokens: int = _declared(SegmentConfig, "min_tokens")
     max_tokens: int = _declared(SegmentConfig, "max_tokens")
+    log_dir: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Write each generated batch's rollouts, spans, scores and weights here."},
+    )
 
     def check_rules(self) -> None:
         super().check_rules()
@@ -77,8 +97,7 @@ class CFIWConfig(Checked):
 
     def stage_configs(self) -> tuple[SegmentConfig, ScoreConfig, TrainConfig]:
         """The segment, score and train configs these settings stand for (paths are placeholders)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        own = {name: getattr(self, name) for name in names}
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         pick = lambda cls: {k: v for k, v in own.items() if k in {f.name for f in dataclasses.fields(cls)}}  # noqa: E731
         segment = SegmentConfig(model="policy", rollouts="batch", out="spans", **pick(SegmentConfig))
         score = ScoreConfig(model="policy", rollouts="batch", spans="spans", out="scores", **pick(ScoreConfig))
@@ -89,30 +108,45 @@ class CFIWConfig(Checked):
 
 
 def batch_tables(
-    prompts: list[list[int]], completions: list[list[int]], stops: list[bool], ids: list[str], groups: list[str]
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    stops: list[bool],
+    ids: list[str],
+    groups: list[str],
+    **columns: list[Any],
 ) -> pa.Table:
-    """The batch as a rollouts table: the columns segment, score and train read."""
-    return pa.Table.from_pylist(
-        [
-            {
-                "rollout_id": rollout_id,
-                "prompt_id": group,
-                "prompt_ids": prompt,
-                "completion_ids": completion,
-                "completion_logprobs": [0.0] * len(completion),
-                "finish_reason": "stop" if stop else "length",
-                "reward": 0.0,
-                "gold": "",
-            }
-            for rollout_id, group, prompt, completion, stop in zip(
-                ids, groups, prompts, completions, stops, strict=True
-            )
-        ]
-    )
+    """The batch as a rollouts table: the columns segment, score and train read, plus any other
+    rollouts column given per row in `columns` (rewards, gold answers, texts)."""
+    rows = [
+        {
+            "rollout_id": rollout_id,
+            "prompt_id": group,
+            "prompt_ids": prompt,
+            "completion_ids": completion,
+            "completion_logprobs": [0.0] * len(completion),
+            "finish_reason": "stop" if stop else "length",
+            "reward": 0.0,
+            "gold": "",
+        }
+        for rollout_id, group, prompt, completion, stop in zip(ids, groups, prompts, completions, stops, strict=True)
+    ]
+    for name, values in columns.items():
+        for row, value in zip(rows, values, strict=True):
+            row[name] = value
+    return pa.Table.from_pylist(rows)
 
 
-def token_weights_of(config: CFIWConfig, model: Any, tokenizer: Any, rollouts: pa.Table) -> list[list[float]]:
-    """Per rollout its token weights, one per completion token."""
+@dataclass
+class WeighedBatch:
+    """What weighing a batch produced, in the stages' row layouts."""
+
+    spans: list[dict]  # spans.parquet rows
+    scores: list[dict]  # scores.parquet rows (empty when the mode reads no scores)
+    weights: list[dict]  # weights.parquet rows, one per rollout, in the batch's order
+
+
+def weigh(config: CFIWConfig, model: Any, tokenizer: Any, rollouts: pa.Table) -> WeighedBatch:
+    """Segment, score (in the modes that read scores) and weigh a batch, as the three stages do."""
     segment, score, train = config.stage_configs()
     span_rows = []
     for row in rollouts.select(["rollout_id", "completion_ids", "finish_reason"]).to_pylist():
@@ -120,66 +154,131 @@ def token_weights_of(config: CFIWConfig, model: Any, tokenizer: Any, rollouts: p
         span_rows += [
             {"rollout_id": row["rollout_id"], "span_idx": i, **dataclasses.asdict(s)} for i, s in enumerate(spans)
         ]
-    spans = pa.Table.from_pylist(span_rows) if span_rows else None
     score_rows = []
-    if spans is not None:
-        ids, span_indices, items = build_items(rollouts, spans, score.target, tokenizer, score.profile)
+    if span_rows and config.weighting in SCORED_MODES:
+        spans_table = pa.Table.from_pylist(span_rows)
+        ids, span_indices, items = build_items(rollouts, spans_table, score.target, tokenizer, score.profile)
         results = score_items(model, items, score.mask, tokenizer.pad_token_id, batch_tokens=score.batch_tokens)
         for rollout_id, indices, result in zip(ids, span_indices, results, strict=True):
             score_rows += [
-                {"rollout_id": rollout_id, "span_idx": i, "delta": result.base - masked}
+                {
+                    "rollout_id": rollout_id,
+                    "span_idx": i,
+                    "mask": score.mask,
+                    "base_logp": result.base,
+                    "masked_logp": masked,
+                    "delta": result.base - masked,
+                    "target": score.target,
+                }
                 for i, masked in zip(indices, result.masked, strict=True)
             ]
-    scores = pa.Table.from_pylist(score_rows) if score_rows else None
-    if spans is None or scores is None:  # nothing scored: every rollout weighs as in uniform
-        return [[1.0] * len(c) for c in rollouts.column("completion_ids").to_pylist()]
-    _, weight_rows, _ = build_sequences(
-        dataclasses.replace(train, dynamic_sampling=False), rollouts, spans, scores, tokenizer
-    )
-    return [row["token_weights"] for row in weight_rows]
+    # as `cfiw train` reads them: a batch without spans or scores is an empty table of its kind
+    spans_table = pa.Table.from_pylist(span_rows) if span_rows else empty_table("spans")
+    scores_table = pa.Table.from_pylist(score_rows) if score_rows else empty_table("scores")
+    train = dataclasses.replace(train, dynamic_sampling=False)
+    _, weight_rows, _ = build_sequences(train, rollouts, spans_table, scores_table, tokenizer)
+    for row in weight_rows:
+        row["weighting"] = config.weighting
+    return WeighedBatch(span_rows, score_rows, weight_rows)
+
+
+def token_weights_of(config: CFIWConfig, model: Any, tokenizer: Any, rollouts: pa.Table) -> list[list[float]]:
+    """Per rollout its token weights, one per completion token."""
+    return [row["token_weights"] for row in weigh(config, model, tokenizer, rollouts).weights]
+
+
+def load_tokenizer(model: str) -> Any:
+    """The model's tokenizer for TRL: it hands the model only input ids and the attention mask.
+    A tokenizer saved without `model_input_names` (cfiw's tiny ones) would add token type ids,
+    which a decoder-only model's `generate` refuses under transformers 4.x."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return tokenizer
 
 
 def _trainer_class() -> type:
+    import trl
+    from packaging.version import Version
     from trl import GRPOTrainer
+
+    from cfiw_cli.integrations import trl_log
+
+    if Version(trl.__version__) < Version(MIN_TRL):
+        raise CfiwError(
+            f"TRL {trl.__version__} cannot take per-token advantages from a subclass",
+            f"install trl>={MIN_TRL}",
+        )
 
     class CFIWGRPOTrainer(GRPOTrainer):
         """TRL's `GRPOTrainer` with counterfactual importance in its per-token advantages."""
 
         def __init__(self, *args: Any, cfiw: CFIWConfig | None = None, **kwargs: Any) -> None:
             self.cfiw = cfiw if cfiw is not None else CFIWConfig()
+            if self.cfiw.log_dir is not None:
+                trl_log.check_empty(self.cfiw.log_dir)
             super().__init__(*args, **kwargs)
             if getattr(self.model.config, "vision_config", None) is not None:
                 raise CfiwError("CFIW scores text spans; a multimodal model is not supported", "use a text model")
+            columns = set(getattr(self.train_dataset, "column_names", None) or [])
+            if self.cfiw.target == "gold" and columns and not columns & set(GOLD_COLUMNS):
+                raise CfiwError(
+                    "target 'gold' scores the gold answer, but the dataset has no 'gold' or 'answer' column",
+                    "add the gold answer as a 'gold' column, or score the model's own answer (target own)",
+                )
             self._cfiw_batches = 0
+            self._cfiw_rewards: Any = None
+
+        def _calculate_rewards(self, *args: Any, **kwargs: Any) -> Any:
+            self._cfiw_rewards = super()._calculate_rewards(*args, **kwargs)  # [N, F], every process's rows
+            return self._cfiw_rewards
 
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             output = super()._generate_and_score_completions(inputs)
-            if self.cfiw.weighting == "uniform":
+            training = self.model.training  # TRL's evaluation batches are weighed too, never logged
+            logging = training and self.cfiw.log_dir is not None
+            if self.cfiw.weighting == "uniform" and not logging:
                 return output
-            output["advantages"] = self.cfiw_advantages(output)
+            started = time.perf_counter()
+            rollouts = self.cfiw_rollouts(output, inputs)
+            weighed = self.cfiw_weigh(rollouts)
+            advantages = output["advantages"]  # [B], TRL's
+            if self.cfiw.weighting != "uniform":
+                output["advantages"] = self.cfiw_advantages(output, weighed)
+            if logging:
+                seconds = time.perf_counter() - started
+                trl_log.write_batch(self, output, inputs, rollouts, weighed, advantages.tolist(), seconds)
+            if training:
+                self._cfiw_batches += 1
             return output
 
-        def cfiw_advantages(self, output: dict[str, Any]) -> Any:
-            """(B, T) advantages: each completion token's advantage times its CFIW weight."""
+        def cfiw_weigh(self, rollouts: pa.Table) -> WeighedBatch:
+            """Segment, score and weigh this process's share, without gradients, in eval mode."""
             import torch
 
-            rollouts = self.cfiw_rollouts(output)
             model = self.accelerator.unwrap_model(self.model)
             training = model.training
             model.eval()
             try:
                 with torch.no_grad():
-                    weights = token_weights_of(self.cfiw, model, self.processing_class, rollouts)
+                    return weigh(self.cfiw, model, self.processing_class, rollouts)
             finally:
                 model.train(training)
+
+        def cfiw_advantages(self, output: dict[str, Any], weighed: WeighedBatch) -> Any:
+            """(B, T) advantages: each completion token's advantage times its CFIW weight."""
+            import torch
+
             completion = output["completion_ids"]  # [B, T]
             table = torch.ones(completion.shape, dtype=output["advantages"].dtype, device=completion.device)  # [B, T]
-            for row, values in enumerate(weights):
+            for row, weights in enumerate(weighed.weights):
+                values = weights["token_weights"]
                 table[row, : len(values)] = torch.tensor(values, dtype=table.dtype, device=table.device)
             advantages = output["advantages"]
             return (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)) * table  # [B, T]
 
-        def cfiw_rollouts(self, output: dict[str, Any]) -> pa.Table:
+        def cfiw_rollouts(self, output: dict[str, Any], inputs: list[dict[str, Any]]) -> pa.Table:
             """This process's share of the batch as a rollouts table (ids: batch:process:row)."""
             prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]  # [B, P] each, left padded
             completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]  # [B, T] each
@@ -190,10 +289,15 @@ def _trainer_class() -> type:
             ]
             stops = [bool(c) and c[-1] == eos for c in completions]
             batch, rank = self._cfiw_batches, self.accelerator.process_index
-            self._cfiw_batches += 1
             ids = [f"{batch}:{rank}:{row}" for row in range(len(completions))]
             groups = [f"{batch}:{rank}:{row // self.num_generations}" for row in range(len(completions))]
-            return batch_tables(prompts, completions, stops, ids, groups)
+            golds = [next((str(x[c]) for c in GOLD_COLUMNS if x.get(c) is not None), "") for x in inputs]
+            if self.cfiw.target == "gold" and not all(golds):
+                raise CfiwError(
+                    "target 'gold' needs each row's gold answer, and a batch row has none",
+                    "give every dataset row a 'gold' (or 'answer') value",
+                )
+            return batch_tables(prompts, completions, stops, ids, groups, gold=golds)
 
     return CFIWGRPOTrainer
 

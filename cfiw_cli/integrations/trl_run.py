@@ -15,7 +15,8 @@ one). TRL's `GRPOConfig` takes the preset's sampling and update settings:
                                 mask_truncated_completions
 
 and `CFIWConfig` takes the loop's weighting and profile and the train, score and segment
-sections' CFIW settings.
+sections' CFIW settings. Each generated batch is logged in the output directory as a run's
+iteration (`OUT/iter-NNNN/`), so `cfiw sql OUT` and `cfiw analyze OUT` read the run.
 """
 
 from __future__ import annotations
@@ -82,12 +83,11 @@ def grpo_settings(config: dict[str, Any], out: str, steps: int, use_cpu: bool) -
 def run(config: dict[str, Any], out: str, steps: int, use_cpu: bool) -> Any:
     """Train with `CFIWGRPOTrainer` for `steps` optimizer steps and save the policy in `out`."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import GRPOConfig
 
     model = str(config["model"]["id"])
     data = config["data"]
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = integration.load_tokenizer(model)
     rollout = config.get("rollout", {})
     rows = load_questions(data["dataset"], data.get("train_split", "train"))
     template, chat = rollout.get("prompt_template"), rollout.get("chat_template", True)
@@ -104,7 +104,7 @@ def run(config: dict[str, Any], out: str, steps: int, use_cpu: bool) -> Any:
         args=GRPOConfig(**grpo_settings(config, out, steps, use_cpu)),
         train_dataset=dataset,
         processing_class=tokenizer,
-        cfiw=cfiw_settings(config),
+        cfiw=dataclasses.replace(cfiw_settings(config), log_dir=out),
     )
     trainer.train()
     trainer.save_model(out)
