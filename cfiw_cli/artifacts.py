@@ -78,17 +78,61 @@ def _hash_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+RECORD_MIN_BYTES = 1 << 20  # smaller files are hashed again each time: it is quicker than a record
+
+
+def hash_records() -> Path:
+    """Where file hashes are recorded: $CFIW_CACHE_DIR/hashes, else the user's cache directory.
+    Not inside or beside the hashed files: a model directory may be read-only (a hub cache),
+    and a record among a run's files would change what is hashed and what the run holds."""
+    root = os.environ.get("CFIW_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cfiw"
+    return Path(root) / "hashes"
+
+
+def rehash_requested() -> bool:
+    """`cfiw --rehash` (or CFIW_REHASH=1): hash every input afresh, ignoring the records."""
+    return os.environ.get("CFIW_REHASH", "").strip() not in ("", "0", "false", "no")
+
+
+def _recorded_hash(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """The file's sha256 from its record while its size, mtime_ns and inode are those recorded,
+    else hashed and recorded. A record that cannot be read or written is hashed around."""
+    record = hash_records() / f"{hashlib.sha256(path.encode()).hexdigest()[:40]}.json"
+    key = {"path": path, "size": size, "mtime_ns": mtime_ns, "inode": inode}
+    if not rehash_requested():
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+            if {k: recorded.get(k) for k in key} == key and isinstance(recorded.get("sha256"), str):
+                return recorded["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    digest = _hash_file(Path(path))
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=record.parent, suffix=".tmp", delete=False) as handle:
+            json.dump({**key, "sha256": digest}, handle)
+        os.replace(handle.name, record)
+    except OSError:
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(handle.name)
+    return digest
+
+
 @lru_cache(maxsize=256)
-def _cached_hash(path: str, size: int, mtime_ns: int) -> str:
-    return _hash_file(Path(path))
+def _cached_hash(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    if size < RECORD_MIN_BYTES:
+        return _hash_file(Path(path))
+    return _recorded_hash(path, size, mtime_ns, inode)
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a directory's (relative path, file sha256) list."""
+    """sha256 of a file, or of a directory's (relative path, file sha256) list. A file of 1 MiB
+    or more is hashed once: its hash is recorded (`hash_records`) and trusted while the file's
+    size, mtime_ns and inode stay the same."""
     path = Path(path)
     if path.is_file():
         stat = path.stat()
-        return _cached_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        return _cached_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(path)).encode())

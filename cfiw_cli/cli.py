@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,8 +92,17 @@ def main_options(
     version: Annotated[
         bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
+    rehash: Annotated[
+        bool,
+        typer.Option(
+            "--rehash",
+            help="Hash every input file afresh, ignoring the recorded hashes (kept per file while its "
+            "size, mtime and inode stay the same).",
+        ),
+    ] = False,
 ) -> None:
-    pass
+    if rehash:
+        os.environ["CFIW_REHASH"] = "1"  # read by every hash, here and in processes started from here
 
 
 @command("tiny-model", "cfiw tiny-model --out runs/tiny-model --arch llama --layers 2 --hidden 64")

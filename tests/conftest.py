@@ -18,6 +18,9 @@ from typer.testing import CliRunner
 from cfiw_cli.cli import app
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+# recorded file hashes go to a directory of the session's own, not the user's cache (inherited
+# by every command a test starts)
+os.environ["CFIW_CACHE_DIR"] = tempfile.mkdtemp(prefix="cfiw-test-cache-")
 
 
 @dataclass

@@ -12,7 +12,15 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "script",
-    ["rollout_bench.py", "score_bench.py", "train_bench.py", "loop_bench.py", "sql_bench.py", "trl_bench.py"],
+    [
+        "rollout_bench.py",
+        "score_bench.py",
+        "train_bench.py",
+        "loop_bench.py",
+        "sql_bench.py",
+        "trl_bench.py",
+        "startup_bench.py",
+    ],
 )
 def test_benchmark_quick_mode_prints_a_ratio(script):
     done = subprocess.run(

@@ -38,11 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+from packaging.version import Version
 
 from cfiw_cli.algo.importance import score_items
 from cfiw_cli.algo.weights import SCORED_MODES
 from cfiw_cli.configs import Checked, ScoreConfig, SegmentConfig, TrainConfig
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.integrations import trl_log
 from cfiw_cli.pipeline.score import build_items
 from cfiw_cli.pipeline.segment import spans_of
 from cfiw_cli.pipeline.train import build_sequences
@@ -200,10 +202,7 @@ def load_tokenizer(model: str) -> Any:
 
 def _trainer_class() -> type:
     import trl
-    from packaging.version import Version
     from trl import GRPOTrainer
-
-    from cfiw_cli.integrations import trl_log
 
     if Version(trl.__version__) < Version(MIN_TRL):
         raise CfiwError(

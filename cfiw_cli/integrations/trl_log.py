@@ -33,6 +33,7 @@ import pyarrow as pa
 from cfiw_cli.algo.weights import SCORED_MODES
 from cfiw_cli.artifacts import build_manifest, write_table
 from cfiw_cli.errors import CfiwError
+from cfiw_cli.logprobs import completion_logprobs
 from cfiw_cli.runs import iteration_name, iteration_of
 from cfiw_cli.schemas import ROLLOUTS, SCORES_WRITTEN, SPANS, WEIGHTS_WRITTEN
 from cfiw_cli.tasks.gsm8k import extract_answer, numbers_equal
@@ -70,8 +71,6 @@ def _sampled_logprobs(trainer: Any, output: dict[str, Any], rollouts: pa.Table) 
         if output.get(key) is not None:  # [B, T], left aligned
             return [row[:n].tolist() for row, n in zip(output[key].float().cpu(), lengths, strict=True)]
     import torch
-
-    from cfiw_cli.logprobs import completion_logprobs
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     pairs = zip(rollouts.column("prompt_ids").to_pylist(), rollouts.column("completion_ids").to_pylist(), strict=True)
