@@ -338,6 +338,7 @@ LOOP_FLAGS = (
     options.SectionFlag("eval_every", configs.LoopSection, "eval_every", ("loop.eval_every",)),
     options.SectionFlag("seed", configs.LoopSection, "seed", ("loop.seed",)),
     options.SectionFlag("keep_checkpoints", configs.LoopSection, "keep_checkpoints", ("loop.keep_checkpoints",)),
+    options.SectionFlag("score", configs.LoopSection, "score", ("loop.score",)),
     options.SectionFlag("lora_r", configs.TrainConfig, "lora_r", ("train.lora_r",)),
     options.SectionFlag("lora_alpha", configs.TrainConfig, "lora_alpha", ("train.lora_alpha",)),
     options.SectionFlag(

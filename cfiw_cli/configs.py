@@ -674,3 +674,14 @@ class LoopSection(Checked):
     keep_checkpoints: int = flag(
         0, "Keep only the newest N of those kept policies (0: all of them).", min=0, max=MAX_STEPS
     )
+    score: bool = flag(
+        True, "Segment and score every iteration's rollouts; --no-score skips both (CFIW's cost baseline)."
+    )
+
+    def check_rules(self) -> None:
+        super().check_rules()
+        if not self.score and (self.weighting in SCORED_MODES or self.weighting == "oracle"):
+            raise CfiwError(
+                f"weighting {self.weighting!r} reads span scores, and loop.score = false skips segment and score",
+                "run the uniform baseline (--weighting uniform --no-score), or score the rollouts",
+            )

@@ -128,7 +128,10 @@ class SectionFlag:
 
     def parameter(self) -> inspect.Parameter:
         item = next(f for f in fields(self.declared_in) if f.name == self.field)
-        names = ("--" + self.name.replace("_", "-"), *([self.short] if self.short else []))
+        flag = "--" + self.name.replace("_", "-")
+        if item.type in (bool, "bool"):  # a switch both ways: given either way, it overrides the preset
+            flag = f"{flag}/--no-{flag[2:]}"
+        names = (flag, *([self.short] if self.short else []))
         annotation = _annotation(self.declared_in, item, names, optional=True, note=f" ({', '.join(self.keys)})")
         return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 

@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         "sql_bench.py",
         "trl_bench.py",
         "startup_bench.py",
+        "cost_bench.py",
     ],
 )
 def test_benchmark_quick_mode_prints_a_ratio(script):

@@ -411,3 +411,41 @@ def test_a_quiet_setting_is_printed_and_recorded_only_away_from_its_default():
     assert settings_of(continuous)["backend"] == "continuous"
     assert chosen.configs("eval", "probe")[0].backend == "continuous"  # the probe samples as training does
     assert chosen.configs("eval", "greedy")[0].backend == "generate"
+
+
+@pytest.mark.slow
+def test_no_score_skips_segment_and_score_and_trains_the_same_uniform_policy(tiny_model, tmp_path):
+    """`--no-score` is the uniform loop without its CFIW stages: the same rollouts, weights, losses
+    and policy, and no spans or scores files; a scored weighting is refused with it."""
+    argv = loop_argv(tiny_model, tmp_path / "scored")
+    argv += ["--weighting", "uniform", "--set", "loop.keep_policies=0", "--set", "loop.probe_questions=0"]
+    runs = {}
+    for name, extra in (("scored", []), ("unscored", ["--no-score"])):
+        run_argv = [a if a != str(tmp_path / "scored") else str(tmp_path / name) for a in argv] + extra
+        done = subprocess.run(run_argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = tmp_path / name
+    unscored = runs["unscored"]
+    for i in (0, 1):
+        assert sorted(p.name for p in (unscored / f"iter-{i:04d}").iterdir()) == [
+            "rollouts.parquet", "train_metrics.parquet", "weights.parquet",
+        ]  # fmt: skip
+        for kind in ("rollouts", "weights"):
+            scored_rows = pq.read_table(runs["scored"] / f"iter-{i:04d}" / f"{kind}.parquet").to_pylist()
+            assert pq.read_table(unscored / f"iter-{i:04d}" / f"{kind}.parquet").to_pylist() == scored_rows
+        losses = [
+            pq.read_table(r / f"iter-{i:04d}" / "train_metrics.parquet").column("loss").to_pylist()
+            for r in runs.values()
+        ]
+        assert losses[0] == losses[1]
+    weights = [(r / "policy" / "model.safetensors").read_bytes() for r in runs.values()]
+    assert weights[0] == weights[1]
+    dry = subprocess.run(
+        [a if a != str(tmp_path / "scored") else str(tmp_path / "dry") for a in argv] + ["--no-score", "--dry-run"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    assert "cfiw rollout" in dry and "cfiw train" in dry and "cfiw segment" not in dry and "cfiw score" not in dry
+    refused = subprocess.run(
+        argv[: argv.index("--weighting")] + ["--no-score"], capture_output=True, text=True, cwd=ROOT
+    )  # the tiny preset weighs by cfiw
+    assert refused.returncode == 1 and "reads span scores" in refused.stderr and "Traceback" not in refused.stderr

@@ -270,10 +270,11 @@ def _steps(
         config, "score", ScoreConfig, model=base, revision=revision, rollouts=first["rollouts"], spans=first["spans"],
         out=first["scores"], profile=loop.profile,
     )  # fmt: skip
+    scored = {"spans": first["spans"], "scores": first["scores"]} if loop.score else {"spans": None, "scores": None}
     train_template = _section(
-        config, "train", TrainConfig, model=base, revision=revision, rollouts=first["rollouts"], spans=first["spans"],
-        scores=first["scores"], out=policy, metrics_out=first["train_metrics"], weights_out=first["weights"],
-        weighting=loop.weighting, profile=loop.profile, seed=seed,
+        config, "train", TrainConfig, model=base, revision=revision, rollouts=first["rollouts"], **scored, out=policy,
+        metrics_out=first["train_metrics"], weights_out=first["weights"], weighting=loop.weighting,
+        profile=loop.profile, seed=seed,
     )  # fmt: skip
     if train_template.beta > 0 and not train_template.lora_r and train_template.reference is None:
         # the KL term anchors every iteration to the starting policy (with LoRA: the adapters disabled)
@@ -315,24 +316,21 @@ def _steps(
             steps += evaluation(current, i)
         offset = i * loop.questions % loop.train_pool if loop.train_pool is not None else i * loop.questions
         rollouts, spans, scores = files["rollouts"], files["spans"], files["scores"]
-        steps += [
-            Step(i, "rollout", replace(rollout_template, model=current, out=rollouts, offset=offset, iteration=i)),
-            Step(i, "segment", replace(segment_template, model=current, rollouts=rollouts, out=files["spans"])),
-            Step(i, "score", replace(score_template, model=current, rollouts=rollouts, spans=spans, out=scores)),
-            Step(
-                i,
-                "train",
-                replace(
-                    train_template,
-                    model=current,
-                    rollouts=rollouts,
-                    spans=spans,
-                    scores=scores,
-                    metrics_out=files["train_metrics"],
-                    weights_out=files["weights"],
-                ),
-            ),  # fmt: skip
-        ]
+        steps.append(
+            Step(i, "rollout", replace(rollout_template, model=current, out=rollouts, offset=offset, iteration=i))
+        )
+        if loop.score:
+            steps += [
+                Step(i, "segment", replace(segment_template, model=current, rollouts=rollouts, out=spans)),
+                Step(i, "score", replace(score_template, model=current, rollouts=rollouts, spans=spans, out=scores)),
+            ]
+        else:
+            spans = scores = None
+        train = replace(
+            train_template, model=current, rollouts=rollouts, spans=spans, scores=scores,
+            metrics_out=files["train_metrics"], weights_out=files["weights"],
+        )  # fmt: skip
+        steps.append(Step(i, "train", train))
     steps += evaluation(policy, loop.iterations)
     return steps
 
