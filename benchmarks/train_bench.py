@@ -228,8 +228,10 @@ def memory_part(args, work: Path) -> None:
 
 
 def timing_part(args, work: Path) -> None:
+    import pyarrow.parquet as pq
     import torch
 
+    from cfiw_cli import guard
     from cfiw_cli.modeling import load_tokenizer
     from cfiw_cli.pipeline import score, segment, train
     from cfiw_cli.tools import tiny_model
@@ -259,13 +261,19 @@ def timing_part(args, work: Path) -> None:
                 minibatches=args.minibatches,
                 seed=repeat,
                 temperature=1.0,
+                metrics_out=str(work / f"metrics-{mode}.parquet"),
             )
+            guarded = guard.SECONDS["total"]
             started = time.perf_counter()
             metrics = train.run(config, force=True).metrics
             times.append(time.perf_counter() - started)
+            steps = sum(pq.read_table(config.metrics_out).column("seconds").to_pylist())
+            guard_shares.setdefault(mode, []).append((guard.SECONDS["total"] - guarded) / steps)
         return statistics.median(times), metrics
 
+    guard_shares: dict[str, list[float]] = {}
     measure("uniform")  # warm-up
+    guard_shares.clear()
     results = {mode: measure(mode) for mode in ("uniform", "cfiw")}
     print(
         f"part 2: cfiw train, torch {torch.__version__}, {torch.get_num_threads()} threads; model: "
@@ -280,6 +288,8 @@ def timing_part(args, work: Path) -> None:
         print(f"  {mode:>8} {seconds:>8.2f} {metrics['tokens']:>7} {metrics['tokens'] / seconds:>9.1f}")
     ratio = results["cfiw"][0] / results["uniform"][0]
     print(f"  ratio cfiw / uniform step time: {ratio:.3f} (weights add {100 * (ratio - 1):+.1f}%)")
+    for mode, shares in guard_shares.items():  # the non-finite checks (cfiw_cli.guard) against the steps' time
+        print(f"  {mode}: the non-finite guard took {statistics.median(shares):.2%} of the optimizer steps' time")
 
 
 def write_batch(path: Path, tokenizer, questions: int, group: int) -> None:

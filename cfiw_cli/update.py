@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cfiw_cli import adapters, checkpoint, modeling, sharding
+from cfiw_cli import adapters, checkpoint, guard, modeling, sharding
 from cfiw_cli.algo.loss import LossConfig, loss_normalizer, policy_loss
 from cfiw_cli.algo.weights import entropy_weights, quantile
 from cfiw_cli.batching import consecutive_runs
@@ -365,7 +365,7 @@ def train_step(
     metrics = StepMetrics(step, epoch, len(members))
     full_mask = right_aligned([s.mask for s in members], max(len(s.mask) for s in members))  # [N, C]
     normalizer = max(loss_normalizer(full_mask, context.loss.loss_type, context.max_new_tokens), 1.0)
-    work = micro_batches or [[]]
+    work, problems = micro_batches or [[]], []
     for index, batch in enumerate(work):
         last = index == len(work) - 1  # gradients are all-reduced once, after the last micro-batch
         with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
@@ -373,14 +373,14 @@ def train_step(
                 logprobs, _ = forward(policy, [], context)
                 accelerator.backward(logprobs.sum() * 0.0)
                 continue
-            _accumulate(policy, batch, old, normalizer, context, metrics.sums, device)
+            problem = _accumulate(policy, batch, old, normalizer, context, metrics.sums, device, step)
+            problems += [problem] if problem else []
     # summed over the processes before the step: a non-finite loss on one stops them all, none waits
     metrics.sums = _sum_across(accelerator, metrics.sums)
     if not math.isfinite(metrics.sums["loss"]):
-        raise CfiwError(
-            f"the loss became {metrics.sums['loss']} at step {step}: nothing was saved, the policy is unchanged",
-            "lower --lr (or check the rollouts' log-probs); the previous policy is kept",
-        )
+        found = problems[0] if problems else f"the loss became {metrics.sums['loss']} at step {step} on another process"
+        raise CfiwError(f"{found}: nothing was saved, the policy is unchanged", guard.HINT)
+    guard.check_gradients(policy, accelerator, step, [s.rollout_id for s in members], _sum_across)
     if context.grad_clip <= 0:
         grad_norm = torch.tensor(0.0)
     elif context.sharded:  # the norm over every process's shard
@@ -404,8 +404,11 @@ def _accumulate(
     context: UpdateContext,
     sums: dict[str, float],
     device: Any,
-) -> None:
-    """Forward and backward of one micro-batch; its loss is its share of the minibatch loss."""
+    step: int = 0,
+) -> str | None:
+    """Forward and backward of one micro-batch; its loss is its share of the minibatch loss.
+    A non-finite loss is not raised here (the other processes would wait for this one) but
+    described (`guard.describe_loss`) for `train_step` to raise once every process knows."""
     import torch
 
     logprobs, entropy = forward(policy, batch, context, want_entropy=True)  # [B, C] each
@@ -422,10 +425,17 @@ def _accumulate(
     for key, value in metrics.items():
         sums[key] += value
     sums["entropy_sum"] += float((entropy * mask).sum())
-    sums["loss"] += float(loss.detach())
+    value = float(loss.detach())
+    sums["loss"] += value
+    problem = None
+    if not math.isfinite(value):
+        inputs = {"log-probs": logprobs, "old log-probs": old_lp, "reference log-probs": ref}
+        inputs |= {"ratio": torch.exp(logprobs.detach() - old_lp), "weights": weights}
+        problem = guard.describe_loss(inputs, mask, [s.rollout_id for s in batch], step, value)
     sums["weight_sum"] += float((weights * mask).sum())
     sums["weight_sq_sum"] += float((weights * weights * mask).sum())
     sums["rollout_diff_sum"] += float(((old_lp - sampled).abs() * mask).sum())
+    return problem
 
 
 def forward(

@@ -63,8 +63,24 @@ def test_gpu_check_smoke_runs_through_just_on_a_cpu():
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    header, row = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["shape"], ["tiny"])]
-    assert header[:3] == ["shape", "params", "dtype"] and row[0] == "tiny" and row[2] == "float32"
-    full, lora_seconds, lora_peak, lora = row[-4:]
-    assert full == lora == "fits" and float(lora_seconds) > 0 and lora_peak == "-"  # no GPU: no peak memory
-    assert "ratio score/rollout" in done.stdout
+    out = done.stdout
+    part1, rest = out.split("\n2. ", 1)
+    part2, part34 = rest.split("\n3. ", 1)
+    # 1. five tiny bf16 loops at once, none stopped
+    names = ("cfiw", "uniform", "inverted", "shuffled", "random")
+    modes = [line.split() for line in part1.splitlines() if line.split()[:1] and line.split()[0] in names]
+    assert tuple(m[0] for m in modes) == names
+    assert all(m[1] == "1" and m[2] == "0" and m[3] == "false" for m in modes)
+    assert "loops stopped on a non-finite value: 0 of 5" in part1
+    # 2. the loop with and without CFIW, and the overhead between them
+    runs = {
+        line.split()[0]: line.split() for line in part2.splitlines() if line.strip().startswith(("cfiw ", "uniform "))
+    }
+    assert runs["cfiw"][-1] == "fits" and runs["uniform"][-1] == "fits" and runs["cfiw"][2] == "float32"
+    assert (
+        runs["uniform"][1] == "--no-score" and runs["uniform"][5] == runs["uniform"][6] == "0.00"
+    )  # no segment, score
+    assert "CFIW's overhead per iteration:" in out
+    # 3. and 4.
+    assert "LoRA: fits" in part34 and "4. the score benchmark on real text" in part34
+    assert any(line.split()[:1] == ["pad"] for line in part34.split("4. the score benchmark")[1].splitlines())

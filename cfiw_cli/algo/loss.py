@@ -21,7 +21,10 @@ the whole optimizer step (every micro-batch and process), so gradient accumulati
 data-parallel training give the gradient of the full-batch loss, as TRL does for `dapo`.
 For `grpo` the per-sequence mean divides by the sequence's own token count; for `dr_grpo`
 `max_new_tokens` is the rollouts' sampling limit (not the longest completion). The weight
-multiplies the KL term too, as in the authors' trainer.
+multiplies the KL term too, as in the authors' trainer. The log-ratio is clamped to [-20, 20]
+before `exp`, as verl does: beyond 88 `exp` overflows to inf, and although the loss stays
+finite where the clipped branch wins, its backward pass multiplies that branch's zero gradient
+by the infinite ratio and returns NaN; within [-20, 20] nothing changes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+LOG_RATIO_LIMIT = 20.0  # |logp - logp_old| beyond this is clamped before exp (see the module docstring)
 REWARD_SCALINGS = ("group", "batch", "none")
 
 
@@ -70,7 +74,8 @@ def policy_loss(
     import torch
 
     mask = mask.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - old_logprobs)  # [B, T]
+    log_ratio = torch.clamp(logprobs - old_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # [B, T]
+    ratio = torch.exp(log_ratio)  # [B, T]
     advantage = advantages[:, None]  # [B, 1]
     unclipped = ratio * advantage  # [B, T]
     clipped = torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high) * advantage  # [B, T]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cfiw_cli import distributed, modeling, schemas
+from cfiw_cli import distributed, guard, modeling, schemas
 from cfiw_cli.checks import sampling_questions
 from cfiw_cli.configs import RolloutConfig
 from cfiw_cli.console import info
@@ -68,6 +68,7 @@ def _sample(config: RolloutConfig, stage: StageRun, rows: list[dict], model: Any
             }
         )
     records = distributed.gather_rows(records, order=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
+    guard.check_sampled(records)  # every process holds every row now: all stop, or none
     if not distributed.is_main():
         distributed.finish()
         return StageResult(stage.out, False, {})
