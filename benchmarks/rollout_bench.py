@@ -153,6 +153,12 @@ def compare_backends(args, measure, work: Path) -> None:
           f"batch {sequences}; median of {args.repeats}")  # fmt: skip
     print(f"{'backend':>12} {'temperature':>11} {'seconds':>9} {'tokens':>7} {'tokens/s':>9} {'vs generate':>11}")
     rates, tokens_of = {}, {}
+    import transformers
+
+    if not hasattr(transformers, "ContinuousBatchingConfig"):
+        print(f"transformers {transformers.__version__} has no continuous batching: the generate backend only")
+        print("ratio continuous / generate tokens/s, sampled: not measured")
+        return
     for temperature in (0.0, 1.0):
         for backend in ("generate", "continuous"):
             name = f"{backend}-{temperature:g}"
