@@ -247,8 +247,11 @@ def test_a_non_finite_loss_on_one_process_stops_every_process(batch, tiny_model,
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     # both processes print it (their lines may interleave on the shared stderr; the launcher
-    # then reports its failed children in a traceback of its own)
-    assert done.stderr.count("Error: the loss became nan at step 1: nothing was saved") == 2
+    # then reports its failed children in a traceback of its own): the poisoned one names its
+    # rollouts and finds every input finite, the other says where it happened
+    assert done.stderr.count("Error: the loss became nan at step 1") == 2
+    assert done.stderr.count("from finite inputs: nothing was saved") == 1
+    assert done.stderr.count("at step 1 on another process: nothing was saved") == 1
     assert not out.exists()
 
 
