@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cfiw_cli import adapters, checkpoint, guard, modeling, sharding
-from cfiw_cli.algo.loss import LossConfig, loss_normalizer, policy_loss
+from cfiw_cli.algo.loss import LOG_RATIO_LIMIT, LossConfig, loss_normalizer, policy_loss
 from cfiw_cli.algo.weights import entropy_weights, quantile
 from cfiw_cli.batching import consecutive_runs
 from cfiw_cli.configs import TrainConfig
@@ -404,7 +404,7 @@ def _accumulate(
     context: UpdateContext,
     sums: dict[str, float],
     device: Any,
-    step: int = 0,
+    step: int,
 ) -> str | None:
     """Forward and backward of one micro-batch; its loss is its share of the minibatch loss.
     A non-finite loss is not raised here (the other processes would wait for this one) but
@@ -430,7 +430,8 @@ def _accumulate(
     problem = None
     if not math.isfinite(value):
         inputs = {"log-probs": logprobs, "old log-probs": old_lp, "reference log-probs": ref}
-        inputs |= {"ratio": torch.exp(logprobs.detach() - old_lp), "weights": weights}
+        log_ratio = torch.clamp(logprobs.detach() - old_lp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # as the loss has it
+        inputs |= {"ratio": torch.exp(log_ratio), "weights": weights}
         problem = guard.describe_loss(inputs, mask, [s.rollout_id for s in batch], step, value)
     sums["weight_sum"] += float((weights * mask).sum())
     sums["weight_sq_sum"] += float((weights * weights * mask).sum())

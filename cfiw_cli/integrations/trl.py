@@ -45,7 +45,7 @@ from cfiw_cli.algo.weights import SCORED_MODES
 from cfiw_cli.configs import Checked, ScoreConfig, SegmentConfig, TrainConfig
 from cfiw_cli.errors import CfiwError
 from cfiw_cli.integrations import trl_log
-from cfiw_cli.pipeline.score import build_items
+from cfiw_cli.pipeline.score import build_items, score_row
 from cfiw_cli.pipeline.segment import spans_of
 from cfiw_cli.pipeline.train import build_sequences
 from cfiw_cli.schemas import empty_table
@@ -156,26 +156,17 @@ def weigh(config: CFIWConfig, model: Any, tokenizer: Any, rollouts: pa.Table) ->
         span_rows += [
             {"rollout_id": row["rollout_id"], "span_idx": i, **dataclasses.asdict(s)} for i, s in enumerate(spans)
         ]
+    # as `cfiw train` reads them: a batch without spans or scores is an empty table of its kind
+    spans_table = pa.Table.from_pylist(span_rows) if span_rows else empty_table("spans")
     score_rows = []
     if span_rows and config.weighting in SCORED_MODES:
-        spans_table = pa.Table.from_pylist(span_rows)
         ids, span_indices, items = build_items(rollouts, spans_table, score.target, tokenizer, score.profile)
         results = score_items(model, items, score.mask, tokenizer.pad_token_id, batch_tokens=score.batch_tokens)
         for rollout_id, indices, result in zip(ids, span_indices, results, strict=True):
             score_rows += [
-                {
-                    "rollout_id": rollout_id,
-                    "span_idx": i,
-                    "mask": score.mask,
-                    "base_logp": result.base,
-                    "masked_logp": masked,
-                    "delta": result.base - masked,
-                    "target": score.target,
-                }
+                score_row(rollout_id, i, result.base, masked, score.mask, score.target)
                 for i, masked in zip(indices, result.masked, strict=True)
             ]
-    # as `cfiw train` reads them: a batch without spans or scores is an empty table of its kind
-    spans_table = pa.Table.from_pylist(span_rows) if span_rows else empty_table("spans")
     scores_table = pa.Table.from_pylist(score_rows) if score_rows else empty_table("scores")
     train = dataclasses.replace(train, dynamic_sampling=False)
     _, weight_rows, _ = build_sequences(train, rollouts, spans_table, scores_table, tokenizer)

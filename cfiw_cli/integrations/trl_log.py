@@ -158,18 +158,18 @@ def write_batch(
     directory = Path(trainer.cfiw.log_dir) / iteration_name(trainer._cfiw_batches)
     directory.mkdir(parents=True, exist_ok=True)
     settings = {"cfiw": dataclasses.asdict(trainer.cfiw), "trl": trainer.args.to_dict()}
+    manifest = build_manifest(
+        "trl-train",
+        settings,
+        {},
+        rows=0,
+        seconds=seconds + time.perf_counter() - started,
+        seed=trainer.args.seed,
+        metrics={"global_step": trainer.state.global_step, "processes": trainer.accelerator.num_processes},
+    )
     for kind, rows in tables.items():
         if kind == "scores" and trainer.cfiw.weighting not in SCORED_MODES:
             continue  # this mode scores nothing
-        manifest = build_manifest(
-            "trl-train",
-            settings,
-            {},
-            rows=len(rows),
-            seconds=seconds + time.perf_counter() - started,
-            seed=trainer.args.seed,
-            metrics={"global_step": trainer.state.global_step, "processes": trainer.accelerator.num_processes},
-        )
         table = pa.Table.from_pylist(rows, schema=SCHEMAS[kind]) if rows else SCHEMAS[kind].empty_table()
-        write_table(table, directory / f"{kind}.parquet", manifest)
+        write_table(table, directory / f"{kind}.parquet", {**manifest, "rows": len(rows)})
     return directory

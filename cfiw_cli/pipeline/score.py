@@ -70,6 +70,19 @@ def build_items(
     return ids, span_indices, items
 
 
+def score_row(rollout_id: str, span_idx: int, base: float, masked: float, mask: str, target: str) -> dict:
+    """One scores.parquet row: a span's answer log-prob with it and without it, and their difference."""
+    return {
+        "rollout_id": rollout_id,
+        "span_idx": span_idx,
+        "mask": mask,
+        "base_logp": base,
+        "masked_logp": masked,
+        "delta": base - masked,
+        "target": target,
+    }
+
+
 def run(config: ScoreConfig, force: bool = False, model: Any = None, tokenizer: Any = None) -> StageResult:
     """`model`/`tokenizer`: an already loaded policy (the loop's); else loaded from `config.model`."""
     rollouts = read_artifact(config.rollouts, "rollouts")
@@ -111,18 +124,8 @@ def _score(
     records = []
     for i, result in zip(mine, scores, strict=True):
         for position, (span_idx, masked) in enumerate(zip(span_indices[i], result.masked, strict=True)):
-            records.append(
-                {
-                    "rollout_id": rollout_ids[i],
-                    "span_idx": span_idx,
-                    "mask": config.mask,
-                    "base_logp": result.base,
-                    "masked_logp": masked,
-                    "delta": result.base - masked,
-                    "target": config.target,
-                    "order": (i, position),
-                }
-            )
+            row = score_row(rollout_ids[i], span_idx, result.base, masked, config.mask, config.target)
+            records.append({**row, "order": (i, position)})
     records = distributed.gather_rows(records, order=lambda r: r["order"])
     bad = [r for r in records if not all(map(math.isfinite, (r["base_logp"], r["masked_logp"])))]
     if bad:
