@@ -1,6 +1,7 @@
-"""CFIW's cost per iteration: the tiny preset's loop with its segment and score stages, against
-the uniform baseline without them (`cfiw loop --weighting uniform --no-score`), from the same
-warm policy.
+"""CFIW's cost per iteration: the tiny preset's loop with its segment and score stages (as the
+preset scores: only groups with unequal rewards; and with `score.groups = "all"`), against the
+uniform baseline without them (`cfiw loop --weighting uniform --no-score`), from the same warm
+policy.
 
 Per run it reads each stage's seconds from the manifests (rollout, segment, score, train; the
 evaluations are left out, as they are no part of an iteration) and prints the mean seconds per
@@ -48,6 +49,21 @@ def stage_seconds(run: Path) -> dict[str, float]:
     return {stage: seconds for stage, seconds in rows}
 
 
+def scored_rollouts(run: Path) -> tuple[int, int]:
+    """Rollouts scored (those with reasoning spans and an answer, in the groups scored) and
+    rollouts sampled, over the run's iterations."""
+    from cfiw_cli.report.sql import query
+
+    _, rows = query(
+        run,
+        "select sum(cast(json_extract(manifest, '$.metrics.rollouts') as integer)) filter (where stage = 'score'), "
+        "sum(cast(json_extract(manifest, '$.rows') as integer)) filter (where stage = 'rollout') "
+        "from manifests where file like '%/iter-%/%'",
+    )
+    scored, sampled = rows[0]
+    return scored or 0, sampled or 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=4)
@@ -66,21 +82,35 @@ def main() -> None:
     else:
         model = args.model or warm_policy(work, args.sft_steps)
     common = ["loop", "--preset", "tiny", "--model", model, "--iterations", str(args.iterations), *sizes]
-    runs = {"cfiw": work / "cfiw", "uniform --no-score": work / "uniform"}
-    cfiw(*common, "--run", str(runs["cfiw"]))
-    cfiw(*common, "--run", str(runs["uniform --no-score"]), "--weighting", "uniform", "--no-score")
+    runs = {
+        "cfiw (preset)": (work / "cfiw", []),
+        "cfiw, groups all": (work / "cfiw-all", ["--set", "score.groups=all"]),
+        "uniform --no-score": (work / "uniform", ["--weighting", "uniform", "--no-score"]),
+    }
+    for run, extra in runs.values():
+        cfiw(*common, "--run", str(run), *extra)
 
-    seconds = {name: stage_seconds(run) for name, run in runs.items()}
     print(f"tiny preset, {args.iterations} iterations, policy {model}; mean stage seconds per iteration")
-    print(f"{'run':>20} " + " ".join(f"{s:>8}" for s in STAGES) + f" {'iteration':>10} {'CFIW share':>11}")
+    print(
+        f"{'run':>20} " + " ".join(f"{s:>8}" for s in STAGES)
+        + f" {'iteration':>10} {'CFIW share':>11} {'scored rollouts':>16}"
+    )  # fmt: skip
     totals = {}
-    for name, found in seconds.items():
+    for name, (run, _) in runs.items():
+        found = stage_seconds(run)
         per = {s: found.get(s, 0.0) / args.iterations for s in STAGES}
         totals[name] = sum(per.values())
         share = (per["segment"] + per["score"]) / totals[name]
-        print(f"{name:>20} " + " ".join(f"{per[s]:>8.2f}" for s in STAGES) + f" {totals[name]:>10.2f} {share:>10.1%}")
-    extra = totals["cfiw"] / totals["uniform --no-score"]
-    print(f"ratio cfiw iteration / uniform --no-score iteration: {extra:.3f}")
+        scored, sampled = scored_rollouts(run)
+        counted = f"{scored}/{sampled}"
+        print(
+            f"{name:>20} " + " ".join(f"{per[s]:>8.2f}" for s in STAGES)
+            + f" {totals[name]:>10.2f} {share:>10.1%} {counted:>16}"
+        )  # fmt: skip
+    for name in ("cfiw (preset)", "cfiw, groups all"):
+        print(
+            f"ratio {name} iteration / uniform --no-score iteration: {totals[name] / totals['uniform --no-score']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -51,3 +51,34 @@ def consecutive_runs(
     if current:
         runs.append(current)
     return runs
+
+
+def least_padded_runs(
+    sizes: Sequence[int],
+    budget: int,
+    call_tokens: int,
+    pasts: Sequence[int] | None = None,
+    past_budget: int = 0,
+) -> list[list[int]]:
+    """Indices sorted longest first, cut into consecutive runs under the limits of
+    `consecutive_runs`, at the least padded tokens plus `call_tokens` per run (a forward
+    call's fixed cost, in tokens). Exact, by dynamic programming over the cut points: a run
+    is padded to its first (longest) row, so greedy runs pad short rows to long ones."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    best = [0] + [float("inf")] * len(order)  # best[j]: least cost of the first j rows
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        past = 0
+        for start in range(end - 1, -1, -1):
+            rows, width = end - start, sizes[order[start]]
+            past = max(past, pasts[order[start]] if pasts else 0)
+            if rows > 1 and (rows * width > budget or (pasts and rows * (past + width) > past_budget)):
+                break  # longer runs only grow wider and longer
+            cost = best[start] + rows * width + call_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    runs, end = [], len(order)
+    while end:
+        runs.append(order[cut[end] : end])
+        end = cut[end]
+    return runs[::-1]

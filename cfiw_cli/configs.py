@@ -43,6 +43,7 @@ TRAIN_SCHEDULES = ("constant", "cosine")
 REPLAY_OPTIMIZER_STATES = ("kept", "fresh")
 OPTIMIZERS = ("adamw", "sgd")
 SAMPLING_BACKENDS = ("generate", "continuous")  # cfiw_cli.samplers
+SCORED_GROUPS = ("all", "mixed")  # which rollouts cfiw score scores: every one, or those of groups with unequal rewards
 PROFILE_HELP = (
     "cfiw (the method as docs/method.md states it) or authors (their trainer, exactly: their span detector in "
     "segment, their answer positions in score, full span drops and formatting tokens x0.1 in train)."
@@ -391,6 +392,12 @@ class ScoreConfig(ModelOptions):
     )
     batch_tokens: int = flag(8192, "Padded tokens per forward call (memory bound).", min=16, max=MAX_TOKENS_PER_CALL)
     profile: str = flag("cfiw", PROFILE_HELP, choices=PROFILES)
+    groups: str = flag(
+        "all",
+        "all: score every rollout; mixed: only the rollouts of groups whose rewards differ (train's "
+        "--dynamic-sampling drops the rest, so their scores would weigh no token).",
+        choices=SCORED_GROUPS,
+    )
 
     def check_rules(self) -> None:
         super().check_rules()

@@ -73,3 +73,21 @@ def test_suffixes_run_only_what_follows_the_span():
     # knockout of a span that ends at the answer: the first answer token keeps its base log-prob
     v = variant_suffix(item, 0, 1, "knockout", pad_id=0)
     assert v.base_first and v.targets == item.tokens[18:]
+
+
+def test_identical_items_are_scored_once(model):
+    items = make_items(model.config.vocab_size)
+    # a group whose samples wrote the same completion: the copies cost nothing and get the same numbers
+    doubled = [items[0], items[1], items[0], items[2], items[0], items[1]]
+    once, twice = {}, {}
+    alone = score_items(model, items[:3], "pad", pad_id=3, stats=once)
+    advanced = []
+    together = score_items(model, doubled, "pad", pad_id=3, stats=twice, on_items=advanced.append)
+    assert twice == once  # the same tokens and forward calls as the three distinct items
+    assert sum(advanced) == len(doubled)  # progress still counts every item
+    for got, want in zip(together, [alone[0], alone[1], alone[0], alone[2], alone[0], alone[1]], strict=True):
+        assert got == want
+    # items that differ in their spans only are not merged
+    split = ScoringItem(items[0].tokens, items[0].target_start, items[0].spans[:1], items[0].prompt_length)
+    merged = score_items(model, [items[0], split], "pad", pad_id=3)
+    assert len(merged[1].masked) == 1 and merged[1].masked == pytest.approx(alone[0].masked[:1], abs=TOLERANCE)

@@ -330,6 +330,15 @@ def test_set_overrides_any_value_and_rejects_unknown_keys(cli, tmp_path):
         cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "optim.lr=1"),
         "unknown config section",
     )
+    # the preset scores only groups with unequal rewards, which needs train's dynamic sampling
+    assert all("--groups mixed" in line for line in done.stdout.splitlines() if line.startswith("cfiw score"))
+    assert_clean_error(
+        cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run", "--set", "train.dynamic_sampling=false"),
+        "score.groups = 'mixed' leaves the groups with equal rewards unscored",
+    )
+    every = cli("loop", "--preset", "tiny", "--run", tmp_path / "r", "--dry-run",
+                "--set", "train.dynamic_sampling=false", "--set", "score.groups=all")  # fmt: skip
+    assert every.exit_code == 0 and "--groups all" in every.stdout and "--no-dynamic-sampling" in every.stdout
 
 
 def test_unknown_preset(cli, tmp_path):

@@ -404,3 +404,52 @@ def test_bad_temperature(cli, batch, tiny_model, tmp_path):  # a bad --profile e
     done = cli(*train_args(batch, tiny_model, tmp_path / "p", "--temperature", "0"))
     assert done.exit_code == 2 and "'--temperature': 0.0 is not above 0" in done.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_scoring_only_mixed_groups_trains_the_same_policy(cli, tiny_model, tmp_path):
+    """`score --groups mixed` leaves the groups with equal rewards unscored; train's dynamic
+    sampling drops those groups, so the update is the one from every rollout's scores."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "iter-0000"
+    # q-0: both right, q-2: both wrong (equal rewards); q-1 and q-3: one right, one wrong
+    golds = ["19", "6", "22.5", "4", "0", "0", "42", "2"]
+    rollouts = write_rollouts(
+        directory / "rollouts.parquet", AutoTokenizer.from_pretrained(tiny_model), COMPLETIONS + ["#### 1"], golds
+    )
+    spans = directory / "spans.parquet"
+    assert cli("segment", "--rollouts", rollouts, "--model", tiny_model, "--out", spans).exit_code == 0
+    scores = {}
+    for groups in ("all", "mixed"):
+        scores[groups] = directory / f"scores-{groups}.parquet"
+        result = cli("score", "--rollouts", rollouts, "--spans", spans, "--model", tiny_model,
+                     "--out", scores[groups], "--groups", groups)  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+    assert "(4 rollouts of groups with equal rewards left unscored)" in result.stderr
+    manifest = json.loads(pq.read_schema(scores["mixed"]).metadata[b"cfiw"])
+    assert manifest["metrics"]["unscored_equal_reward_rollouts"] == 4
+    every = {(r["rollout_id"], r["span_idx"]): r for r in pq.read_table(scores["all"]).to_pylist()}
+    mixed = {(r["rollout_id"], r["span_idx"]): r for r in pq.read_table(scores["mixed"]).to_pylist()}
+    assert {rollout for rollout, _ in every} > {rollout for rollout, _ in mixed}
+    assert set(mixed) == {key for key in every if key[0].split(":")[1] in ("q-1", "q-3")}
+    for key, row in mixed.items():
+        assert row["delta"] == pytest.approx(every[key]["delta"], abs=1e-5)
+
+    policies = {}
+    for groups, scores_file in scores.items():
+        out = tmp_path / f"policy-{groups}"
+        args = ["train", "--model", tiny_model, "--rollouts", rollouts, "--spans", spans, "--scores", scores_file,
+                "--out", out, "--weights-out", tmp_path / f"weights-{groups}.parquet", "--optimizer", "sgd",
+                "--lr", "1e-2"]  # fmt: skip
+        assert cli(*args).exit_code == 0
+        policies[groups] = parameters(out)
+    # SGD: the step is linear in the gradient, so the deltas' last-digit differences (different
+    # batches in score) stay last-digit differences (AdamW's first step would amplify them)
+    step = max_change(policies["all"], parameters(tiny_model))
+    assert step > 1e-5 and max_change(policies["all"], policies["mixed"]) < 1e-3 * step
+    weights = {g: pq.read_table(tmp_path / f"weights-{g}.parquet").to_pylist() for g in scores}
+    for full, partial in zip(weights["all"], weights["mixed"], strict=True):
+        if full["kept"]:
+            assert partial["token_weights"] == pytest.approx(full["token_weights"], abs=1e-4)
+        else:  # an unscored rollout weighs as in uniform; dynamic sampling drops it either way
+            assert not partial["kept"] and set(partial["token_weights"]) == {1.0}

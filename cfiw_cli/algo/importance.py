@@ -22,16 +22,21 @@ give the same numbers (fp32, within 1e-4; tests check every mode against `naive_
    the cached prefix: the pad tokens and the rest (`pad`), the token before the span and
    the rest (`delete`: one token more, so the first answer token always has its
    predictor inside the suffix), or the rest at its original positions (`knockout`).
-2. The variants of one rollout are packed end to end into one batch row (at most
-   `row_tokens`), and rows of many rollouts run as one forward call (at most `batch_tokens`
-   padded tokens). All variants in a row attend to the same cached row, gathered once per
-   row; a 4D attention mask lets each token see the cached positions before its variant's
-   start and the earlier tokens of its own variant only, and explicit position ids carry
-   the right positions. No variant is padded to another's length, and the prefix cache is
-   copied once per rollout instead of once per variant.
+2. The variants of one rollout are packed end to end into batch rows (at most `row_tokens`
+   each, longest first into the fullest row they fit), and rows of many rollouts run as one
+   forward call (at most `batch_tokens` padded tokens). All variants in a row attend to the
+   same cached row, gathered once per row; a 4D attention mask lets each token see the
+   cached positions before its variant's start and the earlier tokens of its own variant
+   only, and explicit position ids carry the right positions. No variant is padded to
+   another's length, and the prefix cache is copied once per rollout instead of once per
+   variant. The unmasked runs of the rollouts of one prompt are packed the same way on top
+   of the prompt's cached row. Rows are cut into forward calls where padding plus a fixed
+   cost per call is least (`batching.least_padded_runs`), not greedily.
 3. Logits are computed only at the positions that predict answer tokens (the decoder's last
    hidden state is captured and the LM head runs on those positions alone).
-4. Under `knockout`, when the span ends right at the answer, the first answer token is
+4. Identical rollouts (a GRPO group's samples that wrote the same completion, common once a
+   policy is confident) are scored once; their rows get the same numbers.
+5. Under `knockout`, when the span ends right at the answer, the first answer token is
    predicted by the span's own last token, which the knockout leaves intact: its
    log-probability is taken from the unmasked run.
 
@@ -43,11 +48,12 @@ too), less the shared prompts. Not done: sharing work between the variants thems
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cfiw_cli.batching import consecutive_runs, left_pad
+from cfiw_cli.batching import consecutive_runs, least_padded_runs, left_pad
 from cfiw_cli.kv_cache import cache_argument
 from cfiw_cli.logprobs import captured_hidden
 
@@ -163,106 +169,120 @@ def _run_suffixes(
     return picked, [(layer[0][:, :, past:], layer[1][:, :, past:]) for layer in cache]
 
 
-def _pack_rows(variants: list[_Suffix], row_budget: int) -> list[list[_Suffix]]:
-    """The variants of each rollout, cut into rows of at most `row_budget` tokens (a variant
-    longer than that gets a row of its own)."""
+def _pack_rows(jobs: list[_Suffix], row_budget: int) -> list[list[_Suffix]]:
+    """The jobs of each cached row (consecutive in `jobs`), cut into batch rows of at most
+    `row_budget` tokens, longest first into the fullest row they fit (a job longer than the
+    budget gets a row of its own). Rows end up close to the same width, so a batch of them is
+    padded little."""
     rows: list[list[_Suffix]] = []
-    width = 0  # tokens in the last row
-    for v in variants:
-        if rows and rows[-1][0].row == v.row and width + len(v.tokens) <= row_budget:
-            rows[-1].append(v)
-            width += len(v.tokens)
-        else:
-            rows.append([v])
-            width = len(v.tokens)
+    start = 0
+    while start < len(jobs):
+        end = start
+        while end < len(jobs) and jobs[end].row == jobs[start].row:
+            end += 1
+        group = sorted(jobs[start:end], key=lambda j: -len(j.tokens))
+        bins: list[list[_Suffix]] = []
+        free: list[int] = []
+        for job in group:
+            fits = [b for b in range(len(bins)) if free[b] >= len(job.tokens)]
+            if fits:
+                best = min(fits, key=lambda b: free[b])
+                bins[best].append(job)
+                free[best] -= len(job.tokens)
+            else:
+                bins.append([job])
+                free.append(row_budget - len(job.tokens))
+        rows += bins
+        start = end
     return rows
 
 
 def _run_packed(
     model: Any,
     rows: list[list[_Suffix]],
-    kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: keys, values [N, heads, S, d] of the unmasked runs
+    kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: keys, values [N, heads, S, d] of the cached rows
     stats: dict | None = None,
-) -> list[list[torch.Tensor]]:  # per row, per variant: target log-probs [n]
-    """One forward call in which each batch row packs several variants of one rollout end to end.
+    keep_kv: bool = False,
+) -> tuple[list[list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """One forward call in which each batch row packs several jobs (the variants of one
+    rollout, or the rollouts of one prompt) end to end on top of the cached row they share.
 
-    Every variant of a rollout attends to the same cached row (its unmasked run), so the cache
-    is gathered once per row, not once per variant, and no variant is padded to another's
-    length. A 4D mask lets each token see the cached positions before its variant's `past` and
-    the earlier tokens of its own variant, nothing else; position ids carry the positions."""
+    The cache is gathered once per batch row, not once per job, and no job is padded to
+    another's length. A 4D mask lets each token see the cached positions before its job's
+    `past` and the earlier tokens of its own job, nothing else; position ids carry the
+    positions. Returns, per row and job, the target log-probs `[n]`; with `keep_kv`, also the
+    new tokens' KV per layer `[B, H, W, d]` (job k of row r at its packed columns)."""
     import torch
 
     dev = next(model.parameters()).device
     width = max(sum(len(j.tokens) for j in row) for row in rows)
     past = max(j.past for row in rows for j in row)
-    tokens = torch.zeros(len(rows), width, dtype=torch.long)  # [B, W] right-padded with token 0
-    positions = torch.zeros(len(rows), width, dtype=torch.long)  # [B, W]
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # [B, W] variant index in the row
-    visible_past = torch.zeros(len(rows), width, dtype=torch.long)  # [B, W] cached positions a token sees
-    ends: list[list[int]] = []
-    for r, row in enumerate(rows):
-        start, row_ends = 0, []
-        for k, job in enumerate(row):
-            n = len(job.tokens)
-            tokens[r, start : start + n] = torch.tensor(job.tokens)
-            positions[r, start : start + n] = torch.tensor(job.positions)
-            segment[r, start : start + n] = k
-            visible_past[r, start : start + n] = job.past
-            start += n
-            row_ends.append(start)
-        ends.append(row_ends)
+    tokens, positions, segment, visible_past = [], [], [], []  # per row, `width` entries each
+    for row in rows:
+        padding = width - sum(len(j.tokens) for j in row)
+        tokens.append([t for j in row for t in j.tokens] + [0] * padding)
+        positions.append([q for j in row for q in j.positions] + [0] * padding)
+        segment.append([k for k, j in enumerate(row) for _ in j.tokens] + [-1] * padding)
+        visible_past.append([j.past for j in row for _ in j.tokens] + [0] * padding)
+    segment_ids = torch.tensor(segment)  # [B, W] job index in the row, -1 on padding
     if stats is not None:
-        stats["tokens"] = stats.get("tokens", 0) + int((segment >= 0).sum())
+        stats["tokens"] = stats.get("tokens", 0) + int((segment_ids >= 0).sum())
         stats["padded_tokens"] = stats.get("padded_tokens", 0) + len(rows) * width
         stats["forward_calls"] = stats.get("forward_calls", 0) + 1
     index = torch.arange(width)
-    own = (segment[:, :, None] == segment[:, None, :]) & (index[None, None, :] <= index[None, :, None])  # [B, W, W]
-    own |= (segment < 0)[:, :, None] & (index[None, None, :] == index[None, :, None])  # padding sees itself
-    cached = torch.arange(past)[None, None, :] < visible_past[:, :, None]  # [B, W, P]
+    own = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (index[None, None, :] <= index[None, :, None])
+    own |= (segment_ids < 0)[:, :, None] & (index[None, None, :] == index[None, :, None])  # padding sees itself
+    cached = torch.arange(past)[None, None, :] < torch.tensor(visible_past)[:, :, None]  # [B, W, P]
     allowed = torch.cat([cached, own], dim=2)[:, None]  # [B, 1, W, P + W]
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     cache_rows = torch.tensor([row[0].row for row in rows], device=dev)  # [B]
     layers = [(k[:, :, :past].index_select(0, cache_rows), v[:, :, :past].index_select(0, cache_rows)) for k, v in kv]
     with captured_hidden(model) as captured:
-        model(
-            input_ids=tokens.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=positions.to(dev),
-            use_cache=False,
+        out = model(
+            input_ids=torch.tensor(tokens, device=dev),  # [B, W]
+            attention_mask=mask.to(dev),  # [B, 1, W, P + W]
+            position_ids=torch.tensor(positions, device=dev),  # [B, W]
+            use_cache=keep_kv,
             logits_to_keep=1,
             **{cache_argument(model): _cache_from(layers)},
         )
     hidden = captured["hidden"]  # [B, W, H]
     wanted_rows, wanted_cols, targets = [], [], []
     for r, row in enumerate(rows):
-        for job, end in zip(row, ends[r], strict=True):
+        end = 0
+        for job in row:
+            end += len(job.tokens)
             n = len(job.targets)
             wanted_rows += [r] * n
-            wanted_cols += list(range(end - n, end))
+            wanted_cols += range(end - n, end)
             targets += job.targets
     head = model.get_output_embeddings()
     picked_hidden = hidden[torch.tensor(wanted_rows, device=dev), torch.tensor(wanted_cols, device=dev)]  # [n, H]
     logprobs = head(picked_hidden).float().log_softmax(-1)  # [n, V]
     values = logprobs.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)  # [n]
-    out, at = [], 0
+    per_row, at = [], 0
     for row in rows:
-        per_row = []
+        per_job = []
         for job in row:
-            per_row.append(values[at : at + len(job.targets)])
+            per_job.append(values[at : at + len(job.targets)])
             at += len(job.targets)
-        out.append(per_row)
-    return out
+        per_row.append(per_job)
+    new_kv = None
+    if keep_kv:
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        new_kv = [(layer[0][:, :, past:], layer[1][:, :, past:]) for layer in cache]  # [B, H, W, d]
+    return per_row, new_kv
 
 
 def _batches(sizes: list[int], budget: int, pasts: list[int] | None = None) -> list[list[int]]:
-    """Greedy batches of indices (sorted longest first) whose padded size fits `budget` tokens.
+    """Batches of indices (sorted longest first) whose padded size fits `budget` tokens, cut
+    where padding plus a per-call cost of `budget / 32` tokens is least.
 
     With `pasts` (cached prefix lengths), rows x (longest past + width) also stays within
     8 x `budget`: it bounds the gathered KV cache and the attention of rows with short suffixes.
     """
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    return consecutive_runs(order, sizes, budget, pasts, 8 * budget)
+    return least_padded_runs(sizes, budget, budget // 32, pasts, 8 * budget)
 
 
 def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
@@ -270,26 +290,41 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
     return consecutive_runs(sorted(range(len(sizes)), key=lambda i: sizes[i]), sizes, budget)
 
 
-def _store(
+def _copy_tokens(
     cache: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: keys, values [N, heads, S, d]
-    rows: list[int],
-    suffix_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: [b, heads, W, d], left-padded
-    lengths: list[int],
-    starts: list[int],
+    source: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: keys, values [B, heads, W, d]
+    moves: list[tuple[int, int, int, int, int]],  # (cache row, cache slot, source row, source slot, length)
 ) -> None:
-    """Copy each row's (left-padded) suffix KV into slots [start, start + length) of `cache`."""
-    for (keys, values), (new_keys, new_values) in zip(cache, suffix_kv, strict=True):
-        width = new_keys.shape[2]
-        for b, (row, length, start) in enumerate(zip(rows, lengths, starts, strict=True)):
-            keys[row, :, start : start + length] = new_keys[b, :, width - length :]
-            values[row, :, start : start + length] = new_values[b, :, width - length :]
+    """Copy runs of token positions from `source` into `cache`: one indexed copy per layer."""
+    import torch
+
+    rows, slots, source_rows, source_slots = [], [], [], []
+    for row, slot, source_row, source_slot, length in moves:
+        rows += [row] * length
+        slots += range(slot, slot + length)
+        source_rows += [source_row] * length
+        source_slots += range(source_slot, source_slot + length)
+    if not rows:
+        return
+    dev = cache[0][0].device
+    index = [torch.tensor(x, device=dev) for x in (rows, slots, source_rows, source_slots)]
+    for (keys, values), (new_keys, new_values) in zip(cache, source, strict=True):
+        keys[index[0], :, index[1]] = new_keys[index[2], :, index[3]]  # [n, heads, d]
+        values[index[0], :, index[1]] = new_values[index[2], :, index[3]]
+
+
+def _empty_cache(
+    like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, length: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:  # per layer: keys, values [rows, heads, length, d]
+    return [tuple(t.new_zeros(rows, t.shape[1], length, t.shape[3]) for t in layer) for layer in like]
 
 
 def _run_unmasked(
     model: Any, items: list[ScoringItem], pad_id: int, batch_tokens: int, stats: dict | None = None
 ) -> tuple[list[list[float]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Prompts (once per distinct prompt), then each item on top of its prompt. Returns the
-    per-token target log-probs of each item and their KV per layer `[N, H, L_max, d]`."""
+    """Prompts (once per distinct prompt), then the items of each prompt packed end to end on
+    top of it. Returns the per-token target log-probs of each item and their KV per layer
+    `[N, H, L_max, d]`."""
     # The prompt's last token stays with the item so its prediction is always in the item run.
     shared = [max(item.prompt_length - 1, 0) for item in items]
     prompts: dict[tuple[int, ...], int] = {}
@@ -298,43 +333,49 @@ def _run_unmasked(
             prompts.setdefault(tuple(item.tokens[:n]), len(prompts))
     prompt_list = list(prompts)
     prompt_kv = None
-    if prompt_list:
-        prompt_kv = []
-        for batch in _batches([len(p) for p in prompt_list], batch_tokens):
-            jobs = [_Suffix(i, 0, list(prompt_list[i]), list(range(len(prompt_list[i]))), []) for i in batch]
-            _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, stats=stats)
-            if not prompt_kv:
-                longest = max(len(p) for p in prompt_list)
-                prompt_kv = [
-                    tuple(t.new_zeros(len(prompt_list), t.shape[1], longest, t.shape[3]) for t in layer)
-                    for layer in suffix_kv
-                ]
-            _store(prompt_kv, batch, suffix_kv, [len(prompt_list[i]) for i in batch], [0] * len(batch))
+    for batch in _batches([len(p) for p in prompt_list], batch_tokens) if prompt_list else []:
+        jobs = [_Suffix(i, 0, list(prompt_list[i]), list(range(len(prompt_list[i]))), []) for i in batch]
+        _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, stats=stats)
+        prompt_kv = prompt_kv or _empty_cache(suffix_kv, len(prompt_list), max(len(p) for p in prompt_list))
+        width = suffix_kv[0][0].shape[2]  # left-padded
+        _copy_tokens(prompt_kv, suffix_kv, [(i, 0, b, width - len(prompt_list[i]), len(prompt_list[i]))
+                                            for b, i in enumerate(batch)])  # fmt: skip
 
     longest = max(len(item.tokens) - 1 for item in items)
     item_kv, per_token = None, [[] for _ in items]
     jobs = []
     for index, (item, n) in enumerate(zip(items, shared, strict=True)):
         end = len(item.tokens) - 1
-        row = prompts[tuple(item.tokens[:n])] if n else 0
+        row = prompts[tuple(item.tokens[:n])] if n else -1
         jobs.append(
             _Suffix(row, n, item.tokens[n:end], list(range(n, end)), item.tokens[item.target_start :], span=index)
         )
-    for batch in _batches([len(j.tokens) for j in jobs], batch_tokens):
-        batch_jobs = [jobs[i] for i in batch]
-        logprobs, suffix_kv = _run_suffixes(model, batch_jobs, prompt_kv, pad_id, stats=stats)
-        if item_kv is None:
-            item_kv = [
-                tuple(t.new_zeros(len(items), t.shape[1], longest, t.shape[3]) for t in layer) for layer in suffix_kv
-            ]
+    alone = [j for j in jobs if not j.past]  # nothing cached before them: one left-padded batch row each
+    for batch in _batches([len(j.tokens) for j in alone], batch_tokens) if alone else []:
+        batch_jobs = [alone[i] for i in batch]
+        logprobs, suffix_kv = _run_suffixes(model, batch_jobs, None, pad_id, stats=stats)
+        item_kv = item_kv or _empty_cache(suffix_kv, len(items), longest)
+        width = suffix_kv[0][0].shape[2]
+        _copy_tokens(item_kv, suffix_kv, [(j.span, 0, b, width - len(j.tokens), len(j.tokens))
+                                          for b, j in enumerate(batch_jobs)])  # fmt: skip
         for job, values in zip(batch_jobs, logprobs, strict=True):
             per_token[job.span] = values.tolist()
-        _store(item_kv, batch, suffix_kv, [len(j.tokens) for j in batch_jobs], [j.past for j in batch_jobs])
-        for i, job in zip(batch, batch_jobs, strict=True):  # the shared prompt part
-            if job.past:
-                for (keys, values), (p_keys, p_values) in zip(item_kv, prompt_kv, strict=True):
-                    keys[i, :, : job.past] = p_keys[job.row, :, : job.past]
-                    values[i, :, : job.past] = p_values[job.row, :, : job.past]
+    rows = _pack_rows(sorted((j for j in jobs if j.past), key=lambda j: j.row), PACKED_ROW_TOKENS)
+    widths = [sum(len(j.tokens) for j in row) for row in rows]
+    for batch in _batches(widths, batch_tokens, [max(j.past for j in row) for row in rows]) if rows else []:
+        batch_rows = [rows[i] for i in batch]
+        values, new_kv = _run_packed(model, batch_rows, prompt_kv, stats, keep_kv=True)
+        item_kv = item_kv or _empty_cache(new_kv, len(items), longest)
+        moves, prompt_moves = [], []
+        for b, (row, row_values) in enumerate(zip(batch_rows, values, strict=True)):
+            column = 0
+            for job, job_values in zip(row, row_values, strict=True):
+                per_token[job.span] = job_values.tolist()
+                moves.append((job.span, job.past, b, column, len(job.tokens)))
+                prompt_moves.append((job.span, 0, job.row, 0, job.past))
+                column += len(job.tokens)
+        _copy_tokens(item_kv, new_kv, moves)
+        _copy_tokens(item_kv, prompt_kv, prompt_moves)
     return per_token, item_kv
 
 
@@ -354,11 +395,38 @@ def score_items(
     `batch_tokens` bounds the padded tokens of one forward call; `cache_tokens` (default 16x
     that) bounds the unmasked KV cache kept while the variants of a group of rollouts run.
     `stats`, when given, accumulates `tokens` run, `padded_tokens` and `forward_calls`.
+    Identical items (a group's samples that wrote the same completion) are scored once.
     """
-    import torch
-
     if mode not in MASK_MODES:
         raise ValueError(f"unknown mask mode {mode!r}")
+    distinct: dict[tuple, int] = {}
+    which = [distinct.setdefault((tuple(it.tokens), it.target_start, tuple(it.spans)), i) for i, it in enumerate(items)]
+    copies = Counter(which)  # first index of each distinct item -> how many items it stands for
+    firsts = sorted(copies)
+
+    def advance(scored: list[int]) -> None:
+        if on_items:
+            on_items(sum(copies[firsts[i]] for i in scored))
+
+    scored = _score_distinct(model, [items[i] for i in firsts], mode, pad_id, batch_tokens, cache_tokens,
+                             row_tokens, advance, stats)  # fmt: skip
+    by_first = dict(zip(firsts, scored, strict=True))
+    return [by_first[first] for first in which]
+
+
+def _score_distinct(
+    model: Any,
+    items: list[ScoringItem],
+    mode: str,
+    pad_id: int,
+    batch_tokens: int,
+    cache_tokens: int | None,
+    row_tokens: int | None,
+    on_items: Callable[[list[int]], None],
+    stats: dict | None,
+) -> list[ItemScores]:
+    import torch
+
     results: list[ItemScores | None] = [None] * len(items)
     with torch.inference_mode():
         for chunk in _chunks([len(item.tokens) for item in items], cache_tokens or 16 * batch_tokens):
@@ -377,14 +445,13 @@ def score_items(
             widths = [sum(len(v.tokens) for v in row) for row in rows]
             for batch in _batches(widths, batch_tokens, [max(v.past for v in row) for row in rows]):
                 batch_rows = [rows[i] for i in batch]
-                for row, values in zip(batch_rows, _run_packed(model, batch_rows, kv, stats), strict=True):
+                for row, values in zip(batch_rows, _run_packed(model, batch_rows, kv, stats)[0], strict=True):
                     for job, logprobs in zip(row, values, strict=True):
                         masked[job.row][job.span] += float(logprobs.sum())
             for row, i in enumerate(chunk):
                 results[i] = ItemScores(base=float(sum(per_token[row])), masked=masked[row])
             del kv
-            if on_items:
-                on_items(len(chunk))
+            on_items(chunk)
     return results  # type: ignore[return-value]
 
 

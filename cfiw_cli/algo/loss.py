@@ -107,6 +107,15 @@ def policy_loss(
     return loss, metrics
 
 
+def equal_reward_groups(rewards: list[float], groups: list[str]) -> set[str]:
+    """The groups whose rewards are all equal: their advantages are 0, and dynamic sampling
+    drops them."""
+    seen: dict[str, set[float]] = {}
+    for reward, group in zip(rewards, groups, strict=True):
+        seen.setdefault(group, set()).add(reward)
+    return {group for group, values in seen.items() if len(values) == 1}
+
+
 def group_advantages(rewards: list[float], groups: list[str], scale: str = "group") -> list[float]:
     """A = (r - mean of its group) / (std + 1e-4); std of the group (`group`), of the whole batch
     (`batch`), or no scaling (`none`). Standard deviations are unbiased, as in TRL and verl."""

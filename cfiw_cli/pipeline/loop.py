@@ -276,6 +276,12 @@ def _steps(
         metrics_out=first["train_metrics"], weights_out=first["weights"], weighting=loop.weighting,
         profile=loop.profile, seed=seed,
     )  # fmt: skip
+    if loop.score and score_template.groups == "mixed" and not train_template.dynamic_sampling:
+        raise CfiwError(
+            "score.groups = 'mixed' leaves the groups with equal rewards unscored, and train.dynamic_sampling = "
+            "false trains on them",
+            "set score.groups = 'all', or keep train.dynamic_sampling on",
+        )
     if train_template.beta > 0 and not train_template.lora_r and train_template.reference is None:
         # the KL term anchors every iteration to the starting policy (with LoRA: the adapters disabled)
         train_template = replace(train_template, reference=base)

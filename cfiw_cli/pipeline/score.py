@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from cfiw_cli import distributed, modeling, schemas
 from cfiw_cli.algo.importance import ScoringItem, score_items
+from cfiw_cli.algo.loss import equal_reward_groups
 from cfiw_cli.artifacts import read_artifact
 from cfiw_cli.checks import check_spans_match, require_rollouts
 from cfiw_cli.configs import ScoreConfig
@@ -70,6 +71,14 @@ def build_items(
     return ids, span_indices, items
 
 
+def mixed_groups(rollouts: pa.Table) -> pa.Table:
+    """The rollouts of groups whose rewards differ: the only ones train learns from when its
+    dynamic sampling drops the groups with equal rewards."""
+    prompt_ids = rollouts.column("prompt_id").to_pylist()
+    flat = equal_reward_groups(rollouts.column("reward").to_pylist(), prompt_ids)
+    return rollouts.filter(pa.array([prompt_id not in flat for prompt_id in prompt_ids], pa.bool_()))
+
+
 def score_row(rollout_id: str, span_idx: int, base: float, masked: float, mask: str, target: str) -> dict:
     """One scores.parquet row: a span's answer log-prob with it and without it, and their difference."""
     return {
@@ -105,11 +114,16 @@ def _score(
         rollouts.column("prompt_ids").to_pylist() + rollouts.column("completion_ids").to_pylist(),
         config.rollouts,
     )
+    unscored = 0
+    if config.groups == "mixed":
+        scored = mixed_groups(rollouts)
+        unscored, rollouts = len(rollouts) - len(scored), scored
     rollout_ids, span_indices, items = build_items(rollouts, spans, config.target, tokenizer, config.profile)
     if not items:  # e.g. a policy that has stopped writing reasoning: every rollout will weigh as in uniform
+        which = "of a group with unequal rewards " if config.groups == "mixed" else ""
         info(
-            f"Warning: no rollout in {config.spans} has both reasoning spans and an answer: nothing to score, "
-            f"the scores file is empty"
+            f"Warning: no rollout {which}in {config.spans} has both reasoning spans and an answer: nothing to "
+            f"score, the scores file is empty"
         )
     mine = distributed.my_share(items)
     with progress_bar(f"score ({config.mask})", total=len(mine), unit="rollouts") as advance:
@@ -146,14 +160,16 @@ def _score(
         "spans": len(records),
         "tokens": tokens,
         "processes": distributed.processes(),
+        "unscored_equal_reward_rollouts": unscored,
         "mean_delta": sum(r["delta"] for r in records) / len(records) if records else None,
     }
     device, dtype = modeling.describe_device(dev), modeling.model_dtype(model)
     manifest = stage.manifest(rows=len(records), metrics=metrics, device=device, dtype=dtype)
     result = stage.write_table(table, manifest)
     distributed.finish()
+    skipped = f" ({unscored} rollouts of groups with equal rewards left unscored)" if unscored else ""
     info(
         f"wrote {len(records)} span scores ({config.mask}, {config.target} target, {config.profile} profile) for "
-        f"{len(items)} rollouts to {stage.out} in {seconds:.1f}s"
+        f"{len(items)} rollouts{skipped} to {stage.out} in {seconds:.1f}s"
     )
     return result

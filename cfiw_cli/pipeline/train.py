@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from cfiw_cli import adapters, checkpoint, distributed, modeling, schemas, sharding
-from cfiw_cli.algo.loss import group_advantages
+from cfiw_cli.algo.loss import equal_reward_groups, group_advantages
 from cfiw_cli.algo.spans import feeds_the_answer
 from cfiw_cli.algo.weights import SCORED_MODES, ScoredSpan, WeightConfig, token_weights
 from cfiw_cli.artifacts import prepare_output, read_artifact, read_manifest
@@ -116,10 +116,7 @@ def build_sequences(
     oracle = config.weighting == "oracle"
     rows = rollouts.select(columns + (["labels"] if oracle else [])).to_pylist()
     advantages = group_advantages([r["reward"] for r in rows], [r["prompt_id"] for r in rows], config.scale_rewards)
-    rewards_by_group: dict[str, set] = {}
-    for row in rows:
-        rewards_by_group.setdefault(row["prompt_id"], set()).add(row["reward"])
-    flat = {g for g, values in rewards_by_group.items() if len(values) == 1}
+    flat = equal_reward_groups([r["reward"] for r in rows], [r["prompt_id"] for r in rows])
     spans_by_rollout: dict[str, list[ScoredSpan]] = {}
     if spans is not None:
         deltas = {
