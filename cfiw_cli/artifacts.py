@@ -183,6 +183,11 @@ def git_commit() -> str | None:
 
 
 def library_versions() -> dict[str, str | None]:
+    return dict(_library_versions())
+
+
+@lru_cache(maxsize=1)  # installed versions do not change under a running process; reading them takes ~20 ms
+def _library_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version(), "cfiw": __version__}
     for name in _LIBRARIES:
         try:

@@ -52,13 +52,16 @@ def _segment(config: SegmentConfig, stage: StageRun, rollouts: pa.Table, tokeniz
         "segment with the tokenizer of the model that produced the rollouts",
     )
     records = []
+    found: dict[tuple, list[dict]] = {}  # a group's samples often write the same completion: cut it once
     with progress_bar("segment", total=rollouts.num_rows, unit="rollouts") as advance:
         for rollout_id, completion, reason in zip(
             rollouts.column("rollout_id").to_pylist(), ids, rollouts.column("finish_reason").to_pylist(), strict=True
         ):
-            spans = spans_of(completion, tokenizer, config, ends_with_stop=reason == "stop")
-            for index, span in enumerate(spans):
-                records.append({"rollout_id": rollout_id, "span_idx": index, **asdict(span)})
+            key = (tuple(completion), reason == "stop")
+            if key not in found:
+                found[key] = [asdict(span) for span in spans_of(completion, tokenizer, config, ends_with_stop=key[1])]
+            for index, span in enumerate(found[key]):
+                records.append({"rollout_id": rollout_id, "span_idx": index, **span})
             advance()
     table = pa.Table.from_pylist(records, schema=schemas.SPANS)
     with_answer = len({r["rollout_id"] for r in records})
