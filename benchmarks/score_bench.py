@@ -295,7 +295,8 @@ def real_main(args) -> None:
     )
     print(
         f"{'mask':>9} {'process s':>9} {'(a) s':>7} {'(b) s':>7} {'(c) s':>7} {'(a)/proc':>8} {'(b)/proc':>8} "
-        f"{'(a)/(c)':>7} {'(b)/(c)':>7} {'(c) tokens':>10} {'bound':>7} {'(c)/(a) tok/s':>13} {'max |diff|':>10}"
+        f"{'(a)/(c)':>7} {'(b)/(c)':>7} {'(c) tokens':>10} {'padded':>7} {'bound':>7} {'(c)/(a) tok/s':>13} "
+        f"{'max |diff|':>10}"
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     floors = []
@@ -326,8 +327,8 @@ def real_main(args) -> None:
         print(
             f"{mode:>9} {process:>9.2f} {a_seconds:>7.2f} {b_seconds:>7.2f} {c_seconds:>7.2f} "
             f"{a_seconds / process:>8.2f} {b_seconds / process:>8.2f} {a_seconds / c_seconds:>7.2f} "
-            f"{b_seconds / c_seconds:>7.2f} {stats['tokens']:>10} {bound:>7} {throughput:>13.2f} {worst:>10.1e}"
-            + (f"  peak {peak:.2f} GiB" if peak is not None else "")
+            f"{b_seconds / c_seconds:>7.2f} {stats['tokens']:>10} {stats['padded_tokens']:>7} {bound:>7} "
+            f"{throughput:>13.2f} {worst:>10.1e}" + (f"  peak {peak:.2f} GiB" if peak is not None else "")
         )
         if dtype == "float32":
             assert worst < 1e-4, f"{mode}: fast and naive scores differ by {worst}"
