@@ -41,7 +41,7 @@ fmt:
 
 # tests under the lower bounds of the model stack in pyproject.toml (transformers, tokenizers,
 # huggingface_hub, trl, accelerate, datasets, peft), in .venv-lowest; default: the TRL and
-# generation tests (pass test paths and pytest flags to run others)
+# generation tests and the scorer's (pass test paths and pytest flags to run others)
 test-lowest *args:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -51,7 +51,7 @@ test-lowest *args:
     pins=$({{bin}}/python -c 'import re, tomllib; stack = {"transformers", "tokenizers", "huggingface_hub", "trl", "accelerate", "datasets", "peft"}; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(" ".join(re.match(r"([\w-]+)>=([\w.]+)", d).expand(r"\1==\2") for d in deps if re.match(r"[\w-]+", d).group(0) in stack))')
     $low/bin/pip install -q $pins -e '.[dev]'
     $low/bin/python -c 'import trl, transformers; print(f"trl {trl.__version__}, transformers {transformers.__version__}")'
-    if [ -n "{{args}}" ]; then $low/bin/python -m pytest {{args}}; else $low/bin/python -m pytest tests/test_trl_integration.py tests/test_trl_parity.py tests/test_trl_engines.py tests/test_generation.py; fi
+    if [ -n "{{args}}" ]; then $low/bin/python -m pytest {{args}}; else $low/bin/python -m pytest tests/test_trl_integration.py tests/test_trl_parity.py tests/test_trl_engines.py tests/test_generation.py tests/test_importance.py; fi
 
 # the quick unit tests only
 test-fast *args:
