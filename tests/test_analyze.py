@@ -16,8 +16,9 @@ def write(path, columns, stage="x"):
     write_table(pa.table(columns), path, build_manifest(stage, {}, {}, rows=0, seconds=0))
 
 
-def make_run(root, mode, accuracies, deltas):
-    """A run whose numbers are known: eval accuracies per iteration, one rollout with two spans."""
+def make_run(root, mode, accuracies, deltas, dropped=False):
+    """A run whose numbers are known: eval accuracies per iteration, one rollout with two spans
+    (`dropped`: and the weights of a rollout that dynamic sampling left out of the update)."""
     (root).mkdir(parents=True)
     (root / "config.toml").write_text(f'[loop]\nweighting = "{mode}"\n')
     for iteration, correct in enumerate(accuracies):
@@ -53,14 +54,15 @@ def make_run(root, mode, accuracies, deltas):
             "delta": pa.array(deltas, pa.float32()),
         },
     )
+    extra = 1 if dropped else 0
     write(
         d / "weights.parquet",
         {
-            "rollout_id": ["0:p:0", "0:p:1"],
-            "weighting": [mode] * 2,
-            "token_weights": [[2.0, 1.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]],
-            "advantage": pa.array([1.0, -1.0], pa.float32()),
-            "kept": [True, True],
+            "rollout_id": ["0:p:0", "0:p:1", "0:q:0"][: 2 + extra],
+            "weighting": [mode] * (2 + extra),
+            "token_weights": [[2.0, 1.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0], [9.0, 9.0]][: 2 + extra],
+            "advantage": pa.array([1.0, -1.0, 0.0][: 2 + extra], pa.float32()),
+            "kept": [True, True, False][: 2 + extra],
         },
     )
     return root
@@ -75,6 +77,7 @@ def test_tables_by_hand(tmp_path):
         "cfiw",
         [[True, False, False, False], [True, True, True, False], [True, True, True, True]],
         [3.0, 1.0],
+        dropped=True,
     )
     tables = analyze([str(uniform), str(cfiw)], str(tmp_path / "report"))
     accuracy = {(r["run"], r["iteration"]): r for r in tables["accuracy"]}
@@ -91,7 +94,8 @@ def test_tables_by_hand(tmp_path):
     deltas = {(r["run"], r["kind"]): r for r in tables["delta_by_kind"]}
     assert deltas[("u", "scaffolding")]["mean_delta"] == -1.0 and deltas[("u", "scaffolding")]["share_negative"] == 1.0
     assert deltas[("c", "calculation")]["median_delta"] == 3.0 and deltas[("c", "calculation")]["spans"] == 1
-    # token weight 2 + 1 + .5 + .5 + 4 (second rollout) = 8: calculation 2/8, scaffolding 1/8, answer 1/8, rest 4/8
+    # token weight 2 + 1 + .5 + .5 + 4 (second rollout) = 8: calculation 2/8, scaffolding 1/8, answer 1/8, rest 4/8;
+    # the dropped rollout's weights (9, 9) are no part of an update and count nowhere
     shares = {r["kind"]: r["share"] for r in tables["weight_by_kind"] if r["run"] == "c"}
     assert shares == pytest.approx({"calculation": 0.25, "scaffolding": 0.125, "answer": 0.125, "outside spans": 0.5})
     report = tmp_path / "report"

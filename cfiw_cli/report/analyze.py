@@ -461,12 +461,16 @@ def tables(con: Any) -> dict[str, list[dict]]:
         )
         out["importance_auroc"] = _rows(con, AUROC)
     if has_view(con, "spans") and has_view(con, "weights"):
+        # the rollouts an update trained on: dynamic sampling drops groups with equal rewards (files
+        # from other tools carry no `kept` column: all of their rows count)
+        trained = "coalesce(kept, true)" if has_column(con, "weights", "kept") else "true"
         out["weight_by_kind"] = _rows(
             con,
-            """with per_span as (
+            f"""with trained as (select * from weights where {trained}),
+               per_span as (
                    select w.run, s.kind, list_sum(list_slice(w.token_weights, s.tok_start + 1, s.tok_end)) as weight
-                   from weights w join spans s using (run, iteration, rollout_id)),
-               totals as (select run, sum(list_sum(token_weights)) as total from weights group by run),
+                   from trained w join spans s using (run, iteration, rollout_id)),
+               totals as (select run, sum(list_sum(token_weights)) as total from trained group by run),
                kinds as (select run, kind, sum(weight) as weight from per_span group by all)
                select run, mode, kind, weight / total as share from kinds join totals using (run) join modes using (run)
                union all
