@@ -40,8 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 # commit after synth's manifest began to record the testbed dial's settings; now the commit after
 # which the report leads with a summary and report.md's sections moved; now the commit that
 # added score's `groups` setting and cut scoring's forward calls anew, whose float scores
-# differ in the last bits).
-BASELINE = "132b4c5d58e97819278d6e6e3e333ccbf8321790"
+# differ in the last bits; now the commit after which analyze's weight shares count only the
+# rollouts an update trained on).
+BASELINE = "e92dd76c3126b527fdbbb7c8969871245d75a660"
 
 # decided by the clock or the checkout, not by the computation
 VOLATILE_MANIFEST_KEYS = {"wall_seconds", "git_commit", "libraries"}
