@@ -17,7 +17,7 @@ docs/bench/gpu-check-<card>.txt:
 A random-init model earns no reward and seldom stops, so `train` would drop every group (equal
 rewards) and mask every completion (truncated); `train.dynamic_sampling = false` and
 `train.mask_truncated = false` keep them, so each update runs its full forward and backward
-passes on every token (with zero advantages).
+passes on every token (with zero advantages), and `score.groups = "all"` scores every rollout.
 
     just gpu-check                          # on a GPU: fits in 8 minutes on one H100
     just gpu-check --device cpu --tiny      # a few minutes on a CPU: the rehearsal CI runs
@@ -80,7 +80,7 @@ def run_loop(model: Path, label: str, extra: list, args, data: Path, run: Path, 
     settings = {
         "data.dataset": str(data), "loop.questions": args.questions, "rollout.group_size": args.group,
         "rollout.max_new_tokens": args.max_new_tokens, "loop.eval_limit": args.questions, "loop.probe_questions": 0,
-        "train.dynamic_sampling": "false", "train.mask_truncated": "false",
+        "train.dynamic_sampling": "false", "train.mask_truncated": "false", "score.groups": "all",
     }  # fmt: skip
     argv = ["loop", "--preset", "qwen", "--run", run, "--model", model, "--iterations", args.iterations]
     argv += ["--eval-every", args.iterations, "--dtype", args.dtype, *extra]

@@ -130,6 +130,10 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_model):
             "--set",
             "rollout.group_size=4",
             "--set",
+            "score.groups=all",  # the random model earns no reward: keep (and score) its equal-reward groups
+            "--set",
+            "train.dynamic_sampling=false",
+            "--set",
             "loop.eval_limit=16",
             "--set",
             "loop.probe_questions=4",

@@ -55,7 +55,8 @@ def test_loop_train_and_sft_curves(tiny_model, mini_dataset, tmp_path):
     argv += ["--eval-every", "1"]
     small = ["loop.questions=8", "rollout.group_size=4", "rollout.max_new_tokens=32", "loop.eval_limit=8"]
     small += ["loop.probe_questions=4", "loop.probe_samples=2"]
-    small += ["train.dynamic_sampling=false"]  # the random model earns no reward: keep its groups, so steps run
+    # the random model earns no reward: keep its groups (and score them), so steps run
+    small += ["train.dynamic_sampling=false", "score.groups=all"]
     argv += [word for value in small for word in ("--set", value)] + ["--report-to", "tensorboard"]
     done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
