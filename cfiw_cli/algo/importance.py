@@ -172,8 +172,8 @@ def _run_suffixes(
 def _pack_rows(jobs: list[_Suffix], row_budget: int) -> list[list[_Suffix]]:
     """The jobs of each cached row (consecutive in `jobs`), cut into batch rows of at most
     `row_budget` tokens, longest first into the fullest row they fit (a job longer than the
-    budget gets a row of its own). Rows end up close to the same width, so a batch of them is
-    padded little."""
+    budget gets a row of its own). Against filling rows in the given order, the padded tokens
+    measured differ by under 2% either way: the batching, not the packing, decides them."""
     rows: list[list[_Suffix]] = []
     start = 0
     while start < len(jobs):
@@ -319,6 +319,32 @@ def _empty_cache(
     return [tuple(t.new_zeros(rows, t.shape[1], length, t.shape[3]) for t in layer) for layer in like]
 
 
+def _run_uncached(
+    model: Any,
+    jobs: list[_Suffix],
+    slots: list[int],
+    rows: int,
+    length: int,
+    pad_id: int,
+    batch_tokens: int,
+    stats: dict | None,
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """Jobs with nothing cached before them, in left-padded batches. Job k's KV goes into row
+    `slots[k]` of a cache of `rows` rows (per layer `[rows, H, length, d]`; None without jobs).
+    Returns each job's target log-probs `[n]` and the cache."""
+    logprobs: list[torch.Tensor | None] = [None] * len(jobs)
+    cache = None
+    for batch in _batches([len(j.tokens) for j in jobs], batch_tokens) if jobs else []:
+        values, suffix_kv = _run_suffixes(model, [jobs[i] for i in batch], None, pad_id, stats=stats)
+        cache = cache or _empty_cache(suffix_kv, rows, length)
+        width = suffix_kv[0][0].shape[2]  # left-padded
+        _copy_tokens(cache, suffix_kv, [(slots[i], 0, b, width - len(jobs[i].tokens), len(jobs[i].tokens))
+                                        for b, i in enumerate(batch)])  # fmt: skip
+        for i, value in zip(batch, values, strict=True):
+            logprobs[i] = value
+    return logprobs, cache  # type: ignore[return-value]
+
+
 def _run_unmasked(
     model: Any, items: list[ScoringItem], pad_id: int, batch_tokens: int, stats: dict | None = None
 ) -> tuple[list[list[float]], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -331,18 +357,14 @@ def _run_unmasked(
     for item, n in zip(items, shared, strict=True):
         if n:
             prompts.setdefault(tuple(item.tokens[:n]), len(prompts))
-    prompt_list = list(prompts)
-    prompt_kv = None
-    for batch in _batches([len(p) for p in prompt_list], batch_tokens) if prompt_list else []:
-        jobs = [_Suffix(i, 0, list(prompt_list[i]), list(range(len(prompt_list[i]))), []) for i in batch]
-        _, suffix_kv = _run_suffixes(model, jobs, None, pad_id, stats=stats)
-        prompt_kv = prompt_kv or _empty_cache(suffix_kv, len(prompt_list), max(len(p) for p in prompt_list))
-        width = suffix_kv[0][0].shape[2]  # left-padded
-        _copy_tokens(prompt_kv, suffix_kv, [(i, 0, b, width - len(prompt_list[i]), len(prompt_list[i]))
-                                            for b, i in enumerate(batch)])  # fmt: skip
+    prompt_jobs = [_Suffix(i, 0, list(p), list(range(len(p))), []) for i, p in enumerate(prompts)]
+    longest_prompt = max(map(len, prompts), default=0)
+    _, prompt_kv = _run_uncached(
+        model, prompt_jobs, list(range(len(prompt_jobs))), len(prompt_jobs), longest_prompt, pad_id, batch_tokens, stats
+    )
 
     longest = max(len(item.tokens) - 1 for item in items)
-    item_kv, per_token = None, [[] for _ in items]
+    per_token: list[list[float]] = [[] for _ in items]
     jobs = []
     for index, (item, n) in enumerate(zip(items, shared, strict=True)):
         end = len(item.tokens) - 1
@@ -350,16 +372,12 @@ def _run_unmasked(
         jobs.append(
             _Suffix(row, n, item.tokens[n:end], list(range(n, end)), item.tokens[item.target_start :], span=index)
         )
-    alone = [j for j in jobs if not j.past]  # nothing cached before them: one left-padded batch row each
-    for batch in _batches([len(j.tokens) for j in alone], batch_tokens) if alone else []:
-        batch_jobs = [alone[i] for i in batch]
-        logprobs, suffix_kv = _run_suffixes(model, batch_jobs, None, pad_id, stats=stats)
-        item_kv = item_kv or _empty_cache(suffix_kv, len(items), longest)
-        width = suffix_kv[0][0].shape[2]
-        _copy_tokens(item_kv, suffix_kv, [(j.span, 0, b, width - len(j.tokens), len(j.tokens))
-                                          for b, j in enumerate(batch_jobs)])  # fmt: skip
-        for job, values in zip(batch_jobs, logprobs, strict=True):
-            per_token[job.span] = values.tolist()
+    alone = [j for j in jobs if not j.past]  # nothing cached before them
+    logprobs, item_kv = _run_uncached(
+        model, alone, [j.span for j in alone], len(items), longest, pad_id, batch_tokens, stats
+    )
+    for job, values in zip(alone, logprobs, strict=True):
+        per_token[job.span] = values.tolist()
     rows = _pack_rows(sorted((j for j in jobs if j.past), key=lambda j: j.row), PACKED_ROW_TOKENS)
     widths = [sum(len(j.tokens) for j in row) for row in rows]
     for batch in _batches(widths, batch_tokens, [max(j.past for j in row) for row in rows]) if rows else []:
